@@ -1,0 +1,68 @@
+"""`ablated`: run the user's own model with some blocks' branches removed."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from probe.blocks import Block, resolve_blocks
+from probe.errors import ProbeError
+from probe.hooks import attached, replace_branches
+
+MODES = ("zero", "mean")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ProbeError(f"unknown ablation mode {mode!r}; use 'zero' (branch output replaced by zeros) "
+                         "or 'mean' (replaced by its mean over the data).")
+    return mode
+
+
+def branch_replacement(mode: str, means: Mapping[str, torch.Tensor] | None):
+    """The function that maps (block, branch output) to what the ablated block adds instead.
+
+    It returns a fresh tensor: blocks such as torchvision's add the shortcut to it in place.
+    """
+    if mode == "zero":
+        return lambda _block, output: torch.zeros_like(output)
+
+    def mean_of(block: Block, output: torch.Tensor) -> torch.Tensor:
+        mean = means[block.name].to(device=output.device, dtype=output.dtype)  # (C, H, W)
+        if mean.shape != output.shape[1:]:
+            raise ProbeError(f"the mean branch output of block {block.name!r} has shape {tuple(mean.shape)}, "
+                             f"but the model now produces {tuple(output.shape[1:])}; compute the means "
+                             "on inputs of the same size.")
+        return torch.empty_like(output).copy_(mean.expand_as(output))
+
+    return mean_of
+
+
+@contextlib.contextmanager
+def ablated(model: nn.Module, blocks: Sequence[str | Block] | str | Block, mode: str = "zero", *,
+            means: Mapping[str, torch.Tensor] | None = None, data: Iterable | None = None) -> Iterator[nn.Module]:
+    """Within the `with` body, the named blocks' branches contribute zeros (or their means).
+
+    mode="zero": F(x) is replaced by zeros; shortcut, addition and what follows run as usual.
+    mode="mean": F(x) is replaced by its elementwise mean over the data: pass `means` (from
+    `probe.branch_means`) or `data` to compute them. The model's parameters, buffers and flags
+    are untouched; the hooks are removed when the body ends, also on an exception.
+    """
+    check_mode(mode)
+    chosen = resolve_blocks(model, blocks)
+    if mode == "mean":
+        if means is None and data is None:
+            raise ProbeError("mode='mean' needs the branch means: pass means=probe.branch_means(model, data) or data=.")
+        if means is None:
+            from probe.measure import branch_means
+
+            means = branch_means(model, data, blocks=chosen, progress=False)
+        missing = [b.name for b in chosen if b.name not in means]
+        if missing:
+            raise ProbeError(f"no mean branch output given for blocks {missing}; compute them with probe.branch_means.")
+    with attached() as handles:
+        replace_branches(model, chosen, branch_replacement(mode, means), handles)
+        yield model

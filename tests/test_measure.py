@@ -1,0 +1,97 @@
+"""measure's statistics against values computed by hand on TinyNet (see conftest)."""
+
+import math
+
+import pytest
+import torch
+
+import probe
+from conftest import TinyNet, assert_unchanged, snapshot
+
+X = torch.tensor([[3.0, 4.0], [1.0, 1.0], [0.3, 1.0]])
+Y = torch.tensor([0, 1, 1])
+
+
+def data(batch_size=2):
+    return [(X[i:i + batch_size], Y[i:i + batch_size]) for i in range(0, len(X), batch_size)]
+
+
+def by_hand():
+    """Per-sample (branch norm, shortcut norm, ratio, cosine) for each block."""
+    rows = {"block1": [], "block2": []}
+    for x0, x1 in X.tolist():
+        f1, s1 = (x0, 0.0), (x0, x1)                 # block1: F = (x0, 0), shortcut = x
+        h = (max(2 * x0, 0.0), max(x1, 0.0))          # relu(x + F)
+        f2, s2 = (0.0, -h[1] / 2), h                  # block2: F = (0, -h1/2)
+        for name, f, s in (("block1", f1, s1), ("block2", f2, s2)):
+            nf, ns = math.hypot(*f), math.hypot(*s)
+            rows[name].append((nf, ns, nf / ns, (f[0] * s[0] + f[1] * s[1]) / (nf * ns)))
+    return rows
+
+
+def mean_std(values):
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_measure_matches_hand_computation(tiny_net, batch_size):
+    table = probe.measure(tiny_net, data(batch_size), progress=False)
+    assert list(table["block"]) == ["block1", "block2"]
+    assert list(table["shortcut"]) == ["identity", "identity"]
+    expected = by_hand()
+    for _, row in table.iterrows():
+        samples = expected[row["block"]]
+        for i, quantity in enumerate(["branch_norm", "shortcut_norm", "ratio", "cosine"]):
+            mean, std = mean_std([s[i] for s in samples])
+            assert row[quantity] == pytest.approx(mean, rel=1e-6), quantity
+            assert row[quantity + "_std"] == pytest.approx(std, rel=1e-5, abs=1e-7), quantity
+        assert row["samples"] == 3 and row["nonfinite"] == 0
+    # Spot checks written out in full: block1 on (3, 4) has F = (3, 0), so ratio 3/5, cosine 9/15.
+    assert expected["block1"][0][2:] == pytest.approx((0.6, 0.6))
+    assert table.loc[0, "ratio"] == pytest.approx((0.6 + 1 / math.sqrt(2) + 0.3 / math.sqrt(1.09)) / 3)
+
+
+def test_measure_per_class(tiny_net):
+    table = probe.measure(tiny_net, data(), per_class=True, progress=False)
+    assert list(table["class"]) == [0, 1, 0, 1]
+    expected = by_hand()
+    row = table[(table["block"] == "block1") & (table["class"] == 1)].iloc[0]
+    assert row["samples"] == 2
+    assert row["ratio"] == pytest.approx((expected["block1"][1][2] + expected["block1"][2][2]) / 2)
+    assert math.isnan(table[(table["class"] == 0)].iloc[0]["ratio_std"])  # one sample: no spread
+
+
+def test_measure_counts_nonfinite_samples_apart(tiny_net):
+    bad = torch.tensor([[float("nan"), 1.0]])
+    table = probe.measure(tiny_net, [(torch.cat([X, bad]), torch.tensor([0, 1, 1, 0]))], progress=False)
+    assert list(table["nonfinite"]) == [1, 1]
+    assert list(table["samples"]) == [3, 3]
+    assert table.loc[0, "ratio"] == pytest.approx(sum(s[2] for s in by_hand()["block1"]) / 3)
+
+
+def test_branch_means(tiny_net):
+    means = probe.branch_means(tiny_net, data(), progress=False)
+    assert torch.allclose(means["block1"], torch.tensor([4.3 / 3, 0.0]))
+    # block2's branch is (0, -h1/2) with h1 = x1: 4, 1, 1.
+    assert torch.allclose(means["block2"], torch.tensor([0.0, -1.0]))
+
+
+def test_measure_leaves_model_as_found(tiny_net):
+    tiny_net.train()
+    tiny_net.block2.eval()
+    before = snapshot(tiny_net)
+    probe.measure(tiny_net, data(), progress=False)
+    probe.branch_means(tiny_net, data(), progress=False)
+    assert_unchanged(tiny_net, before)
+
+
+def test_measure_memory_does_not_hold_activations(tiny_net):
+    """The accumulators are fixed-size: (classes, 1 + 2 * quantities) per block."""
+    from probe.measure import _Moments
+
+    moments = _Moments(torch.device("cpu"))
+    for _ in range(50):
+        moments.add(torch.ones(7, 4), torch.zeros(7, dtype=torch.long), 1)
+    assert moments.sums.shape == (1, 9)
+    assert moments.sums[0, 0] == 350
