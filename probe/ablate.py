@@ -1,0 +1,179 @@
+"""`python -m probe.ablate`: find, measure, ablate and report on a trained residual network.
+
+With no arguments it trains (once, then caches) a CIFAR-style ResNet-56 on scikit-learn's
+digits, measures every block's branch against its shortcut, deletes each block alone, prints
+which blocks carry the network and which it skips, and writes `blocks.csv` and `report.html`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from probe.errors import ProbeError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What one `probe.ablate` run measures; recorded in the report and the out folder."""
+
+    model: str = "resnet56"
+    checkpoint: str | None = None
+    weights: str | None = None
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    split: str = "test"
+    mode: str = "zero"
+    device: str = "auto"
+    batch_size: int = 256
+    limit: int | None = None
+    seed: int = 0
+    epochs: int | None = None
+    out: str | None = None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m probe.ablate",
+        description="Measure each residual block's branch F(x) against its shortcut s(x), delete each "
+                    "block alone, and report which blocks carry the network and which it skips. "
+                    "Without --checkpoint or --weights, the model is trained on the data set's "
+                    "training split first and cached (under $XDG_CACHE_HOME/probe, or ~/.cache/probe).",
+    )
+    add = parser.add_argument
+    add("--model", default="resnet56",
+        help="CIFAR-style resnet20/32/44/56/110, a torchvision name (resnet18, resnet50, ...), "
+             "or package.module:factory for your own model (default: %(default)s)")
+    add("--checkpoint", help="a state_dict (.pt/.pth) for --model; skips training")
+    add("--weights", help="torchvision weights name (e.g. DEFAULT); needs a machine that can download them")
+    add("--dataset", default="digits",
+        help="digits (built in, default), cifar10, cifar100, mnist or imagefolder (with --data-root)")
+    add("--data-root", help="folder holding the data set's files (default: the probe cache)")
+    add("--download", action="store_true", help="download torchvision data sets that are missing")
+    add("--split", default="test", choices=["train", "test"], help="which split to measure on (default: %(default)s)")
+    add("--mode", default="zero", choices=["zero", "mean"],
+        help="what replaces a deleted branch: zeros, or its mean output over the data (default: %(default)s)")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"],
+        help="auto picks cuda when available (default: %(default)s)")
+    add("--batch-size", type=int, default=256, help="samples per forward pass (default: %(default)s)")
+    add("--limit", type=int, help="use only the first N samples of the split")
+    add("--epochs", type=int, help="training epochs when the model must be trained (default: the trainer's)")
+    add("--seed", type=int, default=0, help="seed for training and data order (default: %(default)s)")
+    add("--out", help="output folder (default: runs/<model>-<dataset>)")
+    add("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ProbeError("--device cuda: no CUDA device is available here; use --device cpu or auto.")
+    return torch.device(choice)
+
+
+def load_model(config: RunConfig, device: torch.device, *, progress: bool) -> tuple[nn.Module, str]:
+    """The model to probe, and where its weights came from."""
+    from probe.data import dataset_info
+    from probe.models import build_model, load_checkpoint
+
+    info = dataset_info(config.dataset, root=config.data_root)
+    if config.checkpoint or config.weights:
+        model = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                            weights=config.weights)
+        if config.checkpoint:
+            load_checkpoint(model, config.checkpoint)
+        return model.to(device).eval(), config.checkpoint or f"weights={config.weights}"
+    from probe.cache import cached_model
+    from probe.train import TrainConfig
+
+    fields = {"epochs": config.epochs} if config.epochs else {}
+    train_config = TrainConfig(model=config.model, dataset=config.dataset, seed=config.seed,
+                               device=str(device), data_root=config.data_root, download=config.download,
+                               **fields)
+    model, path = cached_model(train_config, progress=progress)
+    return model.to(device).eval(), str(path)
+
+
+def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict, Path]:
+    """Everything the CLI does, for notebooks: returns (block table, baseline, out folder)."""
+    import probe
+    from analyses.verdict import VerdictRule, classify
+    from probe.data import load_dataset, make_loader
+    from probe.files import prepare_out_dir, write_csv
+    from reports.html import write_report
+
+    out = prepare_out_dir(config.out or Path("runs") / f"{config.model.replace(':', '_')}-{config.dataset}")
+    device = _device(config.device)
+    model, source = load_model(config, device, progress=progress)
+    dataset = load_dataset(config.dataset, split=config.split, root=config.data_root,
+                           download=config.download, seed=config.seed)
+    loader = make_loader(dataset, batch_size=config.batch_size, limit=config.limit,
+                         pin_memory=device.type == "cuda")
+    stats = probe.measure(model, loader, progress=progress)
+    result = probe.sweep(model, loader, mode=config.mode, progress=progress)
+    baseline = result.attrs["baseline"]
+    table = classify(stats.merge(result.drop(columns="samples"), on=["block", "position"]), VerdictRule())
+    write_csv(out / "blocks.csv", table)
+    versions = {"torch": torch.__version__, "probe": probe.__version__}
+    report_config = {**{k: v for k, v in vars(config).items() if v is not None},
+                     "checkpoint": source, "device": str(device), "samples": baseline["samples"],
+                     "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M")}
+    write_report(out / "report.html", table, baseline=baseline, config=report_config, rule=VerdictRule())
+    return table, baseline, out
+
+
+def format_summary(table: pd.DataFrame, baseline: dict, out: Path, n: int = 5) -> str:
+    """The short terminal answer: what helps most, what is skipped, where the files are."""
+    from analyses.verdict import VerdictRule, summarize
+
+    summary = summarize(table, n=n)
+    lines = [f"baseline: accuracy {baseline['accuracy']:.2%}, loss {baseline['loss']:.4f} "
+             f"on {baseline['samples']} samples; {len(table)} residual blocks", ""]
+    columns = ["block", "ratio", "cosine", "accuracy_drop", "flip_rate", "verdict"]
+    shown = table[columns].copy()
+    shown["accuracy_drop"] = (shown["accuracy_drop"] * 100).map("{:+.1f} pts".format)
+    shown["flip_rate"] = (shown["flip_rate"] * 100).map("{:.1f}%".format)
+    if summary["helps_most"]:
+        helps = shown.set_index("block").loc[summary["helps_most"]]
+        lines += ["blocks that help most (deleting one alone costs the most accuracy):",
+                  helps.to_string(float_format="{:.3f}".format), ""]
+    else:
+        lines += ["no block costs more than noise when deleted alone.", ""]
+    skipped = summary["skipped"]
+    lines.append(f"skipped blocks ({len(skipped)}): " + (", ".join(skipped) if skipped else "none"))
+    lines.append(f"rule: {VerdictRule().describe()}")
+    lines.append(f"Spearman rank correlation of ratio with accuracy drop: {summary['spearman_rho']:+.2f}")
+    lines += ["", f"wrote {out / 'blocks.csv'} and {out / 'report.html'}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = RunConfig(**{k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__})
+    try:
+        from probe.train import default_threads
+
+        default_threads()
+        for name in ("batch_size", "limit", "epochs"):
+            value = getattr(config, name)
+            if value is not None and value < 1:
+                raise ProbeError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+        table, baseline, out = run(config, progress=not args.no_progress)
+    except ProbeError as error:
+        print(f"probe.ablate: error: {error}", file=sys.stderr)
+        return 2
+    print(format_summary(table, baseline, out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
