@@ -2,7 +2,9 @@
 
 The loop runs batches outside and ablations inside: each batch is loaded once, its unablated
 predictions are the reference for the flip rate, and one hook per block stays attached for the
-whole sweep (switched on for the block being ablated). Counts are summed on the device.
+whole sweep (switched on for the blocks being ablated). Where the model can be cut at its
+blocks (`probe.suffix`), an ablation reruns only the network from its earliest block on, fed
+from the baseline pass; otherwise it runs the whole forward. Counts are summed on the device.
 """
 
 from __future__ import annotations
@@ -18,23 +20,25 @@ from probe.ablation import branch_replacement, check_mode
 from probe.batches import batches, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.hooks import attached, model_preserved, replace_branches
+from probe.suffix import InPlaceError, build_runner
 
 COLUMNS = ["block", "position", "mode", "accuracy", "loss", "accuracy_drop", "loss_increase",
            "flip_rate", "samples"]
 
 
 def sweep(model: nn.Module, data: Iterable, *, mode: str = "zero", blocks: Sequence[str | Block] | None = None,
-          means: Mapping[str, torch.Tensor] | None = None, progress: bool = True) -> pd.DataFrame:
+          means: Mapping[str, torch.Tensor] | None = None, fast: bool = True, progress: bool = True) -> pd.DataFrame:
     """Ablate every block alone (mode "zero" or "mean") and compare with the unablated model.
 
     Returns one row per block in forward order; `df.attrs["baseline"]` holds the unablated
     model's {"accuracy", "loss", "samples"}. Accuracies are fractions in [0, 1]; `loss` is the
     mean cross-entropy; `flip_rate` is the share of samples whose predicted class changes.
+    `fast=False` runs a full forward per ablation (same numbers, slower; for checking).
     """
     check_mode(mode)
     chosen = resolve_blocks(model, blocks)
-    sets = [[block] for block in chosen]
-    baseline, results = evaluate_ablations(model, data, sets, mode=mode, means=means, progress=progress)
+    baseline, results = evaluate_ablations(model, data, [[block] for block in chosen], mode=mode, means=means,
+                                           fast=fast, progress=progress)
     rows = []
     for block, result in zip(chosen, results):
         rows.append({"block": block.name, "position": block.position, "mode": mode, **result,
@@ -45,48 +49,100 @@ def sweep(model: nn.Module, data: Iterable, *, mode: str = "zero", blocks: Seque
     return table
 
 
-def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence[Sequence[Block]], *,
+def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence[Sequence[str | Block]], *,
                        mode: str = "zero", means: Mapping[str, torch.Tensor] | None = None,
+                       fast: bool = True, per_class: bool = False, outcomes: bool = False,
                        progress: bool = True) -> tuple[dict, list[dict]]:
     """Accuracy, loss and flip rate with each set of blocks ablated together, in one data pass.
 
-    Returns (baseline, one dict per set), each dict with accuracy, loss, flip_rate, samples.
+    Returns (baseline, one dict per set). Each dict has accuracy, loss, flip_rate, samples;
+    with `per_class=True` also `class_accuracy` (list, index = class; NaN for a class absent
+    from the data) and `class_samples`; with `outcomes=True` also `correct`, a bool tensor with
+    one entry per sample in data order (for bootstrap intervals: O(samples) memory).
     """
     check_mode(mode)
-    involved = list({block.name: block for s in ablation_sets for block in s}.values())
-    if mode == "mean" and means is None:
+    all_blocks = {b.name: b for b in resolve_blocks(model)}
+    sets = [resolve_blocks(model, s) if s else [] for s in ablation_sets]
+    involved = list({block.name: block for s in sets for block in s}.values())
+    if mode == "mean" and means is None and involved:
         from probe.measure import branch_means
 
         means = branch_means(model, data, blocks=involved, progress=progress)
     device = model_device(model)
+    runner = build_runner(model, list(all_blocks.values())) if fast and involved else None
     active: set[str] = set()
-    # Rows: baseline, then each set. Columns: correct, loss sum, flips.
-    totals = torch.zeros(len(ablation_sets) + 1, 3, dtype=torch.float64, device=device)
-    samples = 0
+    tally = _Tally(len(sets) + 1, device, per_class, outcomes)
     with model_preserved(model), attached() as handles, torch.no_grad():
         replace_branches(model, involved, branch_replacement(mode, means), handles,
                          active=lambda block: block.name in active)
-        for inputs, targets in batches(data, device, progress=progress,
-                                       desc=f"sweep ({len(ablation_sets)} ablations)"):
-            active.clear()
-            logits = model(inputs)
+        for inputs, targets in batches(data, device, progress=progress, desc=f"sweep ({len(sets)} ablations)"):
+            logits = None
+            if runner is not None:
+                try:
+                    logits, cache = runner.baseline(inputs)
+                except InPlaceError:
+                    runner = None  # the cache cannot be trusted: full forwards from here on
+            if runner is None:
+                logits = model(inputs)
             reference = logits.argmax(dim=1)
-            totals[0] += _outcomes(logits, targets, reference)
-            for row, ablation_set in enumerate(ablation_sets, start=1):
+            outcomes_per_row = [logits]
+            for ablation_set in sets:
                 active.clear()
                 active.update(block.name for block in ablation_set)
-                totals[row] += _outcomes(model(inputs), targets, reference)
-            active.clear()
-            samples += len(targets)
-    results = [{"accuracy": float(c) / samples, "loss": float(l) / samples, "flip_rate": float(f) / samples,
-                "samples": samples} for c, l, f in totals.cpu().tolist()]
-    baseline = {k: results[0][k] for k in ("accuracy", "loss", "samples")}
-    return baseline, results[1:]
+                if runner is not None and ablation_set:
+                    start = runner.first([block.module for block in ablation_set])
+                    outcomes_per_row.append(runner.suffix(start, cache))
+                else:
+                    outcomes_per_row.append(model(inputs))
+                active.clear()
+            tally.add(outcomes_per_row, targets, reference)
+    baseline, *results = tally.results()
+    del baseline["flip_rate"]  # the reference itself: always 0
+    return baseline, results
 
 
-def _outcomes(logits: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """(correct count, summed cross-entropy, count of predictions that differ from reference)."""
-    predictions = logits.argmax(dim=1)
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-    return torch.stack([(predictions == targets).sum().double(), loss.double(),
-                        (predictions != reference).sum().double()])
+class _Tally:
+    """Per row (baseline, then each ablation set): correct count, summed loss, flips; per class."""
+
+    def __init__(self, rows: int, device: torch.device, per_class: bool, outcomes: bool) -> None:
+        self.totals = torch.zeros(rows, 3, dtype=torch.float64, device=device)
+        self.per_class, self.outcomes = per_class, outcomes
+        self.class_correct = torch.zeros(rows, 0, dtype=torch.float64, device=device)
+        self.class_count = torch.zeros(0, dtype=torch.float64, device=device)
+        self.correct: list[torch.Tensor] = []
+        self.samples = 0
+
+    def add(self, logits_per_row: list[torch.Tensor], targets: torch.Tensor, reference: torch.Tensor) -> None:
+        logits = torch.stack(logits_per_row).float()  # (rows, batch, classes)
+        predictions = logits.argmax(dim=2)
+        correct = predictions == targets  # (rows, batch)
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.repeat(len(logits)), reduction="none")
+        self.totals[:, 0] += correct.sum(dim=1)
+        self.totals[:, 1] += losses.view(len(logits), -1).double().sum(dim=1)
+        self.totals[:, 2] += (predictions != reference).sum(dim=1)
+        self.samples += len(targets)
+        if self.per_class:
+            classes = max(logits.shape[2], self.class_count.shape[0])
+            if classes > self.class_count.shape[0]:
+                self.class_correct = torch.nn.functional.pad(self.class_correct, (0, classes - self.class_count.shape[0]))
+                self.class_count = torch.nn.functional.pad(self.class_count, (0, classes - self.class_count.shape[0]))
+            self.class_correct.index_add_(1, targets, correct.double())
+            self.class_count.index_add_(0, targets, torch.ones_like(targets, dtype=torch.float64))
+        if self.outcomes:
+            self.correct.append(correct.cpu())
+
+    def results(self) -> list[dict]:
+        totals = self.totals.cpu().tolist()
+        correct = torch.cat(self.correct, dim=1) if self.correct else None
+        rows = []
+        for row, (hits, loss, flips) in enumerate(totals):
+            result = {"accuracy": hits / self.samples, "loss": loss / self.samples,
+                      "flip_rate": flips / self.samples, "samples": self.samples}
+            if self.per_class:
+                counts = self.class_count.cpu()
+                result["class_accuracy"] = (self.class_correct[row].cpu() / counts).tolist()  # NaN where absent
+                result["class_samples"] = counts.long().tolist()
+            if correct is not None:
+                result["correct"] = correct[row]
+            rows.append(result)
+        return rows

@@ -91,3 +91,80 @@ def test_unknown_mode_and_block_are_clear_errors(tiny_net):
     with pytest.raises(probe.ProbeError, match="mean"):
         with probe.ablated(tiny_net, ["block1"], mode="mean"):
             pass
+
+
+def fast_equals_naive(model, batches, sets, mode="zero"):
+    fast = probe.evaluate_ablations(model, batches, sets, mode=mode, progress=False)
+    naive = probe.evaluate_ablations(model, batches, sets, mode=mode, fast=False, progress=False)
+    assert fast[0] == pytest.approx(naive[0])
+    for a, b in zip(fast[1], naive[1]):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    return fast
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "cifar56"])
+def test_fast_sweep_equals_naive(arch):
+    import torchvision
+    from probe.models import cifar_resnet
+
+    torch.manual_seed(0)
+    model = cifar_resnet(56) if arch == "cifar56" else getattr(torchvision.models, arch)(num_classes=10)
+    model.eval()
+    inputs, targets = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    batches = [(inputs[:4], targets[:4]), (inputs[4:], targets[4:])]
+    names = [b.name for b in probe.find_blocks(model)]
+    sets = [[n] for n in names] + [names[1:4], [names[-1], names[0]]]
+    fast_equals_naive(model, batches, sets)
+    fast_equals_naive(model, batches, sets[:3], mode="mean")
+
+
+def test_suffix_runner_cuts_at_every_block():
+    from probe.models import cifar_resnet
+    from probe.suffix import build_runner
+
+    model = cifar_resnet(20).eval()
+    runner = build_runner(model, probe.find_blocks(model))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        output, cache = runner.baseline(x)
+        assert torch.equal(output, model(x))
+        # Unablated, every suffix reproduces the full forward from the cache alone.
+        for block in probe.find_blocks(model):
+            assert torch.allclose(runner.suffix(block.module, cache), output, atol=1e-6)
+
+
+def test_in_place_change_of_a_cached_value_falls_back_to_full_forwards():
+    class InPlaceBetween(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            from conftest import TinyBlock
+
+            self.block1 = TinyBlock([[1.0, 0.0], [0.0, 0.0]])
+            self.block2 = TinyBlock([[0.0, 0.0], [0.0, -0.5]])
+
+        def forward(self, x):
+            h = self.block1(x)
+            y = self.block2(h)
+            h.mul_(2)  # block2's cached input is no longer what block2 saw
+            return y - h
+
+    from probe.suffix import InPlaceError, build_runner
+
+    model = InPlaceBetween()
+    X = torch.tensor([[3.0, 4.0], [1.0, 1.0], [0.3, 1.0]])
+    batches = [(X, torch.tensor([0, 1, 1]))]
+    runner = build_runner(model, probe.find_blocks(model))
+    with pytest.raises(InPlaceError):
+        runner.baseline(X)
+    fast_equals_naive(model, batches, [["block1"], ["block2"]])
+
+
+def test_per_class_and_outcomes(tiny_net):
+    baseline, (without1, without2) = probe.evaluate_ablations(
+        tiny_net, data(), [["block1"], ["block2"]], per_class=True, outcomes=True, progress=False)
+    # By hand (see BASELINE etc.): predictions 0,0,0 unablated; 0,0,1 without either block.
+    assert baseline["correct"].tolist() == [True, False, False]
+    assert without1["correct"].tolist() == [True, False, True]
+    assert baseline["class_accuracy"] == pytest.approx([1.0, 0.0])
+    assert without2["class_accuracy"] == pytest.approx([1.0, 0.5])
+    assert without2["class_samples"] == [1, 2]
