@@ -1,0 +1,61 @@
+"""python -m probe.ablate end to end on a tiny model, and its one-line errors."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from probe import ablate
+from probe.models import cifar_resnet, save_checkpoint
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "resnet20.pt"
+    save_checkpoint(cifar_resnet(20, num_classes=10, in_channels=1), path)
+    return path
+
+
+def test_cli_writes_table_and_report(tmp_path, checkpoint, capsys):
+    out = tmp_path / "run"
+    code = ablate.main(["--model", "resnet20", "--checkpoint", str(checkpoint), "--limit", "40",
+                        "--batch-size", "16", "--out", str(out), "--no-progress"])
+    assert code == 0
+    table = pd.read_csv(out / "blocks.csv")
+    assert list(table["block"]) == [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
+    assert (table["samples"] == 40).all()
+    for column in ("ratio", "cosine", "accuracy_drop", "flip_rate", "verdict", "noise"):
+        assert table[column].notna().all(), column
+    html = (out / "report.html").read_text()
+    assert "layer3.2" in html and "data:image/png;base64," in html
+    printed = capsys.readouterr().out
+    assert "baseline: accuracy" in printed and "9 residual blocks" in printed
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--checkpoint", "/nonexistent/model.pt"], "/nonexistent/model.pt"),
+    (["--dataset", "cifar11"], "cifar10"),
+    (["--model", "resnet57"], "resnet56"),
+    (["--limit", "0"], "--limit"),
+])
+def test_cli_errors_are_one_line(argv, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "probe.ablate", *argv, "--out", str(tmp_path / "o"),
+                             "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("probe.ablate: error:"), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, checkpoint, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    code = ablate.main(["--model", "resnet20", "--checkpoint", str(checkpoint), "--out", str(target)])
+    assert code == 2
+    assert "is a file" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
