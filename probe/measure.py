@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from probe import distributed
 from probe.batches import batches, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.hooks import attached, model_preserved, tap_pairs
@@ -42,6 +43,14 @@ class _Moments:
             grown[: self.sums.shape[0]] = self.sums
             self.sums = grown
         self.sums.index_add_(0, classes, rows)
+
+    def reduce_across_processes(self) -> None:
+        """Under torchrun: every process ends with the totals over all shards."""
+        classes = distributed.max_across(self.sums.shape[0])
+        if classes > self.sums.shape[0]:
+            self.sums = torch.nn.functional.pad(self.sums, (0, 0, 0, classes - self.sums.shape[0]))
+        distributed.sum_across(self.sums)
+        distributed.sum_across(self.nonfinite)
 
 
 def pair_statistics(branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
@@ -80,6 +89,8 @@ def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] |
             else:
                 current["classes"] = torch.zeros_like(targets)
             model(inputs)
+    for accumulator in moments.values():
+        accumulator.reduce_across_processes()
     return _table(chosen, moments, per_class)
 
 
@@ -136,4 +147,7 @@ def branch_means(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Blo
         for inputs, _targets in batches(data, device, progress=progress, desc="branch means"):
             count += len(inputs)
             model(inputs)
+    distributed.sum_across(count)
+    for name in sorted(sums):  # the same order in every process
+        distributed.sum_across(sums[name])
     return {name: (total / count).float() for name, total in sums.items()}

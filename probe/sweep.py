@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from probe import distributed
 from probe.ablation import branch_replacement, check_mode
 from probe.batches import batches, model_device
 from probe.blocks import Block, resolve_blocks
@@ -61,7 +62,6 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     one entry per sample in data order (for bootstrap intervals: O(samples) memory).
     """
     check_mode(mode)
-    all_blocks = {b.name: b for b in resolve_blocks(model)}
     sets = [resolve_blocks(model, s) if s else [] for s in ablation_sets]
     involved = list({block.name: block for s in sets for block in s}.values())
     if mode == "mean" and means is None and involved:
@@ -69,7 +69,9 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
 
         means = branch_means(model, data, blocks=involved, progress=progress)
     device = model_device(model)
-    runner = build_runner(model, list(all_blocks.values())) if fast and involved else None
+    # Cut points are needed only where ablations start: the involved blocks' modules. (Blocks
+    # given as Block objects, e.g. from a spec, then need no discovery at all.)
+    runner = build_runner(model, involved) if fast and involved else None
     active: set[str] = set()
     tally = _Tally(len(sets) + 1, device, per_class, outcomes)
     with model_preserved(model), attached() as handles, torch.no_grad():
@@ -131,7 +133,20 @@ class _Tally:
         if self.outcomes:
             self.correct.append(correct.cpu())
 
+    def reduce_across_processes(self) -> None:
+        """Under torchrun: every process ends with the totals over all shards."""
+        distributed.sum_across(self.totals)
+        self.samples = int(distributed.sum_across(torch.tensor([self.samples], dtype=torch.long))[0])
+        if self.per_class:
+            classes = distributed.max_across(self.class_count.shape[0])
+            grow = classes - self.class_count.shape[0]
+            self.class_correct = distributed.sum_across(torch.nn.functional.pad(self.class_correct, (0, grow)))
+            self.class_count = distributed.sum_across(torch.nn.functional.pad(self.class_count, (0, grow)))
+        if self.outcomes:
+            self.correct = [distributed.interleave(torch.cat(self.correct, dim=1))]
+
     def results(self) -> list[dict]:
+        self.reduce_across_processes()
         totals = self.totals.cpu().tolist()
         correct = torch.cat(self.correct, dim=1) if self.correct else None
         rows = []

@@ -1,0 +1,40 @@
+"""measure's instrumented forward against a plain inference forward over the same data.
+
+    python benchmarks/hook_overhead.py [--device cuda]
+
+Prints both times and their ratio (target: at most 1.05).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import probe  # noqa: E402
+from common import best_time, default_setup, parser  # noqa: E402
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    args.repeats = max(args.repeats, 5)
+    model, data = default_setup(args)
+    probe.find_blocks(model)  # discovery is cached per model; time the measuring, not the trace
+
+    def plain() -> None:
+        with torch.no_grad():
+            for inputs, _ in data:
+                model(inputs)
+
+    measured = lambda: probe.measure(model, data, progress=False)  # noqa: E731
+    plain_s = best_time(plain, args.repeats, args.device)
+    measure_s = best_time(measured, args.repeats, args.device)
+    print(f"resnet{args.depth}, {sum(len(y) for _, y in data)} samples, {args.device}, {torch.get_num_threads()} threads")
+    print(f"  plain inference forward: {plain_s:.3f} s")
+    print(f"  probe.measure:           {measure_s:.3f} s")
+    print(f"  ratio measure / plain:   {measure_s / plain_s:.3f}   (target <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()
