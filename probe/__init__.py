@@ -9,9 +9,12 @@
 
 from probe.ablation import ablated
 from probe.blocks import Block, find_blocks
+from probe.describe import describe_blocks
 from probe.errors import ProbeError
 from probe.measure import branch_means, measure
+from probe.spec import BlockSpec, parse_spec
 from probe.sweep import evaluate_ablations, sweep
 
-__all__ = ["Block", "ProbeError", "ablated", "branch_means", "evaluate_ablations", "find_blocks", "measure", "sweep"]
+__all__ = ["Block", "BlockSpec", "ProbeError", "ablated", "branch_means", "describe_blocks", "evaluate_ablations",
+           "find_blocks", "measure", "parse_spec", "sweep"]
 __version__ = "0.1.0"

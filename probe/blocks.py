@@ -1,15 +1,24 @@
 """Find the residual blocks of a model.
 
 A residual addition adds a tensor to a function of that same tensor: `F(x) + s(x)`, where the
-shortcut `s` is the identity or a short projection of `x`. We find those additions in a
-`torch.fx` trace of the model, then map each one back to modules of the *user's* model so that
-measuring and ablating can work with plain forward hooks on the original:
+shortcut `s` is the identity or a short projection of `x`. We find those additions in the
+dataflow graph of the model's forward (`probe.recording`: a torch.fx trace, or, for models fx
+cannot trace, one recorded forward on an example input), then map each one back to modules of
+the *user's* model, so that measuring and ablating work on the original:
 
 - `Block.module`: the innermost module whose forward performs the addition;
 - `Block.branch`: the outermost module inside the block whose output *is* `F(x)`;
 - `Block.shortcut`: the module whose output is `s(x)`, or None when `s(x)` is the block's input.
 
-The trace is used only to discover; nothing runs through it afterwards.
+When both are module outputs (torchvision's ResNets, MobileNets, ConvNeXt, RegNet) plain
+forward hooks on them see F(x) and s(x): `strategy="hooks"`. When F(x) ends in a function or a
+learned scale (`x + F.gelu(self.fc(x))`, `x + self.gamma * self.f(x)`), when its module runs
+more than once (Swin reuses `stochastic_depth`), or when s(x) is an intermediate value (ViT's
+second addition adds to the output of its first), the block is `strategy="intercept"`: it is
+the `add_index`-th tensor addition executed directly in `module`'s forward, and `probe.intercept`
+catches that addition at run time. `branch` and `shortcut` then describe the operands.
+
+The graph is used only to discover; nothing runs through it afterwards.
 """
 
 from __future__ import annotations
@@ -18,31 +27,46 @@ import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 from torch import nn
 
-from probe.errors import ProbeError, close_matches
+from probe.errors import ProbeError, close_matches, unknown_name
+from probe.intercept import ADD_FUNCTIONS
+from probe.recording import Recording, record, trace
 
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, *ADD_FUNCTIONS}
 _ADD_METHODS = {"add", "add_"}
 # Shape queries make a tensor "depend" on x without carrying its values: they cut the data flow.
 _SHAPE_METHODS = {"size", "dim"}
+# Methods whose result is a number or a shape, never a tensor.
+_NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "ndimension", "item", "tolist", "stride"}
 # A projection shortcut is a short path (conv + bn, pool + conv + bn, subsample + pad).
 _MAX_PROJECTION_NODES = 4
+# How deep `branch`/`shortcut` descriptions of non-module values go: "gelu(fc)", "mul(gamma, f)".
+_DESCRIPTION_DEPTH = 2
+
+STRATEGIES = ("hooks", "intercept")
 
 
 @dataclass(frozen=True)
 class Block:
-    """One residual addition `out = F(x) + s(x)` and the modules it comes from.
+    """One residual addition `out = F(x) + s(x)` and where its operands come from.
 
     name:     unique name; the block module's qualified name (`layer1.0`), with a `[i]` suffix
               when one module performs several residual additions (`encoder_layer_0[1]`).
-    module:   qualified name of the module whose forward performs the addition.
-    branch:   qualified name of the module whose output is the branch F(x).
-    shortcut: qualified name of the module whose output is the shortcut s(x), or None when the
-              shortcut is the block's input itself (identity).
+    module:   qualified name of the module whose forward performs the addition ("" for the
+              model itself, whose block is named "<model>").
+    branch:   with strategy "hooks", the qualified name of the module whose output is F(x);
+              with "intercept", a description of F(x) (a module name, or "gelu(blocks.0.fc)").
+    shortcut: None when s(x) is the block's input (identity); with "hooks", the module whose
+              output is s(x); with "intercept", a description of s(x).
     position: 0-based index of the block in forward order.
+    strategy: "hooks" (forward hooks on `branch` and `shortcut`, cheapest) or "intercept" (the
+              addition itself is caught at run time; see probe.intercept).
+    add_index: which tensor + tensor addition executed directly in `module`'s forward (0-based,
+              not counting additions inside child modules) is this block's; needed by "intercept".
+    branch_operand: which operand of that addition is F(x): 0 (left) or 1 (right); needed by
+              "intercept".
     """
 
     name: str
@@ -50,78 +74,205 @@ class Block:
     branch: str
     shortcut: str | None
     position: int
+    strategy: str = "hooks"
+    add_index: int | None = None
+    branch_operand: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ProbeError(f"block {self.name!r} has strategy {self.strategy!r}; use one of {STRATEGIES}.")
+        if self.strategy == "intercept" and (not isinstance(self.add_index, int) or self.add_index < 0
+                                             or self.branch_operand not in (0, 1)):
+            raise ProbeError(f"block {self.name!r} is intercepted at its addition, so it needs add_index "
+                             f"(an int >= 0, got {self.add_index!r}) and branch_operand (0 or 1, got "
+                             f"{self.branch_operand!r}).")
 
 
-def find_blocks(model: nn.Module) -> list[Block]:
+def find_blocks(model: nn.Module, *, example_input: object = None, spec: object = None) -> list[Block]:
     """Every residual block of `model`, in forward order.
 
-    Raises ProbeError when the model cannot be traced or has no residual addition.
+    Discovery traces the model with torch.fx. A model fx cannot trace is found from one forward
+    on `example_input` instead (a tensor, or a tuple of the forward's arguments; one sample is
+    enough). `spec` skips discovery and builds the blocks the user names (see `probe.spec`:
+    a string such as "layer1.0=bn2,downsample;layer1.1=bn2", a JSON text or file, or a list of
+    BlockSpec, dicts or Blocks).
+
+    Raises ProbeError when the model has no residual addition, or cannot be traced and no
+    example input or spec was given.
     """
-    graph = _trace(model)
-    scopes = _scopes(graph)
-    found: list[tuple[str, str, str | None]] = []
-    for node in graph.nodes:
-        if not _is_add(node):
-            continue
-        operands = _residual_operands(node)
-        if operands is None:
-            continue
-        branch_node, shortcut_node = operands
-        block_module = _innermost_module(node)
-        branch = _module_with_output(branch_node, block_module, scopes)
-        if shortcut_node.meta.get("nn_module_stack") and _inside(_innermost_module(shortcut_node), block_module):
-            shortcut = _module_with_output(shortcut_node, block_module, scopes)
-            if shortcut is None:
-                continue  # the shortcut is an intermediate value, not a module output (see issue #3)
-        else:
-            shortcut = None  # the block's own input
-        if branch is None:
-            continue  # the branch ends in a function, not a module (see issue #3)
-        found.append((block_module, branch, shortcut))
-    if not found:
+    if spec is not None:
+        from probe.spec import blocks_from_spec  # spec.py builds Blocks: imported late, no cycle
+
+        return blocks_from_spec(model, spec)
+    recording = _recording(model, example_input)
+    blocks = blocks_in(recording)
+    if not blocks:
         raise ProbeError(
-            f"no residual blocks found in {type(model).__name__}: searched its traced graph for "
+            f"no residual blocks found in {type(model).__name__}: searched {recording.source} for "
             "additions of a tensor to a function of that same tensor (F(x) + x or F(x) + proj(x)) "
-            "and found none. A plain network has nothing to measure; pass a residual model."
+            "and found none. A plain network has nothing to measure; pass a residual model "
+            "(or name the blocks with a spec)."
         )
-    return _name_blocks(found)
+    return blocks
 
 
-def resolve_blocks(model: nn.Module, names: Iterable[str | Block] | None = None) -> list[Block]:
-    """The blocks of `model` that `names` selects (all when None), validated up front."""
-    blocks = find_blocks(model)
+def resolve_blocks(model: nn.Module, names: Iterable[str | Block] | str | Block | None = None, *,
+                   example_input: object = None) -> list[Block]:
+    """The blocks of `model` that `names` selects (all when None), validated up front.
+
+    A name is looked up among the discovered blocks (`example_input` as for find_blocks); a
+    Block object is used as given (after checking that its modules exist), so blocks from a
+    spec or from `find_blocks(model, example_input=...)` need no new discovery.
+    """
     if names is None:
-        return blocks
+        return find_blocks(model, example_input=example_input)
     if isinstance(names, (str, Block)):
         names = [names]
-    by_name = {b.name: b for b in blocks}
+    names = list(names)
+    modules = dict(model.named_modules())
+    needs_discovery = any(not isinstance(n, Block) for n in names)
+    by_name = {b.name: b for b in find_blocks(model, example_input=example_input)} if needs_discovery else {}
     chosen = []
     for name in names:
-        key = name.name if isinstance(name, Block) else name
-        if key not in by_name:
+        if isinstance(name, Block):
+            chosen.append(check_block(name, modules))
+            continue
+        if name not in by_name:
             shown = ", ".join(list(by_name)[:10]) + (", ..." if len(by_name) > 10 else "")
             raise ProbeError(
-                f"unknown block {key!r}.{close_matches(str(key), by_name)} "
+                f"unknown block {name!r}.{close_matches(str(name), by_name)} "
                 f"The model's blocks are: {shown} (probe.find_blocks(model) lists them all)."
             )
-        chosen.append(by_name[key])
+        chosen.append(by_name[name])
     return chosen
 
 
-def _trace(model: nn.Module) -> fx.Graph:
+def check_block(block: Block, modules: dict[str, nn.Module]) -> Block:
+    """`block`, after checking that the modules it names exist in the model."""
+    named = [("module", block.module)]
+    if block.strategy == "hooks":
+        named += [("branch", block.branch)] + ([("shortcut", block.shortcut)] if block.shortcut else [])
+    for role, name in named:
+        if name not in modules:
+            raise unknown_name(f"{role} module of block {block.name!r}", name, [n for n in modules if n])
+    return block
+
+
+# -- discovery on a recorded graph -----------------------------------------------------------
+
+
+def _recording(model: nn.Module, example_input: object) -> Recording:
     try:
-        return fx.Tracer().trace(model)
+        return trace(model)
     except Exception as error:  # fx raises many types; the user needs the reason, not the type
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if example_input is None:
+            raise ProbeError(
+                f"could not trace {type(model).__name__} with torch.fx to find its residual blocks "
+                f"({reason}). Find them in a forward pass instead with probe.find_blocks(model, "
+                "example_input=<one batch of inputs>) and pass those blocks on (blocks=...), or name "
+                "them with a spec (spec='layer1.0=bn2,downsample;...')."
+            ) from error
+    try:
+        return record(model, example_input)
+    except ProbeError:
+        raise
+    except Exception as error:  # the example input is the user's: say so, with the model's reason
         raise ProbeError(
-            f"could not trace {type(model).__name__} with torch.fx to find its residual blocks "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})."
+            f"torch.fx cannot trace {type(model).__name__}, and running it on the example input failed "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); pass one batch "
+            "the model accepts (a tensor, or a tuple of its forward's arguments)."
         ) from error
+
+
+def blocks_in(recording: Recording) -> list[Block]:
+    """The residual blocks whose additions appear in `recording`, in forward order."""
+    graph = recording.graph
+    scopes = _scopes(graph)
+    tensors = _tensor_valued(graph)
+    additions_per_call: dict[str, int] = {}
+    found: dict[tuple[str, int], dict] = {}
+    # Residual addition node -> its block's name when a module has several ("vit...layer_0[0]"):
+    # the shortcut of a later addition is often the output of an earlier one.
+    residual_names: dict[fx.Node, str] = {}
+    for node in graph.nodes:
+        if not (_is_add(node) and len(node.args) >= 2 and all(a in tensors for a in node.args[:2])):
+            continue
+        key = _innermost_key(node)
+        add_index = additions_per_call.get(key, 0)
+        additions_per_call[key] = add_index + 1
+        operands = _residual_operands(node)
+        if operands is None:
+            continue
+        module = _qualified_name(node, key)
+        if (module, add_index) in found:
+            continue  # the same addition again, in a later call of a reused block module
+        found[module, add_index] = _classify(node, key, add_index, operands, recording, scopes, residual_names)
+        residual_names[node] = f"{module or '<model>'}[{sum(1 for m, _ in found if m == module) - 1}]"
+    return _name_blocks(list(found.values()))
+
+
+def _classify(node: fx.Node, key: str, add_index: int, operands: tuple[fx.Node, fx.Node],
+              recording: Recording, scopes: dict[str, set[fx.Node]], residual_names: dict[fx.Node, str]) -> dict:
+    """Block fields (all but name and position) of the residual addition `node` in call `key`."""
+    branch_node, shortcut_node = operands
+    branch_module = _module_with_output(branch_node, key, scopes, recording.calls)
+    shortcut_module = None
+    # s(x) is "the block's input" when it comes from outside the block; an embedding added to it
+    # on the way (x + self.position: no function of the data) starts no new residual stream.
+    identity = not _computed_inside(_without_embeddings(shortcut_node), key)
+    if not identity:
+        shortcut_module = _module_with_output(shortcut_node, key, scopes, recording.calls)
+    # Hooks see s(x) = the block's input only as the first tensor it is called with.
+    first_input = recording.call_inputs.get(key, [])[:1] == [shortcut_node]
+    fields = {"module": _qualified_name(node, key), "add_index": add_index,
+              "branch_operand": 0 if node.args[0] is branch_node else 1}
+    if branch_module is not None and (shortcut_module is not None or (identity and first_input)):
+        return {**fields, "branch": branch_module, "shortcut": shortcut_module, "strategy": "hooks"}
+    describe = lambda value: _describe(value, key, scopes, residual_names, _DESCRIPTION_DEPTH)  # noqa: E731
+    return {**fields, "strategy": "intercept", "branch": describe(branch_node),
+            "shortcut": None if identity else describe(shortcut_node)}
+
+
+def _without_embeddings(node: fx.Node) -> fx.Node:
+    """`node` with additions of data-independent tensors (positional embeddings) peeled off."""
+    while _is_add(node) and len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2]):
+        data = [a for a in node.args[:2] if _depends_on_data(_ancestors(a))]
+        if len(data) != 1:
+            break
+        node = data[0]
+    return node
 
 
 def _is_add(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
         return True
     return node.op == "call_method" and node.target in _ADD_METHODS
+
+
+def _tensor_valued(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose value is a tensor (not a shape, a size or a number), in one pass.
+
+    An addition counts towards `add_index` only when both operands are tensors, as at run time,
+    where `x.size(0) + 1` is plain Python and never reaches torch.
+    """
+    tensors: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op in ("placeholder", "get_attr", "call_module"):
+            tensors.add(node)
+        elif node.op == "call_method":
+            if node.target not in _NON_TENSOR_METHODS and node.args and node.args[0] in tensors:
+                tensors.add(node)
+        elif node.op == "call_function":
+            if node.target in (getattr, len):
+                continue  # x.shape, x.dtype, len(x)
+            if node.target is operator.getitem:
+                if node.args[0] in tensors:
+                    tensors.add(node)  # x[:, 0] (not x.shape[0])
+            elif str(getattr(node.target, "__module__", None) or "").startswith("torch") or any(
+                    n in tensors for n in node.all_input_nodes):
+                tensors.add(node)
+    return tensors
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
@@ -178,57 +329,102 @@ def _residual_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return branch, shortcut
 
 
-def _innermost_module(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack)[-1] if stack else ""
+# -- module calls ----------------------------------------------------------------------------
+# A module call is named by its nn_module_stack key: the qualified name, "@k" for later calls.
 
 
-def _module_stack(node: fx.Node) -> list[str]:
-    return list(node.meta.get("nn_module_stack") or {})
+def _stack(node: fx.Node) -> dict[str, tuple[str, type]]:
+    return node.meta.get("nn_module_stack") or {}
 
 
-def _inside(name: str, container: str) -> bool:
-    """True when module `name` lies strictly inside module `container`."""
-    if name == container:
-        return False
-    return container == "" or name.startswith(container + ".")
+def _innermost_key(node: fx.Node) -> str:
+    stack = _stack(node)
+    return next(reversed(stack)) if stack else ""
 
 
-def _scopes(graph: fx.Graph) -> dict[str, list[fx.Node]]:
-    """Module qualified name -> the traced nodes executed inside it."""
-    scopes: dict[str, list[fx.Node]] = {}
+def _qualified_name(node: fx.Node, key: str) -> str:
+    return _stack(node)[key][0] if key else ""
+
+
+def _keys_inside(node: fx.Node, key: str) -> list[str]:
+    """The module calls enclosing `node` that lie strictly inside call `key`, outermost first."""
+    keys = list(_stack(node))
+    if not key:
+        return keys
+    return keys[keys.index(key) + 1:] if key in keys else []
+
+
+def _computed_inside(node: fx.Node, key: str) -> bool:
+    """True when `node` is computed during module call `key` (not handed to it)."""
+    if not key:
+        return node.op != "placeholder"
+    return key in _stack(node)
+
+
+def _scopes(graph: fx.Graph) -> dict[str, set[fx.Node]]:
+    """Module call key -> the nodes executed inside that call."""
+    scopes: dict[str, set[fx.Node]] = {}
     for node in graph.nodes:
-        for name in _module_stack(node):
-            scopes.setdefault(name, []).append(node)
+        for key in _stack(node):
+            scopes.setdefault(key, set()).add(node)
     return scopes
 
 
-def _module_with_output(node: fx.Node, block_module: str, scopes: dict[str, list[fx.Node]]) -> str | None:
-    """The outermost module strictly inside `block_module` whose one output is `node`.
+def _outputs_of(node: fx.Node, key: str, scopes: dict[str, set[fx.Node]]) -> list[tuple[str, str]]:
+    """(call key, qualified name) of the calls inside `key` whose one output is `node`, outermost first.
 
-    A module qualifies when `node` is the only value of its scope used outside it, so hooking
-    that module's output sees exactly `node`, and the module runs once per block call.
+    A call qualifies when `node` is the only value of its scope used outside it, so hooking that
+    module's output sees exactly `node`.
     """
-    for name in _module_stack(node):
-        if not _inside(name, block_module):
-            continue
-        scope = set(scopes[name])
+    stack = _stack(node)
+    qualifying = []
+    for inner in _keys_inside(node, key):
+        scope = scopes.get(inner, set())
         leaving = {n for n in scope if any(user not in scope for user in n.users)}
-        calls = sum(1 for n in scope if n.op == "call_module" and n.target == name)
-        if leaving == {node} and calls <= 1:
+        if leaving == {node}:
+            qualifying.append((inner, stack[inner][0]))
+    return qualifying
+
+
+def _module_with_output(node: fx.Node, key: str, scopes: dict[str, set[fx.Node]], calls: dict[str, int]) -> str | None:
+    """The outermost module inside call `key` whose output is `node`, and that runs once per
+    forward (a hook on a module called twice would fire twice), or None."""
+    for _inner, name in _outputs_of(node, key, scopes):
+        if calls.get(name, 1) == 1:
             return name
     return None
 
 
-def _name_blocks(found: Sequence[tuple[str, str, str | None]]) -> list[Block]:
+def _describe(node: fx.Node, key: str, scopes: dict[str, set[fx.Node]], residual_names: dict[fx.Node, str],
+              depth: int) -> str:
+    """A short description of a value inside call `key`: a module name, an earlier block's name
+    (its residual sum), "input", "gelu(blocks.0.fc)", "mul(blocks.0.gamma, blocks.0.f)"."""
+    outputs = _outputs_of(node, key, scopes)
+    if outputs:
+        return outputs[0][1]
+    if node in residual_names:
+        return residual_names[node]
+    if node.op in ("get_attr", "call_module"):
+        return str(node.target)  # a parameter (a learned scale), a buffer, a module
+    if not _computed_inside(node, key):
+        return "input"
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    if depth == 0:
+        return f"{name}(...)"
+    inputs = [_describe(n, key, scopes, residual_names, depth - 1) for n in _tensor_inputs(node)]
+    return f"{name}({', '.join(inputs)})"
+
+
+def _name_blocks(found: Sequence[dict]) -> list[Block]:
     per_module: dict[str, int] = {}
-    for module, _, _ in found:
-        per_module[module] = per_module.get(module, 0) + 1
+    for fields in found:
+        per_module[fields["module"]] = per_module.get(fields["module"], 0) + 1
     seen: dict[str, int] = {}
     blocks = []
-    for position, (module, branch, shortcut) in enumerate(found):
+    for position, fields in enumerate(found):
+        module = fields["module"]
         index = seen.get(module, 0)
         seen[module] = index + 1
-        name = module if per_module[module] == 1 else f"{module}[{index}]"
-        blocks.append(Block(name=name or "<model>", module=module, branch=branch, shortcut=shortcut, position=position))
+        name = (module or "<model>") if per_module[module] == 1 else f"{module or '<model>'}[{index}]"
+        blocks.append(Block(name=name, position=position, **fields))
     return blocks

@@ -3,23 +3,31 @@
 Every probe operation runs inside `model_preserved(model)`: it puts the model in eval mode, and
 on the way out (normally, on an exception, on KeyboardInterrupt) removes every hook it added and
 restores every module's `training` flag.
+
+Each block is reached the way its `strategy` says: "hooks" blocks through forward hooks on the
+modules whose outputs are F(x) and s(x) (cheapest); "intercept" blocks by catching their
+addition at run time (`probe.intercept`). Both give callers the same (block, F, s) view.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from probe.blocks import Block
+from probe.intercept import watch_addition
+
+if TYPE_CHECKING:  # blocks.py records forwards with model_preserved: no import at run time
+    from probe.blocks import Block
 
 # (block, branch F(x), shortcut s(x)) -> None; called once per block per forward, before the
 # addition, while both tensors hold their values.
-PairCallback = Callable[[Block, torch.Tensor, torch.Tensor], None]
+PairCallback = Callable[["Block", torch.Tensor, torch.Tensor], None]
 # (block, branch output) -> replacement tensor for the branch.
-BranchReplacement = Callable[[Block, torch.Tensor], torch.Tensor]
+BranchReplacement = Callable[["Block", torch.Tensor], torch.Tensor]
 
 
 @contextlib.contextmanager
@@ -75,6 +83,13 @@ def tap_pairs(model: nn.Module, blocks: Sequence[Block], callback: PairCallback,
     """
     modules = dict(model.named_modules())
     for block in blocks:
+        if block.strategy == "intercept":
+            def see(branch: torch.Tensor, shortcut: torch.Tensor, block: Block = block) -> None:
+                callback(block, branch, shortcut)  # and return None: the addition goes on unchanged
+
+            handles.append(watch_addition(modules[block.module], block.add_index, block.branch_operand,
+                                          see, block.name))
+            continue
         state = _PairState()
 
         def arrive(kind: str, tensor: torch.Tensor, block: Block = block, state: _PairState = state) -> None:
@@ -112,6 +127,14 @@ def replace_branches(model: nn.Module, blocks: Sequence[Block], replacement: Bra
     """
     modules = dict(model.named_modules())
     for block in blocks:
+        if block.strategy == "intercept":
+            def visit(branch: torch.Tensor, _shortcut: torch.Tensor, block: Block = block) -> torch.Tensor | None:
+                return replacement(block, branch) if active(block) else None
+
+            handles.append(watch_addition(modules[block.module], block.add_index, block.branch_operand,
+                                          visit, block.name))
+            continue
+
         def hook(_module: nn.Module, _args: tuple, output: torch.Tensor, block: Block = block) -> torch.Tensor | None:
             if not active(block):
                 return None

@@ -195,7 +195,8 @@ def build_model(
 ) -> nn.Module:
     """Build a model by name, in training mode.
 
-    - CIFAR-style: "resnet20/32/44/56/110", "plain20/...": see `cifar_resnet` (any 6n+2 depth works).
+    - CIFAR-style: "resnet20/32/44/56/110", "plain20/...": see `cifar_resnet` (any 6n+2 depth
+      that is not a torchvision name works, e.g. "resnet26").
     - torchvision: any name in `torchvision.models.list_models()` (e.g. "resnet18"). With `weights`
       (e.g. "DEFAULT" or "ResNet18_Weights.IMAGENET1K_V1") the classifier keeps the weights' class
       count and `num_classes` is ignored (with a warning if it differs). `in_channels != 3`

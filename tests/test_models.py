@@ -112,7 +112,11 @@ def test_shortcut_b_is_a_projection():
 def test_branch_tensor_is_not_modified_by_the_addition():
     block = CifarBasicBlock(2, 2).eval()
     seen = {}
-    block.bn2.register_forward_hook(lambda m, i, o: seen.setdefault("branch", (o, o.clone())))
+
+    def keep(module, inputs, output):
+        seen["branch"] = (output, output.clone())  # the tensor itself and a copy
+
+    block.bn2.register_forward_hook(keep)
     block(torch.randn(1, 2, 3, 3))
     kept, copy = seen["branch"]
     torch.testing.assert_close(kept, copy)
@@ -128,7 +132,7 @@ def test_pad_shortcut_by_hand():
     assert list(PadShortcut(1, 3).parameters()) == []
 
 
-@pytest.mark.parametrize("depth", [7, 14, 21, 2])
+@pytest.mark.parametrize("depth", [7, 15, 21, 2])
 def test_bad_depth(depth):
     with pytest.raises(ProbeError, match=rf"depth {depth}\b.*20, 32, 44, 56, 110"):
         cifar_resnet(depth)
@@ -155,6 +159,13 @@ def test_torchvision_model_num_classes_and_channels():
 def test_resnet50_is_torchvision_not_cifar():
     # 50 = 6 * 8 + 2, but "resnet50" must stay torchvision's bottleneck network.
     assert type(build_model("resnet50")).__module__ == "torchvision.models.resnet"
+
+
+def test_unknown_weights_name_lists_known():
+    with pytest.raises(ProbeError, match=r"unknown weights 'NOPE'.*IMAGENET1K_V1"):
+        build_model("resnet18", weights="NOPE")
+    with pytest.raises(ProbeError, match="no pretrained weights"):
+        build_model("resnet20", weights="DEFAULT")
 
 
 def test_unknown_model_name():

@@ -1,0 +1,43 @@
+"""`describe_blocks`: the table behind the CLI's block listing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from probe.blocks import Block, find_blocks, resolve_blocks
+from probe.hooks import attached, model_preserved, tap_pairs
+from probe.recording import call_with
+
+COLUMNS = ["name", "module", "branch", "shortcut", "output_shape"]
+
+
+def describe_blocks(model: nn.Module, example_input: object, *, blocks: Sequence[str | Block] | None = None,
+                    spec: object = None) -> pd.DataFrame:
+    """One row per residual block: name, module, branch, shortcut, output_shape.
+
+    `output_shape` is the shape (a tuple, batch first) of the block's residual sum F(x) + s(x)
+    when the model runs on `example_input` (a tensor, or a tuple of the forward's arguments),
+    or None for a block that input does not reach. `shortcut` is "identity" for the block's
+    input. Blocks come from `blocks` (names or Block objects), else `spec`, else discovery
+    (which falls back to running `example_input` when torch.fx cannot trace the model). The
+    forward runs in eval mode without gradients; the model is left as it was.
+    """
+    if blocks is not None:
+        chosen = resolve_blocks(model, blocks, example_input=example_input)
+    else:
+        chosen = find_blocks(model, example_input=example_input, spec=spec)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def note(block: Block, branch: torch.Tensor, shortcut: torch.Tensor) -> None:
+        shapes.setdefault(block.name, tuple(torch.broadcast_shapes(branch.shape, shortcut.shape)))
+
+    with model_preserved(model), attached() as handles, torch.no_grad():
+        tap_pairs(model, chosen, note, handles)
+        call_with(model, example_input)
+    rows = [{"name": b.name, "module": b.module, "branch": b.branch, "shortcut": b.shortcut or "identity",
+             "output_shape": shapes.get(b.name)} for b in chosen]
+    return pd.DataFrame(rows, columns=COLUMNS)

@@ -1,0 +1,182 @@
+"""The dataflow graph of a model's forward, by tracing it or by recording one real forward.
+
+Block discovery (`probe.blocks`) reads residual additions off a `torch.fx.Graph` whose nodes
+carry fx's `nn_module_stack` metadata (which module calls each operation ran inside). There are
+two ways to get one:
+
+- `trace(model)`: symbolic tracing with torch.fx; needs no input, fails on models whose Python
+  control flow depends on tensor values (or that call untraceable code);
+- `record(model, example_input)`: run one forward and record every torch function it calls, with
+  a `TorchFunctionMode` and module hooks, into a graph of the same shape. Works on any model
+  that runs, but sees only the path that this input takes.
+
+Both also say, for every module call, which tensors it was given: a block's shortcut is "the
+block's input" only when it is the value the block was called with.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from itertools import chain
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from probe.hooks import attached, model_preserved
+
+
+@dataclass
+class Recording:
+    """A forward's dataflow graph and the module calls it went through.
+
+    graph:       nodes in execution order; `node.meta["nn_module_stack"]` maps each enclosing
+                 module call's key to (qualified name, type), outermost first, as torch.fx writes
+                 it. A key is the module's qualified name, with `@k` for its (k+1)-th call.
+    call_inputs: module call key -> the nodes of the tensors passed to that call, in argument
+                 order ("" is the model itself: its inputs).
+    calls:       module qualified name -> how many times one forward calls it.
+    source:      how the graph was made, for messages ("its torch.fx trace", "one forward pass").
+    """
+
+    graph: fx.Graph
+    call_inputs: dict[str, list[fx.Node]] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    source: str = "its torch.fx trace"
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, also noting the tensor arguments of every module call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.call_inputs: dict[str, list[fx.Node]] = {}
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        count = self.num_calls.get(name, 0)
+        key = f"{name}@{count}" if count else name  # the key fx gives this call in nn_module_stack
+        self.call_inputs[key] = [leaf.node for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, fx.Proxy)]
+        return super().call_module(m, forward, args, kwargs)
+
+
+def trace(model: nn.Module) -> Recording:
+    """The model's symbolic trace; raises whatever torch.fx raises on untraceable code."""
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    tracer.call_inputs[""] = [node for node in graph.nodes if node.op == "placeholder"]
+    return Recording(graph, tracer.call_inputs, dict(tracer.num_calls), "its torch.fx trace")
+
+
+def call_with(model: nn.Module, example_input: object) -> object:
+    """`model(*example_input)` for a tuple or list of arguments, else `model(example_input)`."""
+    if isinstance(example_input, (tuple, list)):
+        return model(*example_input)
+    return model(example_input)
+
+
+def record(model: nn.Module, example_input: object) -> Recording:
+    """The graph of one forward of `model` on `example_input` (a tensor, or a tuple of arguments).
+
+    Runs in eval mode without gradients and leaves the model as it found it. Every tensor the
+    forward makes is kept until it ends, so a small input (one sample) is best.
+    """
+    recorder = _Recorder(model)
+    arguments = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    for i, value in enumerate(pytree.tree_leaves(arguments)):
+        if isinstance(value, torch.Tensor):
+            recorder.bind(value, recorder.graph.placeholder(f"input_{i}"))
+    recorder.call_inputs[""] = [node for node in recorder.graph.nodes if node.op == "placeholder"]
+    with model_preserved(model), attached() as handles, torch.no_grad():
+        for module in model.modules():
+            if module is model:
+                continue  # fx puts no entry for the model itself in nn_module_stack: neither do we
+            handles.append(module.register_forward_pre_hook(recorder.enter_call, with_kwargs=True))
+            handles.append(module.register_forward_hook(recorder.leave_call, always_call=True))
+        with recorder:
+            call_with(model, example_input)
+    return Recording(recorder.graph, recorder.call_inputs, recorder.calls, "one forward pass")
+
+
+class _Recorder(TorchFunctionMode):
+    """Appends one graph node per torch function call that returns tensors."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.graph = fx.Graph()
+        self.call_inputs: dict[str, list[fx.Node]] = {}
+        self.calls: dict[str, int] = {}
+        self._module_names = {module: name for name, module in model.named_modules()}
+        named_tensors = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+        self._tensor_names = {id(tensor): name for name, tensor in named_tensors}
+        self._stack: dict[str, tuple[str, type]] = {}  # running module calls, outermost first
+        self._keys: list[str] = []
+        # id(tensor) -> the node that last wrote it (an in-place op rebinds it). Holding every
+        # tensor keeps ids unique for the whole forward.
+        self._nodes: dict[int, fx.Node] = {}
+        self._held: list[torch.Tensor] = []
+
+    def bind(self, tensor: torch.Tensor, node: fx.Node) -> None:
+        self._nodes[id(tensor)] = node
+        self._held.append(tensor)
+
+    def _node_of(self, tensor: torch.Tensor) -> fx.Node:
+        node = self._nodes.get(id(tensor))
+        if node is None:  # a parameter, a buffer, or a constant made outside any torch function
+            name = self._tensor_names.get(id(tensor), f"constant_{len(self._held)}")
+            node = self.graph.get_attr(name)
+            self.bind(tensor, node)
+        return node
+
+    def _argument(self, value: object) -> object:
+        if isinstance(value, torch.Tensor):
+            return self._node_of(value)
+        if isinstance(value, list):
+            return [self._argument(v) for v in value]
+        if isinstance(value, tuple):  # also torch.Size and named tuples: a plain tuple will do
+            return tuple(self._argument(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._argument(v) for k, v in value.items()}
+        if value is None or isinstance(value, (bool, int, float, complex, str, torch.dtype, torch.device)):
+            return value
+        return repr(value)  # only tensors' provenance matters; keep the graph free of foreign objects
+
+    # -- module calls -------------------------------------------------------------------------
+
+    def enter_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        name = self._module_names.get(module, type(module).__name__)
+        count = self.calls.get(name, 0)
+        self.calls[name] = count + 1
+        key = f"{name}@{count}" if count else name
+        tensors = [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
+        self.call_inputs[key] = [self._node_of(t) for t in tensors]
+        self._stack[key] = (name, type(module))
+        self._keys.append(key)
+
+    def leave_call(self, _module: nn.Module, _args: tuple, _output: object) -> None:
+        if self._keys:
+            del self._stack[self._keys.pop()]
+
+    # -- torch functions ----------------------------------------------------------------------
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # Map the arguments before running: an in-place op reads the value its input had.
+        node_args, node_kwargs = self._argument(args), self._argument(kwargs)
+        output = func(*args, **kwargs)
+        if isinstance(output, torch.Tensor):
+            self.bind(output, self._append(func, node_args, node_kwargs))
+        elif isinstance(output, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in output):
+            node = self._append(func, node_args, node_kwargs)
+            for i, value in enumerate(output):
+                if isinstance(value, torch.Tensor):
+                    self.bind(value, self._append(operator.getitem, (node, i), {}))
+        return output
+
+    def _append(self, target, args, kwargs) -> fx.Node:
+        node = self.graph.call_function(target, tuple(args), dict(kwargs))
+        node.meta["nn_module_stack"] = dict(self._stack)
+        return node

@@ -1,0 +1,45 @@
+"""torchrun with 2 CPU processes (gloo) gives the single-process results."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed_job import dataset, results
+
+HERE = Path(__file__).resolve().parent
+
+
+def close(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            close(a[key], b[key])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            close(x, y)
+    elif isinstance(a, float):
+        # Shards batch samples differently, and float32 kernels round per batch composition.
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-7, nan_ok=True)
+    else:
+        assert a == b
+
+
+def test_two_processes_equal_one(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    out = tmp_path / "two.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]), "OMP_NUM_THREADS": "1"}
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "distributed_job.py"), str(out)],
+                   check=True, env=env, timeout=300, capture_output=True)
+    two = json.loads(out.read_text())
+    assert two.pop("world_size") == 2
+    single = json.loads(json.dumps(results(torch.utils.data.DataLoader(dataset(), batch_size=4))))
+    close(single, two)
+    # Per-sample outcomes come back in data order, not rank order.
+    assert len(two["baseline"]["correct"]) == 21
