@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,16 @@ def test_two_processes_equal_one(tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     out = tmp_path / "two.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]), "OMP_NUM_THREADS": "1"}
-    subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "distributed_job.py"), str(out)],
-                   check=True, env=env, timeout=300, capture_output=True)
+    command = [torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "distributed_job.py"), str(out)]
+    # Its own process group, so a hang kills the workers too, not only torchrun.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        log, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, log.decode(errors="replace")[-3000:]
     two = json.loads(out.read_text())
     assert two.pop("world_size") == 2
     single = json.loads(json.dumps(results(torch.utils.data.DataLoader(dataset(), batch_size=4))))
