@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -49,3 +50,34 @@ def batches(data: Iterable, device: torch.device, *, progress: bool = False,
         yield inputs.to(device, non_blocking=non_blocking), targets.to(device, non_blocking=non_blocking)
     if seen == 0:
         raise ProbeError("the data is empty: it yielded no batch. Pass a DataLoader with at least one sample.")
+
+
+# Phrases of torch's errors for inputs that do not fit a layer (channels, sizes, features).
+_MISFIT_PHRASES = ("channels", "cannot be multiplied", "size mismatch", "must match the size", "Expected size",
+                   "shape", "Wrong shape", "expected input")
+
+
+@contextlib.contextmanager
+def explained_misfit(inputs: torch.Tensor) -> Iterator[None]:
+    """Turn torch's error for inputs the model cannot take into a ProbeError that says so."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if not any(phrase in text for phrase in _MISFIT_PHRASES):
+            raise
+        raise ProbeError(
+            f"the model cannot take inputs of shape {tuple(inputs.shape)} ({text}). Check that the data set "
+            "fits the model: its input channels, image size and number of classes."
+        ) from error
+
+
+def check_targets_fit(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Class labels must index the model's outputs."""
+    classes = logits.shape[-1]
+    largest, smallest = int(targets.max()), int(targets.min())
+    if largest >= classes or smallest < 0:
+        raise ProbeError(
+            f"the data has class label {largest if largest >= classes else smallest}, but the model outputs "
+            f"{classes} classes (labels 0..{classes - 1}). Use a model built for this data set's classes."
+        )

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from probe import distributed
-from probe.batches import batches, model_device
+from probe.batches import batches, explained_misfit, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.hooks import attached, model_preserved, tap_pairs
 
@@ -88,7 +88,8 @@ def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] |
                 current["num_classes"] = max(current["num_classes"], int(targets.max()) + 1)
             else:
                 current["classes"] = torch.zeros_like(targets)
-            model(inputs)
+            with explained_misfit(inputs):
+                model(inputs)
     for accumulator in moments.values():
         accumulator.reduce_across_processes()
     return _table(chosen, moments, per_class)

@@ -18,7 +18,7 @@ from torch import nn
 
 from probe import distributed
 from probe.ablation import branch_replacement, check_mode
-from probe.batches import batches, model_device
+from probe.batches import batches, check_targets_fit, explained_misfit, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.hooks import attached, model_preserved, replace_branches
 from probe.suffix import InPlaceError, build_runner
@@ -62,7 +62,8 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     one entry per sample in data order (for bootstrap intervals: O(samples) memory).
     """
     check_mode(mode)
-    sets = [resolve_blocks(model, s) if s else [] for s in ablation_sets]
+    named = {b.name: b for b in resolve_blocks(model, [b for s in ablation_sets for b in s])}  # one discovery
+    sets = [[named[b.name if isinstance(b, Block) else b] for b in s] for s in ablation_sets]
     involved = list({block.name: block for s in sets for block in s}.values())
     if mode == "mean" and means is None and involved:
         from probe.measure import branch_means
@@ -79,13 +80,15 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
                          active=lambda block: block.name in active)
         for inputs, targets in batches(data, device, progress=progress, desc=f"sweep ({len(sets)} ablations)"):
             logits = None
-            if runner is not None:
-                try:
-                    logits, cache = runner.baseline(inputs)
-                except InPlaceError:
-                    runner = None  # the cache cannot be trusted: full forwards from here on
-            if runner is None:
-                logits = model(inputs)
+            with explained_misfit(inputs):
+                if runner is not None:
+                    try:
+                        logits, cache = runner.baseline(inputs)
+                    except InPlaceError:
+                        runner = None  # the cache cannot be trusted: full forwards from here on
+                if runner is None:
+                    logits = model(inputs)
+            check_targets_fit(logits, targets)
             reference = logits.argmax(dim=1)
             outcomes_per_row = [logits]
             for ablation_set in sets:

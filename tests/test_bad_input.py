@@ -1,0 +1,58 @@
+"""Bad input gets a one-line ProbeError naming the bad value and what would work."""
+
+import pytest
+import torch
+
+import probe
+from conftest import assert_unchanged, snapshot
+from probe.models import build_model, cifar_resnet, load_checkpoint, save_checkpoint
+
+
+def gray_model():
+    torch.manual_seed(0)
+    return cifar_resnet(20, num_classes=4, in_channels=1).eval()
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, d: probe.measure(m, d, progress=False),
+    lambda m, d: probe.sweep(m, d, progress=False),
+])
+def test_channels_that_do_not_fit(call):
+    model = gray_model()
+    before = snapshot(model)
+    data = [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))]
+    with pytest.raises(probe.ProbeError, match=r"inputs of shape \(2, 3, 16, 16\).*input channels"):
+        call(model, data)
+    assert_unchanged(model, before)
+
+
+def test_class_labels_that_do_not_fit():
+    model = gray_model()
+    data = [(torch.randn(2, 1, 16, 16), torch.tensor([0, 7]))]
+    with pytest.raises(probe.ProbeError, match="class label 7, but the model outputs 4 classes"):
+        probe.sweep(model, data, progress=False)
+
+
+def test_empty_data():
+    with pytest.raises(probe.ProbeError, match="empty"):
+        probe.measure(gray_model(), [], progress=False)
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    path = tmp_path / "r32.pt"
+    save_checkpoint(cifar_resnet(32, num_classes=4, in_channels=1), path)
+    model = build_model("resnet20", num_classes=4, in_channels=1)
+    before = snapshot(model)
+    with pytest.raises(probe.ProbeError, match=r"unexpected.*layer1\.3"):
+        load_checkpoint(model, path)
+    assert_unchanged(model, before)
+
+
+def test_nonfinite_activations_are_reported_per_block():
+    model = gray_model()
+    inputs = torch.randn(3, 1, 16, 16)
+    inputs[1, 0, 0, 0] = float("inf")
+    table = probe.measure(model, [(inputs, torch.tensor([0, 1, 2]))], progress=False)
+    assert (table["nonfinite"] == 1).all()  # inf reaches every block through the shortcuts
+    assert (table["samples"] == 2).all()
+    assert table["ratio"].notna().all()
