@@ -19,6 +19,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the minimum is reported")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--samples", type=int, default=None, help="use only the first N test samples (default: all 360)")
     return p
 
 
@@ -29,7 +30,7 @@ def default_setup(args) -> tuple[torch.nn.Module, list]:
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = cifar_resnet(args.depth, num_classes=10, in_channels=1).to(device).eval()
-    loader = make_loader(load_dataset("digits", split="test"), batch_size=args.batch_size)
+    loader = make_loader(load_dataset("digits", split="test"), batch_size=args.batch_size, limit=args.samples)
     data = [(x.to(device), y.to(device)) for x, y in loader]
     return model, data
 
