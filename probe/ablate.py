@@ -38,6 +38,16 @@ class RunConfig:
     seed: int = 0
     epochs: int | None = None
     out: str | None = None
+    # The analysis sections of the report (analyses.pipeline.SECTIONS). None: every one that
+    # applies (degradation only when the model is trained here); `skip` leaves some out.
+    sections: tuple[str, ...] | None = None
+    skip: tuple[str, ...] = ()
+    degradation_depths: tuple[int, ...] = (20, 56)
+    bn_recalibrate: bool = False
+    calibration_samples: int = 256
+    random_draws: int = 3
+    curve_points: int | None = 14
+    bootstrap: int = 1000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +78,23 @@ def _parser() -> argparse.ArgumentParser:
     add("--epochs", type=int, help="training epochs when the model must be trained (default: the trainer's)")
     add("--seed", type=int, default=0, help="seed for training and data order (default: %(default)s)")
     add("--out", help="output folder (default: runs/<model>-<dataset>)")
+    from analyses.pipeline import SECTIONS as sections
+
+    add("--sections", nargs="+", choices=sections, metavar="SECTION",
+        help=f"analysis sections to run, of: {', '.join(sections)} (default: all; degradation only when the "
+             "model is trained here)")
+    add("--skip", nargs="+", choices=sections, default=(), metavar="SECTION",
+        help="analysis sections to leave out, e.g. --skip degradation recalibration (the slowest)")
+    add("--degradation-depths", type=int, nargs="+", default=(20, 56), metavar="DEPTH",
+        help="depths of the plain and residual nets the degradation section trains (default: 20 56)")
+    add("--bn-recalibrate", action="store_true",
+        help="refit BatchNorm statistics on held-out training data after every deletion, before evaluating")
+    add("--calibration-samples", type=int, default=256,
+        help="training samples for BatchNorm recalibration (default: %(default)s)")
+    add("--random-draws", type=int, default=3, help="random deletion orders in the deletion curves (default: %(default)s)")
+    add("--curve-points", type=int, default=14,
+        help="k values per deletion curve, spread from 1 to all blocks (default: %(default)s)")
+    add("--bootstrap", type=int, default=1000, help="bootstrap resamples per block (default: %(default)s)")
     add("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -104,13 +131,28 @@ def load_model(config: RunConfig, device: torch.device, *, progress: bool) -> tu
 
 
 def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict, Path]:
-    """Everything the CLI does, for notebooks: returns (block table, baseline, out folder)."""
+    """Everything the CLI does, for notebooks: returns (block table, baseline, out folder).
+
+    Besides the per-block table, runs the analyses `config` asks for (analyses.pipeline) and
+    writes their tables, and a report section each, next to blocks.csv and report.html.
+    """
     import probe
+    from analyses.evaluation import single_block_sweep
+    from analyses.pipeline import calibration_for, choose_sections, run_analyses
     from analyses.verdict import VerdictRule, classify
     from probe.data import load_dataset, make_loader
     from probe.files import prepare_out_dir, write_csv
     from reports.html import write_report
 
+    # Settings are checked before anything is trained or loaded.
+    for name in ("calibration_samples", "bootstrap"):
+        if getattr(config, name) < 1:
+            raise ProbeError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(config, name)}.")
+    if config.random_draws < 0:
+        raise ProbeError(f"--random-draws must be 0 or more, got {config.random_draws}.")
+    if config.curve_points is not None and config.curve_points < 2:
+        raise ProbeError(f"--curve-points must be 2 or more, got {config.curve_points}.")
+    chosen, _ = choose_sections(config)
     out = prepare_out_dir(config.out or Path("runs") / f"{config.model.replace(':', '_')}-{config.dataset}")
     device = _device(config.device)
     model, source = load_model(config, device, progress=progress)
@@ -118,16 +160,32 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
                            download=config.download, seed=config.seed)
     loader = make_loader(dataset, batch_size=config.batch_size, limit=config.limit,
                          pin_memory=device.type == "cuda")
+    calibration = calibration_for(config, needed=chosen)
+    seconds = {}
+    start = time.perf_counter()
     stats = probe.measure(model, loader, progress=progress)
-    result = probe.sweep(model, loader, mode=config.mode, progress=progress)
+    seconds["measure"] = time.perf_counter() - start
+    start = time.perf_counter()
+    # One sweep serves the table and the uncertainty section (per-class and per-sample outcomes).
+    result, evaluation = single_block_sweep(model, loader, mode=config.mode, per_class=True, outcomes=True,
+                                            calibration=calibration if config.bn_recalibrate else None,
+                                            progress=progress)
+    seconds["sweep"] = time.perf_counter() - start
     baseline = result.attrs["baseline"]
     table = classify(stats.merge(result.drop(columns="samples"), on=["block", "position"]), VerdictRule())
     write_csv(out / "blocks.csv", table)
+    analyses = run_analyses(model, loader, table, evaluation, config=config, out=out, device=str(device),
+                            calibration=calibration, sweep_seconds=seconds["sweep"], progress=progress)
+    seconds.update(analyses.seconds)
     versions = {"torch": torch.__version__, "probe": probe.__version__}
-    report_config = {**{k: v for k, v in vars(config).items() if v is not None},
+    report_config = {**{k: v for k, v in vars(config).items() if v is not None and v != ()},
                      "checkpoint": source, "device": str(device), "samples": baseline["samples"],
+                     "BN recalibration": (f"on ({len(calibration.dataset)} held-out training samples)"
+                                          if config.bn_recalibrate else "off (trained BatchNorm statistics)"),
+                     "seconds": {name: f"{value:.1f}" for name, value in seconds.items()},
                      "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M")}
-    write_report(out / "report.html", table, baseline=baseline, config=report_config, rule=VerdictRule())
+    write_report(out / "report.html", table, baseline=baseline, config=report_config, rule=VerdictRule(),
+                 sections=analyses.sections)
     return table, baseline, out
 
 

@@ -1,0 +1,76 @@
+"""Does a deleted block's cost survive BatchNorm recalibration?
+
+    python -m analyses.recalibration --out runs/recalibration
+
+Deleting a block shifts every activation after it, and each BatchNorm downstream still
+normalises with statistics from the intact network. EagleEye (Li et al. 2020) showed that after
+pruning, re-estimating those statistics on a little training data changes which pruned networks
+look good. Here every block is deleted alone twice: with the trained statistics, and with
+statistics recalibrated on held-out training data for that deletion (`probe.recalibrate`). A
+block whose cost shrinks a lot was mostly hurting through stale statistics; one whose cost stays
+is doing computation the network needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+from torch import nn
+
+from analyses.evaluation import check_table, single_block_sweep
+
+__all__ = ["COLUMNS", "main", "recalibration"]
+
+COLUMNS = ["block", "position", "accuracy", "loss", "accuracy_drop", "loss_increase", "flip_rate", "samples",
+           "mode", "bn_recalibrated"]
+
+
+def recalibration(model: nn.Module, data: Iterable, calibration: Iterable, *, table: pd.DataFrame | None = None,
+                  mode: str = "zero", progress: bool = True) -> pd.DataFrame:
+    """Single-block deletions with and without BN recalibration, in one long table.
+
+    Two rows per block (bn_recalibrated False, then True); columns `COLUMNS`, as in
+    `probe.sweep`. `accuracy_drop` and `loss_increase` are always against the model as given.
+    table: an existing sweep table without recalibration (e.g. `python -m probe.ablate`'s),
+    reused for the False rows instead of sweeping again.
+    """
+    reusable = table is not None and not ("bn_recalibrated" in table and table["bn_recalibrated"].any())
+    if reusable:
+        plain = check_table(table, COLUMNS[:-1], "recalibration", model).assign(bn_recalibrated=False)
+    else:
+        plain, _ = single_block_sweep(model, data, mode=mode, progress=progress)
+    refit, _ = single_block_sweep(model, data, mode=mode, calibration=calibration, progress=progress)
+    both = pd.concat([plain[COLUMNS], refit[COLUMNS]], ignore_index=True)
+    both["bn_recalibrated"] = both["bn_recalibrated"].astype(bool)
+    return both.sort_values(["position", "bn_recalibrated"], kind="stable").reset_index(drop=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m analyses.recalibration`: writes recalibration.csv and recalibration.png into --out."""
+    from analyses import _cli
+    from reports import figures
+
+    parser = _cli.model_parser("python -m analyses.recalibration", __doc__.split("\n\n")[0])
+
+    def body(args: argparse.Namespace, out: Path) -> list[Path]:
+        args.bn_recalibrate = True  # this analysis is the comparison: it always needs calibration data
+        inputs = _cli.load_inputs(args)
+        table = recalibration(inputs.model, inputs.data, inputs.calibration, mode=args.mode,
+                              progress=inputs.progress)
+        order = table.drop_duplicates("block")["block"]
+        wide = table.pivot(index="block", columns="bn_recalibrated", values="accuracy_drop").loc[order]
+        print((wide * 100).round(2).rename(columns={False: "drop (pp)", True: "drop recalibrated (pp)"})
+              .to_string())
+        written = _cli.write_tables(out, {"recalibration": table})
+        written.append(_cli.write_figure(out / "recalibration.png", figures.recalibration_effect, table,
+                                         width=figures.block_figure_width(table["block"].nunique())))
+        return written
+
+    return _cli.run(parser, body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""How sure are we? Bootstrap intervals on every deletion cost, and the cost per class.
+
+    python -m analyses.uncertainty --out runs/uncertainty
+
+An accuracy drop measured on a few hundred samples moves in steps of one sample, and a block
+that costs "0.3 points" may cost nothing. For each block we resample the evaluation samples with
+replacement (a paired bootstrap: one resample draws the same samples for the unablated and the
+ablated model) and report the central `level` interval of the resampled drops. A block is then
+called skipped only when its branch is small *and* its interval is compatible with no cost.
+
+A drop averaged over all classes can also hide a block that one class depends on; the per-class
+table and heatmap show the drop for every (block, class).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+import probe
+from analyses.evaluation import check_table, single_block_sweep
+from analyses.verdict import VerdictRule, classify
+from probe.blocks import resolve_blocks
+from probe.errors import ProbeError
+
+__all__ = ["UncertaintyResult", "bootstrap_interval", "drop_intervals", "main", "per_class_drops", "uncertainty"]
+
+INTERVAL_COLUMNS = ["block", "position", "ratio", "accuracy_drop", "drop_low", "drop_high", "level", "resamples",
+                    "samples", "skipped", "verdict_ci", "verdict", "bn_recalibrated"]
+CLASS_COLUMNS = ["block", "position", "class", "samples", "baseline_accuracy", "accuracy", "accuracy_drop",
+                 "bn_recalibrated"]
+
+
+@dataclass
+class UncertaintyResult:
+    """intervals: one row per block: block, position, ratio, accuracy_drop (point estimate),
+        drop_low / drop_high (bootstrap interval of the drop, fractions), level, resamples,
+        samples, skipped (bool: ratio < the rule's max_ratio and the interval admits no cost),
+        verdict_ci ("helps": the whole interval above 0; "hurts": below 0; else "skipped" or
+        "neutral" by the ratio), verdict (the noise-band rule of `analyses.verdict`, for
+        comparison), bn_recalibrated.
+    per_class: one row per (block, class) present in the data: block, position, class, samples
+        (of that class), baseline_accuracy, accuracy (with the block deleted), accuracy_drop,
+        bn_recalibrated.
+    """
+
+    intervals: pd.DataFrame
+    per_class: pd.DataFrame
+
+
+def bootstrap_interval(base_correct, ablated_correct, *, resamples: int = 1000, level: float = 0.95,
+                       seed: int | Sequence[int] = 0) -> tuple[float, float]:
+    """Paired percentile bootstrap interval of mean(base_correct) - mean(ablated_correct).
+
+    Inputs: one bool per sample (the same samples, in the same order). Resampling n samples
+    with replacement from the per-sample differences d_i in {-1, 0, 1} only matters through how
+    many +1s and -1s are drawn, so each resample is one multinomial draw of those counts: the
+    same distribution as resampling indices, in O(resamples) instead of O(resamples * n).
+    Quantiles use numpy's default (linear) interpolation; `seed` seeds numpy's generator.
+    """
+    if not isinstance(resamples, int) or resamples < 1:
+        raise ProbeError(f"resamples must be a positive whole number, got {resamples!r}.")
+    if not 0 < level < 1:
+        raise ProbeError(f"level must lie strictly between 0 and 1 (e.g. 0.95), got {level!r}.")
+    base = np.asarray(torch.as_tensor(base_correct).cpu(), dtype=np.int64)
+    ablated = np.asarray(torch.as_tensor(ablated_correct).cpu(), dtype=np.int64)
+    if base.shape != ablated.shape or base.ndim != 1 or len(base) == 0:
+        raise ProbeError(f"bootstrap_interval needs two equally long, non-empty outcome vectors; got shapes "
+                         f"{base.shape} and {ablated.shape}.")
+    d = base - ablated
+    n = len(d)
+    p = np.array([(d == 1).sum(), (d == -1).sum(), (d == 0).sum()], dtype=np.float64) / n
+    counts = np.random.default_rng(seed).multinomial(n, p, size=resamples)  # (resamples, 3)
+    drops = (counts[:, 0] - counts[:, 1]) / n
+    low, high = np.quantile(drops, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def _decide(ratio: float, low: float, high: float, samples: int, max_ratio: float) -> str:
+    one_sample = 1.0 / samples
+    if low > 0:
+        return "helps"
+    if high < 0:
+        return "hurts"
+    admits_no_cost = low <= 0 <= high or max(abs(low), abs(high)) <= one_sample
+    return "skipped" if admits_no_cost and ratio < max_ratio else "neutral"
+
+
+def drop_intervals(table: pd.DataFrame, evaluation: tuple[dict, list[dict]], *, rule: VerdictRule | None = None,
+                   resamples: int = 1000, level: float = 0.95, seed: int = 0,
+                   bn_recalibrated: bool = False) -> pd.DataFrame:
+    """Bootstrap interval and noise-aware decision per block (see `UncertaintyResult.intervals`).
+
+    table: one row per block in forward order with block, position, ratio (and, for the
+    `verdict` column, accuracy_drop, flip_rate, samples); evaluation: (baseline, results) of
+    the single-block deletions in the same order, with per-sample `correct` outcomes. Each
+    block's resamples are seeded with (seed, position): independent of which blocks are asked.
+    """
+    rule = rule or VerdictRule()
+    baseline, results = evaluation
+    if "correct" not in baseline or len(results) != len(table):
+        raise ProbeError("drop_intervals needs per-sample outcomes for every block: evaluate with outcomes=True.")
+    verdicts = classify(table, rule)["verdict"].tolist() if {"flip_rate", "samples"} <= set(table.columns) \
+        else [None] * len(table)
+    rows = []
+    for (_, row), result, verdict in zip(table.iterrows(), results, verdicts):
+        low, high = bootstrap_interval(baseline["correct"], result["correct"], resamples=resamples, level=level,
+                                       seed=[seed, int(row["position"])])
+        decision = _decide(float(row["ratio"]), low, high, result["samples"], rule.max_ratio)
+        rows.append({"block": row["block"], "position": row["position"], "ratio": row["ratio"],
+                     "accuracy_drop": baseline["accuracy"] - result["accuracy"], "drop_low": low, "drop_high": high,
+                     "level": level, "resamples": resamples, "samples": result["samples"],
+                     "skipped": decision == "skipped", "verdict_ci": decision, "verdict": verdict,
+                     "bn_recalibrated": bn_recalibrated})
+    return pd.DataFrame(rows, columns=INTERVAL_COLUMNS)
+
+
+def per_class_drops(table: pd.DataFrame, evaluation: tuple[dict, list[dict]], *,
+                    bn_recalibrated: bool = False) -> pd.DataFrame:
+    """Accuracy drop per (block, class) from an evaluation with per_class=True."""
+    baseline, results = evaluation
+    if "class_accuracy" not in baseline:
+        raise ProbeError("per_class_drops needs per-class accuracies: evaluate with per_class=True.")
+    rows = []
+    for (_, row), result in zip(table.iterrows(), results):
+        for cls, (count, before, after) in enumerate(zip(baseline["class_samples"], baseline["class_accuracy"],
+                                                         result["class_accuracy"])):
+            if count == 0:
+                continue  # a class absent from the data has no accuracy
+            rows.append({"block": row["block"], "position": row["position"], "class": cls, "samples": count,
+                         "baseline_accuracy": before, "accuracy": after, "accuracy_drop": before - after,
+                         "bn_recalibrated": bn_recalibrated})
+    return pd.DataFrame(rows, columns=CLASS_COLUMNS)
+
+
+def uncertainty(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None, *,
+                rule: VerdictRule | None = None, resamples: int = 1000, level: float = 0.95, seed: int = 0,
+                mode: str = "zero", calibration: Iterable | None = None,
+                evaluation: tuple[dict, list[dict]] | None = None, progress: bool = True) -> UncertaintyResult:
+    """Bootstrap intervals and per-class drops for every block deleted alone.
+
+    table: per-block table with ratio (from `probe.measure`) and the verdict inputs, e.g.
+    `python -m probe.ablate`'s; computed when None. evaluation: the single-block deletions
+    with per_class=True and outcomes=True (`analyses.evaluation.single_block_sweep`), to reuse
+    a sweep already run; run here when None.
+    """
+    if evaluation is None:
+        sweep, evaluation = single_block_sweep(model, data, mode=mode, calibration=calibration, per_class=True,
+                                               outcomes=True, progress=progress)
+        if table is None:
+            stats = probe.measure(model, data, progress=progress)
+            table = stats.merge(sweep.drop(columns="samples"), on=["block", "position"])
+    elif table is None:
+        raise ProbeError("uncertainty: pass the per-block table together with a precomputed evaluation.")
+    table = check_table(table, ["block", "position", "ratio"], "uncertainty", model)
+    if len(evaluation[1]) != len(resolve_blocks(model)):
+        raise ProbeError("uncertainty: the evaluation must hold one result per block, in forward order.")
+    recal = calibration is not None
+    if "bn_recalibrated" in table.columns:
+        recal = bool(table["bn_recalibrated"].iloc[0])
+    return UncertaintyResult(
+        intervals=drop_intervals(table, evaluation, rule=rule, resamples=resamples, level=level, seed=seed,
+                                 bn_recalibrated=recal),
+        per_class=per_class_drops(table, evaluation, bn_recalibrated=recal))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m analyses.uncertainty`: writes drop_intervals.csv, class_drops.csv and their
+    figures (drop_intervals.png, class_drops.png) into --out."""
+    from analyses import _cli
+    from reports import figures
+
+    parser = _cli.model_parser("python -m analyses.uncertainty", __doc__.split("\n\n")[0])
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    parser.add_argument("--level", type=float, default=0.95, help="interval coverage (default: %(default)s)")
+
+    def body(args: argparse.Namespace, out: Path) -> list[Path]:
+        inputs = _cli.load_inputs(args)
+        result = uncertainty(inputs.model, inputs.data, resamples=args.resamples, level=args.level, seed=args.seed,
+                             mode=args.mode, calibration=inputs.calibration, progress=inputs.progress)
+        shown = result.intervals[["block", "ratio", "accuracy_drop", "drop_low", "drop_high", "verdict_ci"]]
+        print(shown.to_string(index=False, float_format="{:.4f}".format))
+        written = _cli.write_tables(out, {"drop_intervals": result.intervals, "class_drops": result.per_class})
+        written.append(_cli.write_figure(out / "drop_intervals.png", figures.drop_intervals, result.intervals,
+                                         width=figures.block_figure_width(len(result.intervals))))
+        written.append(_cli.write_figure(out / "class_drops.png", figures.class_drop_heatmap, result.per_class,
+                                         **figures.heatmap_size(result.per_class)))
+        return written
+
+    return _cli.run(parser, body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""BatchNorm recalibration: re-estimate BN running statistics for an ablated network.
+
+Deleting a block's branch shifts the distribution of every activation after it, while each
+BatchNorm still normalises with the mean and variance it saw in training. Part of the damage a
+deletion does can therefore be a stale-statistics artefact rather than lost computation
+(EagleEye, Li et al. 2020: "adaptive BN"). Recalibrating means: with the ablation in place, run
+held-out training data through the network with the BatchNorm layers in train mode and
+`momentum=None` (a cumulative average over batches), under `torch.no_grad`, then evaluate.
+
+    with recalibrated(model, calibration_loader, ["layer2.1"]):
+        ...  # model has layer2.1 deleted *and* BN statistics fitted to that network
+    # here every BN buffer, momentum and training flag is bit-identical to before
+
+`evaluate_recalibrated` is `probe.evaluate_ablations` with a recalibration per ablation set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probe.ablation import ablated, check_mode
+from probe.batches import batches, model_device
+from probe.blocks import Block, resolve_blocks
+from probe.errors import ProbeError
+from probe.hooks import model_preserved
+
+__all__ = ["batchnorm_layers", "evaluate_recalibrated", "recalibrate_batchnorm", "recalibrated"]
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """(qualified name, module) of every BatchNorm that keeps running statistics."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+            and module.running_mean is not None]
+
+
+def recalibrate_batchnorm(model: nn.Module, data: Iterable, blocks: Sequence[str | Block] = (), *,
+                          mode: str = "zero", means: Mapping[str, torch.Tensor] | None = None,
+                          progress: bool = False) -> int:
+    """Replace the BN running statistics of `model` by those of `data`, with `blocks` ablated.
+
+    Changes the model's BN buffers for good (use `recalibrated` to get them back); the momentum
+    and training flags are restored. Only BatchNorm layers run in train mode: dropout and the
+    like stay in eval mode, so the statistics describe the network that will be evaluated.
+    Returns the number of calibration samples. Raises ProbeError when the model has no BN
+    layer with running statistics, or `data` is empty.
+    """
+    check_mode(mode)
+    layers = batchnorm_layers(model)
+    if not layers:
+        raise ProbeError(f"{type(model).__name__} has no BatchNorm layer with running statistics: "
+                         "there is nothing to recalibrate; run without BN recalibration.")
+    momenta = [(module, module.momentum) for _, module in layers]
+    device = model_device(model)
+    samples = 0
+    with model_preserved(model), torch.no_grad(), _ablated(model, blocks, mode, means):
+        try:
+            for _, module in layers:
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average: every batch weighs the same
+                module.train()
+            for inputs, _targets in batches(data, device, progress=progress, desc="BN recalibration"):
+                model(inputs)
+                samples += len(inputs)
+        finally:
+            for module, momentum in momenta:
+                module.momentum = momentum
+    return samples
+
+
+@contextlib.contextmanager
+def recalibrated(model: nn.Module, data: Iterable, blocks: Sequence[str | Block] = (), *,
+                 mode: str = "zero", means: Mapping[str, torch.Tensor] | None = None,
+                 progress: bool = False) -> Iterator[nn.Module]:
+    """Within the body, `model` has `blocks` ablated and BN statistics recalibrated on `data`.
+
+    On exit (also on an exception or KeyboardInterrupt) every BN buffer is copied back from a
+    saved clone, so the model is bit-identical to before; momenta and flags are restored too.
+    """
+    chosen = resolve_blocks(model, list(blocks)) if blocks else []
+    saved = {name: {key: buffer.detach().clone() for key, buffer in module.named_buffers(recurse=False)}
+             for name, module in batchnorm_layers(model)}
+    modules = dict(model.named_modules())
+    try:
+        recalibrate_batchnorm(model, data, chosen, mode=mode, means=means, progress=progress)
+        with _ablated(model, chosen, mode, means):
+            yield model
+    finally:
+        with torch.no_grad():
+            for name, buffers in saved.items():
+                for key, value in buffers.items():
+                    # copy_ into the same tensor objects: references the user holds stay valid.
+                    getattr(modules[name], key).copy_(value)
+
+
+def _ablated(model: nn.Module, blocks: Sequence[str | Block], mode: str,
+             means: Mapping[str, torch.Tensor] | None) -> contextlib.AbstractContextManager:
+    # No blocks: no ablation, and no block search (a plain network has no blocks to find).
+    return ablated(model, list(blocks), mode, means=means) if blocks else contextlib.nullcontext(model)
+
+
+def evaluate_recalibrated(model: nn.Module, data: Iterable, ablation_sets: Sequence[Sequence[str | Block]],
+                          calibration: Iterable, *, mode: str = "zero",
+                          means: Mapping[str, torch.Tensor] | None = None, per_class: bool = False,
+                          outcomes: bool = False, progress: bool = True) -> tuple[dict, list[dict]]:
+    """As `probe.evaluate_ablations`, but each set is evaluated after BN recalibration.
+
+    The baseline is the model as given (its trained statistics): it is what the user has, and
+    the reference for `flip_rate`. Each ablation set gets its own recalibration on
+    `calibration`, so this costs one calibration pass and one evaluation pass per set.
+    Returns (baseline, one dict per set) with the same keys as `evaluate_ablations`.
+    """
+    check_mode(mode)
+    sets = [resolve_blocks(model, s) if s else [] for s in ablation_sets]
+    involved = list({block.name: block for s in sets for block in s}.values())
+    if mode == "mean" and means is None and involved:
+        from probe.measure import branch_means
+
+        means = branch_means(model, data, blocks=involved, progress=progress)
+    reference = _predict(model, data)
+    baseline = _metrics(reference, reference, per_class, outcomes)
+    del baseline["flip_rate"]
+    results = []
+    for ablation_set in sets:
+        with recalibrated(model, calibration, ablation_set, mode=mode, means=means, progress=progress):
+            results.append(_metrics(_predict(model, data), reference, per_class, outcomes))
+    return baseline, results
+
+
+def _predict(model: nn.Module, data: Iterable) -> dict[str, torch.Tensor]:
+    """Per-sample predictions, cross-entropy and targets over `data`, in eval mode: O(samples)."""
+    device = model_device(model)
+    predictions, losses, targets = [], [], []
+    with model_preserved(model), torch.no_grad():
+        for inputs, target in batches(data, device):
+            logits = model(inputs).float()  # (batch, classes)
+            predictions.append(logits.argmax(dim=1).cpu())
+            losses.append(F.cross_entropy(logits, target, reduction="none").double().cpu())
+            targets.append(target.cpu())
+            classes = logits.shape[1]
+    return {"prediction": torch.cat(predictions), "loss": torch.cat(losses), "target": torch.cat(targets),
+            "classes": classes}
+
+
+def _metrics(run: dict, reference: dict, per_class: bool, outcomes: bool) -> dict:
+    correct = run["prediction"] == run["target"]
+    samples = len(correct)
+    result = {"accuracy": correct.double().mean().item(), "loss": run["loss"].mean().item(),
+              "flip_rate": (run["prediction"] != reference["prediction"]).double().mean().item(),
+              "samples": samples}
+    if per_class:
+        classes = max(run["classes"], int(run["target"].max()) + 1)
+        counts = torch.bincount(run["target"], minlength=classes).double()
+        hits = torch.bincount(run["target"], weights=correct.double(), minlength=classes)
+        result["class_accuracy"] = (hits / counts).tolist()  # NaN for a class absent from the data
+        result["class_samples"] = counts.long().tolist()
+    if outcomes:
+        result["correct"] = correct
+    return result

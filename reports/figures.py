@@ -1,0 +1,421 @@
+"""Figures of the per-block table and of the analyses; each is ``(df, *, ax=None) -> Axes``.
+
+The functions only draw columns that already exist (computing stays in probe/analyses); the
+optional ``verdict`` and ``noise`` columns from ``analyses.classify`` add colour and a noise
+band. Blocks are drawn in forward order (by ``position`` when present). With ``ax=None`` a new
+figure is made through pyplot, so it shows in notebooks; nothing here calls ``plt.show``, and
+only the Agg-safe object API is used, so the functions work headless.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from analyses.verdict import VERDICTS, rank_correlation
+from probe.errors import ProbeError
+
+__all__ = [
+    "VERDICT_COLORS",
+    "block_figure_width",
+    "class_drop_heatmap",
+    "cosine_per_block",
+    "degradation_curve",
+    "deletion_curves",
+    "drop_intervals",
+    "drop_per_block",
+    "heatmap_size",
+    "proxy_correlations",
+    "ratio_per_block",
+    "ratio_vs_drop",
+    "recalibration_effect",
+]
+
+# Colour-blind safe (seaborn "colorblind"): helping blocks stand out, skipped ones recede.
+_PALETTE = sns.color_palette("colorblind")
+VERDICT_COLORS = {
+    "helps": _PALETTE[0],    # blue
+    "skipped": "#9a9a9a",    # grey
+    "hurts": _PALETTE[3],    # vermilion
+    "neutral": _PALETTE[5],  # tan
+}
+_PLAIN = _PALETTE[0]
+_MAX_LABELS = 32  # more block names than this on one axis are thinned
+_ANNOTATE = 3     # ratio_vs_drop names this many most important blocks
+
+
+def _require(df: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise ProbeError(f"{what} needs a pandas DataFrame, got {type(df).__name__}.")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ProbeError(
+            f"{what} needs column(s) {', '.join(map(repr, missing))}; the table has "
+            f"{', '.join(map(str, df.columns)) or '(none)'}."
+        )
+
+
+def _forward(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows in forward order, index 0..n-1 (the x position of each block)."""
+    if "position" in df.columns:
+        df = df.sort_values("position", kind="stable")
+    return df.reset_index(drop=True)
+
+
+def _figure_width(n: int) -> float:
+    return float(min(16.0, max(6.0, 2.0 + 0.3 * n)))
+
+
+_SCATTER_WIDTH = 8.0
+
+
+def _axes(ax: Axes | None, width: float) -> Axes:
+    if ax is not None:
+        return ax
+    with sns.axes_style("whitegrid"):
+        _, ax = plt.subplots(figsize=(width, 4.2), layout="constrained")
+    return ax
+
+
+def _colors(df: pd.DataFrame) -> list:
+    if "verdict" not in df.columns:
+        return [_PLAIN] * len(df)
+    return [VERDICT_COLORS.get(v, _PLAIN) for v in df["verdict"]]
+
+
+def _verdict_legend(ax: Axes, df: pd.DataFrame, extra: list | None = None) -> None:
+    handles = list(extra or [])
+    if "verdict" in df.columns:
+        present = set(df["verdict"])
+        handles += [Patch(color=VERDICT_COLORS[v], label=v) for v in VERDICTS if v in present]
+    if handles:
+        # Outside the axes, on the right: a legend inside would hide bars or dots.
+        ax.legend(handles=handles, frameon=False, fontsize="small", loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def _block_ticks(ax: Axes, names: pd.Series) -> None:
+    """Block names under the bars, rotated; every k-th name when there are many."""
+    n = len(names)
+    step = max(1, math.ceil(n / _MAX_LABELS))
+    ticks = np.arange(0, n, step)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(names.iloc[i]) for i in ticks], rotation=60, ha="right",
+                       rotation_mode="anchor", fontsize="small")
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_xlabel("block (forward order)" + (f", one name per {step} blocks" if step > 1 else ""))
+
+
+def _std(df: pd.DataFrame, column: str) -> np.ndarray | None:
+    if column not in df.columns:
+        return None
+    # A NaN std (one sample) draws no error bar rather than breaking the plot.
+    return pd.to_numeric(df[column], errors="coerce").fillna(0.0).to_numpy(float)
+
+
+def _bars(ax: Axes, df: pd.DataFrame, column: str, std: str | None, scale: float = 1.0) -> None:
+    heights = pd.to_numeric(df[column], errors="coerce").to_numpy(float) * scale
+    yerr = _std(df, std) if std else None
+    ax.bar(np.arange(len(df)), heights, color=_colors(df), width=0.8,
+           yerr=None if yerr is None else yerr * scale,
+           error_kw={"elinewidth": 1.0, "capsize": 2, "ecolor": "#333333"})
+
+
+def ratio_per_block(df: pd.DataFrame, *, ax: Axes | None = None,
+                    max_ratio: float | None = None) -> Axes:
+    """Bars of ``ratio`` (mean ||F(x)||/||s(x)||) per block, ``ratio_std`` as error bars.
+
+    ``max_ratio`` (e.g. the verdict rule's) draws the "small branch" threshold as a line.
+    """
+    _require(df, ("block", "ratio"), "ratio_per_block")
+    df = _forward(df)
+    ax = _axes(ax, _figure_width(len(df)))
+    _bars(ax, df, "ratio", "ratio_std")
+    extra = []
+    if max_ratio is not None:
+        line = ax.axhline(max_ratio, color="#333333", linestyle="--", linewidth=1,
+                          label=f"small-branch threshold ({max_ratio:g})")
+        extra.append(line)
+    _block_ticks(ax, df["block"])
+    ax.set_ylabel("branch / shortcut ratio\n||F(x)|| / ||s(x)||")
+    ax.set_ylim(bottom=0)
+    ax.set_title("How large each block's branch is next to its shortcut")
+    _verdict_legend(ax, df, extra)
+    return ax
+
+
+def drop_per_block(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Bars of the accuracy drop (percentage points) when each block alone is deleted.
+
+    Coloured by ``verdict`` and with the +/- ``noise`` band shaded, when those columns exist.
+    """
+    _require(df, ("block", "accuracy_drop"), "drop_per_block")
+    df = _forward(df)
+    ax = _axes(ax, _figure_width(len(df)))
+    _bars(ax, df, "accuracy_drop", None, scale=100.0)
+    ax.axhline(0.0, color="#333333", linewidth=0.8)
+    extra = []
+    if "noise" in df.columns and len(df):
+        x = np.arange(len(df))
+        band = pd.to_numeric(df["noise"], errors="coerce").to_numpy(float) * 100.0
+        # Step edges at +/- 0.5 so each block's band spans exactly its bar slot.
+        edges = np.concatenate([x - 0.5, [x[-1] + 0.5]])
+        band = np.concatenate([band, band[-1:]])
+        extra.append(ax.fill_between(edges, -band, band, step="post", color="#777777",
+                                     alpha=0.25, linewidth=0, label="noise band", zorder=0.8))
+    _block_ticks(ax, df["block"])
+    ax.set_ylabel("accuracy drop when deleted\n(percentage points)")
+    ax.set_title("What the network loses when one block's branch is deleted")
+    _verdict_legend(ax, df, extra)
+    return ax
+
+
+def ratio_vs_drop(df: pd.DataFrame, *, ax: Axes | None = None,
+                  max_ratio: float | None = None) -> Axes:
+    """Scatter of ``ratio`` (x) against accuracy drop in points (y), one dot per block.
+
+    x is log-scaled when the ratios span more than one decade. The title gives Spearman's rho
+    between the two; the few blocks with the largest drop are named next to their dots.
+    """
+    _require(df, ("block", "ratio", "accuracy_drop"), "ratio_vs_drop")
+    df = _forward(df)
+    ax = _axes(ax, _SCATTER_WIDTH)
+    x = pd.to_numeric(df["ratio"], errors="coerce").to_numpy(float)
+    y = pd.to_numeric(df["accuracy_drop"], errors="coerce").to_numpy(float) * 100.0
+    ax.scatter(x, y, c=_colors(df), s=36, edgecolors="white", linewidths=0.5, zorder=3)
+    finite_x = x[np.isfinite(x)]
+    # Log scale only when every ratio can be placed on it (a zero branch cannot).
+    if len(finite_x) >= 2 and finite_x.min() > 0 and finite_x.max() / finite_x.min() > 10.0:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.axhline(0.0, color="#333333", linewidth=0.8)
+    extra = []
+    if max_ratio is not None:
+        extra.append(ax.axvline(max_ratio, color="#333333", linestyle="--", linewidth=1,
+                                label=f"small-branch threshold ({max_ratio:g})"))
+    finite = np.isfinite(x) & np.isfinite(y)
+    order = np.argsort(-np.where(finite, y, -np.inf), kind="stable")[: min(_ANNOTATE, finite.sum())]
+    scaled = np.log10(x) if ax.get_xscale() == "log" else x
+    lo, hi = (scaled[finite].min(), scaled[finite].max()) if finite.any() else (0.0, 0.0)
+    for i in order:
+        # Names of dots in the right part of the plot go to their left, to stay inside.
+        left = hi > lo and (scaled[i] - lo) / (hi - lo) > 0.7
+        ax.annotate(str(df["block"].iloc[i]), (x[i], y[i]), xytext=(-4 if left else 4, 4),
+                    textcoords="offset points", ha="right" if left else "left",
+                    fontsize="small")
+    rho = rank_correlation(df, "ratio", "accuracy_drop")
+    rho_text = "undefined" if math.isnan(rho) else f"{rho:.2f}"
+    ax.set_title(f"Branch size against deletion cost\nSpearman \u03c1 = {rho_text} over "
+                 f"{len(df)} blocks")
+    ax.margins(x=0.08, y=0.1)  # room for the block names next to the extreme dots
+    ax.set_xlabel("branch / shortcut ratio ||F(x)|| / ||s(x)||"
+                  + (" (log scale)" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel("accuracy drop when deleted\n(percentage points)")
+    _verdict_legend(ax, df, extra)
+    return ax
+
+
+def cosine_per_block(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Bars of ``cosine`` (mean cos(F(x), s(x))) per block, ``cosine_std`` as error bars."""
+    _require(df, ("block", "cosine"), "cosine_per_block")
+    df = _forward(df)
+    ax = _axes(ax, _figure_width(len(df)))
+    _bars(ax, df, "cosine", "cosine_std")
+    ax.axhline(0.0, color="#333333", linewidth=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    _block_ticks(ax, df["block"])
+    ax.set_ylabel("cosine of branch and shortcut\ncos(F(x), s(x))")
+    ax.set_title("Does each branch add to its shortcut, or push against it?")
+    _verdict_legend(ax, df)
+    return ax
+
+
+# --- figures of the analyses (analyses/*.py); each takes that analysis's tidy table ----------
+
+_PLAIN_NET = _PALETTE[3]     # vermilion
+_RESIDUAL_NET = _PALETTE[0]  # blue
+_ORDER_STYLES = {
+    "ratio": {"color": _PALETTE[2], "label": "smallest ratio first"},
+    "drop": {"color": _PALETTE[0], "label": "smallest single-block drop first"},
+    "random": {"color": "#555555", "label": "random order"},
+}
+
+
+def block_figure_width(n: int) -> float:
+    """Width in inches of a figure with one slot per block (as the per-block figures use)."""
+    return _figure_width(n)
+
+
+def heatmap_size(df: pd.DataFrame) -> dict[str, float]:
+    """{"width", "height"} in inches for `class_drop_heatmap` of `df`: rows grow with blocks."""
+    blocks = df["block"].nunique() if "block" in df.columns else 1
+    classes = df["class"].nunique() if "class" in df.columns else 1
+    return {"width": float(min(14.0, max(6.0, 2.5 + 0.55 * classes))),
+            "height": float(min(16.0, max(3.0, 1.2 + 0.28 * blocks)))}
+
+
+def degradation_curve(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Error (%) against depth, plain vs residual nets, training (dashed) and test (solid).
+
+    The figure of He et al. 2016 (Fig. 1 and 6) at the end of training: a plain net whose
+    *training* error rises with depth cannot blame overfitting.
+    """
+    _require(df, ("depth", "residual", "train_error", "test_error"), "degradation_curve")
+    ax = _axes(ax, _SCATTER_WIDTH)
+    for residual, color, name in ((False, _PLAIN_NET, "plain"), (True, _RESIDUAL_NET, "residual")):
+        rows = df[df["residual"].astype(bool) == residual].sort_values("depth")
+        if rows.empty:
+            continue
+        depth = rows["depth"].to_numpy(float)
+        ax.plot(depth, rows["train_error"].to_numpy(float) * 100, color=color, linestyle="--", marker="s",
+                label=f"{name}, training error")
+        ax.plot(depth, rows["test_error"].to_numpy(float) * 100, color=color, linestyle="-", marker="o",
+                label=f"{name}, test error")
+    ax.set_xticks(sorted(df["depth"].unique()))
+    ax.set_xlabel("depth (layers)")
+    ax.set_ylabel("error (%)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Error against depth: plain vs residual networks")
+    ax.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return ax
+
+
+def deletion_curves(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Accuracy (%) against the number k of blocks deleted together, one line per order.
+
+    Random orders are drawn as their mean with the range over draws shaded (Veit et al. 2016,
+    Fig. 5a); the fixed orders as lines with markers.
+    """
+    _require(df, ("order", "draw", "k", "accuracy"), "deletion_curves")
+    ax = _axes(ax, _SCATTER_WIDTH)
+    for order, style in _ORDER_STYLES.items():
+        rows = df[df["order"] == order]
+        if rows.empty:
+            continue
+        by_k = rows.groupby("k")["accuracy"]
+        k = np.asarray(sorted(rows["k"].unique()), dtype=float)
+        mean = by_k.mean().reindex(k).to_numpy(float) * 100
+        draws = rows["draw"].nunique()
+        if order == "random":
+            low = by_k.min().reindex(k).to_numpy(float) * 100
+            high = by_k.max().reindex(k).to_numpy(float) * 100
+            ax.fill_between(k, low, high, color=style["color"], alpha=0.2, linewidth=0,
+                            label=f"range over {draws} random orders")
+            ax.plot(k, mean, color=style["color"], linestyle=":", linewidth=2,
+                    label=f"random order (mean of {draws})")
+        else:
+            ax.plot(k, mean, color=style["color"], marker="o", markersize=3, label=style["label"])
+    ax.set_xlabel("blocks deleted together (k)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 102)
+    ax.set_title("Accuracy as more and more blocks are deleted")
+    ax.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return ax
+
+
+def proxy_correlations(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Spearman rho of each cheap proxy with the measured drop (two bars per proxy), and its cost.
+
+    Rows whose correlations are NaN (the measured drop itself) only give their cost, in the title.
+    """
+    _require(df, ("proxy", "spearman_accuracy_drop", "spearman_loss_increase", "seconds"), "proxy_correlations")
+    ax = _axes(ax, _SCATTER_WIDTH)
+    proxies = df[df[["spearman_accuracy_drop", "spearman_loss_increase"]].notna().any(axis=1)].reset_index(drop=True)
+    truth = df[df[["spearman_accuracy_drop", "spearman_loss_increase"]].isna().all(axis=1)]
+    y = np.arange(len(proxies))
+    height = 0.38
+    for offset, column, color, label in ((-height / 2, "spearman_accuracy_drop", _PALETTE[0], "vs accuracy drop"),
+                                         (height / 2, "spearman_loss_increase", _PALETTE[1], "vs loss increase")):
+        values = pd.to_numeric(proxies[column], errors="coerce").fillna(0.0).to_numpy(float)
+        ax.barh(y + offset, values, height=height, color=color, label=label)
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{p}\n({s:.2g} s)" for p, s in zip(proxies["proxy"], proxies["seconds"])],
+                       fontsize="small")
+    ax.invert_yaxis()
+    ax.axvline(0.0, color="#333333", linewidth=0.8)
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_xlabel("Spearman rank correlation with the measured deletion cost")
+    title = "How well does each cheap signal rank the blocks?"
+    if len(truth) and np.isfinite(truth["seconds"].iloc[0]):
+        title += f"\n(measuring every deletion took {truth['seconds'].iloc[0]:.2g} s)"
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return ax
+
+
+def drop_intervals(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Each block's accuracy drop (points) with its bootstrap interval, coloured by `verdict_ci`."""
+    _require(df, ("block", "accuracy_drop", "drop_low", "drop_high"), "drop_intervals")
+    df = _forward(df)
+    ax = _axes(ax, _figure_width(len(df)))
+    x = np.arange(len(df))
+    drop = df["accuracy_drop"].to_numpy(float) * 100
+    low, high = df["drop_low"].to_numpy(float) * 100, df["drop_high"].to_numpy(float) * 100
+    colors = ([VERDICT_COLORS.get(v, _PLAIN) for v in df["verdict_ci"]] if "verdict_ci" in df.columns
+              else [_PLAIN] * len(df))
+    ax.vlines(x, low, high, colors=colors, linewidth=2.5)
+    ax.scatter(x, drop, c=colors, s=28, zorder=3, edgecolors="white", linewidths=0.5)
+    ax.axhline(0.0, color="#333333", linewidth=0.8)
+    _block_ticks(ax, df["block"])
+    level = f"{df['level'].iloc[0]:.0%} " if "level" in df.columns and len(df) else ""
+    ax.set_ylabel(f"accuracy drop when deleted\n(points, {level}bootstrap interval)")
+    ax.set_title("Deletion cost of each block, with its uncertainty")
+    present = [v for v in VERDICTS if "verdict_ci" in df.columns and v in set(df["verdict_ci"])]
+    if present:
+        ax.legend(handles=[Patch(color=VERDICT_COLORS[v], label=v) for v in present], frameon=False,
+                  fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return ax
+
+
+def class_drop_heatmap(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Heatmap of the accuracy drop (points) for every block (rows, forward order) and class."""
+    _require(df, ("block", "class", "accuracy_drop"), "class_drop_heatmap")
+    order = _forward(df.drop_duplicates("block"))["block"].tolist()
+    grid = df.pivot_table(index="block", columns="class", values="accuracy_drop", aggfunc="first").loc[order] * 100
+    if ax is None:
+        size = heatmap_size(df)
+        _, ax = plt.subplots(figsize=(size["width"], size["height"]), layout="constrained")
+    limit = float(np.nanmax(np.abs(grid.to_numpy(float)))) if grid.size else 1.0
+    limit = limit if np.isfinite(limit) and limit > 0 else 1.0
+    annotate = grid.size <= 160
+    with warnings.catch_warnings():
+        # seaborn 0.13 calls Colormap.set_bad, which matplotlib 3.11 marks pending-deprecated.
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        sns.heatmap(grid, ax=ax, cmap="vlag", center=0.0, vmin=-limit, vmax=limit, annot=annotate, fmt=".0f",
+                    annot_kws={"fontsize": "x-small"}, linewidths=0.3, linecolor="white",
+                    cbar_kws={"label": "accuracy drop (points)"})
+    ax.set_xlabel("class")
+    ax.set_ylabel("deleted block")
+    ax.set_title("Which classes lose accuracy when each block is deleted")
+    ax.tick_params(axis="y", labelsize="small")
+    return ax
+
+
+def recalibration_effect(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Per block, the accuracy drop with trained BN statistics and after recalibration (points)."""
+    _require(df, ("block", "accuracy_drop", "bn_recalibrated"), "recalibration_effect")
+    order = _forward(df.drop_duplicates("block"))["block"].reset_index(drop=True)
+    ax = _axes(ax, _figure_width(len(order)))
+    x = np.arange(len(order))
+    width = 0.4
+    for offset, recal, color, label in ((-width / 2, False, _PALETTE[3], "trained BN statistics"),
+                                        (width / 2, True, _PALETTE[0], "BN statistics recalibrated")):
+        rows = df[df["bn_recalibrated"].astype(bool) == recal].set_index("block").reindex(order)
+        ax.bar(x + offset, rows["accuracy_drop"].to_numpy(float) * 100, width=width, color=color, label=label)
+    ax.axhline(0.0, color="#333333", linewidth=0.8)
+    _block_ticks(ax, order)
+    ax.set_ylabel("accuracy drop when deleted\n(percentage points)")
+    ax.set_title("Deletion cost with and without BatchNorm recalibration")
+    ax.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return ax

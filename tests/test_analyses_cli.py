@@ -1,0 +1,105 @@
+"""`python -m analyses.NAME`: --help, tables and figures written to --out, one-line errors; shared pieces."""
+
+from __future__ import annotations
+
+import importlib
+
+import pandas as pd
+import pytest
+import torch
+
+import probe
+from analyses.evaluation import single_block_sweep
+from analyses.pipeline import SECTIONS, choose_sections
+from probe.ablate import RunConfig
+from probe.models import cifar_resnet, save_checkpoint
+
+COMMANDS = {
+    "skipping": (["skipping.csv", "deletion_curves.csv", "pruned_export.csv"], ["deletion_curves.png"]),
+    "attribution": (["attribution.csv", "proxies.csv"], ["proxies.png"]),
+    "uncertainty": (["drop_intervals.csv", "class_drops.csv"], ["drop_intervals.png", "class_drops.png"]),
+    "recalibration": (["recalibration.csv"], ["recalibration.png"]),
+}
+
+
+@pytest.fixture
+def checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the CLI would otherwise pick 2 threads
+    torch.manual_seed(0)
+    path = tmp_path / "resnet8.pt"
+    save_checkpoint(cifar_resnet(8, num_classes=10, in_channels=1), path)
+    return path
+
+
+@pytest.mark.parametrize("name", [*COMMANDS, "degradation"])
+def test_help(name, capsys):
+    module = importlib.import_module(f"analyses.{name}")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    assert f"python -m analyses.{name}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_writes_tables_and_figures(name, checkpoint, tmp_path, capsys):
+    out = tmp_path / name
+    argv = ["--model", "resnet8", "--checkpoint", str(checkpoint), "--limit", "24", "--batch-size", "12",
+            "--calibration-samples", "24", "--out", str(out), "--no-progress"]
+    if name == "skipping":
+        argv += ["--random-draws", "2"]
+    if name == "uncertainty":
+        argv += ["--resamples", "100"]
+    assert importlib.import_module(f"analyses.{name}").main(argv) == 0
+    tables, pngs = COMMANDS[name]
+    for table in tables:
+        frame = pd.read_csv(out / table)
+        assert len(frame) and "bn_recalibrated" in frame.columns, table
+    for png in pngs:
+        assert (out / png).read_bytes().startswith(b"\x89PNG"), png
+    assert "wrote" in capsys.readouterr().out
+    if name == "recalibration":
+        assert sorted(pd.read_csv(out / "recalibration.csv")["bn_recalibrated"].unique()) == [False, True]
+    if name == "skipping":
+        assert (out / "pruned_model.pt").is_file()
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_error_is_one_line(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    code = importlib.import_module(f"analyses.{name}").main(
+        ["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"python -m analyses.{name}: error:") and "missing.pt" in err[0]
+
+
+def test_single_block_sweep_equals_probe_sweep():
+    torch.manual_seed(0)
+    model = cifar_resnet(8, num_classes=3, in_channels=1).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, 1, 8, 8, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(2)]
+    ours, (baseline, results) = single_block_sweep(model, batches, per_class=True, outcomes=True, progress=False)
+    theirs = probe.sweep(model, batches, progress=False)
+    pd.testing.assert_frame_equal(ours.drop(columns="bn_recalibrated"), theirs)
+    assert ours.attrs["baseline"] == theirs.attrs["baseline"]
+    assert len(results) == 3 and results[0]["correct"].shape == (12,) and "class_accuracy" in baseline
+
+
+@pytest.mark.parametrize("kwargs,run,why", [
+    ({}, list(SECTIONS), {}),
+    ({"checkpoint": "m.pt"}, list(SECTIONS[1:]), {"degradation": "checkpoint"}),
+    ({"checkpoint": "m.pt", "sections": ("degradation", "uncertainty")}, ["degradation", "uncertainty"],
+     {"skipping": "--sections"}),
+    ({"skip": ("recalibration", "degradation")}, ["skipping", "attribution", "uncertainty"],
+     {"recalibration": "--skip"}),
+])
+def test_choose_sections(kwargs, run, why):
+    chosen, reasons = choose_sections(RunConfig(**kwargs))
+    assert chosen == run
+    for name, word in why.items():
+        assert word in reasons[name]
+
+
+def test_unknown_section_is_a_probe_error():
+    with pytest.raises(probe.ProbeError, match="'figures'"):
+        choose_sections(RunConfig(skip=("figures",)))
