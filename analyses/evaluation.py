@@ -23,7 +23,7 @@ from probe.blocks import Block, resolve_blocks
 from probe.recalibrate import evaluate_recalibrated
 from probe.sweep import COLUMNS as SWEEP_COLUMNS
 
-__all__ = ["block_table", "evaluate_sets", "single_block_sweep"]
+__all__ = ["block_table", "evaluate_sets", "single_block_sweep", "sweep_table"]
 
 
 def evaluate_sets(model: nn.Module, data: Iterable, sets: Sequence[Sequence[str | Block]], *, mode: str = "zero",
@@ -54,6 +54,12 @@ def single_block_sweep(model: nn.Module, data: Iterable, *, mode: str = "zero",
     baseline, results = evaluate_sets(model, data, [[block] for block in blocks], mode=mode,
                                       calibration=calibration, per_class=per_class, outcomes=outcomes,
                                       progress=progress)
+    return sweep_table(blocks, baseline, results, mode=mode, recalibrated=calibration is not None), (baseline, results)
+
+
+def sweep_table(blocks: Sequence[Block], baseline: dict, results: Sequence[dict], *, mode: str,
+                recalibrated: bool) -> pd.DataFrame:
+    """`probe.sweep`'s table (plus `bn_recalibrated`) from single-block evaluation results."""
     rows = []
     for block, result in zip(blocks, results):
         row = {key: result[key] for key in ("accuracy", "loss", "flip_rate", "samples")}
@@ -61,9 +67,9 @@ def single_block_sweep(model: nn.Module, data: Iterable, *, mode: str = "zero",
                      "accuracy_drop": baseline["accuracy"] - result["accuracy"],
                      "loss_increase": result["loss"] - baseline["loss"]})
     table = pd.DataFrame(rows, columns=SWEEP_COLUMNS)
-    table["bn_recalibrated"] = calibration is not None
+    table["bn_recalibrated"] = recalibrated
     table.attrs["baseline"] = {k: baseline[k] for k in ("accuracy", "loss", "samples")}
-    return table, (baseline, results)
+    return table
 
 
 def block_table(model: nn.Module, data: Iterable, *, mode: str = "zero", calibration: Iterable | None = None,

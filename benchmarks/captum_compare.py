@@ -12,7 +12,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 from captum.attr import LayerConductance  # noqa: E402
 
 import probe  # noqa: E402

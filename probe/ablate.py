@@ -17,6 +17,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from tqdm.auto import tqdm
+
+from probe import distributed
 from probe.errors import ProbeError
 
 
@@ -47,6 +50,8 @@ class RunConfig:
     calibration_samples: int = 256
     random_draws: int = 3
     curve_points: int | None = 14
+    blocks_spec: str | None = None
+    save_every: int = 8
     bootstrap: int = 1000
 
 
@@ -95,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
     add("--curve-points", type=int, default=14,
         help="k values per deletion curve, spread from 1 to all blocks (default: %(default)s)")
     add("--bootstrap", type=int, default=1000, help="bootstrap resamples per block (default: %(default)s)")
+    add("--blocks-spec", metavar="SPEC",
+        help="name the blocks yourself instead of discovering them: 'MODULE[#K]=BRANCH[,SHORTCUT];...' "
+             "or a JSON file (see probe.parse_spec)")
+    add("--list-blocks", action="store_true",
+        help="print the discovered blocks (name, branch, shortcut, output shape) and exit")
+    add("--save-every", type=int, default=8, metavar="N",
+        help="save sweep results every N blocks, so an interrupted run resumes (default: %(default)s)")
     add("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -107,8 +119,10 @@ def _device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def load_model(config: RunConfig, device: torch.device, *, progress: bool) -> tuple[nn.Module, str]:
-    """The model to probe, and where its weights came from."""
+def load_model(config: RunConfig, device: torch.device, *, progress: bool,
+               train: bool = True) -> tuple[nn.Module, str]:
+    """The model to probe, and where its weights came from (`train=False`: untrained if no
+    checkpoint is given, for listing its blocks)."""
     from probe.data import dataset_info
     from probe.models import build_model, load_checkpoint
 
@@ -119,6 +133,9 @@ def load_model(config: RunConfig, device: torch.device, *, progress: bool) -> tu
         if config.checkpoint:
             load_checkpoint(model, config.checkpoint)
         return model.to(device).eval(), config.checkpoint or f"weights={config.weights}"
+    if not train:
+        model = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels)
+        return model.to(device).eval(), "untrained"
     from probe.cache import cached_model
     from probe.train import TrainConfig
 
@@ -126,8 +143,44 @@ def load_model(config: RunConfig, device: torch.device, *, progress: bool) -> tu
     train_config = TrainConfig(model=config.model, dataset=config.dataset, seed=config.seed,
                                device=str(device), data_root=config.data_root, download=config.download,
                                **fields)
+    # Under torchrun rank 0 trains (or loads) first; the others then load its checkpoint.
+    if distributed.rank() != 0:
+        distributed.barrier()
     model, path = cached_model(train_config, progress=progress)
+    if distributed.rank() == 0:
+        distributed.barrier()
     return model.to(device).eval(), str(path)
+
+
+def _run_record(config: RunConfig, source: str, blocks: list) -> dict:
+    """What makes two runs the same: resuming into an out folder requires an equal record."""
+    import torchvision
+
+    import probe
+    from probe.rundir import file_digest
+
+    checkpoint = Path(source)
+    return {
+        "model": config.model, "checkpoint": source,
+        "checkpoint_sha256": file_digest(checkpoint) if checkpoint.is_file() else None,
+        "dataset": config.dataset, "split": config.split, "limit": config.limit, "seed": config.seed,
+        "mode": config.mode, "batch_size": config.batch_size, "bn_recalibrate": config.bn_recalibrate,
+        "blocks": [block.name for block in blocks], "save_every": config.save_every,
+        "versions": {"probe": probe.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
+    }
+
+
+def list_blocks(config: RunConfig) -> str:
+    """The `--list-blocks` table: every block with its branch, shortcut and output shape."""
+    import probe
+    from probe.data import load_dataset
+
+    model, _ = load_model(config, _device(config.device), progress=False, train=False)
+    image, _ = load_dataset(config.dataset, split=config.split, root=config.data_root,
+                            download=config.download, seed=config.seed)[0]
+    blocks = probe.find_blocks(model, spec=config.blocks_spec) if config.blocks_spec else None
+    table = probe.describe_blocks(model, image.unsqueeze(0).to(_device(config.device)), blocks=blocks)
+    return table.to_string(index=False)
 
 
 def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict, Path]:
@@ -137,12 +190,12 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
     writes their tables, and a report section each, next to blocks.csv and report.html.
     """
     import probe
-    from analyses.evaluation import single_block_sweep
-    from analyses.pipeline import calibration_for, choose_sections, run_analyses
+    from analyses.evaluation import evaluate_sets, sweep_table
+    from analyses.pipeline import calibration_for, choose_sections
     from analyses.verdict import VerdictRule, classify
     from probe.data import load_dataset, make_loader
-    from probe.files import prepare_out_dir, write_csv
-    from reports.html import write_report
+    from probe.files import prepare_out_dir
+    from probe.rundir import RunDirectory
 
     # Settings are checked before anything is trained or loaded.
     for name in ("calibration_samples", "bootstrap"):
@@ -155,24 +208,63 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
     chosen, _ = choose_sections(config)
     out = prepare_out_dir(config.out or Path("runs") / f"{config.model.replace(':', '_')}-{config.dataset}")
     device = _device(config.device)
+    distributed.init_from_environment(device)
     model, source = load_model(config, device, progress=progress)
+    blocks = probe.find_blocks(model, spec=config.blocks_spec) if config.blocks_spec else probe.find_blocks(model)
     dataset = load_dataset(config.dataset, split=config.split, root=config.data_root,
                            download=config.download, seed=config.seed)
-    loader = make_loader(dataset, batch_size=config.batch_size, limit=config.limit,
+    if config.limit is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(config.limit, len(dataset))))
+    loader = make_loader(distributed.shard(dataset), batch_size=config.batch_size,
                          pin_memory=device.type == "cuda")
     calibration = calibration_for(config, needed=chosen)
+    run_dir = RunDirectory(out, _run_record(config, source, blocks), writer=distributed.rank() == 0)
     seconds = {}
     start = time.perf_counter()
-    stats = probe.measure(model, loader, progress=progress)
+    stats = run_dir.load("measure")
+    if stats is None:
+        stats = probe.measure(model, loader, blocks=blocks, progress=progress)
+        run_dir.save("measure", stats)
     seconds["measure"] = time.perf_counter() - start
     start = time.perf_counter()
-    # One sweep serves the table and the uncertainty section (per-class and per-sample outcomes).
-    result, evaluation = single_block_sweep(model, loader, mode=config.mode, per_class=True, outcomes=True,
-                                            calibration=calibration if config.bn_recalibrate else None,
-                                            progress=progress)
+    # One sweep serves the table and the uncertainty section (per-class and per-sample outcomes),
+    # saved every `save_every` blocks: an interrupted run resumes from the last saved piece.
+    baseline, results = None, []
+    pieces = [blocks[i:i + config.save_every] for i in range(0, len(blocks), config.save_every)]
+    for index, piece in enumerate(tqdm(pieces, desc="sweep", unit="piece", disable=not progress or len(pieces) < 2)):
+        evaluation = run_dir.load(f"sweep-{index}")
+        if evaluation is None:
+            evaluation = evaluate_sets(model, loader, [[block] for block in piece], mode=config.mode,
+                                       calibration=calibration if config.bn_recalibrate else None,
+                                       per_class=True, outcomes=True, progress=progress)
+            run_dir.save(f"sweep-{index}", evaluation)
+        baseline = evaluation[0]
+        results += evaluation[1]
+    result = sweep_table(blocks, baseline, results, mode=config.mode, recalibrated=config.bn_recalibrate)
+    evaluation = (baseline, results)
     seconds["sweep"] = time.perf_counter() - start
     baseline = result.attrs["baseline"]
     table = classify(stats.merge(result.drop(columns="samples"), on=["block", "position"]), VerdictRule())
+    if distributed.rank() != 0:
+        distributed.barrier()  # every process holds the totals; rank 0 alone writes and reports
+        return table, baseline, out
+    with distributed.local():  # the analyses after the sweep run in rank 0 alone, on all the data
+        loader = make_loader(dataset, batch_size=config.batch_size, pin_memory=device.type == "cuda")
+        _write_outputs(config, model, loader, table, evaluation, baseline, calibration, chosen, source,
+                       device, out, seconds, progress)
+    distributed.barrier()
+    return table, baseline, out
+
+
+def _write_outputs(config, model, loader, table, evaluation, baseline, calibration, chosen, source,
+                   device, out, seconds, progress) -> None:
+    """blocks.csv, the analyses' tables and figures, and report.html."""
+    import probe
+    from analyses.pipeline import run_analyses
+    from analyses.verdict import VerdictRule
+    from probe.files import write_csv
+    from reports.html import write_report
+
     write_csv(out / "blocks.csv", table)
     analyses = run_analyses(model, loader, table, evaluation, config=config, out=out, device=str(device),
                             calibration=calibration, sweep_seconds=seconds["sweep"], progress=progress)
@@ -186,7 +278,6 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
                      "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M")}
     write_report(out / "report.html", table, baseline=baseline, config=report_config, rule=VerdictRule(),
                  sections=analyses.sections)
-    return table, baseline, out
 
 
 def format_summary(table: pd.DataFrame, baseline: dict, out: Path, n: int = 5) -> str:
@@ -221,15 +312,23 @@ def main(argv: list[str] | None = None) -> int:
         from probe.train import default_threads
 
         default_threads()
-        for name in ("batch_size", "limit", "epochs"):
+        for name in ("batch_size", "limit", "epochs", "save_every"):
             value = getattr(config, name)
             if value is not None and value < 1:
                 raise ProbeError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
-        table, baseline, out = run(config, progress=not args.no_progress)
+        if args.list_blocks:
+            print(list_blocks(config))
+            return 0
+        table, baseline, out = run(config, progress=not args.no_progress and distributed.rank() == 0)
     except ProbeError as error:
         print(f"probe.ablate: error: {error}", file=sys.stderr)
         return 2
-    print(format_summary(table, baseline, out))
+    except KeyboardInterrupt:
+        print("probe.ablate: interrupted. Finished pieces are kept in the out folder: rerun the same "
+              "command to resume.", file=sys.stderr)
+        return 130
+    if distributed.rank() == 0:
+        print(format_summary(table, baseline, out))
     return 0
 
 

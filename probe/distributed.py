@@ -8,16 +8,32 @@ so every sample counts exactly once and per-sample results can be interleaved ba
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
 
+_local = False
+
+
 def active() -> bool:
-    """True inside a process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside a process group of more than one process (and not in `local()`)."""
+    return not _local and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def local() -> Iterator[None]:
+    """Within the body this process works alone: no sharding, no reductions (rank 0's report)."""
+    global _local
+    previous, _local = _local, True
+    try:
+        yield
+    finally:
+        _local = previous
 
 
 def rank() -> int:

@@ -52,3 +52,33 @@ def test_two_processes_equal_one(tmp_path):
     close(single, two)
     # Per-sample outcomes come back in data order, not rank order.
     assert len(two["baseline"]["correct"]) == 21
+
+
+def test_torchrun_cli_equals_single_process(tmp_path):
+    import pandas as pd
+
+    from probe.models import cifar_resnet, save_checkpoint
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "resnet20.pt"
+    save_checkpoint(cifar_resnet(20, num_classes=10, in_channels=1), checkpoint)
+    common = ["-m", "probe.ablate", "--model", "resnet20", "--checkpoint", str(checkpoint), "--limit", "50",
+              "--batch-size", "8", "--no-progress", "--skip", "degradation", "attribution", "recalibration"]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    process = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=2", *common, "--out", str(tmp_path / "two")],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        log, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, log.decode(errors="replace")[-3000:]
+    assert log.decode().count("baseline: accuracy") == 1  # rank 0 alone reports
+    single = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env,
+                            capture_output=True, timeout=300)
+    assert single.returncode == 0, single.stderr.decode()[-3000:]
+    one, two = pd.read_csv(tmp_path / "one" / "blocks.csv"), pd.read_csv(tmp_path / "two" / "blocks.csv")
+    pd.testing.assert_frame_equal(one, two, check_exact=False, rtol=1e-4)
+    assert (two["samples"] == 50).all()
+    assert (tmp_path / "two" / "report.html").exists()

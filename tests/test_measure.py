@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import probe
-from conftest import TinyNet, assert_unchanged, snapshot
+from conftest import assert_unchanged, snapshot
 
 X = torch.tensor([[3.0, 4.0], [1.0, 1.0], [0.3, 1.0]])
 Y = torch.tensor([0, 1, 1])

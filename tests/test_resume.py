@@ -1,0 +1,99 @@
+"""An interrupted `python -m probe.ablate` resumes where it stopped and ends with the same table;
+its out folder is never left half-written, and belongs to one configuration."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from probe import ablate
+from probe.models import cifar_resnet, save_checkpoint
+
+SKIP_ANALYSES = ["--skip", "degradation", "skipping", "attribution", "uncertainty", "recalibration"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "resnet20.pt"
+    save_checkpoint(cifar_resnet(20, num_classes=10, in_channels=1), path)
+    return path
+
+
+def argv(checkpoint, out, *extra):
+    return ["--model", "resnet20", "--checkpoint", str(checkpoint), "--batch-size", "8", "--save-every", "1",
+            "--out", str(out), "--no-progress", *SKIP_ANALYSES, *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert ablate.main(argv(checkpoint, out)) == 0
+    return (out / "blocks.csv").read_text()
+
+
+def start(checkpoint, out):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, "-m", "probe.ablate", *argv(checkpoint, out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def assert_nothing_half_written(out):
+    assert not list(out.rglob("*.tmp"))
+    for piece in (out / "partial").glob("*.pt"):
+        torch.load(piece, weights_only=False)  # every saved piece is whole
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_run_resumes_to_the_same_table(how, checkpoint, uninterrupted, tmp_path, capsys):
+    out = tmp_path / "run"
+    process = start(checkpoint, out)
+    wait_for(out / "partial" / "sweep-1.pt", process)
+    process.send_signal(how)
+    _, stderr = process.communicate(timeout=60)
+    finished = sorted(p.name for p in (out / "partial").glob("sweep-*.pt"))
+    assert 2 <= len(finished) < 9, finished  # stopped mid-sweep
+    assert not (out / "blocks.csv").exists()
+    if how == signal.SIGINT:
+        assert process.returncode == 130
+        assert "rerun the same command to resume" in stderr
+    assert_nothing_half_written(out)
+
+    assert ablate.main(argv(checkpoint, out)) == 0
+    assert (out / "blocks.csv").read_text() == uninterrupted
+    assert_nothing_half_written(out)
+
+
+def test_resuming_into_another_configuration_is_refused(checkpoint, uninterrupted, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert ablate.main(argv(checkpoint, out)) == 0
+    before = (out / "blocks.csv").read_text()
+    assert ablate.main(argv(checkpoint, out, "--mode", "mean")) == 2
+    error = capsys.readouterr().err
+    assert "another configuration" in error and "mode: 'zero' there, 'mean' now" in error
+    assert (out / "blocks.csv").read_text() == before  # nothing overwritten
+
+
+def test_run_records_its_configuration(checkpoint, uninterrupted, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    assert ablate.main(argv(checkpoint, out)) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["model"] == "resnet20" and record["mode"] == "zero" and record["seed"] == 0
+    assert len(record["checkpoint_sha256"]) == 16 and record["dataset"] == "digits"
+    assert set(record["versions"]) == {"probe", "torch", "torchvision"}
+    assert (out / "blocks.csv").read_text() == uninterrupted  # determinism across runs
