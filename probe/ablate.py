@@ -250,13 +250,13 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
         return table, baseline, out
     with distributed.local():  # the analyses after the sweep run in rank 0 alone, on all the data
         loader = make_loader(dataset, batch_size=config.batch_size, pin_memory=device.type == "cuda")
-        _write_outputs(config, model, loader, table, evaluation, baseline, calibration, chosen, source,
+        _write_outputs(config, model, loader, table, evaluation, baseline, calibration, source,
                        device, out, seconds, progress)
     distributed.barrier()
     return table, baseline, out
 
 
-def _write_outputs(config, model, loader, table, evaluation, baseline, calibration, chosen, source,
+def _write_outputs(config, model, loader, table, evaluation, baseline, calibration, source,
                    device, out, seconds, progress) -> None:
     """blocks.csv, the analyses' tables and figures, and report.html."""
     import probe
