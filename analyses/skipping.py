@@ -37,6 +37,7 @@ from probe.batches import batches, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.hooks import model_preserved
+from probe.suffix import ModulesAsLeaves
 from probe.recalibrate import recalibrate_batchnorm, recalibrated
 
 __all__ = ["ORDERS", "SkippingResult", "curve_ks", "deletion_orders", "export_pruned", "main", "prune", "skipping"]
@@ -126,17 +127,6 @@ def prune(model: nn.Module, blocks: Sequence[str | Block], *, calibration: Itera
     return pruned
 
 
-class _BranchesAsLeaves(fx.Tracer):
-    """Keeps each branch module as one call node, whatever it contains."""
-
-    def __init__(self, leaves: set[str]) -> None:
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return qualified_name in self.leaves or super().is_leaf_module(module, qualified_name)
-
-
 _ADDS = {operator.add, operator.iadd, torch.add}
 
 
@@ -149,7 +139,7 @@ def _shortcut_only(module: nn.Module, module_name: str, blocks: Sequence[Block])
     prefix = module_name + "." if module_name else ""
     branches = {block.branch[len(prefix):] for block in blocks}
     try:
-        graph = _BranchesAsLeaves(branches).trace(module)
+        graph = ModulesAsLeaves(branches).trace(module)
     except Exception as error:  # fx raises many types; the user needs the block and the reason
         raise ProbeError(f"cannot export block(s) {[b.name for b in blocks]}: torch.fx cannot trace module "
                          f"{module_name or '<model>'!r} ({type(error).__name__}: {error}).") from error

@@ -21,13 +21,15 @@ from torch import nn
 from probe.blocks import Block
 
 
-class _BlocksAsLeaves(fx.Tracer):
-    def __init__(self, block_modules: set[str]) -> None:
+class ModulesAsLeaves(fx.Tracer):
+    """A tracer that keeps each named module as one opaque call node, whatever it contains."""
+
+    def __init__(self, leaves: set[str]) -> None:
         super().__init__()
-        self.block_modules = block_modules
+        self.leaves = leaves
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return qualified_name in self.block_modules or super().is_leaf_module(module, qualified_name)
+        return qualified_name in self.leaves or super().is_leaf_module(module, qualified_name)
 
 
 class SuffixRunner:
@@ -84,7 +86,7 @@ def build_runner(model: nn.Module, blocks: Sequence[Block]) -> SuffixRunner | No
     if "" in block_modules:
         return None  # the model itself performs the addition: there is nothing to cut
     try:
-        graph = _BlocksAsLeaves(block_modules).trace(model)
+        graph = ModulesAsLeaves(block_modules).trace(model)
     except Exception:  # an untraceable model still sweeps, with full forwards
         return None
     calls = [n.target for n in graph.nodes if n.op == "call_module" and n.target in block_modules]

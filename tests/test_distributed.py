@@ -32,20 +32,24 @@ def close(a, b):
         assert a == b
 
 
-def test_two_processes_equal_one(tmp_path):
+def run_torchrun(arguments, env):
+    """torchrun with 2 processes, in its own process group so that a hang kills the workers too."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    out = tmp_path / "two.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]), "OMP_NUM_THREADS": "1"}
-    command = [torchrun, "--standalone", "--nproc_per_node=2", str(HERE / "distributed_job.py"), str(out)]
-    # Its own process group, so a hang kills the workers too, not only torchrun.
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=2", *arguments], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         log, _ = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 0, log.decode(errors="replace")[-3000:]
+    return log.decode()
+
+
+def test_two_processes_equal_one(tmp_path):
+    out = tmp_path / "two.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]), "OMP_NUM_THREADS": "1"}
+    run_torchrun([str(HERE / "distributed_job.py"), str(out)], env)
     two = json.loads(out.read_text())
     assert two.pop("world_size") == 2
     single = json.loads(json.dumps(results(torch.utils.data.DataLoader(dataset(), batch_size=4))))
@@ -65,16 +69,8 @@ def test_torchrun_cli_equals_single_process(tmp_path):
     common = ["-m", "probe.ablate", "--model", "resnet20", "--checkpoint", str(checkpoint), "--limit", "50",
               "--batch-size", "8", "--no-progress", "--skip", "degradation", "attribution", "recalibration"]
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    process = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=2", *common, "--out", str(tmp_path / "two")],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        log, _ = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, log.decode(errors="replace")[-3000:]
-    assert log.decode().count("baseline: accuracy") == 1  # rank 0 alone reports
+    log = run_torchrun([*common, "--out", str(tmp_path / "two")], env)
+    assert log.count("baseline: accuracy") == 1  # rank 0 alone reports
     single = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env,
                             capture_output=True, timeout=300)
     assert single.returncode == 0, single.stderr.decode()[-3000:]
