@@ -231,12 +231,13 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
     # saved every `save_every` blocks: an interrupted run resumes from the last saved piece.
     baseline, results = None, []
     pieces = [blocks[i:i + config.save_every] for i in range(0, len(blocks), config.save_every)]
-    for index, piece in enumerate(tqdm(pieces, desc="sweep", unit="piece", disable=not progress or len(pieces) < 2)):
+    outer = progress and len(pieces) > 1  # one bar over the pieces, or the sweep's own bar
+    for index, piece in enumerate(tqdm(pieces, desc=f"sweep ({len(blocks)} blocks)", unit="piece", disable=not outer)):
         evaluation = run_dir.load(f"sweep-{index}")
         if evaluation is None:
             evaluation = evaluate_sets(model, loader, [[block] for block in piece], mode=config.mode,
                                        calibration=calibration if config.bn_recalibrate else None,
-                                       per_class=True, outcomes=True, progress=progress)
+                                       per_class=True, outcomes=True, progress=progress and not outer)
             run_dir.save(f"sweep-{index}", evaluation)
         baseline = evaluation[0]
         results += evaluation[1]

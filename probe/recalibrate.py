@@ -22,7 +22,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from probe import distributed
 from probe.ablation import ablated, check_mode
 from probe.batches import batches, model_device
 from probe.blocks import Block, resolve_blocks
@@ -126,8 +128,8 @@ def evaluate_recalibrated(model: nn.Module, data: Iterable, ablation_sets: Seque
     baseline = _metrics(reference, reference, per_class, outcomes)
     del baseline["flip_rate"]
     results = []
-    for ablation_set in sets:
-        with recalibrated(model, calibration, ablation_set, mode=mode, means=means, progress=progress):
+    for ablation_set in tqdm(sets, desc="sweep with BN recalibration", disable=not progress, leave=False):
+        with recalibrated(model, calibration, ablation_set, mode=mode, means=means, progress=False):
             results.append(_metrics(_predict(model, data), reference, per_class, outcomes))
     return baseline, results
 
@@ -143,8 +145,10 @@ def _predict(model: nn.Module, data: Iterable) -> dict[str, torch.Tensor]:
             losses.append(F.cross_entropy(logits, target, reduction="none").double().cpu())
             targets.append(target.cpu())
             classes = logits.shape[1]
-    return {"prediction": torch.cat(predictions), "loss": torch.cat(losses), "target": torch.cat(targets),
-            "classes": classes}
+    # Under torchrun each process predicted its shard: put the whole data set back together.
+    return {"prediction": distributed.interleave(torch.cat(predictions)),
+            "loss": distributed.interleave(torch.cat(losses)),
+            "target": distributed.interleave(torch.cat(targets)), "classes": classes}
 
 
 def _metrics(run: dict, reference: dict, per_class: bool, outcomes: bool) -> dict:

@@ -67,7 +67,8 @@ def test_torchrun_cli_equals_single_process(tmp_path):
     checkpoint = tmp_path / "resnet20.pt"
     save_checkpoint(cifar_resnet(20, num_classes=10, in_channels=1), checkpoint)
     common = ["-m", "probe.ablate", "--model", "resnet20", "--checkpoint", str(checkpoint), "--limit", "50",
-              "--batch-size", "8", "--no-progress", "--skip", "degradation", "attribution", "recalibration"]
+              "--batch-size", "8", "--no-progress", "--skip", "degradation", "attribution", "recalibration",
+              "--bn-recalibrate", "--calibration-samples", "32"]
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
     log = run_torchrun([*common, "--out", str(tmp_path / "two")], env)
     assert log.count("baseline: accuracy") == 1  # rank 0 alone reports
