@@ -8,6 +8,7 @@ which blocks carry the network and which it skips, and writes `blocks.csv` and `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ class RunConfig:
     curve_points: int | None = 14
     blocks_spec: str | None = None
     save_every: int = 8
+    precision: str = "fp32"
+    channels_last: bool | None = None
     bootstrap: int = 1000
 
 
@@ -107,8 +110,25 @@ def _parser() -> argparse.ArgumentParser:
         help="print the discovered blocks (name, branch, shortcut, output shape) and exit")
     add("--save-every", type=int, default=8, metavar="N",
         help="save sweep results every N blocks, so an interrupted run resumes (default: %(default)s)")
+    add("--precision", default="fp32", choices=list(_PRECISIONS),
+        help="fp32, or autocast to bf16/fp16 for the forward passes (statistics stay in fp32; default: %(default)s)")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+        help="run convolutions in channels_last memory format (default: on for cuda, off for cpu)")
     add("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(config: RunConfig, device: torch.device):
+    """The autocast context `--precision` asks for (a no-op for fp32)."""
+    dtype = _PRECISIONS[config.precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype is torch.float16 and device.type == "cpu":
+        raise ProbeError("--precision fp16 needs --device cuda; on the CPU use bf16 or fp32.")
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _device(choice: str) -> torch.device:
@@ -133,9 +153,13 @@ def load_model(config: RunConfig, device: torch.device, *, progress: bool,
         if config.checkpoint:
             load_checkpoint(model, config.checkpoint)
         return model.to(device).eval(), config.checkpoint or f"weights={config.weights}"
+    untrained = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels)
     if not train:
-        model = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels)
-        return model.to(device).eval(), "untrained"
+        return untrained.to(device).eval(), "untrained"
+    if not config.blocks_spec:
+        import probe
+
+        probe.find_blocks(untrained)  # a model with no residual block is refused before it is trained
     from probe.cache import cached_model
     from probe.train import TrainConfig
 
@@ -165,6 +189,7 @@ def _run_record(config: RunConfig, source: str, blocks: list) -> dict:
         "checkpoint_sha256": file_digest(checkpoint) if checkpoint.is_file() else None,
         "dataset": config.dataset, "split": config.split, "limit": config.limit, "seed": config.seed,
         "mode": config.mode, "batch_size": config.batch_size, "bn_recalibrate": config.bn_recalibrate,
+        "precision": config.precision,
         "blocks": [block.name for block in blocks], "save_every": config.save_every,
         "versions": {"probe": probe.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
     }
@@ -208,8 +233,11 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
     chosen, _ = choose_sections(config)
     out = prepare_out_dir(config.out or Path("runs") / f"{config.model.replace(':', '_')}-{config.dataset}")
     device = _device(config.device)
+    _autocast(config, device)  # refuse an impossible precision before any work
     distributed.init_from_environment(device)
     model, source = load_model(config, device, progress=progress)
+    if config.channels_last if config.channels_last is not None else device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # our own copy: the checkpoint is untouched
     blocks = probe.find_blocks(model, spec=config.blocks_spec) if config.blocks_spec else probe.find_blocks(model)
     dataset = load_dataset(config.dataset, split=config.split, root=config.data_root,
                            download=config.download, seed=config.seed)
@@ -223,7 +251,8 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
     start = time.perf_counter()
     stats = run_dir.load("measure")
     if stats is None:
-        stats = probe.measure(model, loader, blocks=blocks, progress=progress)
+        with _autocast(config, device):
+            stats = probe.measure(model, loader, blocks=blocks, progress=progress)
         run_dir.save("measure", stats)
     seconds["measure"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -235,9 +264,10 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
     for index, piece in enumerate(tqdm(pieces, desc=f"sweep ({len(blocks)} blocks)", unit="piece", disable=not outer)):
         evaluation = run_dir.load(f"sweep-{index}")
         if evaluation is None:
-            evaluation = evaluate_sets(model, loader, [[block] for block in piece], mode=config.mode,
-                                       calibration=calibration if config.bn_recalibrate else None,
-                                       per_class=True, outcomes=True, progress=progress and not outer)
+            with _autocast(config, device):
+                evaluation = evaluate_sets(model, loader, [[block] for block in piece], mode=config.mode,
+                                           calibration=calibration if config.bn_recalibrate else None,
+                                           per_class=True, outcomes=True, progress=progress and not outer)
             run_dir.save(f"sweep-{index}", evaluation)
         baseline = evaluation[0]
         results += evaluation[1]
@@ -249,7 +279,8 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
     if distributed.rank() != 0:
         distributed.barrier()  # every process holds the totals; rank 0 alone writes and reports
         return table, baseline, out
-    with distributed.local():  # the analyses after the sweep run in rank 0 alone, on all the data
+    # The analyses after the sweep run in rank 0 alone, on all the data.
+    with distributed.local(), _autocast(config, device):
         loader = make_loader(dataset, batch_size=config.batch_size, pin_memory=device.type == "cuda")
         _write_outputs(config, model, loader, table, evaluation, baseline, calibration, source,
                        device, out, seconds, progress)

@@ -59,3 +59,44 @@ def test_out_that_is_a_file_is_refused(tmp_path, checkpoint, capsys):
     assert code == 2
     assert "is a file" in capsys.readouterr().err
     assert target.read_text() == "keep me"
+
+
+def test_list_blocks(checkpoint, capsys):
+    assert ablate.main(["--model", "resnet20", "--checkpoint", str(checkpoint), "--list-blocks"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["name", "module", "branch", "shortcut", "output_shape"]
+    assert len(lines) == 1 + 9
+    assert lines[4].split()[:4] == ["layer2.0", "layer2.0", "layer2.0.bn2", "layer2.0.shortcut"]
+    assert "(1, 32, 8, 8)" in lines[4]  # digits are 16x16; stage 2 halves them
+
+
+def test_blocks_spec_limits_the_run_to_the_named_blocks(tmp_path, checkpoint):
+    out = tmp_path / "run"
+    code = ablate.main(["--model", "resnet20", "--checkpoint", str(checkpoint), "--limit", "16",
+                        "--blocks-spec", "layer1.0=bn2; layer2.0=bn2,shortcut", "--out", str(out), "--no-progress",
+                        "--skip", "skipping", "attribution", "uncertainty", "recalibration"])
+    assert code == 0
+    table = pd.read_csv(out / "blocks.csv")
+    assert list(table["block"]) == ["layer1.0", "layer2.0"]
+    assert list(table["shortcut"]) == ["identity", "layer2.0.shortcut"]
+
+
+def test_bf16_autocast_gives_close_numbers(tmp_path, checkpoint):
+    tables = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert ablate.main(["--model", "resnet20", "--checkpoint", str(checkpoint), "--limit", "32",
+                            "--precision", precision, "--out", str(out), "--no-progress",
+                            "--skip", "skipping", "attribution", "uncertainty", "recalibration"]) == 0
+        tables[precision] = pd.read_csv(out / "blocks.csv")
+    # bf16 keeps 8 bits of mantissa: ratios agree to a few percent, not to float32 precision.
+    assert tables["bf16"]["ratio"].to_numpy() == pytest.approx(tables["fp32"]["ratio"].to_numpy(), rel=0.05)
+    assert not tables["bf16"]["ratio"].equals(tables["fp32"]["ratio"])
+
+
+def test_plain_model_is_refused_before_training(tmp_path, capsys):
+    code = ablate.main(["--model", "plain20", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "no residual blocks found in CifarResNet" in error
+    assert "trained" not in error
