@@ -12,7 +12,8 @@ cannot be traced this way gets `None`, and the caller loops over full forwards i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -33,24 +34,26 @@ class ModulesAsLeaves(fx.Tracer):
 
 
 class SuffixRunner:
-    """`baseline(x) -> (output, cache)`; `suffix(module, cache) -> output` from that block on."""
+    """`baseline(x) -> (output, cache)`; `suffix(block, cache) -> output` from that block on.
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, block_modules: Sequence[str]) -> None:
+    Cut points are keyed by block name. Where `surgery` holds a block's own forward with the
+    branch replaced, its suffix starts with that code instead of the block call: the branch is
+    dead code, eliminated, so deleting a block costs less than running it.
+    """
+
+    def __init__(self, model: nn.Module, graph: fx.Graph, starts: dict[str, int],
+                 surgery: dict[str, fx.Graph]) -> None:
         nodes = list(graph.nodes)
         order = {node: i for i, node in enumerate(nodes)}
-        calls = {node.target: node for node in nodes if node.op == "call_module" and node.target in block_modules}
-        # The values each suffix needs: defined before its block call, used at or after it.
-        self._live: dict[str, list[fx.Node]] = {}
-        for name, call in calls.items():
-            start = order[call]
-            self._live[name] = [n for n in nodes[:start] if n.op != "output"
-                                and any(order[user] >= start for user in n.users)]
+        # The values each suffix needs: defined before its start, used at or after it.
+        self._live = {name: [n for n in nodes[:start] if any(order[user] >= start for user in n.users)]
+                      for name, start in starts.items()}
         cached = list(dict.fromkeys(n for live in self._live.values() for n in live))
         self._slot = {node: i for i, node in enumerate(cached)}
         self._baseline = fx.GraphModule(model, _with_cache_output(graph, cached))
-        self._suffixes = {name: fx.GraphModule(model, _suffix_graph(nodes, order[call], self._live[name]))
-                          for name, call in calls.items()}
-        self._order = {name: order[call] for name, call in calls.items()}
+        self._suffixes = {name: _compiled(model, _suffix_graph(nodes, start, self._live[name], surgery.get(name)))
+                          for name, start in starts.items()}
+        self._order = starts
 
     def baseline(self, inputs: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """The model's output and the cached values; raises InPlaceError when a cached value
@@ -64,12 +67,12 @@ class SuffixRunner:
         if any(_version_of(value) != version for value, version in zip(cache, versions)):
             raise InPlaceError("a value crossing a block boundary was modified in place")
 
-    def first(self, modules: Sequence[str]) -> str:
-        """The earliest of `modules` in forward order: where a suffix must start."""
-        return min(modules, key=self._order.__getitem__)
+    def first(self, blocks: Sequence[Block]) -> Block:
+        """The earliest of `blocks` in forward order: where a suffix must start."""
+        return min(blocks, key=lambda block: self._order[block.name])
 
-    def suffix(self, module: str, cache: tuple) -> torch.Tensor:
-        return self._suffixes[module](*(cache[self._slot[node]] for node in self._live[module]))
+    def suffix(self, block: Block, cache: tuple) -> torch.Tensor:
+        return self._suffixes[block.name](*(cache[self._slot[node]] for node in self._live[block.name]))
 
 
 class InPlaceError(RuntimeError):
@@ -80,8 +83,14 @@ def _version_of(value: object) -> int:
     return value._version if isinstance(value, torch.Tensor) else -1
 
 
-def build_runner(model: nn.Module, blocks: Sequence[Block]) -> SuffixRunner | None:
-    """A SuffixRunner for `model`, or None when its blocks cannot be cut out of a trace."""
+def build_runner(model: nn.Module, blocks: Sequence[Block],
+                 replacement: Callable[[Block, torch.Tensor], torch.Tensor] | None = None) -> SuffixRunner | None:
+    """A SuffixRunner for `model`, or None when its blocks cannot be cut out of a trace.
+
+    With `replacement` ((block, shortcut) -> what the deleted branch adds instead), the suffix
+    of a block whose branch ends in a module starts with that block's own code inlined and its
+    addition fed `replacement(shortcut)`: the deleted branch is never computed.
+    """
     block_modules = {block.module for block in blocks}
     if "" in block_modules:
         return None  # the model itself performs the addition: there is nothing to cut
@@ -89,13 +98,64 @@ def build_runner(model: nn.Module, blocks: Sequence[Block]) -> SuffixRunner | No
         graph = ModulesAsLeaves(block_modules).trace(model)
     except Exception:  # an untraceable model still sweeps, with full forwards
         return None
-    calls = [n.target for n in graph.nodes if n.op == "call_module" and n.target in block_modules]
-    if sorted(calls) != sorted(block_modules):
-        return None  # a block module called twice, or not at all, has no single cut point
     outputs = [n for n in graph.nodes if n.op == "output"]
     if len(outputs) != 1 or not isinstance(outputs[0].args[0], fx.Node):
         return None  # we compare one logits tensor; tuples and dicts go the slow way
-    return SuffixRunner(model, graph, sorted(block_modules))
+    nodes = list(graph.nodes)
+    starts = _call_starts(nodes, blocks)
+    if starts is None:
+        return None
+    hosts = [block.module for block in blocks]
+    surgery = {}
+    for block in blocks:
+        if replacement is None or block.strategy != "hooks" or hosts.count(block.module) != 1:
+            continue
+        found = _deleted_branch_graph(model, block, lambda shortcut, block=block: replacement(block, shortcut))
+        call = nodes[starts[block.name]]
+        if found is not None and not call.kwargs and len(call.args) == sum(n.op == "placeholder" for n in found.nodes):
+            surgery[block.name] = found
+    return SuffixRunner(model, graph, starts, surgery)
+
+
+def _call_starts(nodes: list[fx.Node], blocks: Sequence[Block]) -> dict[str, int] | None:
+    """Block -> index of its module's call node (blocks traced as opaque calls)."""
+    calls: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(i)
+    if any(len(calls.get(block.module, [])) != 1 for block in blocks):
+        return None  # a block module called twice, or not at all, has no single cut point
+    return {block.name: calls[block.module][0] for block in blocks}
+
+
+def _deleted_branch_graph(model: nn.Module, block: Block, replace: Callable) -> fx.Graph | None:
+    """The block module's own forward, traced, with `replace(shortcut)` added instead of F(x).
+
+    Module names in it are made absolute so the graph can be spliced into the model's.
+    """
+    try:
+        inner = ModulesAsLeaves(set()).trace(model.get_submodule(block.module))
+    except Exception:
+        return None
+    nodes = list(inner.nodes)
+    branch_name = block.branch[len(block.module) + 1:]
+    scope = {n for n in nodes if branch_name in (n.meta.get("nn_module_stack") or {})}
+    leaving = [n for n in nodes if n in scope and any(u not in scope for u in n.users)]
+    if len(leaving) != 1 or len(leaving[0].users) != 1:
+        return None
+    branch = leaving[0]
+    addition = next(iter(branch.users))
+    if addition.op != "call_function" or addition.target not in (operator.add, operator.iadd, torch.add) \
+            or branch not in addition.args[:2] or addition.args[0] is addition.args[1]:
+        return None
+    shortcut = addition.args[1] if addition.args[0] is branch else addition.args[0]
+    with inner.inserting_before(addition):
+        replaced = inner.call_function(replace, (shortcut,))
+    addition.args = tuple(replaced if arg is branch else arg for arg in addition.args)
+    for node in nodes:
+        if node.op in ("call_module", "get_attr"):
+            node.target = f"{block.module}.{node.target}"
+    return inner
 
 
 def _with_cache_output(graph: fx.Graph, cached: list[fx.Node]) -> fx.Graph:
@@ -114,10 +174,30 @@ def _with_cache_output(graph: fx.Graph, cached: list[fx.Node]) -> fx.Graph:
     return copy
 
 
-def _suffix_graph(nodes: list[fx.Node], start: int, live: list[fx.Node]) -> fx.Graph:
-    """The nodes from `start` on, with the live values before it as inputs."""
+def _suffix_graph(nodes: list[fx.Node], start: int, live: list[fx.Node], inner: fx.Graph | None) -> fx.Graph:
+    """The nodes from `start` on, with the live values before it as inputs; with `inner`, the
+    block call at `start` is replaced by that graph of the block's own forward."""
     graph = fx.Graph()
     env = {node: graph.placeholder(f"cached_{i}") for i, node in enumerate(live)}
     for node in nodes[start:]:
-        env[node] = graph.node_copy(node, env.__getitem__)
+        if inner is not None and node is nodes[start]:
+            inputs = iter(node.args)
+            local: dict[fx.Node, fx.Node] = {}
+            for inner_node in inner.nodes:
+                if inner_node.op == "placeholder":
+                    local[inner_node] = env[next(inputs)]
+                elif inner_node.op == "output":
+                    env[node] = local[inner_node.args[0]]
+                else:
+                    local[inner_node] = graph.node_copy(inner_node, local.__getitem__)
+        else:
+            env[node] = graph.node_copy(node, env.__getitem__)
     return graph
+
+
+def _compiled(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """Python code for `graph` over `model`'s own modules, without the nodes nothing uses."""
+    module = fx.GraphModule(model, graph)
+    if module.graph.eliminate_dead_code():  # needs the owning module to know which calls are pure
+        module.recompile()
+    return module

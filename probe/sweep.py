@@ -72,11 +72,12 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     device = model_device(model)
     # Cut points are needed only where ablations start: the involved blocks' modules. (Blocks
     # given as Block objects, e.g. from a spec, then need no discovery at all.)
-    runner = build_runner(model, involved) if fast and involved else None
+    replacement = branch_replacement(mode, means)
+    runner = build_runner(model, involved, replacement) if fast and involved else None
     active: set[str] = set()
     tally = _Tally(len(sets) + 1, device, per_class, outcomes)
     with model_preserved(model), attached() as handles, torch.no_grad():
-        replace_branches(model, involved, branch_replacement(mode, means), handles,
+        replace_branches(model, involved, replacement, handles,
                          active=lambda block: block.name in active)
         for inputs, targets in batches(data, device, progress=progress, desc=f"sweep ({len(sets)} ablations)"):
             logits = None
@@ -95,8 +96,7 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
                 active.clear()
                 active.update(block.name for block in ablation_set)
                 if runner is not None and ablation_set:
-                    start = runner.first([block.module for block in ablation_set])
-                    outcomes_per_row.append(runner.suffix(start, cache))
+                    outcomes_per_row.append(runner.suffix(runner.first(ablation_set), cache))
                 else:
                     outcomes_per_row.append(model(inputs))
                 active.clear()

@@ -130,7 +130,37 @@ def test_suffix_runner_cuts_at_every_block():
         assert torch.equal(output, model(x))
         # Unablated, every suffix reproduces the full forward from the cache alone.
         for block in probe.find_blocks(model):
-            assert torch.allclose(runner.suffix(block.module, cache), output, atol=1e-6)
+            assert torch.allclose(runner.suffix(block, cache), output, atol=1e-6)
+
+
+def test_suffix_for_a_deleted_block_never_computes_its_branch():
+    from probe.ablation import branch_replacement
+    from probe.models import cifar_resnet
+    from probe.suffix import build_runner
+
+    torch.manual_seed(0)
+    model = cifar_resnet(20).eval()
+    blocks = probe.find_blocks(model)
+    runner = build_runner(model, blocks, branch_replacement("zero", None))
+    x = torch.randn(2, 3, 16, 16)
+    calls = []
+    handle = model.layer2[0].conv1.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            _, cache = runner.baseline(x)
+            calls.clear()
+            deleted = runner.suffix(blocks[3], cache)  # layer2.0, the projecting block
+            assert calls == []  # its branch (conv1 ... bn2) did not run
+            with probe.ablated(model, ["layer2.0"]):
+                assert torch.allclose(deleted, model(x), atol=1e-6)
+            assert torch.allclose(runner.suffix(blocks[4], cache), _forward_without(model, x, "layer2.1"), atol=1e-6)
+    finally:
+        handle.remove()
+
+
+def _forward_without(model, x, name):
+    with probe.ablated(model, [name]):
+        return model(x)
 
 
 def test_in_place_change_of_a_cached_value_falls_back_to_full_forwards():
