@@ -100,3 +100,12 @@ def test_plain_model_is_refused_before_training(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "no residual blocks found in CifarResNet" in error
     assert "trained" not in error
+
+
+def test_out_that_cannot_be_created_is_refused(checkpoint, capsys):
+    # /proc refuses new folders even to root: the same path a non-writable --out takes.
+    code = ablate.main(["--model", "resnet20", "--checkpoint", str(checkpoint), "--out", "/proc/probe-out"])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("probe.ablate: error: cannot create --out folder '/proc/probe-out'")
+    assert len(error.splitlines()) == 1
