@@ -24,6 +24,7 @@ The graph is used only to discover; nothing runs through it afterwards.
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -88,6 +89,15 @@ class Block:
                              f"{self.branch_operand!r}).")
 
 
+# Traced discovery per model, reused while the model's module tree is the same objects.
+_discovered: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _structure(model: nn.Module) -> tuple:
+    """The module tree as it is now: names, classes and identities (any change retraces)."""
+    return tuple((name, type(module), id(module)) for name, module in model.named_modules())
+
+
 def find_blocks(model: nn.Module, *, example_input: object = None, spec: object = None) -> list[Block]:
     """Every residual block of `model`, in forward order.
 
@@ -104,8 +114,14 @@ def find_blocks(model: nn.Module, *, example_input: object = None, spec: object 
         from probe.spec import blocks_from_spec  # spec.py builds Blocks: imported late, no cycle
 
         return blocks_from_spec(model, spec)
+    structure = _structure(model)
+    cached = _discovered.get(model)
+    if example_input is None and cached is not None and cached[0] == structure:
+        return list(cached[1])
     recording = _recording(model, example_input)
     blocks = blocks_in(recording)
+    if blocks and example_input is None:
+        _discovered[model] = (structure, tuple(blocks))
     if not blocks:
         raise ProbeError(
             f"no residual blocks found in {type(model).__name__}: searched {recording.source} for "

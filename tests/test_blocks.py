@@ -80,3 +80,11 @@ def test_sum_of_two_deep_paths_is_not_residual():
 
     with pytest.raises(probe.ProbeError):
         probe.find_blocks(TwoTowers())
+
+
+def test_discovery_is_reused_until_the_module_tree_changes():
+    model = torchvision.models.resnet18()
+    first = probe.find_blocks(model)
+    assert probe.find_blocks(model) == first
+    model.layer1[0] = torch.nn.Identity()  # no longer a residual block
+    assert [b.name for b in probe.find_blocks(model)][0] == "layer1.1"

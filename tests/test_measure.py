@@ -90,8 +90,8 @@ def test_measure_memory_does_not_hold_activations(tiny_net):
     """The accumulators are fixed-size: (classes, 1 + 2 * quantities) per block."""
     from probe.measure import _Moments
 
-    moments = _Moments(torch.device("cpu"))
+    moments = _Moments(2, torch.device("cpu"))
     for _ in range(50):
-        moments.add(torch.ones(7, 4), torch.zeros(7, dtype=torch.long), 1)
-    assert moments.sums.shape == (1, 9)
-    assert moments.sums[0, 0] == 350
+        moments.add(torch.tensor([1]), torch.ones(1, 7, 4), torch.zeros(7, dtype=torch.long), 1)
+    assert moments.sums.shape == (2, 1, 9)
+    assert moments.sums[1, 0, 0] == 350 and moments.sums[0, 0, 0] == 0
