@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 from torch import nn
 
+from probe.batches import device_for
 from probe.errors import ProbeError
 
 ANALYSES_OUT = Path("runs") / "analyses"
@@ -68,14 +68,6 @@ def model_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def positive(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
         raise ProbeError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
-
-
-def device_for(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ProbeError("--device cuda: no CUDA device is available here; use --device cpu or auto.")
-    return torch.device(choice)
 
 
 def calibration_loader(dataset: str, *, samples: int, batch_size: int, seed: int = 0,

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from probe import distributed
+from probe.batches import device_for
 from probe.errors import ProbeError
 
 
@@ -131,14 +132,6 @@ def _autocast(config: RunConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ProbeError("--device cuda: no CUDA device is available here; use --device cpu or auto.")
-    return torch.device(choice)
-
-
 def load_model(config: RunConfig, device: torch.device, *, progress: bool,
                train: bool = True) -> tuple[nn.Module, str]:
     """The model to probe, and where its weights came from (`train=False`: untrained if no
@@ -200,11 +193,11 @@ def list_blocks(config: RunConfig) -> str:
     import probe
     from probe.data import load_dataset
 
-    model, _ = load_model(config, _device(config.device), progress=False, train=False)
+    model, _ = load_model(config, device_for(config.device), progress=False, train=False)
     image, _ = load_dataset(config.dataset, split=config.split, root=config.data_root,
                             download=config.download, seed=config.seed)[0]
     blocks = probe.find_blocks(model, spec=config.blocks_spec) if config.blocks_spec else None
-    table = probe.describe_blocks(model, image.unsqueeze(0).to(_device(config.device)), blocks=blocks)
+    table = probe.describe_blocks(model, image.unsqueeze(0).to(device_for(config.device)), blocks=blocks)
     return table.to_string(index=False)
 
 
@@ -232,7 +225,7 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
         raise ProbeError(f"--curve-points must be 2 or more, got {config.curve_points}.")
     chosen, _ = choose_sections(config)
     out = prepare_out_dir(config.out or Path("runs") / f"{config.model.replace(':', '_')}-{config.dataset}")
-    device = _device(config.device)
+    device = device_for(config.device)
     _autocast(config, device)  # refuse an impossible precision before any work
     distributed.init_from_environment(device)
     model, source = load_model(config, device, progress=progress)

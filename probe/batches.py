@@ -12,6 +12,15 @@ from tqdm.auto import tqdm
 from probe.errors import ProbeError
 
 
+def device_for(choice: str) -> torch.device:
+    """The device a `--device auto|cpu|cuda` choice means here; ProbeError if cuda is missing."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ProbeError("--device cuda: no CUDA device is available here; use --device cpu or auto.")
+    return torch.device(choice)
+
+
 def model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
