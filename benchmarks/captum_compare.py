@@ -1,6 +1,6 @@
 """probe's exact sweep against captum's LayerConductance over every block's branch.
 
-    python benchmarks/captum_compare.py [--device cuda] [--steps 10] [--depth 20] [--samples 64]
+    python benchmarks/captum_compare.py [--device cuda] [--steps 10] [--model resnet20] [--samples 64]
 
 Both answer "how much does each block matter" for the same model and data; the sweep measures
 the real accuracy cost of deleting each block, LayerConductance estimates a gradient path
@@ -15,13 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from captum.attr import LayerConductance  # noqa: E402
 
 import probe  # noqa: E402
-from common import best_time, default_setup, parser  # noqa: E402
+from common import best_time, default_setup, describe, parser  # noqa: E402
 
 
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--steps", type=int, default=10, help="LayerConductance n_steps (default: %(default)s)")
-    p.set_defaults(depth=20, samples=64)
+    p.set_defaults(model="resnet20", samples=64)
     args = p.parse_args()
     args.repeats = 1
     model, data = default_setup(args)
@@ -39,7 +39,7 @@ def main() -> None:
 
     sweep_s = best_time(lambda: probe.sweep(model, data, progress=False), args.repeats, args.device)
     captum_s = best_time(conductance, args.repeats, args.device)
-    print(f"resnet{args.depth}, {len(blocks)} blocks, {sum(len(y) for _, y in data)} samples, {args.device}")
+    print("captum: " + describe(args, len(blocks), data))
     print(f"  probe.sweep (exact drop of every block):          {sweep_s:.2f} s")
     print(f"  captum LayerConductance, {args.steps} steps, every block: {captum_s:.2f} s")
     print(f"  ratio sweep / LayerConductance: {sweep_s / captum_s:.3f}")

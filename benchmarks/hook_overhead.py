@@ -1,6 +1,6 @@
 """measure's instrumented forward against a plain inference forward over the same data.
 
-    python benchmarks/hook_overhead.py [--device cuda]
+    python benchmarks/hook_overhead.py [--device cuda] [--model resnet56] [--data synthetic ...]
 
 Prints both times and their ratio (target: at most 1.05).
 """
@@ -13,24 +13,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import probe  # noqa: E402
-from common import best_time, default_setup, parser  # noqa: E402
+from common import autocast, best_time, default_setup, describe, parser  # noqa: E402
 
 
 def main() -> None:
     args = parser(__doc__).parse_args()
     args.repeats = max(args.repeats, 5)
     model, data = default_setup(args)
-    probe.find_blocks(model)  # discovery is cached per model; time the measuring, not the trace
+    blocks = probe.find_blocks(model)  # discovery is cached per model; time the measuring, not the trace
 
     def plain() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(args):
             for inputs, _ in data:
                 model(inputs)
 
-    measured = lambda: probe.measure(model, data, progress=False)  # noqa: E731
+    def measured() -> None:
+        with autocast(args):
+            probe.measure(model, data, progress=False)
+
     plain_s = best_time(plain, args.repeats, args.device)
     measure_s = best_time(measured, args.repeats, args.device)
-    print(f"resnet{args.depth}, {sum(len(y) for _, y in data)} samples, {args.device}, {torch.get_num_threads()} threads")
+    print("hooks: " + describe(args, len(blocks), data))
     print(f"  plain inference forward: {plain_s:.3f} s")
     print(f"  probe.measure:           {measure_s:.3f} s")
     print(f"  ratio measure / plain:   {measure_s / plain_s:.3f}   (target <= 1.05)")

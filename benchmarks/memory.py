@@ -1,10 +1,11 @@
 """Peak memory of measure and sweep against the amount of data: 10x the samples must cost at
 most 1.1x the peak resident memory (statistics are streamed, activations never stored).
 
-    python benchmarks/memory.py [--samples 2000]
+    python benchmarks/memory.py [--samples 2000] [--device cuda]
 
 Each measurement runs in a fresh process (peak RSS only grows within a process). The data is a
-generator of random batches, so the data set itself occupies no memory either.
+generator of random batches, so the data set itself occupies no memory either. On cuda the
+peak GPU memory torch allocated is measured as well.
 """
 
 import argparse
@@ -17,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def child(operation: str, samples: int, batch_size: int) -> None:
+def child(operation: str, samples: int, batch_size: int, device: str) -> None:
     import torch
 
     import probe
@@ -25,42 +26,48 @@ def child(operation: str, samples: int, batch_size: int) -> None:
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = cifar_resnet(20, num_classes=10, in_channels=1).eval()
+    model = cifar_resnet(20, num_classes=10, in_channels=1).eval().to(device)
 
     def data():
         generator = torch.Generator().manual_seed(1)
         for start in range(0, samples, batch_size):
             n = min(batch_size, samples - start)
-            yield torch.randn(n, 1, 16, 16, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+            yield (torch.randn(n, 1, 16, 16, generator=generator).to(device),
+                   torch.randint(0, 10, (n,), generator=generator).to(device))
 
     if operation == "measure":
         probe.measure(model, data(), progress=False)
     else:
         probe.sweep(model, data(), progress=False)
-    print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
+    print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "gpu_mib": gpu}))
 
 
-def peak(operation: str, samples: int, batch_size: int) -> float:
-    result = subprocess.run([sys.executable, __file__, "--child", operation, str(samples), str(batch_size)],
+def peak(operation: str, samples: int, batch_size: int, device: str) -> dict[str, float]:
+    result = subprocess.run([sys.executable, __file__, "--child", operation, str(samples), str(batch_size), device],
                             capture_output=True, text=True, check=True, cwd=ROOT,
                             env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     args = parser.parse_args()
-    print(f"peak resident memory, resnet20 on 16x16 inputs, batch {args.batch_size}")
+    print(f"peak memory, resnet20 on 16x16 inputs, batch {args.batch_size}, {args.device}")
+    kinds = [("peak_mib", "resident")] + ([("gpu_mib", "GPU")] if args.device == "cuda" else [])
     for operation in ("measure", "sweep"):
-        small = peak(operation, args.samples, args.batch_size)
-        large = peak(operation, 10 * args.samples, args.batch_size)
-        print(f"  {operation:8s} {args.samples:>6d} samples: {small:7.1f} MiB   {10 * args.samples:>6d} samples: "
-              f"{large:7.1f} MiB   ratio {large / small:.3f}   (target <= 1.1)")
+        small = peak(operation, args.samples, args.batch_size, args.device)
+        large = peak(operation, 10 * args.samples, args.batch_size, args.device)
+        for key, kind in kinds:
+            print(f"  {operation:8s} {kind:8s} {args.samples:>6d} samples: {small[key]:7.1f} MiB   "
+                  f"{10 * args.samples:>6d} samples: {large[key]:7.1f} MiB   ratio {large[key] / small[key]:.3f}"
+                  "   (target <= 1.1)")
 
 
 if __name__ == "__main__":

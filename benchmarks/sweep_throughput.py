@@ -1,6 +1,6 @@
 """Sweep throughput against plain inference throughput, in images per second.
 
-    python benchmarks/sweep_throughput.py [--device cuda]
+    python benchmarks/sweep_throughput.py [--device cuda] [--model resnet56] [--data synthetic ...]
 
 A sweep of N blocks evaluates every image N + 1 times; "images/s" here counts each image once
 per sweep, so the ratio says how much slower a whole sweep is than one inference pass.
@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import probe  # noqa: E402
-from common import best_time, default_setup, parser  # noqa: E402
+from common import autocast, best_time, default_setup, describe, parser  # noqa: E402
 
 
 def main() -> None:
@@ -23,14 +23,18 @@ def main() -> None:
     samples = sum(len(y) for _, y in data)
 
     def plain() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(args):
             for inputs, _ in data:
                 model(inputs)
 
+    def sweep() -> None:
+        with autocast(args):
+            probe.sweep(model, data, progress=False)
+
     plain_s = best_time(plain, max(args.repeats, 5), args.device)
-    sweep_s = best_time(lambda: probe.sweep(model, data, progress=False), args.repeats, args.device)
+    sweep_s = best_time(sweep, args.repeats, args.device)
     blocks = len(probe.find_blocks(model))
-    print(f"resnet{args.depth}, {blocks} blocks, {samples} samples, {args.device}")
+    print("throughput: " + describe(args, blocks, data))
     print(f"  plain inference: {samples / plain_s:10.0f} images/s")
     print(f"  whole sweep:     {samples / sweep_s:10.0f} images/s  ({blocks + 1} evaluations per image)")
     print(f"  ratio sweep / inference images/s: {plain_s / sweep_s:.3f}   "

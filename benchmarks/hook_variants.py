@@ -1,0 +1,128 @@
+"""Where measure's hook cost goes on a GPU, and what two ways of cutting it would buy.
+
+    python benchmarks/hook_variants.py --device cuda [--data synthetic ...]
+
+Times, over the same batches: the plain eager forward; `probe.measure` as it is; measure with the
+three reductions fused into one compiled kernel (torch.compile, compile time reported apart);
+and the instrumented forward replayed from a CUDA graph (one graph per batch shape), next to the
+plain forward replayed from a graph. Checks that every variant gives measure's numbers.
+"""
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import probe  # noqa: E402
+from common import autocast, best_time, default_setup, describe, parser  # noqa: E402
+from probe.hooks import tap_pairs  # noqa: E402
+
+measure_module = importlib.import_module("probe.measure")  # the module, not the function probe exports
+
+COLUMNS = ["branch_norm", "shortcut_norm", "ratio", "cosine"]
+
+
+def graphed(model, data, instrumented: bool):
+    """One CUDA graph per batch shape of the (instrumented) forward; returns a replay function
+    and the per-block reductions of every batch."""
+    blocks = probe.find_blocks(model)
+    seen: dict[int, torch.Tensor] = {}
+    rows = {block.name: row for row, block in enumerate(blocks)}
+    handles: list = []
+    if instrumented:
+        tap_pairs(model, blocks, lambda b, f, s: seen.__setitem__(rows[b.name], measure_module._reductions(f, s)),
+                  handles)
+    graphs = {}
+    with torch.no_grad():
+        for inputs, _ in data:
+            if inputs.shape in graphs:
+                continue
+            static = inputs.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    model(static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                model(static)
+                outputs = torch.stack([seen[r] for r in sorted(seen)]) if instrumented else None
+            graphs[inputs.shape] = (graph, static, outputs)
+    for handle in handles:
+        handle.remove()
+
+    def replay():
+        results = []
+        for inputs, _ in data:
+            graph, static, outputs = graphs[inputs.shape]
+            static.copy_(inputs)
+            graph.replay()
+            if outputs is not None:
+                results.append(measure_module._quantities(outputs).sum(dim=1))
+        return results
+
+    return replay
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    args.repeats = max(args.repeats, 5)
+    model, data = default_setup(args)
+    blocks = probe.find_blocks(model)
+
+    def plain() -> None:
+        with torch.no_grad(), autocast(args):
+            for inputs, _ in data:
+                model(inputs)
+
+    def measured():
+        with autocast(args):
+            return probe.measure(model, data, progress=False)
+
+    print("hook variants: " + describe(args, len(blocks), data))
+    plain_s = best_time(plain, args.repeats, args.device)
+    reference = measured()
+    measure_s = best_time(measured, args.repeats, args.device)
+    print(f"  plain eager forward:             {plain_s:.4f} s")
+    print(f"  probe.measure (eager hooks):     {measure_s:.4f} s   ratio {measure_s / plain_s:.3f}")
+
+    eager_reductions = measure_module._reductions
+    try:
+        measure_module._reductions = torch.compile(eager_reductions, dynamic=True)
+        start = time.perf_counter()
+        fused = measured()
+        compile_s = time.perf_counter() - start
+        fused_s = best_time(measured, args.repeats, args.device)
+        difference = (fused[COLUMNS] - reference[COLUMNS]).abs().to_numpy().max()
+        print(f"  measure, fused compiled kernel:  {fused_s:.4f} s   ratio {fused_s / plain_s:.3f}   "
+              f"(first call with compiling {compile_s:.1f} s; largest difference {difference:.1e})")
+    except Exception as error:  # a variant that fails is a finding, not the end of the run
+        print(f"  measure, fused compiled kernel:  failed: {type(error).__name__}: {str(error)[:300]}")
+    finally:
+        measure_module._reductions = eager_reductions
+
+    if args.device.startswith("cuda"):
+        try:
+            with autocast(args):
+                plain_graph = graphed(model, data, instrumented=False)
+                measure_graph = graphed(model, data, instrumented=True)
+            plain_graph_s = best_time(plain_graph, args.repeats, args.device)
+            measure_graph_s = best_time(measure_graph, args.repeats, args.device)
+            total = sum(measure_graph())
+            expected = torch.tensor(reference["ratio"].to_numpy())
+            mean_ratio = (total[:, 2] / sum(len(y) for _, y in data)).cpu()
+            difference = (mean_ratio - expected).abs().max().item()
+            print(f"  plain forward, CUDA graph:       {plain_graph_s:.4f} s   ratio {plain_graph_s / plain_s:.3f}")
+            print(f"  measure forward, CUDA graph:     {measure_graph_s:.4f} s   ratio {measure_graph_s / plain_s:.3f}"
+                  f"   (vs graphed plain {measure_graph_s / plain_graph_s:.3f}; ratio column off by {difference:.1e})")
+        except Exception as error:
+            print(f"  CUDA graphs: failed: {type(error).__name__}: {str(error)[:300]}")
+
+
+if __name__ == "__main__":
+    main()
