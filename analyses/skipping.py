@@ -20,6 +20,7 @@ import argparse
 import copy
 import operator
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +202,12 @@ def export_pruned(model: nn.Module, data: Iterable, blocks: Sequence[str | Block
     if path is not None:
         from probe.files import atomic_write
 
-        saved = str(atomic_write(Path(path), lambda tmp: torch.save(pruned, tmp)))
+        try:
+            saved = str(atomic_write(Path(path), lambda tmp: torch.save(pruned, tmp)))
+        except Exception as error:  # pickling fx code varies across torch versions: keep the table
+            warnings.warn(f"could not save the pruned model to {path} ({type(error).__name__}: {error}); "
+                          f"the comparison table is kept. Rebuild it with analyses.skipping.prune(model, "
+                          "blocks) where you need it.", stacklevel=2)
     rows = []
     total = len(resolve_blocks(model))
     for name, module, timing, blocks_left in (("original", model, seconds[0], total),

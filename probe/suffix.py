@@ -8,18 +8,23 @@ We trace the model with `torch.fx`, keeping each block module as one opaque call
 graph at every block call into compiled suffix GraphModules. GraphModules hold the user's own
 submodules (not copies), so the ablation hooks on them fire in the suffixes too. A model that
 cannot be traced this way gets `None`, and the caller loops over full forwards instead.
+
+Tracing and compiling the suffixes costs about as much as a few dozen forwards of a small
+model, more than a whole sweep of a small data set on a GPU; `runner_for` keeps the runners of
+each model and reuses them while its module tree and blocks are the same.
 """
 
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from probe.blocks import Block
+from probe.blocks import Block, _structure
 
 
 class ModulesAsLeaves(fx.Tracer):
@@ -42,7 +47,8 @@ class SuffixRunner:
     """
 
     def __init__(self, model: nn.Module, graph: fx.Graph, starts: dict[str, int],
-                 surgery: dict[str, fx.Graph]) -> None:
+                 surgery: dict[str, fx.Graph], replacement: _Replacement | None = None) -> None:
+        self._replacement = replacement
         nodes = list(graph.nodes)
         order = {node: i for i, node in enumerate(nodes)}
         # The values each suffix needs: defined before its start, used at or after it.
@@ -67,6 +73,12 @@ class SuffixRunner:
         if any(_version_of(value) != version for value, version in zip(cache, versions)):
             raise InPlaceError("a value crossing a block boundary was modified in place")
 
+    def use(self, replacement: Callable[[Block, torch.Tensor], torch.Tensor] | None) -> SuffixRunner:
+        """Make the inlined blocks add `replacement(block, shortcut)` from now on."""
+        if self._replacement is not None:
+            self._replacement.current = replacement
+        return self
+
     def first(self, blocks: Sequence[Block]) -> Block:
         """The earliest of `blocks` in forward order: where a suffix must start."""
         return min(blocks, key=lambda block: self._order[block.name])
@@ -81,6 +93,36 @@ class InPlaceError(RuntimeError):
 
 def _version_of(value: object) -> int:
     return value._version if isinstance(value, torch.Tensor) else -1
+
+
+class _Replacement:
+    """What inlined blocks add instead of their branch; swapped per sweep (`SuffixRunner.use`),
+    so that a runner serves zero and mean ablations alike."""
+
+    def __init__(self, current: Callable[[Block, torch.Tensor], torch.Tensor]) -> None:
+        self.current = current
+
+    def __call__(self, block: Block, shortcut: torch.Tensor) -> torch.Tensor:
+        return self.current(block, shortcut)
+
+
+# model -> {(module tree, blocks, inlined or not): runner or None}, a few per model.
+_runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_RUNNERS_PER_MODEL = 4
+
+
+def runner_for(model: nn.Module, blocks: Sequence[Block],
+               replacement: Callable[[Block, torch.Tensor], torch.Tensor] | None = None) -> SuffixRunner | None:
+    """`build_runner`, reused while `model`'s module tree (the same module objects) and `blocks`
+    are unchanged; set to `replacement` (see `SuffixRunner.use`)."""
+    key = (_structure(model), tuple(blocks), replacement is not None)
+    cached = _runners.setdefault(model, {})
+    if key not in cached:
+        if len(cached) >= _RUNNERS_PER_MODEL:
+            del cached[next(iter(cached))]  # the oldest
+        cached[key] = build_runner(model, blocks, replacement)
+    runner = cached[key]
+    return runner.use(replacement) if runner is not None else None
 
 
 def build_runner(model: nn.Module, blocks: Sequence[Block],
@@ -107,14 +149,15 @@ def build_runner(model: nn.Module, blocks: Sequence[Block],
         return None
     hosts = [block.module for block in blocks]
     surgery = {}
+    current = _Replacement(replacement) if replacement is not None else None
     for block in blocks:
-        if replacement is None or block.strategy != "hooks" or hosts.count(block.module) != 1:
+        if current is None or block.strategy != "hooks" or hosts.count(block.module) != 1:
             continue
-        found = _deleted_branch_graph(model, block, lambda shortcut, block=block: replacement(block, shortcut))
+        found = _deleted_branch_graph(model, block, lambda shortcut, block=block: current(block, shortcut))
         call = nodes[starts[block.name]]
         if found is not None and not call.kwargs and len(call.args) == sum(n.op == "placeholder" for n in found.nodes):
             surgery[block.name] = found
-    return SuffixRunner(model, graph, starts, surgery)
+    return SuffixRunner(model, graph, starts, surgery, current)
 
 
 def _call_starts(nodes: list[fx.Node], blocks: Sequence[Block]) -> dict[str, int] | None:

@@ -21,7 +21,7 @@ from probe.ablation import branch_replacement, check_mode
 from probe.batches import batches, check_targets_fit, explained_misfit, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.hooks import attached, model_preserved, replace_branches
-from probe.suffix import InPlaceError, build_runner
+from probe.suffix import InPlaceError, runner_for
 
 COLUMNS = ["block", "position", "mode", "accuracy", "loss", "accuracy_drop", "loss_increase",
            "flip_rate", "samples"]
@@ -73,7 +73,7 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     # Cut points are needed only where ablations start: the involved blocks' modules. (Blocks
     # given as Block objects, e.g. from a spec, then need no discovery at all.)
     replacement = branch_replacement(mode, means)
-    runner = build_runner(model, involved, replacement) if fast and involved else None
+    runner = runner_for(model, involved, replacement) if fast and involved else None
     active: set[str] = set()
     tally = _Tally(len(sets) + 1, device, per_class, outcomes)
     with model_preserved(model), attached() as handles, torch.no_grad():

@@ -198,3 +198,29 @@ def test_per_class_and_outcomes(tiny_net):
     assert baseline["class_accuracy"] == pytest.approx([1.0, 0.0])
     assert without2["class_accuracy"] == pytest.approx([1.0, 0.5])
     assert without2["class_samples"] == [1, 2]
+
+
+def test_sweeps_reuse_the_suffixes_and_swap_the_replacement(monkeypatch):
+    # Tracing the suffixes costs more than a small sweep on a GPU: a second sweep of the same
+    # model reuses them, in zero and in mean mode alike, and a changed module tree retraces.
+    import probe.suffix
+    from probe.models import cifar_resnet
+
+    torch.manual_seed(0)
+    model = cifar_resnet(20, num_classes=4).eval()
+    batches = [(torch.randn(5, 3, 16, 16), torch.randint(0, 4, (5,))) for _ in range(2)]
+    builds = []
+    build = probe.suffix.build_runner
+    monkeypatch.setattr(probe.suffix, "build_runner", lambda *a, **k: builds.append(1) or build(*a, **k))
+    first = probe.sweep(model, batches, progress=False)
+    again = probe.sweep(model, batches, progress=False)
+    mean = probe.sweep(model, batches, mode="mean", progress=False)
+    assert len(builds) == 1
+    assert first.equals(again)
+    naive_mean = probe.sweep(model, batches, mode="mean", fast=False, progress=False)
+    columns = ["accuracy", "loss", "flip_rate"]
+    assert (mean[columns] - naive_mean[columns]).abs().to_numpy().max() < 1e-5
+    assert (mean["loss"] - first["loss"]).abs().max() > 1e-3  # the mean replacement was really used
+    model.layer3[2] = cifar_resnet(20, num_classes=4).layer3[2]  # a new module object: trace again
+    probe.sweep(model, batches, progress=False)
+    assert len(builds) == 2
