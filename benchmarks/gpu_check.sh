@@ -2,6 +2,7 @@
 # Check probe's GPU path and print the benchmarks' ratios, in one run of about 6 minutes.
 #
 #   bash benchmarks/gpu_check.sh [LOG_DIR]     # default LOG_DIR: $OUT, else /tmp/probe-gpu-check
+#   GPU_CHECK_ONLY="correctness hooks-default" bash benchmarks/gpu_check.sh   # some steps only
 #
 # Without a GPU every step runs on the CPU instead (slowly). Each step has its own time limit
 # and a failing step does not stop the others; the ratios are summed up at the end.
@@ -20,6 +21,7 @@ failed=()
 step() {  # step NAME SECONDS COMMAND...: run, log, note a failure or a timeout
     local name=$1 limit=$2
     shift 2
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then return; fi
     echo "== $name  ($(date +%T), limit ${limit}s)" | tee -a "$log"
     local start=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee -a "$log"
@@ -66,8 +68,11 @@ bench sweep-resnet50 90 sweep_speed.py --model resnet50 --data synthetic --image
     --batch-size 128 --precision bf16 --channels-last
 bench hooks-resnet50 60 hook_overhead.py --model resnet50 --data synthetic --image-size 224 --samples 1024 \
     --batch-size 128 --precision bf16 --channels-last
+# Other ways to compute the hooks' reductions, and CUDA graphs, on the same three workloads.
 bench variants-default 90 hook_variants.py
 bench variants-cifar-size 90 hook_variants.py --data synthetic --samples 16384 --batch-size 1024
+bench variants-resnet50 90 hook_variants.py --model resnet50 --data synthetic --image-size 224 --samples 1024 \
+    --batch-size 128 --precision bf16 --channels-last
 bench memory 90 memory.py
 
 echo "== summary ($device)"

@@ -39,10 +39,13 @@ def check(name: str, difference: float, tolerance: float) -> None:
 
 
 def relative(a, b, columns) -> float:
+    """Largest |a - b| / (|b| + a thousandth of the column's largest |b|): relative, but a value
+    near zero (an untrained net's vanishing branch) is judged on its column's scale."""
     a, b = a[columns].to_numpy(dtype=float), b[columns].to_numpy(dtype=float)
     if not (abs(a) < float("inf")).all() or not (abs(b) < float("inf")).all():
         return float("inf")
-    return float((abs(a - b) / (abs(b) + 1e-6)).max())
+    floor = 1e-3 * abs(b).max(axis=0) + 1e-12
+    return float((abs(a - b) / (abs(b) + floor)).max())
 
 
 def snapshot(model: torch.nn.Module) -> dict:
@@ -84,8 +87,10 @@ def case(name: str, channels: int, side: int, batch: int, count: int, device: to
 
     last = copy.deepcopy(model).to(memory_format=torch.channels_last)
     last_data = [(x.to(memory_format=torch.channels_last), y) for x, y in data]
+    # cuDNN picks its algorithms per layout (Winograd among them), so fp32 layouts agree to
+    # about 1e-3 (mobilenet_v2 on an H100: 1.7e-3), not to the last bit.
     check("measure, channels_last vs default", relative(probe.measure(last, last_data, progress=False), stats,
-                                                        STAT_COLUMNS), 1e-3)
+                                                        STAT_COLUMNS), 1e-2)
     check("sweep, channels_last fast vs naive", relative(probe.sweep(last, last_data, progress=False),
                                                          probe.sweep(last, last_data, fast=False, progress=False),
                                                          SWEEP_COLUMNS), 1e-4)
@@ -95,7 +100,11 @@ def case(name: str, channels: int, side: int, batch: int, count: int, device: to
             low = probe.measure(model, data, progress=False)
             low_fast = probe.sweep(model, data, progress=False)
             low_naive = probe.sweep(model, data, fast=False, progress=False)
-        check(f"measure, {label} autocast vs fp32", relative(low, stats, ["ratio"]), 5e-2)
+        # Untrained nets such as mobilenet_v2 shrink activations towards zero block by block, below
+        # what fp16 can hold: compare the blocks whose branch is not vanishingly small.
+        kept = stats["branch_norm"] > 1e-3 * stats["branch_norm"].max()
+        check(f"measure, {label} autocast vs fp32 ({int(kept.sum())} of {len(kept)} blocks)",
+              relative(low[kept], stats[kept], ["ratio"]), 5e-2)
         check(f"sweep loss, {label} autocast vs fp32", relative(low_fast, fast, ["loss"]), 5e-2)
         check(f"sweep, {label} fast vs naive", relative(low_fast, low_naive, ["loss"]), 1e-2)
     check("model left unchanged (parameters, buffers, modes, hooks)", 0.0 if unchanged(model, before) else 1.0, 0.0)

@@ -95,3 +95,39 @@ def test_measure_memory_does_not_hold_activations(tiny_net):
         moments.add(torch.tensor([1]), torch.ones(1, 7, 4), torch.zeros(7, dtype=torch.long), 1)
     assert moments.sums.shape == (2, 1, 9)
     assert moments.sums[1, 0, 0] == 350 and moments.sums[0, 0, 0] == 0
+
+
+def test_channels_last_and_bf16_are_measured_without_copies_and_alike():
+    import importlib
+
+    from probe.models import cifar_resnet
+
+    measure_module = importlib.import_module("probe.measure")
+    torch.manual_seed(0)
+    model = cifar_resnet(20, num_classes=4).eval()
+    batches = [(torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,)))]
+    reference = probe.measure(model, batches, progress=False)
+    last = cifar_resnet(20, num_classes=4).eval()
+    last.load_state_dict(model.state_dict())
+    last = last.to(memory_format=torch.channels_last)
+    in_last = [(x.to(memory_format=torch.channels_last), y) for x, y in batches]
+    columns = ["branch_norm", "shortcut_norm", "ratio", "cosine"]
+    assert_frame_close(probe.measure(last, in_last, progress=False)[columns], reference[columns], rtol=1e-5)
+    # The flattened pair of a channels_last block is a view: nothing is copied per block.
+    branch = torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last)
+    shortcut = torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last)
+    f, s = measure_module._flat_pair(branch, shortcut)
+    assert f.data_ptr() == branch.data_ptr() and f._base is not None and s._base is not None
+    norm, _, dot = measure_module._reduction_parts(branch, shortcut)
+    assert torch.allclose(norm, branch.flatten(1).norm(dim=1)) and torch.allclose(
+        dot, (branch.flatten(1) * shortcut.flatten(1)).sum(dim=1), atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = probe.measure(model, batches, progress=False)
+    assert_frame_close(low[columns], reference[columns], rtol=2e-2)
+
+
+def assert_frame_close(actual, expected, rtol):
+    import numpy as np
+
+    a, b = actual.to_numpy(dtype=float), expected.to_numpy(dtype=float)
+    assert np.allclose(a, b, rtol=rtol, atol=1e-6), np.abs(a - b).max()
