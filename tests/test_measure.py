@@ -131,3 +131,15 @@ def assert_frame_close(actual, expected, rtol):
 
     a, b = actual.to_numpy(dtype=float), expected.to_numpy(dtype=float)
     assert np.allclose(a, b, rtol=rtol, atol=1e-6), np.abs(a - b).max()
+
+
+def test_float64_model_is_measured_like_float32():
+    from probe.models import cifar_resnet
+
+    torch.manual_seed(0)
+    model = cifar_resnet(20, num_classes=4).eval()
+    batches = [(torch.randn(4, 3, 16, 16), torch.randint(0, 4, (4,)))]
+    reference = probe.measure(model, batches, progress=False)
+    double = probe.measure(model.double(), [(x.double(), y) for x, y in batches], progress=False)
+    columns = ["branch_norm", "shortcut_norm", "ratio", "cosine"]
+    assert_frame_close(double[columns], reference[columns], rtol=1e-4)
