@@ -162,6 +162,10 @@ def _shortcut_only(module: nn.Module, module_name: str, blocks: Sequence[Block])
     # tracing is all that needs (every submodule is kept as a leaf), and keeps the saved model
     # loadable without this module.
     graph._tracer_cls = None
+    # Type annotations are cosmetic in fx code; string ones (modules with `from __future__ import
+    # annotations`, like ours) break torch.save before torch 2.12 (pytorch/pytorch#167117).
+    for node in graph.nodes:
+        node.type = None
     pruned = fx.GraphModule(module, graph, class_name=f"Pruned{type(module).__name__}")
     # The branch's call is now unused: dead-code elimination drops it and everything feeding only
     # it, and the submodules no node calls any more are detached (that is the size reduction).
