@@ -81,14 +81,23 @@ def autocast(args):
 
 def best_time(function: Callable[[], object], repeats: int, device: str = "cpu") -> float:
     """Minimum wall time of `repeats` runs after one warm-up run (the least noisy estimate)."""
-    function()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    return best_times([function], repeats, device)[0]
+
+
+def best_times(functions: list[Callable[[], object]], repeats: int, device: str = "cpu") -> list[float]:
+    """Minimum wall time of each function over `repeats` rounds, after one warm-up each. The
+    functions take turns within every round, so a slow spell on a shared machine hits all of
+    them alike instead of the one that happened to run then."""
+    for function in functions:
         function()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    times: list[list[float]] = [[] for _ in functions]
+    for _ in range(repeats):
+        for function, spent in zip(functions, times):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            function()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            spent.append(time.perf_counter() - start)
+    return [min(spent) for spent in times]

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import probe  # noqa: E402
-from common import autocast, best_time, default_setup, describe, parser  # noqa: E402
+from common import autocast, best_times, default_setup, describe, parser  # noqa: E402
 
 
 def main() -> None:
@@ -31,8 +31,7 @@ def main() -> None:
         with autocast(args):
             probe.measure(model, data, progress=False)
 
-    plain_s = best_time(plain, args.repeats, args.device)
-    measure_s = best_time(measured, args.repeats, args.device)
+    plain_s, measure_s = best_times([plain, measured], args.repeats, args.device)
     print("hooks: " + describe(args, len(blocks), data))
     print(f"  plain inference forward: {plain_s:.3f} s")
     print(f"  probe.measure:           {measure_s:.3f} s")

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import probe  # noqa: E402
-from common import autocast, best_time, default_setup, describe, parser  # noqa: E402
+from common import autocast, best_times, default_setup, describe, parser  # noqa: E402
 
 
 def main() -> None:
@@ -27,8 +27,7 @@ def main() -> None:
         with autocast(args):
             return probe.sweep(model, data, fast=False, progress=False)
 
-    fast_s = best_time(fast, args.repeats, args.device)
-    naive_s = best_time(naive, args.repeats, args.device)
+    fast_s, naive_s = best_times([fast, naive], args.repeats, args.device)
     columns = ["accuracy", "loss", "flip_rate"]
     difference = (fast()[columns] - naive()[columns]).abs().to_numpy().max()
     blocks = len(probe.find_blocks(model))

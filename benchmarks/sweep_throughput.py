@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import probe  # noqa: E402
-from common import autocast, best_time, default_setup, describe, parser  # noqa: E402
+from common import autocast, best_times, default_setup, describe, parser  # noqa: E402
 
 
 def main() -> None:
@@ -31,8 +31,7 @@ def main() -> None:
         with autocast(args):
             probe.sweep(model, data, progress=False)
 
-    plain_s = best_time(plain, max(args.repeats, 5), args.device)
-    sweep_s = best_time(sweep, args.repeats, args.device)
+    plain_s, sweep_s = best_times([plain, sweep], max(args.repeats, 5), args.device)
     blocks = len(probe.find_blocks(model))
     print("throughput: " + describe(args, blocks, data))
     print(f"  plain inference: {samples / plain_s:10.0f} images/s")
