@@ -36,6 +36,7 @@ from analyses.evaluation import check_table, single_block_sweep
 from analyses.verdict import rank_correlation
 from probe.batches import batches, model_device
 from probe.blocks import Block, resolve_blocks
+from probe.errors import ProbeError
 from probe.hooks import attached, model_preserved, tap_pairs
 
 __all__ = ["PROXIES", "AttributionResult", "attribution", "block_influence", "gradient_x_activation", "main"]
@@ -99,7 +100,11 @@ def gradient_x_activation(model: nn.Module, data: Iterable, *, blocks: Sequence[
     output), samples. The model runs in eval mode; its parameters' `.grad` are left as they
     were (captum differentiates with torch.autograd.grad).
     """
-    from captum.attr import LayerGradientXActivation
+    try:
+        from captum.attr import LayerGradientXActivation
+    except ImportError as error:  # a declared dependency, but a hand-made environment may lack it
+        raise ProbeError(f"gradient x activation needs captum, which cannot be imported here ({error}); "
+                         "pip install captum.") from error
 
     every = resolve_blocks(model, blocks)
     # captum attributes to a module's output: blocks whose F(x) is a module output ("hooks"

@@ -62,6 +62,16 @@ def test_gradient_x_activation_by_hand(tiny_net):
         assert table.loc[name, "gradient_x_activation"] == pytest.approx(value, rel=1e-5)
 
 
+def test_gradient_x_activation_without_captum_is_a_clear_probe_error(tiny_net, monkeypatch):
+    # A report then shows the attribution section as not run, instead of losing the whole run
+    # (seen on a GPU machine whose environment lacked captum).
+    monkeypatch.setitem(__import__("sys").modules, "captum.attr", None)  # makes the import fail
+    before = snapshot(tiny_net)
+    with pytest.raises(probe.ProbeError, match="needs captum.*pip install captum"):
+        gradient_x_activation(tiny_net, data(2))
+    assert_unchanged(tiny_net, before)
+
+
 def test_gradient_x_activation_leaves_users_inputs_alone(tiny_net):
     batches = data(3)
     gradient_x_activation(tiny_net, batches)
