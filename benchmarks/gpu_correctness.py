@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def main() -> None:
     # TF32 would make fp32 convolutions differ from the CPU's by about 1e-3 relative.
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_num_threads(4)
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
     for name, channels, side, batch, count in [c for c in CASES if c[0] in args.models]:
         try:
             case(name, channels, side, batch, count, torch.device(args.device))

@@ -1,0 +1,65 @@
+"""The benchmark scripts and the GPU check still run, and their own checks hold (on the CPU,
+on tiny workloads: the timings themselves are for benchmarks/, never asserted here)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def run(*args: str, env: dict | None = None) -> str:
+    result = subprocess.run(args, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def ratio(output: str, label: str) -> float:
+    match = re.search(rf"{label}:?\s+([0-9.]+)", output)
+    assert match, output
+    return float(match.group(1))
+
+
+TINY = ["--model", "resnet20", "--samples", "24", "--batch-size", "8", "--repeats", "1", "--threads", "1"]
+
+
+def test_sweep_speed_tables_agree_and_ratio_is_printed():
+    output = run(sys.executable, "benchmarks/sweep_speed.py", *TINY)
+    assert "resnet20 (9 blocks), 24 digits images 1x16x16, batch 8, cpu, fp32" in output
+    assert ratio(output, "largest difference between the tables") == 0.0
+    assert ratio(output, "ratio fast / naive") > 0
+
+
+def test_hook_overhead_and_throughput_on_synthetic_channels_last_bf16():
+    options = [*TINY, "--data", "synthetic", "--image-size", "16", "--precision", "bf16", "--channels-last"]
+    output = run(sys.executable, "benchmarks/hook_overhead.py", *options)
+    assert "24 synthetic images 3x16x16, batch 8, cpu, bf16, channels_last" in output
+    assert ratio(output, "ratio measure / plain") > 0
+    output = run(sys.executable, "benchmarks/sweep_throughput.py", *options)
+    assert ratio(output, "ratio sweep / inference images/s") > 0
+
+
+def test_memory_benchmark_reports_both_operations():
+    output = run(sys.executable, "benchmarks/memory.py", "--samples", "40", "--batch-size", "20")
+    assert re.search(r"measure\s+resident .* ratio [0-9.]+", output) and re.search(r"sweep\s+resident", output)
+
+
+def test_gpu_correctness_checks_pass_on_the_cpu():
+    output = run(sys.executable, "benchmarks/gpu_correctness.py", "--device", "cpu", "--models", "resnet20")
+    assert "FAIL" not in output and output.strip().endswith("0 failed")
+    assert "measure, bfloat16 autocast vs fp32" in output and "model left unchanged" in output
+
+
+def test_gpu_check_runs_the_steps_it_is_asked_for_and_reports_failures(tmp_path):
+    output = run("bash", "benchmarks/gpu_check.sh", str(tmp_path / "ok"),
+                 env={**ENV, "GPU_CHECK_ONLY": "environment", "PYTHON": sys.executable})
+    assert "== environment" in output and "== correctness" not in output
+    assert "no GPU: CPU numbers" in output and output.strip().endswith("every step passed")
+    assert (tmp_path / "ok" / "gpu_check.log").read_text().startswith("== environment")
+    broken = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "broken")], cwd=ROOT,
+                            env={**ENV, "GPU_CHECK_ONLY": "environment", "PYTHON": "no-such-python"},
+                            capture_output=True, text=True, timeout=120)
+    assert broken.returncode == 1 and "failed step: environment (exit 127)" in broken.stdout
