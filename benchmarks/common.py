@@ -71,6 +71,17 @@ def describe(args, model_blocks: int, data: list) -> str:
             f"{args.device}, {args.precision}{layout}{threads}")
 
 
+def plain_inference(model: torch.nn.Module, data: list, args) -> Callable[[], None]:
+    """The baseline every ratio is taken against: one no-grad forward over every batch."""
+
+    def run() -> None:
+        with torch.no_grad(), autocast(args):
+            for inputs, _ in data:
+                model(inputs)
+
+    return run
+
+
 def autocast(args):
     """The autocast context `--precision` asks for (none for fp32)."""
     dtype = PRECISIONS[args.precision]

@@ -10,10 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 
 import probe  # noqa: E402
-from common import autocast, best_times, default_setup, describe, parser  # noqa: E402
+from common import autocast, best_times, default_setup, describe, parser, plain_inference  # noqa: E402
 
 
 def main() -> None:
@@ -22,10 +21,7 @@ def main() -> None:
     model, data = default_setup(args)
     blocks = probe.find_blocks(model)  # discovery is cached per model; time the measuring, not the trace
 
-    def plain() -> None:
-        with torch.no_grad(), autocast(args):
-            for inputs, _ in data:
-                model(inputs)
+    plain = plain_inference(model, data, args)
 
     def measured() -> None:
         with autocast(args):

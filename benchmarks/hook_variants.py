@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import probe  # noqa: E402
-from common import autocast, best_time, default_setup, describe, parser  # noqa: E402
+from common import autocast, best_time, default_setup, describe, parser, plain_inference  # noqa: E402
 from probe.hooks import tap_pairs  # noqa: E402
 
 measure_module = importlib.import_module("probe.measure")  # the module, not the function probe exports
@@ -26,15 +26,7 @@ measure_module = importlib.import_module("probe.measure")  # the module, not the
 COLUMNS = ["branch_norm", "shortcut_norm", "ratio", "cosine"]
 
 
-def flat_pair(branch: torch.Tensor, shortcut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, elements) views of both in one shared element order: channels_last tensors are
-    read in memory order (a reshape in NCHW order would copy them)."""
-    n = len(branch)
-    if (branch.dim() == 4 and not branch.is_contiguous()
-            and branch.is_contiguous(memory_format=torch.channels_last)
-            and shortcut.is_contiguous(memory_format=torch.channels_last)):
-        return branch.permute(0, 2, 3, 1).reshape(n, -1), shortcut.permute(0, 2, 3, 1).reshape(n, -1)
-    return branch.reshape(n, -1), shortcut.reshape(n, -1)
+flat_pair = measure_module._flat_pair  # the library's own: views in memory order
 
 
 def norms(f: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,10 +111,7 @@ def main() -> None:
     model, data = default_setup(args)
     blocks = probe.find_blocks(model)
 
-    def plain() -> None:
-        with torch.no_grad(), autocast(args):
-            for inputs, _ in data:
-                model(inputs)
+    plain = plain_inference(model, data, args)
 
     def measured():
         with autocast(args):
