@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import probe  # noqa: E402
-from common import autocast, best_time, default_setup, describe, parser, plain_inference  # noqa: E402
+from common import autocast, best_times, default_setup, describe, parser, plain_inference  # noqa: E402
 from probe.hooks import tap_pairs  # noqa: E402
 
 measure_module = importlib.import_module("probe.measure")  # the module, not the function probe exports
@@ -57,21 +57,35 @@ def fused_source(branch, shortcut):
     return (f * f).sum(dim=1).sqrt(), (s * s).sum(dim=1).sqrt(), (f * s).sum(dim=1)
 
 
+def with_reductions(parts, function):
+    """`function`, run with measure's per-block reductions computed by `parts` instead."""
+
+    def run():
+        original = measure_module._reduction_parts
+        measure_module._reduction_parts = parts
+        try:
+            return function()
+        finally:
+            measure_module._reduction_parts = original
+
+    return run
+
+
 def relative(table, reference) -> float:
     a, b = table[COLUMNS].to_numpy(dtype=float), reference[COLUMNS].to_numpy(dtype=float)
     return float((abs(a - b) / (abs(b) + 1e-6)).max())
 
 
 def graphed(model, data, instrumented: bool):
-    """One CUDA graph per batch shape of the (instrumented) forward; returns a replay function
-    and the per-block reductions of every batch."""
+    """One CUDA graph per batch shape of the (instrumented) forward, and a function that replays
+    them over `data`, returning each batch's per-block sums of the quantities when instrumented."""
     blocks = probe.find_blocks(model)
     seen: dict[int, torch.Tensor] = {}
     rows = {block.name: row for row, block in enumerate(blocks)}
     handles: list = []
     if instrumented:
         tap_pairs(model, blocks, lambda b, f, s: seen.__setitem__(rows[b.name], measure_module._reductions(f, s)),
-                  handles)  # noqa: E501
+                  handles)
     graphs = {}
     with torch.no_grad():
         for inputs, _ in data:
@@ -118,39 +132,35 @@ def main() -> None:
             return probe.measure(model, data, progress=False)
 
     print("hook variants: " + describe(args, len(blocks), data))
-    plain_s = best_time(plain, args.repeats, args.device)
     reference = measured()
-    measure_s = best_time(measured, args.repeats, args.device)
-    print(f"  plain eager forward:             {plain_s:.4f} s")
-    print(f"  probe.measure (eager hooks):     {measure_s:.4f} s   ratio {measure_s / plain_s:.3f}")
-
-    original = measure_module._reduction_parts
     variants = {"eager of the previous release (copies)": previous,
                 "no-copy flatten, norms with dtype, (F*s).sum": no_copy_mul_sum,
                 "no-copy flatten, norms with dtype, bmm": no_copy_bmm,
                 "fused, torch.compile(dynamic)": torch.compile(fused_source, dynamic=True)}
+    runs, notes = {}, {}
     for label, parts in variants.items():
+        run = with_reductions(parts, measured)
         try:
-            measure_module._reduction_parts = parts
             start = time.perf_counter()
-            result = measured()
-            first_s = time.perf_counter() - start
-            variant_s = best_time(measured, args.repeats, args.device)
-            difference = relative(result, reference)
-            print(f"  measure, {label:45s} {variant_s:.4f} s   ratio {variant_s / plain_s:.3f}   "
-                  f"(first call {first_s:.1f} s; largest relative difference {difference:.1e})")
+            result = run()  # the first call, compiling included, is timed apart
+            notes[label] = (f"first call {time.perf_counter() - start:.1f} s; "
+                            f"largest relative difference {relative(result, reference):.1e}")
+            runs[label] = run
         except Exception as error:  # a variant that fails is a finding, not the end of the run
             print(f"  measure, {label}: failed: {type(error).__name__}: {str(error)[:300]}")
-        finally:
-            measure_module._reduction_parts = original
+    # Everything takes turns in every round, as in the other benchmarks.
+    plain_s, measure_s, *variant_s = best_times([plain, measured, *runs.values()], args.repeats, args.device)
+    print(f"  plain eager forward:             {plain_s:.4f} s")
+    print(f"  probe.measure (eager hooks):     {measure_s:.4f} s   ratio {measure_s / plain_s:.3f}")
+    for label, seconds in zip(runs, variant_s):
+        print(f"  measure, {label:45s} {seconds:.4f} s   ratio {seconds / plain_s:.3f}   ({notes[label]})")
 
     if args.device.startswith("cuda"):
         try:
             with autocast(args):
                 plain_graph = graphed(model, data, instrumented=False)
                 measure_graph = graphed(model, data, instrumented=True)
-            plain_graph_s = best_time(plain_graph, args.repeats, args.device)
-            measure_graph_s = best_time(measure_graph, args.repeats, args.device)
+            plain_graph_s, measure_graph_s = best_times([plain_graph, measure_graph], args.repeats, args.device)
             total = sum(measure_graph())
             expected = torch.tensor(reference["ratio"].to_numpy())
             mean_ratio = (total[:, 2] / sum(len(y) for _, y in data)).cpu()
