@@ -93,7 +93,7 @@ class Block:
 _discovered: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _structure(model: nn.Module) -> tuple:
+def module_tree(model: nn.Module) -> tuple:
     """The module tree as it is now: names, classes and identities (any change retraces)."""
     return tuple((name, type(module), id(module)) for name, module in model.named_modules())
 
@@ -114,7 +114,7 @@ def find_blocks(model: nn.Module, *, example_input: object = None, spec: object 
         from probe.spec import blocks_from_spec  # spec.py builds Blocks: imported late, no cycle
 
         return blocks_from_spec(model, spec)
-    structure = _structure(model)
+    structure = module_tree(model)
     cached = _discovered.get(model)
     if example_input is None and cached is not None and cached[0] == structure:
         return list(cached[1])

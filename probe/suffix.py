@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from probe.blocks import Block, _structure
+from probe.blocks import Block, module_tree
 
 
 class ModulesAsLeaves(fx.Tracer):
@@ -115,7 +115,7 @@ def runner_for(model: nn.Module, blocks: Sequence[Block],
                replacement: Callable[[Block, torch.Tensor], torch.Tensor] | None = None) -> SuffixRunner | None:
     """`build_runner`, reused while `model`'s module tree (the same module objects) and `blocks`
     are unchanged; set to `replacement` (see `SuffixRunner.use`)."""
-    key = (_structure(model), tuple(blocks), replacement is not None)
+    key = (module_tree(model), tuple(blocks), replacement is not None)
     cached = _runners.setdefault(model, {})
     if key not in cached:
         if len(cached) >= _RUNNERS_PER_MODEL:
