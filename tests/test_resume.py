@@ -37,9 +37,25 @@ def uninterrupted(checkpoint, tmp_path_factory):
     return (out / "blocks.csv").read_text()
 
 
+# `python -m probe.ablate`, paused for a minute once it has saved the second sweep piece: the test
+# interrupts it there, mid-sweep. Without the pause a fast sweep can finish before the signal lands.
+PAUSED_AFTER_SECOND_PIECE = """
+import runpy, sys, time
+from probe.rundir import RunDirectory
+save = RunDirectory.save
+def save_then_pause(self, name, value):
+    save(self, name, value)
+    if name == "sweep-1":
+        time.sleep(60)
+RunDirectory.save = save_then_pause
+sys.argv = ["probe.ablate", *sys.argv[1:]]
+runpy.run_module("probe.ablate", run_name="__main__", alter_sys=True)
+"""
+
+
 def start(checkpoint, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.Popen([sys.executable, "-m", "probe.ablate", *argv(checkpoint, out)], env=env,
+    return subprocess.Popen([sys.executable, "-c", PAUSED_AFTER_SECOND_PIECE, *argv(checkpoint, out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -65,7 +81,7 @@ def test_interrupted_run_resumes_to_the_same_table(how, checkpoint, uninterrupte
     process.send_signal(how)
     _, stderr = process.communicate(timeout=60)
     finished = sorted(p.name for p in (out / "partial").glob("sweep-*.pt"))
-    assert 2 <= len(finished) < 9, finished  # stopped mid-sweep
+    assert finished == ["sweep-0.pt", "sweep-1.pt"]  # stopped mid-sweep, nothing after the pause
     assert not (out / "blocks.csv").exists()
     if how == signal.SIGINT:
         assert process.returncode == 130
