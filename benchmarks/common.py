@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import time
 from collections.abc import Callable
 
@@ -96,7 +97,12 @@ def best_time(function: Callable[[], object], repeats: int, device: str = "cpu")
 
 
 def best_times(functions: list[Callable[[], object]], repeats: int, device: str = "cpu") -> list[float]:
-    """Minimum wall time of each function over `repeats` rounds, after one warm-up each. The
+    """Minimum wall time of each function over `repeats` rounds (see `timed_rounds`)."""
+    return [min(spent) for spent in timed_rounds(functions, repeats, device)]
+
+
+def timed_rounds(functions: list[Callable[[], object]], repeats: int, device: str = "cpu") -> list[list[float]]:
+    """Wall time of each function in each of `repeats` rounds, after one warm-up each. The
     functions take turns within every round, so a slow spell on a shared machine hits all of
     them alike instead of the one that happened to run then."""
     for function in functions:
@@ -111,4 +117,12 @@ def best_times(functions: list[Callable[[], object]], repeats: int, device: str 
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             spent.append(time.perf_counter() - start)
-    return [min(spent) for spent in times]
+    return times
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of numerator / denominator within the same round. The ratio of the two
+    minima rewards whichever function had the luckiest round: on the dev VM, whose host takes
+    back up to half the CPU, it swung from 0.89 to 1.18 between runs of the hook benchmark, while
+    medians over 40 rounds stayed between 1.066 and 1.086."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))

@@ -12,12 +12,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 import probe  # noqa: E402
-from common import autocast, best_times, default_setup, describe, parser, plain_inference  # noqa: E402
+from common import autocast, default_setup, describe, paired_ratio, parser, plain_inference, timed_rounds  # noqa: E402
 
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    args.repeats = max(args.repeats, 5)
+    args.repeats = max(args.repeats, 40)
     model, data = default_setup(args)
     blocks = probe.find_blocks(model)  # discovery is cached per model; time the measuring, not the trace
 
@@ -27,11 +27,12 @@ def main() -> None:
         with autocast(args):
             probe.measure(model, data, progress=False)
 
-    plain_s, measure_s = best_times([plain, measured], args.repeats, args.device)
+    plain_s, measure_s = timed_rounds([plain, measured], args.repeats, args.device)
     print("hooks: " + describe(args, len(blocks), data))
-    print(f"  plain inference forward: {plain_s:.3f} s")
-    print(f"  probe.measure:           {measure_s:.3f} s")
-    print(f"  ratio measure / plain:   {measure_s / plain_s:.3f}   (target <= 1.05)")
+    print(f"  plain inference forward: {min(plain_s):.3f} s (fastest of {args.repeats} rounds)")
+    print(f"  probe.measure:           {min(measure_s):.3f} s")
+    print(f"  ratio measure / plain:   {paired_ratio(measure_s, plain_s):.3f}   (target <= 1.05; median of the "
+          f"rounds' ratios; fastest against fastest: {min(measure_s) / min(plain_s):.3f})")
 
 
 if __name__ == "__main__":

@@ -63,3 +63,12 @@ def test_gpu_check_runs_the_steps_it_is_asked_for_and_reports_failures(tmp_path)
                             env={**ENV, "GPU_CHECK_ONLY": "environment", "PYTHON": "no-such-python"},
                             capture_output=True, text=True, timeout=120)
     assert broken.returncode == 1 and "failed step: environment (exit 127)" in broken.stdout
+
+
+def test_paired_ratio_is_the_median_of_each_rounds_ratio():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import paired_ratio
+
+    # Rounds' ratios 3, 1 and 2.5: the median is 2.5; the ratio of the minima would say 3 / 1 = 3.
+    assert paired_ratio([3.0, 3.0, 10.0], [1.0, 3.0, 4.0]) == 2.5
+    assert paired_ratio([1.0, 3.0], [1.0, 1.0]) == 2.0  # even count: the mean of the middle two
