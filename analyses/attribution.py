@@ -146,25 +146,27 @@ def _timed(compute):
 
 def attribution(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None, *,
                 truth_seconds: float | None = None, mode: str = "zero", calibration: Iterable | None = None,
-                progress: bool = True) -> AttributionResult:
+                blocks: Sequence[str | Block] | None = None, progress: bool = True) -> AttributionResult:
     """Every proxy in `PROXIES`, its cost, and its rank correlation with the measured drop.
 
     table: the per-block table with the truth (block, position, accuracy_drop, loss_increase),
     e.g. from `python -m probe.ablate`; when None the single-block sweep runs here and is timed.
     truth_seconds: how long that sweep took, when it ran elsewhere (NaN if unknown).
+    blocks: the blocks the table covers (names or Blocks, e.g. from a spec); all discovered when None.
     """
+    blocks = resolve_blocks(model, blocks)
     recal = calibration is not None
     if table is None:
         (table, _), truth_seconds = _timed(lambda: single_block_sweep(model, data, mode=mode, calibration=calibration,
-                                                                      progress=progress))
+                                                                      blocks=blocks, progress=progress))
     else:
         if "bn_recalibrated" in table.columns:
             recal = bool(table["bn_recalibrated"].iloc[0])
-    truth = check_table(table, ["block", "position", "accuracy_drop", "loss_increase"], "attribution", model)
+    truth = check_table(table, ["block", "position", "accuracy_drop", "loss_increase"], "attribution", model, blocks)
     truth = truth[["block", "position", "accuracy_drop", "loss_increase"]]
-    stats, measure_seconds = _timed(lambda: probe.measure(model, data, progress=progress))
-    influence, influence_seconds = _timed(lambda: block_influence(model, data, progress=progress))
-    gxa, gxa_seconds = _timed(lambda: gradient_x_activation(model, data, progress=progress))
+    stats, measure_seconds = _timed(lambda: probe.measure(model, data, blocks=blocks, progress=progress))
+    influence, influence_seconds = _timed(lambda: block_influence(model, data, blocks=blocks, progress=progress))
+    gxa, gxa_seconds = _timed(lambda: gradient_x_activation(model, data, blocks=blocks, progress=progress))
     proxies = {"ratio": (stats, measure_seconds), "cosine": (stats, measure_seconds),
                "block_influence": (influence, influence_seconds), "gradient_x_activation": (gxa, gxa_seconds)}
     score_tables, summary = [], []

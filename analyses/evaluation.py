@@ -44,13 +44,15 @@ def evaluate_sets(model: nn.Module, data: Iterable, sets: Sequence[Sequence[str 
 
 def single_block_sweep(model: nn.Module, data: Iterable, *, mode: str = "zero",
                        calibration: Iterable | None = None, per_class: bool = False, outcomes: bool = False,
+                       blocks: Sequence[str | Block] | None = None,
                        progress: bool = True) -> tuple[pd.DataFrame, tuple[dict, list[dict]]]:
     """`probe.sweep`'s table (same columns, plus `bn_recalibrated`) and the raw evaluation.
 
     The raw (baseline, results) carry per-class accuracies and per-sample outcomes when asked,
-    so the uncertainty analysis can reuse this one pass instead of sweeping again.
+    so the uncertainty analysis can reuse this one pass instead of sweeping again. blocks: the
+    blocks to delete one at a time (names or Blocks, e.g. from a spec); all discovered when None.
     """
-    blocks = resolve_blocks(model)
+    blocks = resolve_blocks(model, blocks)
     baseline, results = evaluate_sets(model, data, [[block] for block in blocks], mode=mode,
                                       calibration=calibration, per_class=per_class, outcomes=outcomes,
                                       progress=progress)
@@ -73,33 +75,38 @@ def sweep_table(blocks: Sequence[Block], baseline: dict, results: Sequence[dict]
 
 
 def block_table(model: nn.Module, data: Iterable, *, mode: str = "zero", calibration: Iterable | None = None,
-                rule=None, progress: bool = True) -> pd.DataFrame:
+                rule=None, blocks: Sequence[str | Block] | None = None, progress: bool = True) -> pd.DataFrame:
     """The per-block table `python -m probe.ablate` writes: measure + single deletions + verdict.
 
     For analyses called without a table. `attrs["baseline"]` holds the unablated model's numbers.
     """
     from analyses.verdict import VerdictRule, classify
 
-    stats = probe.measure(model, data, progress=progress)
-    sweep, _ = single_block_sweep(model, data, mode=mode, calibration=calibration, progress=progress)
+    blocks = resolve_blocks(model, blocks)
+    stats = probe.measure(model, data, blocks=blocks, progress=progress)
+    sweep, _ = single_block_sweep(model, data, mode=mode, calibration=calibration, blocks=blocks, progress=progress)
     table = classify(stats.merge(sweep.drop(columns="samples"), on=["block", "position"]),
                      rule or VerdictRule())
     table.attrs["baseline"] = sweep.attrs["baseline"]
     return table
 
 
-def check_table(table: pd.DataFrame, columns: Sequence[str], what: str, model: nn.Module) -> pd.DataFrame:
-    """`table` in forward order, validated: the needed columns, one row per block of `model`."""
+def check_table(table: pd.DataFrame, columns: Sequence[str], what: str, model: nn.Module,
+                blocks: Sequence[str | Block] | None = None) -> pd.DataFrame:
+    """`table` in forward order, validated: the needed columns, one row per block of `model`
+    (per block of `blocks`, when the table covers chosen blocks or blocks from a spec)."""
     if not isinstance(table, pd.DataFrame):
         raise probe.ProbeError(f"{what} needs the per-block table (a DataFrame), got {type(table).__name__}.")
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise probe.ProbeError(f"{what} needs column(s) {missing} in the per-block table; it has "
                                f"{list(table.columns)}. Build it with analyses.evaluation.block_table.")
-    names = [block.name for block in resolve_blocks(model)]
+    names = [block.name for block in resolve_blocks(model, blocks)]
     if sorted(map(str, table["block"])) != sorted(names):
-        raise probe.ProbeError(f"{what}: the table's blocks {list(table['block'])[:5]}... are not the model's "
-                               f"blocks {names[:5]}...; was it computed on another model?")
+        whose = "the model's blocks" if blocks is None else "the blocks asked for"
+        raise probe.ProbeError(f"{what}: the table's blocks {list(table['block'])[:5]}... are not {whose} "
+                               f"{names[:5]}...; was it computed on another model, or on other blocks "
+                               "(pass those as blocks=)?")
     order = {name: i for i, name in enumerate(names)}
     return table.assign(_order=table["block"].map(order)).sort_values("_order").drop(columns="_order") \
         .reset_index(drop=True)

@@ -60,12 +60,13 @@ def choose_sections(config) -> tuple[list[str], dict[str, str]]:
 
 def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluation: tuple[dict, list[dict]], *,
                  config, out: Path, device: str, calibration: Iterable | None, sweep_seconds: float,
-                 progress: bool = True) -> AnalysisOutputs:
+                 blocks: Sequence | None = None, progress: bool = True) -> AnalysisOutputs:
     """Run the chosen analyses on a probe.ablate run's results; write CSVs into `out`.
 
     table: the classified per-block table; evaluation: its single-block sweep with per-class
     accuracies and per-sample outcomes; calibration: held-out training batches (needed by the
-    recalibration section, and used everywhere when `config.bn_recalibrate`).
+    recalibration section, and used everywhere when `config.bn_recalibrate`); blocks: the
+    table's blocks (those of `--blocks-spec`; discovered when None), handed to every analysis.
     """
     from analyses import _cli
     from reports import sections as build
@@ -89,7 +90,7 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
 
         result = analyse(model, data, table, mode=config.mode, calibration=recal, random_draws=config.random_draws,
                          seed=config.seed, curve_points=config.curve_points, export_path=out / "pruned_model.pt",
-                         progress=progress)
+                         blocks=blocks, progress=progress)
         outputs.files.extend(_cli.write_tables(out, {"skipping": result.summary, "deletion_curves": result.curves,
                                                      "pruned_export": result.export}))
         outputs.files.append(out / "pruned_model.pt")
@@ -98,7 +99,8 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
     def attribution() -> object:
         from analyses.attribution import attribution as analyse
 
-        result = analyse(model, data, table, truth_seconds=sweep_seconds, mode=config.mode, progress=progress)
+        result = analyse(model, data, table, truth_seconds=sweep_seconds, mode=config.mode, blocks=blocks,
+                         progress=progress)
         outputs.files.extend(_cli.write_tables(out, {"attribution": result.scores, "proxies": result.summary}))
         return build.attribution_section(result)
 
@@ -106,7 +108,7 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
         from analyses.uncertainty import uncertainty as analyse
 
         result = analyse(model, data, table, resamples=config.bootstrap, seed=config.seed, evaluation=evaluation,
-                         progress=progress)
+                         blocks=blocks, progress=progress)
         outputs.files.extend(_cli.write_tables(out, {"drop_intervals": result.intervals,
                                                      "class_drops": result.per_class}))
         return build.uncertainty_section(result)
@@ -114,7 +116,7 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
     def recalibration() -> object:
         from analyses.recalibration import recalibration as analyse
 
-        result = analyse(model, data, calibration, table=table, mode=config.mode, progress=progress)
+        result = analyse(model, data, calibration, table=table, mode=config.mode, blocks=blocks, progress=progress)
         outputs.files.extend(_cli.write_tables(out, {"recalibration": result}))
         return build.recalibration_section(result, calibration_samples=samples)
 

@@ -178,13 +178,15 @@ def _shortcut_only(module: nn.Module, module_name: str, blocks: Sequence[Block])
 
 def export_pruned(model: nn.Module, data: Iterable, blocks: Sequence[str | Block], *,
                   path: str | Path | None = None, calibration: Iterable | None = None, repeats: int = 7,
-                  progress: bool = False) -> tuple[nn.Module, pd.DataFrame]:
+                  total_blocks: int | None = None, progress: bool = False) -> tuple[nn.Module, pd.DataFrame]:
     """(pruned copy, table comparing it with `model`): see `prune` and `SkippingResult.export`.
 
     The pruned copy is checked against `probe.ablated(model, blocks)` on every batch of `data`
     (ProbeError if its logits differ), saved to `path` with `torch.save` when given (load it
     with `torch.load(path, weights_only=False)`), and timed against the original on `data`'s
     first batch, alternating the two models `repeats` times after a warm-up of each.
+    total_blocks: how many blocks the original has, for the table's `blocks` column (the
+    discovered blocks are counted when None).
     """
     if not isinstance(repeats, int) or repeats < 1:
         raise ProbeError(f"repeats must be a positive whole number, got {repeats!r}.")
@@ -213,7 +215,7 @@ def export_pruned(model: nn.Module, data: Iterable, blocks: Sequence[str | Block
                           f"the comparison table is kept. Rebuild it with analyses.skipping.prune(model, "
                           "blocks) where you need it.", stacklevel=2)
     rows = []
-    total = len(resolve_blocks(model))
+    total = len(resolve_blocks(model)) if total_blocks is None else total_blocks
     for name, module, timing, blocks_left in (("original", model, seconds[0], total),
                                               ("pruned", pruned, seconds[1], total - len(chosen))):
         rows.append({"model": name, "blocks": blocks_left, "parameters": _parameters(module),
@@ -283,7 +285,8 @@ def curve_ks(blocks: int, points: int | None = None) -> list[int]:
 def skipping(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None, *,
              rule: VerdictRule | None = None, mode: str = "zero", calibration: Iterable | None = None,
              random_draws: int = 5, seed: int = 0, curve_points: int | None = None,
-             export_path: str | Path | None = None, export: bool = True, progress: bool = True) -> SkippingResult:
+             export_path: str | Path | None = None, export: bool = True, blocks: Sequence[str | Block] | None = None,
+             progress: bool = True) -> SkippingResult:
     """Remove the skipped blocks together, draw deletion curves, and export the pruned model.
 
     table: the per-block table (`analyses.evaluation.block_table`, or `blocks.csv` of
@@ -292,16 +295,19 @@ def skipping(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None
     curve point come from one `evaluate_sets` call; `calibration` recalibrates BN per set.
     curve_points: evaluate each curve at about this many k (`curve_ks`) instead of every k:
     each point costs up to a forward pass, and a deep network has many blocks.
+    blocks: the blocks the table covers (names or Blocks, e.g. from a spec); all discovered when None.
     """
     rule = rule or VerdictRule()
+    every = resolve_blocks(model, blocks)
     if table is None:
-        table = block_table(model, data, mode=mode, calibration=calibration, rule=rule, progress=progress)
+        table = block_table(model, data, mode=mode, calibration=calibration, rule=rule, blocks=every,
+                            progress=progress)
     table = classify(check_table(table, ["block", "position", "ratio", "accuracy_drop", "flip_rate", "samples"],
-                                 "skipping", model), rule)
+                                 "skipping", model, every), rule)
     skipped = table.loc[table["verdict"] == "skipped", "block"].astype(str).tolist()
     orders = deletion_orders(table, random_draws=random_draws, seed=seed)
     # Block objects, not names: each set is then used as given, without finding the blocks again.
-    by_name = {block.name: block for block in resolve_blocks(model)}
+    by_name = {block.name: block for block in every}
     ks = curve_ks(len(by_name), curve_points)
     # k = 0 is the baseline itself; each other k is a prefix of the order (nested sets).
     sets = [[by_name[n] for n in skipped]] + [[by_name[n] for n in names[:k]] for _, _, names in orders for k in ks]
@@ -328,7 +334,8 @@ def skipping(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None
     curves = pd.DataFrame(rows).assign(mode=mode, bn_recalibrated=recal)[CURVE_COLUMNS]
     exported = pd.DataFrame(columns=EXPORT_COLUMNS)
     if export:
-        _, exported = export_pruned(model, data, sets[0], path=export_path, calibration=calibration)
+        _, exported = export_pruned(model, data, sets[0], path=export_path, calibration=calibration,
+                                    total_blocks=len(every))
     return SkippingResult(summary=summary, curves=curves, export=exported)
 
 

@@ -27,7 +27,7 @@ from torch import nn
 import probe
 from analyses.evaluation import check_table, single_block_sweep
 from analyses.verdict import VerdictRule, classify
-from probe.blocks import resolve_blocks
+from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 
 __all__ = ["UncertaintyResult", "bootstrap_interval", "drop_intervals", "main", "per_class_drops", "uncertainty"]
@@ -143,24 +143,26 @@ def per_class_drops(table: pd.DataFrame, evaluation: tuple[dict, list[dict]], *,
 def uncertainty(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None, *,
                 rule: VerdictRule | None = None, resamples: int = 1000, level: float = 0.95, seed: int = 0,
                 mode: str = "zero", calibration: Iterable | None = None,
-                evaluation: tuple[dict, list[dict]] | None = None, progress: bool = True) -> UncertaintyResult:
+                evaluation: tuple[dict, list[dict]] | None = None, blocks: Sequence[str | Block] | None = None,
+                progress: bool = True) -> UncertaintyResult:
     """Bootstrap intervals and per-class drops for every block deleted alone.
 
     table: per-block table with ratio (from `probe.measure`) and the verdict inputs, e.g.
     `python -m probe.ablate`'s; computed when None. evaluation: the single-block deletions
     with per_class=True and outcomes=True (`analyses.evaluation.single_block_sweep`), to reuse
-    a sweep already run; run here when None.
+    a sweep already run; run here when None. blocks: the blocks the table covers (names or Blocks, e.g. from a spec); all discovered when None.
     """
+    blocks = resolve_blocks(model, blocks)
     if evaluation is None:
         sweep, evaluation = single_block_sweep(model, data, mode=mode, calibration=calibration, per_class=True,
-                                               outcomes=True, progress=progress)
+                                               outcomes=True, blocks=blocks, progress=progress)
         if table is None:
-            stats = probe.measure(model, data, progress=progress)
+            stats = probe.measure(model, data, blocks=blocks, progress=progress)
             table = stats.merge(sweep.drop(columns="samples"), on=["block", "position"])
     elif table is None:
         raise ProbeError("uncertainty: pass the per-block table together with a precomputed evaluation.")
-    table = check_table(table, ["block", "position", "ratio"], "uncertainty", model)
-    if len(evaluation[1]) != len(resolve_blocks(model)):
+    table = check_table(table, ["block", "position", "ratio"], "uncertainty", model, blocks)
+    if len(evaluation[1]) != len(blocks):
         raise ProbeError("uncertainty: the evaluation must hold one result per block, in forward order.")
     recal = calibration is not None
     if "bn_recalibrated" in table.columns:

@@ -276,13 +276,13 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
     with distributed.local(), _autocast(config, device):
         loader = make_loader(dataset, batch_size=config.batch_size, pin_memory=device.type == "cuda")
         _write_outputs(config, model, loader, table, evaluation, baseline, calibration, source,
-                       device, out, seconds, progress)
+                       device, out, seconds, progress, blocks)
     distributed.barrier()
     return table, baseline, out
 
 
 def _write_outputs(config, model, loader, table, evaluation, baseline, calibration, source,
-                   device, out, seconds, progress) -> None:
+                   device, out, seconds, progress, blocks) -> None:
     """blocks.csv, the analyses' tables and figures, and report.html."""
     import probe
     from analyses.pipeline import run_analyses
@@ -292,7 +292,8 @@ def _write_outputs(config, model, loader, table, evaluation, baseline, calibrati
 
     write_csv(out / "blocks.csv", table)
     analyses = run_analyses(model, loader, table, evaluation, config=config, out=out, device=str(device),
-                            calibration=calibration, sweep_seconds=seconds["sweep"], progress=progress)
+                            calibration=calibration, sweep_seconds=seconds["sweep"], blocks=blocks,
+                            progress=progress)
     seconds.update(analyses.seconds)
     versions = {"torch": torch.__version__, "probe": probe.__version__}
     report_config = {**{k: v for k, v in vars(config).items() if v is not None and v != ()},

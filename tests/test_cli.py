@@ -70,15 +70,22 @@ def test_list_blocks(checkpoint, capsys):
     assert "(1, 32, 8, 8)" in lines[4]  # digits are 16x16; stage 2 halves them
 
 
-def test_blocks_spec_limits_the_run_to_the_named_blocks(tmp_path, checkpoint):
+def test_blocks_spec_limits_the_run_and_every_analysis_to_the_named_blocks(tmp_path, checkpoint, capsys):
     out = tmp_path / "run"
     code = ablate.main(["--model", "resnet20", "--checkpoint", str(checkpoint), "--limit", "16",
-                        "--blocks-spec", "layer1.0=bn2; layer2.0=bn2,shortcut", "--out", str(out), "--no-progress",
-                        "--skip", "skipping", "attribution", "uncertainty", "recalibration"])
+                        "--blocks-spec", "layer1.0=bn2; layer2.0=bn2,shortcut", "--out", str(out), "--no-progress"])
     assert code == 0
+    assert "not run" not in capsys.readouterr().err  # every analysis takes the spec's blocks
+    named = ["layer1.0", "layer2.0"]
     table = pd.read_csv(out / "blocks.csv")
-    assert list(table["block"]) == ["layer1.0", "layer2.0"]
+    assert list(table["block"]) == named
     assert list(table["shortcut"]) == ["identity", "layer2.0.shortcut"]
+    assert list(pd.read_csv(out / "recalibration.csv")["block"]) == ["layer1.0", "layer1.0", "layer2.0", "layer2.0"]
+    assert list(pd.read_csv(out / "drop_intervals.csv")["block"]) == named
+    assert set(pd.read_csv(out / "attribution.csv")["block"]) == set(named)
+    curves = pd.read_csv(out / "deletion_curves.csv")
+    assert curves["k"].max() == 2 and set(curves["removed"].dropna()) == set(named)
+    assert list(pd.read_csv(out / "pruned_export.csv")["blocks"])[0] == 2  # the original: two named blocks
 
 
 def test_bf16_autocast_gives_close_numbers(tmp_path, checkpoint):

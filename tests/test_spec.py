@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 import torchvision
@@ -154,3 +155,38 @@ def test_describe_blocks_from_a_spec():
         {"name": "blocks.0", "module": "blocks.0", "branch": "blocks.0.fc", "shortcut": "left", "output_shape": (2, 6)},
         {"name": "blocks.2", "module": "blocks.2", "branch": "right", "shortcut": "left", "output_shape": (2, 6)},
     ]
+
+
+def test_analyses_take_the_blocks_they_are_given():
+    """Each analysis run on two named blocks gives, for them, the rows of the run on every block
+    (single deletions and the proxies are per block), and nothing about the others."""
+    from analyses.attribution import attribution
+    from analyses.recalibration import recalibration
+    from analyses.skipping import skipping
+    from analyses.uncertainty import uncertainty
+    from probe.models import cifar_resnet
+
+    torch.manual_seed(0)
+    model = randomize(cifar_resnet(20, num_classes=3, in_channels=1), (1, 1, 8, 8))
+    generator = torch.Generator().manual_seed(1)
+    data = [(torch.randn(6, 1, 8, 8, generator=generator), torch.tensor([0, 1, 2, 0, 1, 2]))]
+    named = probe.find_blocks(model, spec="layer1.1=bn2; layer3.0=bn2,shortcut")
+    names = [b.name for b in named]
+
+    every = recalibration(model, data, data, progress=False)
+    some = recalibration(model, data, data, blocks=named, progress=False)
+    expected = every[every["block"].isin(names)].reset_index(drop=True)
+    # Positions count the blocks a spec names (0, 1), as in every table made from a spec.
+    pd.testing.assert_frame_equal(some.drop(columns="position"), expected.drop(columns="position"), check_exact=True)
+
+    scores = attribution(model, data, blocks=named, progress=False).scores
+    full = attribution(model, data, progress=False).scores
+    full = full[full["block"].isin(names)]
+    for proxy in ("ratio", "block_influence", "gradient_x_activation"):
+        assert scores.loc[scores["proxy"] == proxy, "score"].tolist() == pytest.approx(
+            full.loc[full["proxy"] == proxy, "score"].tolist(), rel=1e-6)
+
+    assert uncertainty(model, data, blocks=named, resamples=20, progress=False).intervals["block"].tolist() == names
+    result = skipping(model, data, blocks=named, random_draws=1, progress=False)
+    assert result.curves["k"].max() == 2 and set(result.curves["removed"]) - {""} == set(names)
+    assert result.export["blocks"].iloc[0] == 2
