@@ -31,6 +31,7 @@ class Inputs:
     calibration: Iterable | None
     source: str
     progress: bool
+    blocks: list | None = None  # from --blocks-spec; None: the analyses discover them
 
 
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -62,6 +63,9 @@ def model_parser(prog: str, description: str) -> argparse.ArgumentParser:
         help="after each deletion, refit BatchNorm statistics on held-out training data before evaluating")
     add("--calibration-samples", type=int, default=256,
         help="training samples used to refit BatchNorm statistics (default: %(default)s)")
+    add("--blocks-spec", metavar="SPEC",
+        help="name the blocks yourself instead of discovering them: 'MODULE[#K]=BRANCH[,SHORTCUT];...' "
+             "or a JSON file (see probe.parse_spec)")
     return parser
 
 
@@ -98,7 +102,12 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
         calibration = calibration_loader(args.dataset, samples=args.calibration_samples,
                                          batch_size=args.batch_size, seed=args.seed,
                                          data_root=args.data_root, download=args.download)
-    return Inputs(model=model, data=data, calibration=calibration, source=source, progress=progress)
+    blocks = None
+    if args.blocks_spec:
+        from probe.blocks import find_blocks
+
+        blocks = find_blocks(model, spec=args.blocks_spec)
+    return Inputs(model=model, data=data, calibration=calibration, source=source, progress=progress, blocks=blocks)
 
 
 def write_tables(out: Path, tables: Mapping[str, pd.DataFrame]) -> list[Path]:

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace, out: Path) -> list[Path]:
         inputs = _cli.load_inputs(args)
         result = attribution(inputs.model, inputs.data, mode=args.mode, calibration=inputs.calibration,
-                             progress=inputs.progress)
+                             blocks=inputs.blocks, progress=inputs.progress)
         print(result.summary.to_string(index=False, float_format="{:.3f}".format))
         written = _cli.write_tables(out, {"attribution": result.scores, "proxies": result.summary})
         written.append(_cli.write_figure(out / "proxies.png", figures.proxy_correlations, result.summary))

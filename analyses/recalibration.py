@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         args.bn_recalibrate = True  # this analysis is the comparison: it always needs calibration data
         inputs = _cli.load_inputs(args)
         table = recalibration(inputs.model, inputs.data, inputs.calibration, mode=args.mode,
-                              progress=inputs.progress)
+                              blocks=inputs.blocks, progress=inputs.progress)
         order = table.drop_duplicates("block")["block"]
         wide = table.pivot(index="block", columns="bn_recalibrated", values="accuracy_drop").loc[order]
         print((wide * 100).round(2).rename(columns={False: "drop (pp)", True: "drop recalibrated (pp)"})

@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = _cli.load_inputs(args)
         result = skipping(inputs.model, inputs.data, mode=args.mode, calibration=inputs.calibration,
                           random_draws=args.random_draws, seed=args.seed, curve_points=args.curve_points,
-                          export_path=out / "pruned_model.pt", progress=inputs.progress)
+                          export_path=out / "pruned_model.pt", blocks=inputs.blocks, progress=inputs.progress)
         written = _cli.write_tables(out, {"skipping": result.summary, "deletion_curves": result.curves,
                                           "pruned_export": result.export})
         written.append(_cli.write_figure(out / "deletion_curves.png", figures.deletion_curves, result.curves))

@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace, out: Path) -> list[Path]:
         inputs = _cli.load_inputs(args)
         result = uncertainty(inputs.model, inputs.data, resamples=args.resamples, level=args.level, seed=args.seed,
-                             mode=args.mode, calibration=inputs.calibration, progress=inputs.progress)
+                             mode=args.mode, calibration=inputs.calibration, blocks=inputs.blocks,
+                             progress=inputs.progress)
         shown = result.intervals[["block", "ratio", "accuracy_drop", "drop_low", "drop_high", "verdict_ci"]]
         print(shown.to_string(index=False, float_format="{:.4f}".format))
         written = _cli.write_tables(out, {"drop_intervals": result.intervals, "class_drops": result.per_class})

@@ -63,6 +63,25 @@ def test_command_writes_tables_and_figures(name, checkpoint, tmp_path, capsys):
         assert (out / "pruned_model.pt").is_file()
 
 
+# The table of each command that names blocks, and its column that holds them.
+BLOCK_COLUMN = {"skipping": ("deletion_curves.csv", "removed"), "attribution": ("attribution.csv", "block"),
+                "uncertainty": ("drop_intervals.csv", "block"), "recalibration": ("recalibration.csv", "block")}
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_covers_just_the_blocks_of_a_spec(name, checkpoint, tmp_path, capsys):
+    command = importlib.import_module(f"analyses.{name}").main
+    common = ["--model", "resnet8", "--checkpoint", str(checkpoint), "--limit", "12", "--calibration-samples", "12",
+              "--no-progress"]
+    out = tmp_path / name
+    spec = "layer2.0=bn2,shortcut; layer3.0=bn2,shortcut"
+    assert command([*common, "--blocks-spec", spec, "--out", str(out)]) == 0
+    table, column = BLOCK_COLUMN[name]
+    assert set(pd.read_csv(out / table)[column].dropna()) == {"layer2.0", "layer3.0"}  # resnet8 has layer1.0 too
+    assert command([*common, "--blocks-spec", "layer9.0=bn2", "--out", str(tmp_path / "wrong")]) == 2
+    assert "layer9.0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", COMMANDS)
 def test_command_error_is_one_line(name, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
