@@ -93,7 +93,8 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
                          blocks=blocks, progress=progress)
         outputs.files.extend(_cli.write_tables(out, {"skipping": result.summary, "deletion_curves": result.curves,
                                                      "pruned_export": result.export}))
-        outputs.files.append(out / "pruned_model.pt")
+        if (out / "pruned_model.pt").exists():  # not when the export was impossible or could not be saved
+            outputs.files.append(out / "pruned_model.pt")
         return build.skipping_section(result, calibration_samples=samples if recal is not None else None)
 
     def attribution() -> object:

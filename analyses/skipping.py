@@ -69,12 +69,15 @@ class SkippingResult:
         bytes (parameter and buffer storage), seconds_per_batch (fastest of several runs, the two
         models alternating in one process), batch_size, parameters_ratio / bytes_ratio / time_ratio (pruned / original),
         max_abs_difference (pruned logits vs. `probe.ablated`), path (where the pruned model was
-        saved, or ""), bn_recalibrated. Empty when no export was asked for.
+        saved, or ""), bn_recalibrated. Empty when no export was asked for, or none was possible.
+    export_note: why `export` is empty although it was asked for (say, blocks from a spec whose
+        branch is no module's output: there is nothing to cut out); "" otherwise.
     """
 
     summary: pd.DataFrame
     curves: pd.DataFrame
     export: pd.DataFrame
+    export_note: str = ""
 
 
 def deletion_orders(table: pd.DataFrame, *, random_draws: int = 5, seed: int = 0) -> list[tuple[str, int, list[str]]]:
@@ -332,11 +335,15 @@ def skipping(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None
                          "accuracy": result["accuracy"], "loss": result["loss"],
                          "accuracy_drop": baseline["accuracy"] - result["accuracy"], "samples": result["samples"]})
     curves = pd.DataFrame(rows).assign(mode=mode, bn_recalibrated=recal)[CURVE_COLUMNS]
-    exported = pd.DataFrame(columns=EXPORT_COLUMNS)
+    exported, note = pd.DataFrame(columns=EXPORT_COLUMNS), ""
     if export:
-        _, exported = export_pruned(model, data, sets[0], path=export_path, calibration=calibration,
-                                    total_blocks=len(every))
-    return SkippingResult(summary=summary, curves=curves, export=exported)
+        try:
+            _, exported = export_pruned(model, data, sets[0], path=export_path, calibration=calibration,
+                                        total_blocks=len(every))
+        except ProbeError as error:  # the curves and the summary need no export: keep them, say why
+            note = str(error)
+            warnings.warn(f"no pruned model exported: {note}", stacklevel=2)
+    return SkippingResult(summary=summary, curves=curves, export=exported, export_note=note)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                                           "pruned_export": result.export})
         written.append(_cli.write_figure(out / "deletion_curves.png", figures.deletion_curves, result.curves))
         print(result.summary[["state", "blocks_removed", "accuracy", "accuracy_drop"]].to_string(index=False))
+        if result.export_note:
+            print(f"pruned export: none ({result.export_note})")
+            return written
         pruned = result.export.set_index("model").loc["pruned"]
         print(f"pruned export: parameters x{pruned.parameters_ratio:.2f}, bytes x{pruned.bytes_ratio:.2f}, "
               f"time per batch x{pruned.time_ratio:.2f} of the original")

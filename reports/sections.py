@@ -187,6 +187,8 @@ def skipping_section(result, *, calibration_samples: int | None = None) -> Secti
         if len(path) and str(path.iloc[0]):
             lead.append(f"The pruned model was saved with torch.save to {path.iloc[0]} "
                         "(load it with torch.load(path, weights_only=False)).")
+    elif result.export_note:
+        lead.append(f"No pruned model was exported: {result.export_note}")
     return Section(id="skipping", title=TITLES["skipping"], lead=lead, figures=[fig],
                    tables=tables)
 

@@ -186,3 +186,25 @@ def test_table_of_another_model_is_refused():
     model, data, _, _ = model_and_data(8)
     with pytest.raises(probe.ProbeError, match="another model"):
         skipping(model, data, hand_table(), progress=False)
+
+
+def test_blocks_that_cannot_be_exported_keep_their_curves_and_say_why():
+    """Blocks named by a spec on a model fx cannot trace: nothing to cut out, but the summary and
+    the curves are still computed; with both blocks deleted the network is head(stem(x))."""
+    from reports.sections import skipping_section
+    from test_families import Untraceable, randomize
+
+    model = randomize(Untraceable(), (1, 12))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(30, 12, generator=g), torch.randint(0, 3, (30,), generator=g)
+    blocks = probe.find_blocks(model, spec="blocks.0=right;blocks.1=right")
+    before = snapshot(model)
+    with pytest.warns(UserWarning, match="no pruned model exported"):
+        result = skipping(model, [(x, y)], blocks=blocks, random_draws=1, export_path=None, progress=False)
+    assert_unchanged(model, before)
+    assert result.export.empty and "cannot export" in result.export_note
+    with torch.no_grad():
+        both_deleted = (model.head(model.stem(x)).argmax(1) == y).float().mean().item()
+    at_two = result.curves.loc[result.curves["k"] == 2, "accuracy"]
+    assert len(at_two) == 3 and at_two.tolist() == pytest.approx([both_deleted] * 3)  # ratio, drop, one random
+    assert any("No pruned model was exported" in line for line in skipping_section(result).lead)
