@@ -162,7 +162,8 @@ def attribution(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
     else:
         if "bn_recalibrated" in table.columns:
             recal = bool(table["bn_recalibrated"].iloc[0])
-    truth = check_table(table, ["block", "position", "accuracy_drop", "loss_increase"], "attribution", model, blocks)
+    truth = check_table(table, ["block", "position", "accuracy_drop", "loss_increase"], "attribution", model,
+                        blocks)
     truth = truth[["block", "position", "accuracy_drop", "loss_increase"]]
     stats, measure_seconds = _timed(lambda: probe.measure(model, data, blocks=blocks, progress=progress))
     influence, influence_seconds = _timed(lambda: block_influence(model, data, blocks=blocks, progress=progress))

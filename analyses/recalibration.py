@@ -37,7 +37,8 @@ def recalibration(model: nn.Module, data: Iterable, calibration: Iterable, *, ta
     Two rows per block (bn_recalibrated False, then True); columns `COLUMNS`, as in
     `probe.sweep`. `accuracy_drop` and `loss_increase` are always against the model as given.
     table: an existing sweep table without recalibration (e.g. `python -m probe.ablate`'s),
-    reused for the False rows instead of sweeping again. blocks: the blocks the table covers (names or Blocks, e.g. from a spec); all discovered when None.
+    reused for the False rows instead of sweeping again. blocks: the blocks the table covers
+    (names or Blocks, e.g. from a spec); all discovered when None.
     """
     blocks = resolve_blocks(model, blocks)
     reusable = table is not None and not ("bn_recalibrated" in table and table["bn_recalibrated"].any())

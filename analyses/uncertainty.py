@@ -150,7 +150,8 @@ def uncertainty(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
     table: per-block table with ratio (from `probe.measure`) and the verdict inputs, e.g.
     `python -m probe.ablate`'s; computed when None. evaluation: the single-block deletions
     with per_class=True and outcomes=True (`analyses.evaluation.single_block_sweep`), to reuse
-    a sweep already run; run here when None. blocks: the blocks the table covers (names or Blocks, e.g. from a spec); all discovered when None.
+    a sweep already run; run here when None. blocks: the blocks the table covers (names or
+    Blocks, e.g. from a spec); all discovered when None.
     """
     blocks = resolve_blocks(model, blocks)
     if evaluation is None:

@@ -32,7 +32,8 @@ def main() -> None:
     difference = (fast()[columns] - naive()[columns]).abs().to_numpy().max()
     blocks = len(probe.find_blocks(model))
     print("sweep: " + describe(args, blocks, data))
-    print(f"  naive loop (1 + {blocks} full forwards per batch): {min(naive_s):.3f} s (fastest of {args.repeats} rounds)")
+    print(f"  naive loop (1 + {blocks} full forwards per batch): {min(naive_s):.3f} s "
+          f"(fastest of {args.repeats} rounds)")
     print(f"  fast exact sweep (suffixes only):              {min(fast_s):.3f} s")
     print(f"  ratio fast / naive: {paired_ratio(fast_s, naive_s):.3f}   (target <= 0.55; median of the rounds' "
           f"ratios; fastest against fastest: {min(fast_s) / min(naive_s):.3f})")
