@@ -32,7 +32,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                    help="autocast dtype for every timed forward (default: %(default)s)")
     p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the minimum is reported")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds, in which the timed functions take turns (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2)
     return p
 

@@ -63,11 +63,11 @@ fi
 bench captum 90 captum_compare.py
 # Sizes that fill a GPU: CIFAR-size images, and a torchvision ResNet-50 at ImageNet size.
 bench sweep-cifar-size 60 sweep_speed.py --data synthetic --samples 8192 --batch-size 1024
-bench hooks-cifar-size 60 hook_overhead.py --data synthetic --samples 16384 --batch-size 1024
+bench hooks-cifar-size 60 hook_overhead.py --data synthetic --samples 16384 --batch-size 1024 --repeats 15
 bench sweep-resnet50 90 sweep_speed.py --model resnet50 --data synthetic --image-size 224 --samples 512 \
     --batch-size 128 --precision bf16 --channels-last
 bench hooks-resnet50 60 hook_overhead.py --model resnet50 --data synthetic --image-size 224 --samples 1024 \
-    --batch-size 128 --precision bf16 --channels-last
+    --batch-size 128 --precision bf16 --channels-last --repeats 15
 # Other ways to compute the hooks' reductions, and CUDA graphs, on the same three workloads.
 bench variants-default 90 hook_variants.py
 bench variants-cifar-size 90 hook_variants.py --data synthetic --samples 16384 --batch-size 1024
