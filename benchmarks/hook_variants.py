@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import probe  # noqa: E402
-from common import autocast, best_times, default_setup, describe, parser, plain_inference  # noqa: E402
+from common import (autocast, best_times, default_setup, describe, paired_ratio, parser,  # noqa: E402
+                    plain_inference, timed_rounds)
 from probe.hooks import tap_pairs  # noqa: E402
 
 measure_module = importlib.import_module("probe.measure")  # the module, not the function probe exports
@@ -149,11 +150,13 @@ def main() -> None:
         except Exception as error:  # a variant that fails is a finding, not the end of the run
             print(f"  measure, {label}: failed: {type(error).__name__}: {str(error)[:300]}")
     # Everything takes turns in every round, as in the other benchmarks.
-    plain_s, measure_s, *variant_s = best_times([plain, measured, *runs.values()], args.repeats, args.device)
-    print(f"  plain eager forward:             {plain_s:.4f} s")
-    print(f"  probe.measure (eager hooks):     {measure_s:.4f} s   ratio {measure_s / plain_s:.3f}")
+    # Ratios: medians of the rounds' ratios to the plain forward (see common.paired_ratio).
+    plain_s, measure_s, *variant_s = timed_rounds([plain, measured, *runs.values()], args.repeats, args.device)
+    print(f"  plain eager forward:             {min(plain_s):.4f} s")
+    print(f"  probe.measure (eager hooks):     {min(measure_s):.4f} s   ratio {paired_ratio(measure_s, plain_s):.3f}")
     for label, seconds in zip(runs, variant_s):
-        print(f"  measure, {label:45s} {seconds:.4f} s   ratio {seconds / plain_s:.3f}   ({notes[label]})")
+        print(f"  measure, {label:45s} {min(seconds):.4f} s   ratio {paired_ratio(seconds, plain_s):.3f}   "
+              f"({notes[label]})")
 
     if args.device.startswith("cuda"):
         try:
