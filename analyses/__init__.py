@@ -1,8 +1,9 @@
 """Named analyses built on probe; each takes and returns tidy per-block DataFrames.
 
-Each analysis is a module with a function returning tidy DataFrames (columns documented on its
-result) and a command, `python -m analyses.NAME --out DIR`, that writes them as CSV with PNG
-figures; `python -m probe.ablate` runs them all and puts one section per analysis in its report:
+Each analysis is a package: its `__init__` holds a function returning tidy DataFrames (columns
+documented on its result), its `__main__` the command `python -m analyses.NAME --out DIR` that
+writes them as CSV with PNG figures. `python -m probe.ablate` runs them all (through
+`analyses.pipeline`) and puts one section per analysis in its report:
 
     analyses.degradation    degradation(depths)             plain vs residual nets against depth
     analyses.skipping       skipping(model, data, table)    delete the skipped blocks together,
@@ -10,25 +11,7 @@ figures; `python -m probe.ablate` runs them all and puts one section per analysi
     analyses.attribution    attribution(model, data, table) cheap proxies vs the measured drop
     analyses.uncertainty    uncertainty(model, data, table) bootstrap intervals, per-class drops
     analyses.recalibration  recalibration(model, data, cal) deletion cost with BN statistics refitted
-    analyses.verdict        classify, summarize, ...        the verdict rule (re-exported here)
 
-The analysis modules are not imported here: they pull in torch, and the verdict rule does not.
+The analyses are not imported here, so importing one does not import them all. The verdict
+rule is in the core (`probe.verdict`); what may import what: docs/architecture.md.
 """
-
-from analyses.verdict import (
-    VERDICTS,
-    VerdictRule,
-    classify,
-    noise_band,
-    rank_correlation,
-    summarize,
-)
-
-__all__ = [
-    "VERDICTS",
-    "VerdictRule",
-    "classify",
-    "noise_band",
-    "rank_correlation",
-    "summarize",
-]

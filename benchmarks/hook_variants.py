@@ -22,7 +22,7 @@ from common import (autocast, best_times, default_setup, describe, paired_ratio,
                     plain_inference, timed_rounds)
 from probe.hooks import tap_pairs  # noqa: E402
 
-measure_module = importlib.import_module("probe.measure")  # the module, not the function probe exports
+measure_module = importlib.import_module("probe.measurement")  # the module, not the function probe exports
 
 COLUMNS = ["branch_norm", "shortcut_norm", "ratio", "cosine"]
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.hooks import attached, replace_branches
+from probe.hooks import attached, held, replace_branches
+from probe.measurement import branch_means
 
 MODES = ("zero", "mean")
 
@@ -26,12 +27,17 @@ def branch_replacement(mode: str, means: Mapping[str, torch.Tensor] | None):
     """The function that maps (block, branch output) to what the ablated block adds instead.
 
     It returns a fresh tensor: blocks such as torchvision's add the shortcut to it in place.
+    `means` may hold numpy arrays too (means saved with the results, read back).
     """
     if mode == "zero":
         return lambda _block, output: torch.zeros_like(output)
+    tensors = _as_tensors(means) if means is not None else {}
 
     def mean_of(block: Block, output: torch.Tensor) -> torch.Tensor:
-        mean = means[block.name].to(device=output.device, dtype=output.dtype)  # (C, H, W)
+        if block.name not in tensors:
+            raise ProbeError(f"no mean branch output given for block {block.name!r}; compute the means "
+                             "with probe.branch_means(model, data).")
+        mean = tensors[block.name].to(device=output.device, dtype=output.dtype)  # (C, H, W)
         if mean.shape != output.shape[1:]:
             raise ProbeError(f"the mean branch output of block {block.name!r} has shape {tuple(mean.shape)}, "
                              f"but the model now produces {tuple(output.shape[1:])}; compute the means "
@@ -41,15 +47,30 @@ def branch_replacement(mode: str, means: Mapping[str, torch.Tensor] | None):
     return mean_of
 
 
+def _as_tensors(means: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    if not isinstance(means, Mapping):
+        raise ProbeError(f"means is a {type(means).__name__}; give a dict of block name -> mean branch output, "
+                         "as probe.branch_means returns.")
+    tensors = {}
+    for name, mean in means.items():
+        try:
+            tensors[name] = torch.as_tensor(mean)
+        except (TypeError, RuntimeError) as error:
+            raise ProbeError(f"the mean branch output of block {name!r} is a {type(mean).__name__}; give a tensor "
+                             "or a numpy array, as probe.branch_means returns.") from error
+    return tensors
+
+
 @contextlib.contextmanager
-def ablated(model: nn.Module, blocks: Sequence[str | Block] | str | Block, mode: str = "zero", *,
+def ablated(model: nn.Module, blocks: Sequence[str | Block] | str | Block, *, mode: str = "zero",
             means: Mapping[str, torch.Tensor] | None = None, data: Iterable | None = None) -> Iterator[nn.Module]:
     """Within the `with` body, the named blocks' branches contribute zeros (or their means).
 
     mode="zero": F(x) is replaced by zeros; shortcut, addition and what follows run as usual.
     mode="mean": F(x) is replaced by its elementwise mean over the data: pass `means` (from
     `probe.branch_means`) or `data` to compute them. The model's parameters, buffers and flags
-    are untouched; the hooks are removed when the body ends, also on an exception.
+    are untouched; the hooks are removed when the body ends, also on an exception. Until then
+    probe calls on the model from other threads are refused: the hooks would act on them too.
     """
     check_mode(mode)
     chosen = resolve_blocks(model, blocks)
@@ -57,12 +78,10 @@ def ablated(model: nn.Module, blocks: Sequence[str | Block] | str | Block, mode:
         if means is None and data is None:
             raise ProbeError("mode='mean' needs the branch means: pass means=probe.branch_means(model, data) or data=.")
         if means is None:
-            from probe.measure import branch_means
-
             means = branch_means(model, data, blocks=chosen, progress=False)
         missing = [b.name for b in chosen if b.name not in means]
         if missing:
             raise ProbeError(f"no mean branch output given for blocks {missing}; compute them with probe.branch_means.")
-    with attached() as handles:
+    with held(model), attached() as handles:
         replace_branches(model, chosen, branch_replacement(mode, means), handles)
         yield model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from itertools import chain
 
 import torch
 from torch import nn
@@ -22,16 +23,41 @@ def device_for(choice: str) -> torch.device:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
+    """The device of the model's first parameter (or buffer); ProbeError for a model without data."""
+    tensors = list(chain(model.named_parameters(), model.named_buffers()))
+    meta = [name for name, tensor in tensors if tensor.is_meta]
+    if meta:
+        raise ProbeError(
+            f"the model {type(model).__name__} has tensors on the meta device ({meta[0]!r}"
+            f"{f' and {len(meta) - 1} more' if len(meta) > 1 else ''}): it has no data; load weights first "
+            "(model.to_empty(device='cpu'), then model.load_state_dict(...))."
+        )
+    return tensors[0][1].device if tensors else torch.device("cpu")
 
 
-def batches(data: Iterable, device: torch.device, *, progress: bool = False,
+def input_dtype(model: nn.Module) -> torch.dtype | None:
+    """What floating-point inputs are cast to: the dtype of the model's first floating-point
+    parameter (a bf16 model needs bf16 inputs), or None for a model without one."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def check_read_twice(data: Iterable) -> None:
+    """ProbeError for one-shot data (a generator) that mode="mean" would read twice."""
+    if isinstance(data, Iterator):
+        raise ProbeError(
+            f"mode='mean' without means= reads the data twice, but the data is a one-shot {type(data).__name__}: "
+            "it would be used up by the means pass, leaving nothing to evaluate. Pass a re-iterable "
+            "DataLoader or list, or precomputed means=probe.branch_means(model, data)."
+        )
+
+
+def batches(data: Iterable, device: torch.device, *, dtype: torch.dtype | None = None, progress: bool = False,
             desc: str = "") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield `(inputs, targets)` from `data` on `device`; raise ProbeError for malformed data."""
+    """Yield `(inputs, targets)` from `data` on `device`; raise ProbeError for malformed data.
+
+    Floating-point inputs are cast to `dtype` when given (see `input_dtype`); integer targets
+    of any width become int64 class labels.
+    """
     try:
         total = len(data)  # type: ignore[arg-type]
     except TypeError:
@@ -50,13 +76,16 @@ def batches(data: Iterable, device: torch.device, *, progress: bool = False,
                 f"batch {seen} holds ({type(inputs).__name__}, {type(targets).__name__}); "
                 "probe needs (inputs, targets) as tensors, with integer class targets."
             )
-        if targets.dtype.is_floating_point or targets.dim() != 1 or len(targets) != len(inputs):
+        labels = not (targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool)
+        if not labels or targets.dim() != 1 or len(targets) != len(inputs):
             raise ProbeError(
                 f"batch {seen} has targets of dtype {targets.dtype} and shape {tuple(targets.shape)} "
                 f"for {len(inputs)} inputs; probe needs one integer class label per input."
             )
         non_blocking = device.type == "cuda"
-        yield inputs.to(device, non_blocking=non_blocking), targets.to(device, non_blocking=non_blocking)
+        cast = dtype if inputs.is_floating_point() else None
+        yield (inputs.to(device, dtype=cast, non_blocking=non_blocking),
+               targets.to(device, dtype=torch.long, non_blocking=non_blocking))
     if seen == 0:
         raise ProbeError("the data is empty: it yielded no batch. Pass a DataLoader with at least one sample.")
 

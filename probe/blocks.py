@@ -26,17 +26,16 @@ from __future__ import annotations
 import operator
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import torch.fx as fx
 from torch import nn
 
-from probe.errors import ProbeError, close_matches, unknown_name
-from probe.intercept import ADD_FUNCTIONS
+from probe.block import Block, check_block
+from probe.errors import ProbeError, close_matches
+from probe.additions import is_addition
 from probe.recording import Recording, record, trace
+from probe.spec import blocks_from_spec, check_operands
 
-_ADD_FUNCTIONS = {operator.add, operator.iadd, *ADD_FUNCTIONS}
-_ADD_METHODS = {"add", "add_"}
 # Shape queries make a tensor "depend" on x without carrying its values: they cut the data flow.
 _SHAPE_METHODS = {"size", "dim"}
 # Methods whose result is a number or a shape, never a tensor.
@@ -45,49 +44,6 @@ _NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "ndimension", "item",
 _MAX_PROJECTION_NODES = 4
 # How deep `branch`/`shortcut` descriptions of non-module values go: "gelu(fc)", "mul(gamma, f)".
 _DESCRIPTION_DEPTH = 2
-
-STRATEGIES = ("hooks", "intercept")
-
-
-@dataclass(frozen=True)
-class Block:
-    """One residual addition `out = F(x) + s(x)` and where its operands come from.
-
-    name:     unique name; the block module's qualified name (`layer1.0`), with a `[i]` suffix
-              when one module performs several residual additions (`encoder_layer_0[1]`).
-    module:   qualified name of the module whose forward performs the addition ("" for the
-              model itself, whose block is named "<model>").
-    branch:   with strategy "hooks", the qualified name of the module whose output is F(x);
-              with "intercept", a description of F(x) (a module name, or "gelu(blocks.0.fc)").
-    shortcut: None when s(x) is the block's input (identity); with "hooks", the module whose
-              output is s(x); with "intercept", a description of s(x).
-    position: 0-based index of the block in forward order.
-    strategy: "hooks" (forward hooks on `branch` and `shortcut`, cheapest) or "intercept" (the
-              addition itself is caught at run time; see probe.intercept).
-    add_index: which tensor + tensor addition executed directly in `module`'s forward (0-based,
-              not counting additions inside child modules) is this block's; needed by "intercept".
-    branch_operand: which operand of that addition is F(x): 0 (left) or 1 (right); needed by
-              "intercept".
-    """
-
-    name: str
-    module: str
-    branch: str
-    shortcut: str | None
-    position: int
-    strategy: str = "hooks"
-    add_index: int | None = None
-    branch_operand: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ProbeError(f"block {self.name!r} has strategy {self.strategy!r}; use one of {STRATEGIES}.")
-        if self.strategy == "intercept" and (not isinstance(self.add_index, int) or self.add_index < 0
-                                             or self.branch_operand not in (0, 1)):
-            raise ProbeError(f"block {self.name!r} is intercepted at its addition, so it needs add_index "
-                             f"(an int >= 0, got {self.add_index!r}) and branch_operand (0 or 1, got "
-                             f"{self.branch_operand!r}).")
-
 
 # Traced discovery per model, reused while the model's module tree is the same objects.
 _discovered: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -111,8 +67,6 @@ def find_blocks(model: nn.Module, *, example_input: object = None, spec: object 
     example input or spec was given.
     """
     if spec is not None:
-        from probe.spec import blocks_from_spec  # spec.py builds Blocks: imported late, no cycle
-
         return blocks_from_spec(model, spec)
     structure = module_tree(model)
     cached = _discovered.get(model)
@@ -133,12 +87,14 @@ def find_blocks(model: nn.Module, *, example_input: object = None, spec: object 
 
 
 def resolve_blocks(model: nn.Module, names: Iterable[str | Block] | str | Block | None = None, *,
-                   example_input: object = None) -> list[Block]:
+                   example_input: object = None, unique: bool = True) -> list[Block]:
     """The blocks of `model` that `names` selects (all when None), validated up front.
 
     A name is looked up among the discovered blocks (`example_input` as for find_blocks); a
     Block object is used as given (after checking that its modules exist), so blocks from a
-    spec or from `find_blocks(model, example_input=...)` need no new discovery.
+    spec or from `find_blocks(model, example_input=...)` need no new discovery. A block named
+    twice is refused (it would be measured twice), unless `unique=False` (sets of blocks that
+    share blocks, flattened).
     """
     if names is None:
         return find_blocks(model, example_input=example_input)
@@ -151,7 +107,7 @@ def resolve_blocks(model: nn.Module, names: Iterable[str | Block] | str | Block 
     chosen = []
     for name in names:
         if isinstance(name, Block):
-            chosen.append(check_block(name, modules))
+            chosen.append(check_operands(check_block(name, modules)))
             continue
         if name not in by_name:
             shown = ", ".join(list(by_name)[:10]) + (", ..." if len(by_name) > 10 else "")
@@ -160,18 +116,18 @@ def resolve_blocks(model: nn.Module, names: Iterable[str | Block] | str | Block 
                 f"The model's blocks are: {shown} (probe.find_blocks(model) lists them all)."
             )
         chosen.append(by_name[name])
+    if unique:
+        _refuse_repeats([block.name for block in chosen])
     return chosen
 
 
-def check_block(block: Block, modules: dict[str, nn.Module]) -> Block:
-    """`block`, after checking that the modules it names exist in the model."""
-    named = [("module", block.module)]
-    if block.strategy == "hooks":
-        named += [("branch", block.branch)] + ([("shortcut", block.shortcut)] if block.shortcut else [])
-    for role, name in named:
-        if name not in modules:
-            raise unknown_name(f"{role} module of block {block.name!r}", name, [n for n in modules if n])
-    return block
+def _refuse_repeats(names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ProbeError(f"blocks= names {name!r} more than once; name each block once "
+                             "(sets of blocks deleted together go to probe.evaluate_ablations).")
+        seen.add(name)
 
 
 # -- discovery on a recorded graph -----------------------------------------------------------
@@ -212,7 +168,7 @@ def blocks_in(recording: Recording) -> list[Block]:
     # the shortcut of a later addition is often the output of an earlier one.
     residual_names: dict[fx.Node, str] = {}
     for node in graph.nodes:
-        if not (_is_add(node) and len(node.args) >= 2 and all(a in tensors for a in node.args[:2])):
+        if not (is_addition(node) and len(node.args) >= 2 and all(a in tensors for a in node.args[:2])):
             continue
         key = _innermost_key(node)
         add_index = additions_per_call.get(key, 0)
@@ -252,18 +208,12 @@ def _classify(node: fx.Node, key: str, add_index: int, operands: tuple[fx.Node, 
 
 def _without_embeddings(node: fx.Node) -> fx.Node:
     """`node` with additions of data-independent tensors (positional embeddings) peeled off."""
-    while _is_add(node) and len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2]):
+    while is_addition(node) and len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2]):
         data = [a for a in node.args[:2] if _depends_on_data(_ancestors(a))]
         if len(data) != 1:
             break
         node = data[0]
     return node
-
-
-def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
-        return True
-    return node.op == "call_method" and node.target in _ADD_METHODS
 
 
 def _tensor_valued(graph: fx.Graph) -> set[fx.Node]:

@@ -14,7 +14,8 @@ from pathlib import Path
 from torch import nn
 
 from probe.errors import ProbeError
-from probe.train import TrainConfig, build_for, train_model
+from probe.models import load_checkpoint, save_checkpoint
+from probe.training import TrainConfig, build_for, train_model
 
 __all__ = ["cache_dir", "cache_key", "cached_model", "checkpoint_path"]
 
@@ -52,8 +53,6 @@ def cached_model(config: TrainConfig, *, progress: bool = True) -> tuple[nn.Modu
     atomically (concurrent callers never read a partial file). An unreadable cache entry is
     retrained and replaced. Says on stderr, in one line, which of the two happened.
     """
-    from probe.models import load_checkpoint, save_checkpoint
-
     path = checkpoint_path(config)
     if path.is_file():
         model = build_for(config)

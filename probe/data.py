@@ -4,12 +4,14 @@ Every data set yields ``(image, label)`` items: a float32 tensor ``(channels, h,
 per channel, and an ``int`` label. The default, ``"digits"``, ships inside scikit-learn, so the
 whole toolkit (tests, notebooks, the CLI) runs without a download. CIFAR-10/100 and MNIST are read
 through torchvision from their usual on-disk formats; ``"imagefolder"`` reads any folder with one
-subfolder per class.
+subfolder per class. Each loaded data set's ``.info`` (a :class:`DatasetInfo`) says how its images
+were prepared, and :func:`stratified_subset` / :func:`split_off` draw class-balanced samples.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import pickle
 from collections.abc import Callable, Sequence
@@ -18,24 +20,31 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, ImageFolder
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from probe.errors import ProbeError, unknown_name
 
 __all__ = [
     "DATASETS",
+    "NORMALIZATIONS",
     "DatasetInfo",
     "dataset_info",
+    "dataset_targets",
     "default_data_root",
     "load_dataset",
     "make_loader",
+    "split_off",
+    "stratified_subset",
 ]
 
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "mnist", "imagefolder")
 SPLITS: tuple[str, ...] = ("train", "test")
+# Subfolder names that are splits, not classes: an imagefolder root one level too high holds them.
+SPLIT_FOLDER_NAMES: tuple[str, ...] = ("train", "test", "val", "valid", "validation")
 
 # Per-channel statistics of each training set (pixels in [0, 1]); the usual published values.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -47,20 +56,23 @@ MNIST_STD = (0.3081,)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# `normalize=` names: (mean, std) of pixels in [0, 1], per channel; a single value serves every
+# channel. "none" leaves pixels in [0, 1].
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+    "mnist": (MNIST_MEAN, MNIST_STD),
+    "none": ((0.0,), (1.0,)),
+}
+# The digits are normalised with one mean and std of their own train split (seed-dependent).
+DIGITS_NORMALIZATION = "train-split"
+
 # sklearn's digits are 8x8; 16x16 leaves room for a CIFAR-style net's two downsamplings.
 DIGITS_SIZE = 16
 DIGITS_TEST_FRACTION = 0.2
+# For a folder whose images differ in size (or are not square): the usual ImageNet eval size.
 IMAGEFOLDER_DEFAULT_SIZE = 224
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model needs to know about a data set to be built for it."""
-
-    name: str
-    num_classes: int
-    in_channels: int
-    image_size: int
 
 
 # Fixed-size data sets: (classes, channels, image size).
@@ -70,6 +82,37 @@ _FIXED: dict[str, tuple[int, int, int]] = {
     "cifar100": (100, 3, 32),
     "mnist": (10, 1, 28),
 }
+# Channels as read from disk (ImageFolder's loader converts every image to RGB).
+_NATIVE_CHANNELS = {**{name: spec[1] for name, spec in _FIXED.items()}, "imagefolder": 3}
+_DEFAULT_NORMALIZE = {
+    "digits": DIGITS_NORMALIZATION,
+    "cifar10": "cifar10",
+    "cifar100": "cifar100",
+    "mnist": "mnist",
+    "imagefolder": "imagenet",
+}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a data set to be built for it, and how its images are
+    prepared; ``dataclasses.asdict(info)`` is what a run record stores.
+
+    `normalize` is the normalisation applied, as a canonical `normalize=` value: a name in
+    `NORMALIZATIONS`, numbers ``"MEAN,STD"`` or ``"M1,M2,M3,S1,S2,S3"``, or ``"train-split"``
+    (digits). Left out, it stands for the data set's default, so
+    ``DatasetInfo("cifar10", 10, 3, 32) == dataset_info("cifar10")``.
+    """
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    normalize: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.normalize is None:
+            object.__setattr__(self, "normalize", _DEFAULT_NORMALIZE.get(self.name))
 
 
 def default_data_root() -> Path:
@@ -82,20 +125,21 @@ def default_data_root() -> Path:
 
 
 def dataset_info(
-    name: str, *, root: str | os.PathLike | None = None, image_size: int | None = None
+    name: str,
+    *,
+    root: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    normalize: str | None = None,
+    in_channels: int | None = None,
 ) -> DatasetInfo:
-    """Classes, channels and image size of data set `name`.
+    """Classes, channels, image size and normalisation of data set `name`, exactly as
+    :func:`load_dataset` with the same arguments prepares it (its ``.info``); reads no pixels.
 
-    For ``"imagefolder"`` the classes are counted from the subfolders of `root` and the image
-    size is `image_size` (default 224); the other data sets have fixed sizes.
+    For ``"imagefolder"`` the classes are the subfolders of `root`, and the image size is
+    `image_size`, else the images' own size when all are square and of one size (read from each
+    file's header), else 224. The other data sets have fixed sizes.
     """
-    _check_name(name)
-    size = _check_image_size(name, image_size)
-    if name == "imagefolder":
-        folder = _imagefolder_root(root)
-        return DatasetInfo(name, len(_find_classes(folder)), 3, size)
-    num_classes, in_channels, _ = _FIXED[name]
-    return DatasetInfo(name, num_classes, in_channels, size)
+    return _resolve(name, root, image_size, normalize, in_channels)[0]
 
 
 def load_dataset(
@@ -106,6 +150,8 @@ def load_dataset(
     download: bool = False,
     seed: int = 0,
     image_size: int | None = None,
+    normalize: str | None = None,
+    in_channels: int | None = None,
 ) -> Dataset:
     """The `split` ("train" or "test") of data set `name`, as ``(float32 (C, H, W), int)`` items.
 
@@ -113,21 +159,38 @@ def load_dataset(
       (`seed`), normalised with the train split's mean and std. Ignores `root` and `download`.
     - ``cifar10``, ``cifar100``, ``mnist``: torchvision's readers under `root` (default
       :func:`default_data_root`); files are fetched only when `download` is true.
-    - ``imagefolder``: `root` holds one subfolder per class (read as given, whatever `split`);
-      images are resized and centre-cropped to `image_size` (default 224).
+    - ``imagefolder``: `root` holds one subfolder per class (read as given, whatever `split`).
+      Images keep their own size when all are square and of one size; otherwise, or when
+      `image_size` is given, they are resized and centre-cropped to `image_size` (default 224).
+      A root with a single subfolder, or with subfolders named like splits ("train", "test",
+      "val", ...), is refused: it is the folder above the classes.
+
+    `normalize`: a name in `NORMALIZATIONS` (``imagenet``, ``cifar10``, ``cifar100``, ``mnist``,
+    ``none``), ``"MEAN,STD"`` for every channel, or ``"M1,M2,M3,S1,S2,S3"`` per channel, for
+    pixels in [0, 1]. Default: the data set's own statistics (``imagenet`` for imagefolder);
+    the digits always use their train split's. `in_channels`: 1 converts images to grey (PIL's
+    ITU-R 601-2 luma), 3 repeats a grey image's value in three channels; default: the data
+    set's own (imagefolder: 3).
+
+    The returned data set's ``.info`` is its :class:`DatasetInfo`.
     """
     _check_name(name)
     if split not in SPLITS:
         raise ProbeError(f"unknown split {split!r}: use 'train' or 'test'.")
-    size = _check_image_size(name, image_size)
+    info, resize = _resolve(name, root, image_size, normalize, in_channels)
     if name == "digits":
         images, labels = _digits_split(seed, split == "train")
-        # Clones: callers may write into the tensors; the cached ones must stay as they are.
-        return _LabelledTensors(images.clone(), labels.clone())
-    if name == "imagefolder":
-        return _load_imagefolder(_imagefolder_root(root), size)
-    data_root = Path(root).expanduser() if root is not None else default_data_root()
-    return _load_torchvision(name, data_root, train=split == "train", download=download)
+        # repeat and clone copy: callers may write into the tensors, the cached ones must stay.
+        dataset: Dataset = _LabelledTensors(images.repeat(1, info.in_channels, 1, 1),
+                                            labels.clone())
+    elif name == "imagefolder":
+        dataset = ImageFolder(_imagefolder_root(root), transform=_transform(info, resize=resize))
+    else:
+        data_root = Path(root).expanduser() if root is not None else default_data_root()
+        dataset = _load_torchvision(name, data_root, train=split == "train", download=download,
+                                    transform=_transform(info, resize=False))
+    dataset.info = info
+    return dataset
 
 
 def make_loader(
@@ -165,6 +228,80 @@ def make_loader(
     )
 
 
+# --- samples that represent the data ----------------------------------------------------------
+
+
+def dataset_targets(dataset: Dataset) -> torch.Tensor:
+    """Every sample's label, int64 of shape ``(len(dataset),)``, in data order.
+
+    Read without loading images where the data set keeps its labels apart: a ``targets``
+    attribute (torchvision's ImageFolder, CIFAR, MNIST), a TensorDataset's second tensor, and
+    Subsets and ConcatDatasets of these. Any other data set is indexed sample by sample.
+    """
+    if isinstance(dataset, Subset):
+        indices = torch.as_tensor(list(dataset.indices), dtype=torch.int64)
+        return dataset_targets(dataset.dataset)[indices]
+    if isinstance(dataset, ConcatDataset):
+        return torch.cat([dataset_targets(part) for part in dataset.datasets])
+    targets = getattr(dataset, "targets", None)
+    if targets is None and isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        targets = dataset.tensors[1]
+    if targets is None:
+        targets = [int(dataset[i][1]) for i in range(len(dataset))]
+    # A copy, so that writing into the result never changes the data set's labels.
+    return torch.as_tensor(targets).to(torch.int64, copy=True)
+
+
+def stratified_subset(dataset: Dataset, n: int, *, seed: int = 0) -> Subset:
+    """A seeded sample of `n` items of `dataset` in which every class keeps its share.
+
+    Class c gets ``n * count_c / len(dataset)`` items, rounded by largest remainder (ties go to
+    the more frequent class, then the lower label) so that the counts add up to `n`. Within a
+    class the items are drawn uniformly by a generator seeded with `seed`. The indices are
+    sorted in data order; the same data, `n` and `seed` give the same subset.
+    """
+    _check_count("stratified_subset", n, len(dataset), len(dataset))
+    return Subset(dataset, _stratified_indices(dataset_targets(dataset), n, seed).tolist())
+
+
+def split_off(dataset: Dataset, n: int, *, seed: int = 0) -> tuple[Subset, Subset]:
+    """`dataset` in two disjoint parts: a stratified sample of `n` items (as
+    :func:`stratified_subset`), e.g. to recalibrate BatchNorm on, and every other item; both in
+    data order."""
+    total = len(dataset)
+    _check_count("split_off", n, total - 1, total)
+    picked = _stratified_indices(dataset_targets(dataset), n, seed)
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[picked] = False
+    rest = torch.nonzero(keep).flatten()
+    return Subset(dataset, picked.tolist()), Subset(dataset, rest.tolist())
+
+
+def _check_count(caller: str, n: int, most: int, total: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+        raise ProbeError(
+            f"{caller}: n must be an integer from 1 to {most} (the data set has {total} "
+            f"samples), got {n!r}."
+        )
+
+
+def _stratified_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Sorted indices of a class-proportional, seeded sample of `n` of `labels`."""
+    classes, counts = torch.unique(labels, return_counts=True)  # classes in increasing order
+    # Integer arithmetic, so that equal remainders really are equal.
+    share = torch.div(counts * n, len(labels), rounding_mode="floor")
+    remainder = counts * n - share * len(labels)
+    by_remainder = sorted(range(len(classes)),
+                          key=lambda i: (-int(remainder[i]), -int(counts[i]), i))
+    share[by_remainder[: n - int(share.sum())]] += 1
+    generator = torch.Generator().manual_seed(seed)
+    picked = []
+    for label, count, k in zip(classes.tolist(), counts.tolist(), share.tolist()):
+        members = torch.nonzero(labels == label).flatten()  # (count,), in data order
+        picked.append(members[torch.randperm(count, generator=generator)[:k]])
+    return torch.cat(picked).sort().values
+
+
 # --- validation -------------------------------------------------------------------------------
 
 
@@ -173,20 +310,83 @@ def _check_name(name: str) -> None:
         raise unknown_name("dataset", name, DATASETS)
 
 
-def _check_image_size(name: str, image_size: int | None) -> int:
-    """The image size to use; only imagefolder can be resized, the others keep their own."""
+def _resolve(
+    name: str,
+    root: str | os.PathLike | None,
+    image_size: int | None,
+    normalize: str | None,
+    in_channels: int | None,
+) -> tuple[DatasetInfo, bool]:
+    """The DatasetInfo these arguments give, and whether images are resized to its size."""
+    _check_name(name)
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size < 1):
+        raise ProbeError(f"image_size must be an integer of at least 1, got {image_size!r}.")
+    if in_channels is not None and (isinstance(in_channels, bool) or in_channels not in (1, 3)):
+        raise ProbeError(f"in_channels must be 1 (grey) or 3 (RGB), got {in_channels!r}.")
+    channels = _NATIVE_CHANNELS[name] if in_channels is None else in_channels
     if name == "imagefolder":
-        size = IMAGEFOLDER_DEFAULT_SIZE if image_size is None else image_size
-        if size < 1:
-            raise ProbeError(f"image_size must be at least 1, got {size}.")
-        return size
-    native = _FIXED[name][2]
-    if image_size is not None and image_size != native:
+        classes, files = _imagefolder_files(_imagefolder_root(root))
+        native = _common_square_size(files) if image_size is None else None
+        size = image_size or native or IMAGEFOLDER_DEFAULT_SIZE
+        num_classes, resize = len(classes), native is None
+    else:
+        num_classes, _, size = _FIXED[name]
+        if image_size is not None and image_size != size:
+            raise ProbeError(
+                f"image_size {image_size} does not apply to {name!r}, whose images are "
+                f"{size}x{size}; image_size only resizes 'imagefolder' data."
+            )
+        resize = False
+    normalization = _check_normalize(name, normalize, channels)
+    return DatasetInfo(name, num_classes, channels, size, normalization), resize
+
+
+def _check_normalize(name: str, normalize: str | None, channels: int) -> str:
+    """The canonical `normalize=` value for data set `name` with `channels` channels."""
+    if name == "digits":
+        if normalize not in (None, DIGITS_NORMALIZATION):
+            raise ProbeError(
+                f"normalize {normalize!r} does not apply to 'digits', which are normalised with "
+                "their train split's mean and std; normalize sets cifar10, cifar100, mnist and "
+                "imagefolder data."
+            )
+        return DIGITS_NORMALIZATION
+    if normalize is None:
+        spec = _DEFAULT_NORMALIZE[name]
+        return _parse_normalize(spec, channels, f"{spec!r} (the default for {name!r})")[0]
+    return _parse_normalize(normalize, channels, repr(normalize))[0]
+
+
+def _parse_normalize(
+    spec: str, channels: int, shown: str
+) -> tuple[str, tuple[float, ...], tuple[float, ...]]:
+    """(canonical spec, mean, std) of a `normalize=` value for images of `channels` channels."""
+    names = ", ".join(NORMALIZATIONS)
+    key = spec.strip().lower() if isinstance(spec, str) else ""
+    if key in NORMALIZATIONS:
+        canonical, (mean, std) = key, NORMALIZATIONS[key]
+    else:
+        try:
+            numbers = [float(part) for part in key.split(",")]
+        except ValueError:
+            numbers = []
+        if len(numbers) < 2 or len(numbers) % 2 or not all(map(math.isfinite, numbers)):
+            raise ProbeError(
+                f"unknown normalize {shown}: use a name ({names}), 'MEAN,STD' for every channel, "
+                "or 'M1,M2,M3,S1,S2,S3' per channel (pixels in [0, 1])."
+            )
+        half = len(numbers) // 2
+        mean, std = tuple(numbers[:half]), tuple(numbers[half:])
+        if min(std) <= 0:
+            raise ProbeError(f"normalize {shown} has a std of {min(std)!r}; every std must be > 0.")
+        canonical = ",".join(repr(x) for x in numbers)
+    if len(mean) not in (1, channels):
         raise ProbeError(
-            f"image_size {image_size} does not apply to {name!r}, whose images are "
-            f"{native}x{native}; image_size only resizes 'imagefolder' data."
+            f"normalize {shown} gives statistics for {len(mean)} channels, but the images have "
+            f"{channels}; give one 'MEAN,STD' for every channel, or one mean and std per channel."
         )
-    return native
+    return canonical, mean, std
 
 
 def _imagefolder_root(root: str | os.PathLike | None) -> Path:
@@ -206,6 +406,7 @@ def _imagefolder_root(root: str | os.PathLike | None) -> Path:
 
 
 def _find_classes(folder: Path) -> list[str]:
+    """The class subfolders of `folder`; refuses a folder that is the one above the classes."""
     try:
         classes, _ = find_classes(folder)
     except FileNotFoundError as err:
@@ -213,7 +414,59 @@ def _find_classes(folder: Path) -> list[str]:
             f"imagefolder root {str(folder)!r} has no class subfolders; put each class's "
             "images in their own subfolder."
         ) from err
+    splits = [c for c in classes if c.lower() in SPLIT_FOLDER_NAMES]
+    if splits:
+        raise ProbeError(
+            f"imagefolder root {str(folder)!r} has subfolders named like splits "
+            f"({', '.join(map(repr, splits))}), not classes; point --data-root at the split's "
+            f"own folder, e.g. {str(folder / splits[0])!r}."
+        )
+    if len(classes) == 1:
+        inner = sorted(p.name for p in (folder / classes[0]).iterdir() if p.is_dir())
+        hint = (
+            f"its subfolders ({', '.join(inner[:4])}{', ...' if len(inner) > 4 else ''}) look "
+            f"like the classes: point --data-root at {str(folder / classes[0])!r}"
+            if inner else "a classification data set needs one subfolder per class, two or more"
+        )
+        raise ProbeError(
+            f"imagefolder root {str(folder)!r} has a single class subfolder {classes[0]!r}; "
+            f"{hint}."
+        )
     return classes
+
+
+def _imagefolder_files(folder: Path) -> tuple[list[str], list[str]]:
+    """(classes, image paths) of an imagefolder root, as ImageFolder finds them."""
+    classes = _find_classes(folder)
+    try:
+        samples = make_dataset(folder, {c: i for i, c in enumerate(classes)},
+                               extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as err:
+        raise ProbeError(
+            f"imagefolder root {str(folder)!r} has class subfolders but no images in them "
+            f"({err})."
+        ) from err
+    return classes, [path for path, _ in samples]
+
+
+def _common_square_size(files: Sequence[str]) -> int | None:
+    """The images' side when all are square and of one size, else None.
+
+    Reads only each file's header: PIL decodes pixel data on first access, which never comes.
+    """
+    first = None
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except OSError as err:  # PIL's UnidentifiedImageError is one
+            raise ProbeError(
+                f"imagefolder file {path!r} is no image PIL can read ({err}); remove or replace it."
+            ) from err
+        if size[0] != size[1] or (first is not None and size != first):
+            return None
+        first = size
+    return None if first is None else first[0]
 
 
 # --- digits -----------------------------------------------------------------------------------
@@ -267,22 +520,20 @@ def _digits_split(seed: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
 # --- torchvision data sets --------------------------------------------------------------------
 
 
-def _normalized(
-    mean: Sequence[float], std: Sequence[float], resize: int | None = None
-) -> transforms.Compose:
-    steps = [] if resize is None else [transforms.Resize(resize), transforms.CenterCrop(resize)]
-    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
-
-
-def _load_imagefolder(folder: Path, size: int) -> Dataset:
-    _find_classes(folder)  # a clear error for a folder without class subfolders
-    try:
-        return ImageFolder(folder, transform=_normalized(IMAGENET_MEAN, IMAGENET_STD, size))
-    except FileNotFoundError as err:
-        raise ProbeError(
-            f"imagefolder root {str(folder)!r} has class subfolders but no images in them "
-            f"({err})."
-        ) from err
+def _transform(info: DatasetInfo, *, resize: bool) -> transforms.Compose:
+    """PIL image -> float32 ``(info.in_channels, info.image_size, info.image_size)`` tensor."""
+    steps: list[Callable] = []
+    if info.in_channels != _NATIVE_CHANNELS[info.name]:
+        # PIL: grey is L = R * 299/1000 + G * 587/1000 + B * 114/1000, rounded; grey to three
+        # channels repeats L.
+        steps.append(transforms.Grayscale(num_output_channels=info.in_channels))
+    if resize:
+        steps += [transforms.Resize(info.image_size), transforms.CenterCrop(info.image_size)]
+    steps.append(transforms.ToTensor())
+    if info.normalize != "none":
+        _, mean, std = _parse_normalize(info.normalize, info.in_channels, repr(info.normalize))
+        steps.append(transforms.Normalize(mean, std))
+    return transforms.Compose(steps)
 
 
 class _FilesExist:
@@ -328,19 +579,19 @@ class _CIFAR100(_FilesExist, CIFAR100):
     pass
 
 
-def _load_torchvision(name: str, root: Path, *, train: bool, download: bool) -> Dataset:
+def _load_torchvision(
+    name: str, root: Path, *, train: bool, download: bool, transform: Callable
+) -> Dataset:
     if name == "cifar10":
-        make, transform = _CIFAR10, _normalized(CIFAR10_MEAN, CIFAR10_STD)
-        where = root / _CIFAR10.base_folder
+        make, where = _CIFAR10, root / _CIFAR10.base_folder
         expected = "data_batch_1..5, test_batch, batches.meta"
     elif name == "cifar100":
-        make, transform = _CIFAR100, _normalized(CIFAR100_MEAN, CIFAR100_STD)
-        where = root / _CIFAR100.base_folder
+        make, where = _CIFAR100, root / _CIFAR100.base_folder
         expected = "train, test, meta"
     else:
         # Plain MNIST: it reads the raw idx files without checksums, and its folder name
         # (root/MNIST/raw) comes from the class name, which a subclass would change.
-        make, transform = MNIST, _normalized(MNIST_MEAN, MNIST_STD)
+        make = MNIST
         where = root / "MNIST" / "raw"
         expected = (
             "train-images-idx3-ubyte, train-labels-idx1-ubyte, "

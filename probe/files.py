@@ -49,3 +49,8 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_csv(path: str | os.PathLike, table: pd.DataFrame) -> Path:
     return atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+
+
+def write_tables(out: str | os.PathLike, tables: dict[str, pd.DataFrame]) -> list[Path]:
+    """Each table as `out/<name>.csv`; the paths written."""
+    return [write_csv(Path(out) / f"{name}.csv", table) for name, table in tables.items()]

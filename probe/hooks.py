@@ -2,7 +2,11 @@
 
 Every probe operation runs inside `model_preserved(model)`: it puts the model in eval mode, and
 on the way out (normally, on an exception, on KeyboardInterrupt) removes every hook it added and
-restores every module's `training` flag.
+restores every module's `training` flag, the thread's grad mode and torch function modes. The
+restoring itself runs to the end through a second Ctrl-C (`run_to_completion`), and every hook
+or watch is put in its handle list before it is attached, so an interrupt at any point leaves
+nothing behind. One probe call at a time holds a model (`held`): two calls' hooks would fire in
+each other's forwards.
 
 Each block is reached the way its `strategy` says: "hooks" blocks through forward hooks on the
 modules whose outputs are F(x) and s(x) (cheapest); "intercept" blocks by catching their
@@ -12,49 +16,121 @@ addition at run time (`probe.intercept`). Both give callers the same (block, F, 
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.overrides import _get_current_function_mode_stack
 
-from probe.intercept import watch_addition
+from probe.block import Block
+from probe.errors import ProbeError
+from probe.intercept import restore_mode_stack, watch_addition
 
-if TYPE_CHECKING:  # blocks.py records forwards with model_preserved: no import at run time
-    from probe.blocks import Block
 
-# (block, branch F(x), shortcut s(x)) -> None; called once per block per forward, before the
-# addition, while both tensors hold their values.
-PairCallback = Callable[["Block", torch.Tensor, torch.Tensor], None]
+# (block, branch F(x), shortcut s(x)) -> None; called once per call of a block's module (twice
+# per forward for a module run twice), before the addition, while both tensors hold their values.
+PairCallback = Callable[[Block, torch.Tensor, torch.Tensor], None]
 # (block, branch output) -> replacement tensor for the branch.
-BranchReplacement = Callable[["Block", torch.Tensor], torch.Tensor]
+BranchReplacement = Callable[[Block, torch.Tensor], torch.Tensor]
+
+
+def run_to_completion(*steps: Callable[[], None]) -> None:
+    """Run every step (each safe to run again) to its end, even through Ctrl-C.
+
+    A KeyboardInterrupt while restoring (a second Ctrl-C as the first unwinds) restarts the step
+    it hit instead of leaving the model half restored; it is raised again once all are done.
+    """
+    interrupt: KeyboardInterrupt | None = None
+    for step in steps:
+        while True:
+            try:
+                step()
+                break
+            except KeyboardInterrupt as error:
+                interrupt = error
+    if interrupt is not None:
+        raise interrupt
+
+
+# Model -> the probe calls running on it: (thread id, token) per call, nested calls of one
+# thread included (an analysis calling measure inside its own `model_preserved`).
+_holders: weakref.WeakKeyDictionary[nn.Module, list[tuple[int, object]]] = weakref.WeakKeyDictionary()
+_holders_lock = threading.Lock()
+
+
+def _hold(model: nn.Module, token: object) -> None:
+    thread = threading.get_ident()
+    with _holders_lock:
+        holders = _holders.setdefault(model, [])
+        if any(other != thread for other, _token in holders):
+            raise ProbeError(
+                f"the model {type(model).__name__} is in use by a probe call in another thread; probe "
+                "calls on one model cannot overlap (each would see the other's hooks and modes). Run "
+                "them one after another, or give each thread its own copy (copy.deepcopy(model))."
+            )
+        holders.append((thread, token))
+
+
+def _let_go(model: nn.Module, token: object) -> None:
+    with _holders_lock:
+        holders = _holders.get(model, [])
+        holders[:] = [holder for holder in holders if holder[1] is not token]
+        if not holders:
+            _holders.pop(model, None)
+
+
+@contextlib.contextmanager
+def held(model: nn.Module) -> Iterator[nn.Module]:
+    """Hold `model` for this thread's probe call; ProbeError while another thread holds it."""
+    token = object()
+    try:
+        _hold(model, token)
+        yield model
+    finally:
+        run_to_completion(lambda: _let_go(model, token))
 
 
 @contextlib.contextmanager
 def model_preserved(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Module]:
-    """Run the body on `model` in eval mode; restore every training flag afterwards."""
+    """Hold `model` and run the body on it in eval mode; restore every training flag, the
+    thread's grad mode and its torch function modes afterwards, whatever happens."""
     flags = [(module, module.training) for module in model.modules()]
-    try:
-        # eval() walks the whole tree through nn.Module.__setattr__: skip it when nothing trains
-        # (the usual case, and a real share of a small GPU forward's time).
-        if eval_mode and any(training for _module, training in flags):
-            model.eval()
-        yield model
-    finally:
+    modes, grad = len(_get_current_function_mode_stack()), torch.is_grad_enabled()
+
+    def restore_flags() -> None:
         for module, training in flags:
             if module.training != training:
                 module.training = training
+
+    with held(model):
+        try:
+            # eval() walks the whole tree through nn.Module.__setattr__: skip it when nothing
+            # trains (the usual case, and a real share of a small GPU forward's time).
+            if eval_mode and any(training for _module, training in flags):
+                model.eval()
+            yield model
+        finally:
+            # An interrupt can skip a `with torch.no_grad()` exit, or a mode's always-called hook.
+            run_to_completion(restore_flags, lambda: restore_mode_stack(modes),
+                              lambda: torch.set_grad_enabled(grad))
 
 
 @contextlib.contextmanager
 def attached(handles_out: list | None = None) -> Iterator[list]:
     """Collect hook handles in the yielded list; remove them all on exit, whatever happens."""
     handles: list = [] if handles_out is None else handles_out
+
+    def remove_all() -> None:
+        while handles:
+            handles[-1].remove()  # before the pop: an interrupt in between leaves it to remove again
+            handles.pop()
+
     try:
         yield handles
     finally:
-        while handles:
-            handles.pop().remove()
+        run_to_completion(remove_all)
 
 
 def _first_tensor(args: tuple) -> torch.Tensor:
@@ -90,8 +166,7 @@ def tap_pairs(model: nn.Module, blocks: Sequence[Block], callback: PairCallback,
             def see(branch: torch.Tensor, shortcut: torch.Tensor, block: Block = block) -> None:
                 callback(block, branch, shortcut)  # and return None: the addition goes on unchanged
 
-            handles.append(watch_addition(modules[block.module], block.add_index, block.branch_operand,
-                                          see, block.name))
+            watch_addition(modules[block.module], block.add_index, block.branch_operand, see, handles, block.name)
             continue
         state = _PairState()
 
@@ -137,8 +212,7 @@ def replace_branches(model: nn.Module, blocks: Sequence[Block], replacement: Bra
             def visit(branch: torch.Tensor, _shortcut: torch.Tensor, block: Block = block) -> torch.Tensor | None:
                 return replacement(block, branch) if active(block) else None
 
-            handles.append(watch_addition(modules[block.module], block.add_index, block.branch_operand,
-                                          visit, block.name))
+            watch_addition(modules[block.module], block.add_index, block.branch_operand, visit, handles, block.name)
             continue
 
         def hook(_module: nn.Module, _args: tuple, output: torch.Tensor, block: Block = block) -> torch.Tensor | None:

@@ -14,28 +14,27 @@ block runs). The Python stack tells both apart: walking up from the addition, th
 below it are that module's forward, or a hook it runs.
 
 The mode is entered only while a watched module runs (a pre-hook and an always-called forward
-hook on that module), and every hook goes when the last site's handle is removed.
+hook on that module), and every hook goes when the last site's handle is removed. A
+KeyboardInterrupt skips always-called hooks, so the mode can be left on the stack: removing the
+last site, or `restore_mode_stack`, takes it off again.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
+import threading
 import types
 import weakref
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
+from probe.additions import ADD_FUNCTIONS, IN_PLACE_ADDS
 from probe.errors import ProbeError
 
-# What `a + b`, `a += b`, `torch.add(a, b)` and `a.add_(b)` reach __torch_function__ as.
-ADD_FUNCTIONS = frozenset({
-    torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__iadd__,
-})
-_IN_PLACE_ADDS = frozenset({torch.Tensor.add_, torch.Tensor.__iadd__})
 # nn.Module.__call__ and the hooks it runs live in this file: the boundary of a module call.
 _CALL_MACHINERY = nn.modules.module.__file__
 
@@ -66,9 +65,13 @@ class _Watch:
         self.forward_code = _code_of(module.forward)
         self.sites: dict[int, list[_Site]] = {}
         self.additions = 0
-        self.hooks = [module.register_forward_pre_hook(self._enter),
-                      # always_call: a forward that raises still leaves the mode.
-                      module.register_forward_hook(self._leave, always_call=True)]
+        self.hooks: list = []
+
+    def attach(self) -> None:
+        if not self.hooks:
+            self.hooks.append(self.module.register_forward_pre_hook(self._enter))
+            # always_call: a forward that raises an Exception still leaves the mode.
+            self.hooks.append(self.module.register_forward_hook(self._leave, always_call=True))
 
     def _enter(self, _module: nn.Module, _args: tuple) -> None:
         self.additions = 0
@@ -86,35 +89,38 @@ class _Watch:
                 "were found (or the block spec names an addition that does not exist)."
             )
 
-    def remove(self) -> None:
+    def detach(self) -> None:
         while self.hooks:
-            self.hooks.pop().remove()
+            self.hooks[-1].remove()  # then pop: an interrupt in between leaves it to remove again
+            self.hooks.pop()
 
 
 class _AdditionMode(TorchFunctionMode):
-    """The one mode, on the mode stack while at least one watched module runs (nesting counted)."""
+    """The one mode, on a thread's mode stack while a watched module runs in that thread.
+
+    Mode stacks are per thread, and so is the count of watched calls running (nesting).
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.depth = 0
+        self._running = threading.local()
 
     def enter(self) -> None:
-        if self.depth == 0:
+        self._running.depth = getattr(self._running, "depth", 0) + 1
+        if self not in _get_current_function_mode_stack():
             self.__enter__()
-        self.depth += 1
 
     def leave(self) -> None:
-        if self.depth == 0:
-            return  # already reset
-        self.depth -= 1
-        if self.depth == 0:
+        depth = getattr(self._running, "depth", 0)
+        self._running.depth = max(depth - 1, 0)
+        if depth <= 1 and _top_mode() is self:
             self.__exit__(None, None, None)
 
     def reset(self) -> None:
-        """Leave the mode stack after an exception that skipped the always-called hooks."""
-        while self.depth > 0 and _top_mode() is self:
-            self.leave()
-        self.depth = 0
+        """Leave this thread's mode stack after an interrupt skipped the always-called hooks."""
+        self._running.depth = 0
+        while _top_mode() is self:
+            self.__exit__(None, None, None)
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -166,7 +172,7 @@ def _visit(site: _Site, func: Callable, args: tuple, kwargs: dict) -> tuple[tupl
     branch, shortcut = operands[site.branch_operand], operands[1 - site.branch_operand]
     replacement = site.visitor(branch, shortcut)
     if replacement is not None:
-        if func in _IN_PLACE_ADDS and site.branch_operand == 0:
+        if func in IN_PLACE_ADDS and site.branch_operand == 0:
             # `f.add_(s)` returns f itself, and the caller may keep using f rather than the
             # result: the replacement must go into f's own storage, which the add overwrites anyway.
             operands[0] = branch.copy_(replacement)
@@ -176,48 +182,59 @@ def _visit(site: _Site, func: Callable, args: tuple, kwargs: dict) -> tuple[tupl
 
 
 def _top_mode() -> TorchFunctionMode | None:
-    from torch.overrides import _get_current_function_mode_stack
-
     stack = _get_current_function_mode_stack()
     return stack[-1] if stack else None
 
 
-class SiteHandle:
-    """Removes one watched addition, like a hook's RemovableHandle."""
+def restore_mode_stack(length: int) -> None:
+    """Pop the torch function modes pushed since this thread's stack held `length` (an
+    interrupt can leave probe's mode, or a recorder, on it)."""
+    while len(_get_current_function_mode_stack()) > length:
+        _top_mode().__exit__(None, None, None)
+    if _MODE not in _get_current_function_mode_stack():
+        _MODE.reset()
 
-    def __init__(self, watch: _Watch, site: _Site) -> None:
-        self._watch, self._site = watch, site
+
+class SiteHandle:
+    """Removes one watched addition, like a hook's RemovableHandle.
+
+    Every step of `remove` can run again, and it undoes a registration that an interrupt cut
+    short: removing twice, or after a Ctrl-C anywhere, leaves no watch, hook or mode behind.
+    """
+
+    def __init__(self, module: nn.Module, site: _Site) -> None:
+        self._module, self._site = module, site
 
     def remove(self) -> None:
-        watch, site = self._watch, self._site
-        if watch is None:
-            return
-        self._watch = None
-        sites = watch.sites.get(site.index, [])
-        if site in sites:
-            sites.remove(site)
-        if not sites:
-            watch.sites.pop(site.index, None)
-        if not watch.sites:
-            watch.remove()
-            _watches.pop(watch.module, None)
+        watch, site = _watches.get(self._module), self._site
+        if watch is not None:
+            sites = watch.sites.get(site.index, [])
+            if site in sites:
+                sites.remove(site)
+            if not sites:
+                watch.sites.pop(site.index, None)
+            if not watch.sites:
+                watch.detach()
+                _watches.pop(self._module, None)
         if not _watches:
             _MODE.reset()
 
 
-def watch_addition(module: nn.Module, index: int, branch_operand: int, visitor: Visitor,
-                   label: str = "") -> SiteHandle:
+def watch_addition(module: nn.Module, index: int, branch_operand: int, visitor: Visitor, handles: list,
+                   label: str = "") -> None:
     """Call `visitor(F, s)` at the `index`-th tensor addition made by `module`'s own forward.
 
     `branch_operand` (0 or 1) says which operand of that addition is F(x); additions inside
-    child modules and hooks are not counted. Remove the returned handle to stop; the last
-    removal takes the module's hooks (and, at the very end, the mode) away.
+    child modules and hooks are not counted. The site's handle goes into `handles` first, then
+    the site is attached: removing every handle there undoes it all, even after an interrupt
+    part-way. The last removal takes the module's hooks (and, at the very end, the mode) away.
     """
     if branch_operand not in (0, 1):
         raise ValueError(f"branch_operand must be 0 or 1, not {branch_operand!r}")
+    site = _Site(index, branch_operand, visitor, label)
+    handles.append(SiteHandle(module, site))
     watch = _watches.get(module)
     if watch is None:
         watch = _watches[module] = _Watch(module)
-    site = _Site(index, branch_operand, visitor, label)
     watch.sites.setdefault(index, []).append(site)
-    return SiteHandle(watch, site)
+    watch.attach()

@@ -30,6 +30,8 @@ from probe.batches import batches, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.hooks import model_preserved
+from probe.measurement import branch_means
+from probe.results import Evaluation, Outcome
 
 __all__ = ["batchnorm_layers", "evaluate_recalibrated", "recalibrate_batchnorm", "recalibrated"]
 
@@ -103,35 +105,32 @@ def recalibrated(model: nn.Module, data: Iterable, blocks: Sequence[str | Block]
 def _ablated(model: nn.Module, blocks: Sequence[str | Block], mode: str,
              means: Mapping[str, torch.Tensor] | None) -> contextlib.AbstractContextManager:
     # No blocks: no ablation, and no block search (a plain network has no blocks to find).
-    return ablated(model, list(blocks), mode, means=means) if blocks else contextlib.nullcontext(model)
+    return ablated(model, list(blocks), mode=mode, means=means) if blocks else contextlib.nullcontext(model)
 
 
 def evaluate_recalibrated(model: nn.Module, data: Iterable, ablation_sets: Sequence[Sequence[str | Block]],
                           calibration: Iterable, *, mode: str = "zero",
                           means: Mapping[str, torch.Tensor] | None = None, per_class: bool = False,
-                          outcomes: bool = False, progress: bool = True) -> tuple[dict, list[dict]]:
+                          outcomes: bool = False, progress: bool = True) -> Evaluation:
     """As `probe.evaluate_ablations`, but each set is evaluated after BN recalibration.
 
     The baseline is the model as given (its trained statistics): it is what the user has, and
     the reference for `flip_rate`. Each ablation set gets its own recalibration on
     `calibration`, so this costs one calibration pass and one evaluation pass per set.
-    Returns (baseline, one dict per set) with the same keys as `evaluate_ablations`.
+    Returns an `Evaluation`, as `evaluate_ablations` does.
     """
     check_mode(mode)
     sets = [resolve_blocks(model, s) if s else [] for s in ablation_sets]
     involved = list({block.name: block for s in sets for block in s}.values())
     if mode == "mean" and means is None and involved:
-        from probe.measure import branch_means
-
         means = branch_means(model, data, blocks=involved, progress=progress)
     reference = _predict(model, data)
-    baseline = _metrics(reference, reference, per_class, outcomes)
-    del baseline["flip_rate"]
+    baseline = _metrics(reference, None, per_class, outcomes)
     results = []
     for ablation_set in tqdm(sets, desc="sweep with BN recalibration", disable=not progress, leave=False):
         with recalibrated(model, calibration, ablation_set, mode=mode, means=means, progress=False):
             results.append(_metrics(_predict(model, data), reference, per_class, outcomes))
-    return baseline, results
+    return Evaluation(baseline, results)
 
 
 def _predict(model: nn.Module, data: Iterable) -> dict[str, torch.Tensor]:
@@ -151,18 +150,17 @@ def _predict(model: nn.Module, data: Iterable) -> dict[str, torch.Tensor]:
             "target": distributed.interleave(torch.cat(targets)), "classes": classes}
 
 
-def _metrics(run: dict, reference: dict, per_class: bool, outcomes: bool) -> dict:
+def _metrics(run: dict, reference: dict | None, per_class: bool, outcomes: bool) -> Outcome:
+    """The outcome of one run; `reference` is the intact model's run (None: this is it)."""
     correct = run["prediction"] == run["target"]
-    samples = len(correct)
-    result = {"accuracy": correct.double().mean().item(), "loss": run["loss"].mean().item(),
-              "flip_rate": (run["prediction"] != reference["prediction"]).double().mean().item(),
-              "samples": samples}
+    class_accuracy = class_samples = None
     if per_class:
         classes = max(run["classes"], int(run["target"].max()) + 1)
         counts = torch.bincount(run["target"], minlength=classes).double()
         hits = torch.bincount(run["target"], weights=correct.double(), minlength=classes)
-        result["class_accuracy"] = (hits / counts).tolist()  # NaN for a class absent from the data
-        result["class_samples"] = counts.long().tolist()
-    if outcomes:
-        result["correct"] = correct
-    return result
+        class_accuracy = (hits / counts).tolist()  # NaN for a class absent from the data
+        class_samples = counts.long().tolist()
+    return Outcome(
+        accuracy=correct.double().mean().item(), loss=run["loss"].mean().item(), samples=len(correct),
+        flip_rate=None if reference is None else (run["prediction"] != reference["prediction"]).double().mean().item(),
+        class_accuracy=class_accuracy, class_samples=class_samples, correct=correct if outcomes else None)

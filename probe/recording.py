@@ -12,21 +12,29 @@ two ways to get one:
 
 Both also say, for every module call, which tensors it was given: a block's shortcut is "the
 block's input" only when it is the value the block was called with.
+
+While it traces, torch.fx patches `nn.Module.__call__` (and more) for the whole process, and
+undoes that in a `finally` that a Ctrl-C can cut short: every probe trace runs inside
+`fx_tracing`, one at a time, and checks afterwards that the patches are gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx import _symbolic_trace
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from probe.hooks import attached, model_preserved
+from probe.hooks import attached, model_preserved, run_to_completion
 
 
 @dataclass
@@ -63,10 +71,51 @@ class _Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
+# A trace patches nn.Module for every thread: probe's traces take turns (re-entrant: a trace
+# may build another, as the fast sweep's do).
+_ONE_TRACE = threading.RLock()
+# The nn.Module attributes fx replaces while it traces.
+_PATCHED_MODULE_ATTRIBUTES = ("__call__", "__getattr__")
+
+
+class _FxState:
+    """What a torch.fx trace changes process-wide, as it was before the trace."""
+
+    def __init__(self) -> None:
+        self.patcher = _symbolic_trace.CURRENT_PATCHER
+        self.tracing = _symbolic_trace.is_fx_tracing()
+        self.module_attributes = {name: nn.Module.__dict__[name] for name in _PATCHED_MODULE_ATTRIBUTES}
+
+    def restore(self) -> None:
+        leftover = _symbolic_trace.CURRENT_PATCHER
+        if leftover is not self.patcher:  # fx was interrupted while undoing its patches: finish that
+            for patch in leftover.patches_made:
+                with contextlib.suppress(KeyError):  # a name fx added, deleted already
+                    patch.revert()
+            _symbolic_trace.CURRENT_PATCHER = self.patcher
+        for name, value in self.module_attributes.items():
+            if nn.Module.__dict__[name] is not value:
+                setattr(nn.Module, name, value)
+        _symbolic_trace._set_is_fx_tracing(self.tracing)
+
+
+@contextlib.contextmanager
+def fx_tracing(model: nn.Module, *, eval_mode: bool = False) -> Iterator[None]:
+    """Hold `model` for torch.fx traces of it (see `model_preserved`; in eval mode if asked), and
+    leave nn.Module and fx unpatched afterwards, also when a Ctrl-C cut fx's own undoing short."""
+    with _ONE_TRACE, model_preserved(model, eval_mode=eval_mode):
+        before = _FxState()
+        try:
+            yield
+        finally:
+            run_to_completion(before.restore)
+
+
 def trace(model: nn.Module) -> Recording:
     """The model's symbolic trace; raises whatever torch.fx raises on untraceable code."""
     tracer = _Tracer()
-    graph = tracer.trace(model)
+    with fx_tracing(model):
+        graph = tracer.trace(model)
     tracer.call_inputs[""] = [node for node in graph.nodes if node.op == "placeholder"]
     return Recording(graph, tracer.call_inputs, dict(tracer.num_calls), "its torch.fx trace")
 

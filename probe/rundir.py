@@ -3,15 +3,20 @@ finished pieces of work so that rerunning the same command resumes instead of st
 
     out/run.json           the run's configuration (model, checkpoint hash, data, mode, seed, versions)
     out/partial/<name>.pt  finished pieces (tables and tensors), each written atomically
+    out/.lock              locked (flock) while a run writes into the folder
 
 A rerun with the same configuration reuses the pieces; a rerun with another configuration is
-refused, so results of two different runs are never mixed.
+refused, so results of two different runs are never mixed, and so is a second run while one is
+using the folder. A piece that cannot be read back is computed again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,11 +36,45 @@ def file_digest(path: str | Path) -> str:
 
 
 class RunDirectory:
-    """`out`, bound to one run configuration; see the module docstring."""
+    """`out`, bound to one run configuration; see the module docstring.
+
+    A writer holds an exclusive lock on the folder until `close()` (or the end of a `with`
+    block, or of the process): a second RunDirectory on it raises ProbeError meanwhile.
+    """
 
     def __init__(self, out: str | Path, config: Mapping, *, writer: bool = True) -> None:
         self.path = prepare_out_dir(out)
         self.writer = writer  # under torchrun only rank 0 writes; the others read what it wrote
+        self._lock = self._acquire_lock() if writer else None
+        try:
+            self._bind_config(config)
+        except BaseException:
+            self.close()
+            raise
+
+    def _acquire_lock(self) -> int:
+        descriptor = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the lock goes with the descriptor
+        except BlockingIOError:
+            os.close(descriptor)
+            raise ProbeError(f"another probe run is using --out {str(self.path)!r}; wait for it to finish, "
+                             "or choose another --out.") from None
+        return descriptor
+
+    def close(self) -> None:
+        """Release the folder for other runs; safe to call twice."""
+        descriptor, self._lock = self._lock, None
+        if descriptor is not None:
+            os.close(descriptor)
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _bind_config(self, config: Mapping) -> None:
         self.config = json.loads(json.dumps(dict(config), sort_keys=True, default=str))
         self._partial = self.path / "partial"
         recorded = self.path / "run.json"
@@ -46,7 +85,7 @@ class RunDirectory:
                 previous = None
             if previous != self.config:
                 raise ProbeError(self._mismatch(previous))
-        elif writer:
+        elif self.writer:
             write_text(recorded, json.dumps(self.config, indent=2, sort_keys=True) + "\n")
 
     def _mismatch(self, previous: Mapping | None) -> str:
@@ -59,15 +98,35 @@ class RunDirectory:
         return (f"--out {str(self.path)!r} holds a run of another configuration ({'; '.join(differing[:3])}); "
                 "resuming into it would mix results. Choose another --out, or delete that folder to start over.")
 
-    def load(self, name: str) -> object | None:
-        """A finished piece of work, or None."""
+    def load(self, name: str, kind: type | tuple[type, ...] = object) -> object | None:
+        """A finished piece of work, or None when there is none to use.
+
+        A piece that cannot be read back (cut short, or not written by probe) or is not a `kind`
+        is dropped, with a warning naming its file, so that the run computes it again.
+        """
         path = self._partial / f"{name}.pt"
         if not path.exists():
             return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # a damaged file fails in many ways: pickle, zip, EOF, missing class
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            problem = f"cannot be read back ({type(error).__name__}: {reason})"
+        else:
+            if isinstance(value, kind):
+                return value
+            problem = f"holds a {type(value).__name__}, not the expected {_names(kind)}"
+        warnings.warn(f"{path} {problem}; computing that piece again.", stacklevel=2)
+        if self.writer:
+            path.unlink(missing_ok=True)
+        return None
 
     def save(self, name: str, value: object) -> None:
         if not self.writer:
             return
         self._partial.mkdir(exist_ok=True)
         atomic_write(self._partial / f"{name}.pt", lambda tmp: torch.save(value, tmp))
+
+
+def _names(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from torch import nn
 
-from probe.blocks import Block, check_block
+from probe.block import Block, check_block
 from probe.errors import ProbeError, unknown_name
 
 ROOT = "<model>"
@@ -140,7 +140,7 @@ def blocks_from_spec(model: nn.Module, spec: str | Sequence[BlockSpec | Block | 
     blocks = []
     for position, item in enumerate(specs):
         if isinstance(item, Block):
-            blocks.append(check_block(item, modules))
+            blocks.append(check_operands(check_block(item, modules)))
             continue
         if not isinstance(item, BlockSpec):
             raise ProbeError(f"block spec item {position} is a {type(item).__name__}; give BlockSpec, dict or Block.")
@@ -148,12 +148,21 @@ def blocks_from_spec(model: nn.Module, spec: str | Sequence[BlockSpec | Block | 
         index = seen.get(module, 0)
         seen[module] = index + 1
         default_name = (module or ROOT) if per_module[module] == 1 else f"{module or ROOT}[{index}]"
-        blocks.append(_resolve(item, module, item.name or default_name, position, modules))
+        blocks.append(check_operands(_resolve(item, module, item.name or default_name, position, modules)))
     names = [b.name for b in blocks]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ProbeError(f"the block spec names {repeated} more than once; give each block a unique name.")
     return blocks
+
+
+def check_operands(block: Block) -> Block:
+    """`block`, after checking that its branch and shortcut are two different modules."""
+    if block.strategy == "hooks" and block.branch == block.shortcut:
+        raise ProbeError(f"block {block.name!r} names {block.branch!r} both as its branch and as its shortcut: "
+                         "F(x) would be measured against itself (ratio 1, cosine 1). Name the module whose "
+                         "output is s(x), or leave the shortcut out for the block's input.")
+    return block
 
 
 def _module_name(name: str) -> str:

@@ -16,7 +16,6 @@ each model and reuses them while its module tree and blocks are the same.
 
 from __future__ import annotations
 
-import operator
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -24,7 +23,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from probe.additions import is_addition
 from probe.blocks import Block, module_tree
+from probe.recording import fx_tracing
 
 
 class ModulesAsLeaves(fx.Tracer):
@@ -133,6 +134,14 @@ def build_runner(model: nn.Module, blocks: Sequence[Block],
     of a block whose branch ends in a module starts with that block's own code inlined and its
     addition fed `replacement(shortcut)`: the deleted branch is never computed.
     """
+    # Traced in eval mode, the mode sweeps run in: fx bakes `self.training` into the graph as a
+    # constant (`F.dropout(x, p, self.training)`, `if self.training:`).
+    with fx_tracing(model, eval_mode=True):
+        return _build_runner(model, blocks, replacement)
+
+
+def _build_runner(model: nn.Module, blocks: Sequence[Block],
+                  replacement: Callable[[Block, torch.Tensor], torch.Tensor] | None) -> SuffixRunner | None:
     block_modules = {block.module for block in blocks}
     if "" in block_modules:
         return None  # the model itself performs the addition: there is nothing to cut
@@ -188,8 +197,7 @@ def _deleted_branch_graph(model: nn.Module, block: Block, replace: Callable) -> 
         return None
     branch = leaving[0]
     addition = next(iter(branch.users))
-    if addition.op != "call_function" or addition.target not in (operator.add, operator.iadd, torch.add) \
-            or branch not in addition.args[:2] or addition.args[0] is addition.args[1]:
+    if not is_addition(addition) or branch not in addition.args[:2] or addition.args[0] is addition.args[1]:
         return None
     shortcut = addition.args[1] if addition.args[0] is branch else addition.args[0]
     with inner.inserting_before(addition):

@@ -1,249 +1,22 @@
-"""Train a model on a data set: a seeded, deterministic (on CPU) SGD loop with a cosine schedule.
+"""`python -m probe.train`: train a model on a data set and save its checkpoint.
 
     python -m probe.train --model resnet56 --dataset digits
 
-The defaults of `TrainConfig` take a CIFAR-style ResNet-56 to ~99% test accuracy on the digits
-data set in about a minute on 2 CPU cores.
+The training itself is `probe.training`; this is its command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import re
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import pandas as pd
-import torch
-from torch import nn
-from tqdm.auto import tqdm
+from probe.cli import run_command
+from probe.models import save_checkpoint
+from probe.training import TrainConfig, default_checkpoint_path, train_model
 
-from probe.errors import ProbeError
-
-__all__ = [
-    "HISTORY_COLUMNS", "TrainConfig", "build_for", "default_checkpoint_path", "default_threads",
-    "evaluate", "main", "train", "train_model",
-]
-
-# Columns of the DataFrame `train` returns, one row per epoch.
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that determines a training run (and, in `probe.cache`, its cache key).
-
-    `limit`: use only the first `limit` samples of each split (quick runs and tests).
-    `data_root`/`download`: where the data comes from; they do not change the result and are
-    left out of the cache key.
-    """
-
-    model: str = "resnet56"
-    dataset: str = "digits"
-    # Measured (resnet56 on digits, seed 0): test accuracy 0.99 from epoch 4 on; lr 0.1 or
-    # batch 128 stall near chance for the first epochs, lr 0.01 ends at 0.96.
-    epochs: int = 8
-    batch_size: int = 32
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    device: str = "cpu"
-    limit: int | None = None
-    data_root: str | None = None
-    download: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ProbeError(f"{name} must be a positive integer, got {value!r}.")
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
-            raise ProbeError(f"limit must be a positive integer or None, got {self.limit!r}.")
-        if not self.lr > 0:
-            raise ProbeError(f"lr must be positive, got {self.lr!r}.")
-        if not 0 <= self.momentum < 1:
-            raise ProbeError(f"momentum must be in [0, 1), got {self.momentum!r}.")
-        if self.weight_decay < 0:
-            raise ProbeError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
-
-
-def default_threads() -> None:
-    """Use at most 2 CPU threads unless the user chose a count via OMP/MKL_NUM_THREADS.
-
-    On a small shared machine more threads than cores slow training down.
-    """
-    if "OMP_NUM_THREADS" in os.environ or "MKL_NUM_THREADS" in os.environ:
-        return
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ProbeError(f"unknown device {device!r}; use e.g. 'cpu' or 'cuda'.") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ProbeError(f"device {device!r} requested but CUDA is not available; use 'cpu'.")
-    return dev
-
-
-def evaluate(
-    model: nn.Module, loader, device: str | torch.device = "cpu"
-) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy as a fraction) of `model` over `loader`, in eval mode.
-
-    `loader` yields `(inputs, targets)` batches; inputs go to `device`, where the model must be.
-    The model's training flag is restored afterwards, also on error.
-    """
-    dev = _device(device)
-    was_training = model.training
-    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    correct = torch.zeros((), dtype=torch.int64, device=dev)
-    count = 0
-    model.eval()
-    try:
-        with torch.no_grad():
-            for inputs, targets in loader:
-                inputs, targets = inputs.to(dev), targets.to(dev)
-                logits = model(inputs)  # (batch, num_classes)
-                loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").double()
-                correct += (logits.argmax(dim=1) == targets).sum()
-                count += targets.numel()
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ProbeError("cannot evaluate on an empty data set (the loader yielded no samples).")
-    # One device sync for the whole pass.
-    return loss_sum.item() / count, correct.item() / count
-
-
-def train(
-    model: nn.Module,
-    train_loader,
-    *,
-    epochs: int,
-    lr: float,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    test_loader=None,
-) -> pd.DataFrame:
-    """Train `model` in place with SGD + momentum and a per-step cosine learning-rate decay.
-
-    Returns a tidy history, one row per epoch, with columns `HISTORY_COLUMNS`:
-    `train_loss`/`train_accuracy` are running means over the epoch's batches (train mode);
-    `test_loss`/`test_accuracy` come from `evaluate` on `test_loader` (NaN without one).
-    Accuracies are fractions in [0, 1]. The model is left on `device`, in eval mode.
-    Deterministic on CPU given the model's initial weights and a seeded loader.
-    """
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ProbeError(f"epochs must be a positive integer, got {epochs!r}.")
-    dev = _device(device)
-    model.to(dev)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ProbeError("cannot train on an empty data set (the loader yields no batches).")
-    total_steps = epochs * steps_per_epoch
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
-    )
-    # Cosine from lr to 0 over all steps: no schedule constants to tune per run length.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
-    )
-    rows = []
-    bar = tqdm(total=total_steps, disable=not progress, unit="batch", file=sys.stderr)
-    try:
-        for epoch in range(1, epochs + 1):
-            bar.set_description(f"epoch {epoch}/{epochs}")
-            model.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-            correct = torch.zeros((), dtype=torch.int64, device=dev)
-            count = 0
-            for inputs, targets in train_loader:
-                inputs, targets = inputs.to(dev), targets.to(dev)
-                logits = model(inputs)  # (batch, num_classes)
-                loss = nn.functional.cross_entropy(logits, targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                loss_sum += loss.detach().double() * targets.numel()
-                correct += (logits.detach().argmax(dim=1) == targets).sum()
-                count += targets.numel()
-                bar.update(1)
-            train_loss, train_acc = loss_sum.item() / count, correct.item() / count
-            if not math.isfinite(train_loss):
-                raise ProbeError(
-                    f"training diverged in epoch {epoch} (loss {train_loss}); try a smaller lr "
-                    f"than {lr}."
-                )
-            test_loss = test_acc = float("nan")
-            if test_loader is not None:
-                test_loss, test_acc = evaluate(model, test_loader, dev)
-            rows.append((epoch, train_loss, train_acc, test_loss, test_acc))
-            postfix = {"loss": f"{train_loss:.3f}", "acc": f"{train_acc:.3f}"}
-            if test_loader is not None:
-                postfix["test_acc"] = f"{test_acc:.3f}"
-            bar.set_postfix(postfix)
-    finally:
-        bar.close()
-        model.eval()
-    return pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
-
-
-def _loaders(config: TrainConfig):
-    from probe.data import load_dataset, make_loader
-
-    common = {"root": config.data_root, "download": config.download, "seed": config.seed}
-    train_set = load_dataset(config.dataset, split="train", **common)
-    test_set = load_dataset(config.dataset, split="test", **common)
-    train_loader = make_loader(
-        train_set, batch_size=config.batch_size, shuffle=True, seed=config.seed,
-        limit=config.limit,
-    )
-    test_loader = make_loader(test_set, batch_size=256, shuffle=False, limit=config.limit)
-    return train_loader, test_loader
-
-
-def build_for(config: TrainConfig) -> nn.Module:
-    """The untrained model `config` names, sized for its data set (classes, input channels)."""
-    from probe.data import dataset_info
-    from probe.models import build_model
-
-    info = dataset_info(config.dataset, root=config.data_root)
-    return build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels)
-
-
-def train_model(config: TrainConfig, *, progress: bool = True) -> tuple[nn.Module, pd.DataFrame]:
-    """Build the model and data `config` names, train, and return (model in eval mode, history).
-
-    Seeds torch with `config.seed` before building the model, so runs repeat bit for bit on CPU.
-    `history.attrs["config"]` holds the config as a dict.
-    """
-    default_threads()
-    dev = _device(config.device)
-    torch.manual_seed(config.seed)
-    model = build_for(config)
-    train_loader, test_loader = _loaders(config)
-    history = train(
-        model, train_loader, epochs=config.epochs, lr=config.lr, momentum=config.momentum,
-        weight_decay=config.weight_decay, device=dev, progress=progress, test_loader=test_loader,
-    )
-    history.attrs["config"] = asdict(config)
-    return model, history
-
-
-def default_checkpoint_path(config: TrainConfig) -> Path:
-    """runs/<model>-<dataset>-seed<seed>.pt, with characters unsafe in file names replaced."""
-    stem = f"{config.model}-{config.dataset}-seed{config.seed}"
-    return Path("runs") / (re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) + ".pt")
+__all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -283,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on a user error, printed as one line)."""
-    args = _parser().parse_args(argv)
-    try:
+
+    def body(args: argparse.Namespace) -> int:
         config = TrainConfig(
             model=args.model, dataset=args.dataset, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
@@ -295,22 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         model, history = train_model(config, progress=not args.quiet)
         seconds = time.perf_counter() - start
-        from probe.models import save_checkpoint
-
         final = history.iloc[-1]
-        save_checkpoint(
-            model, out, config=asdict(config), history=history.to_dict(orient="list"),
-            train_seconds=seconds,
-        )
-    except ProbeError as e:
-        print(f"probe.train: error: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"{config.model} on {config.dataset}: train accuracy {final.train_accuracy:.4f}, "
-        f"test accuracy {final.test_accuracy:.4f} ({config.epochs} epochs, {seconds:.1f} s)"
-    )
-    print(f"checkpoint saved to {out}")
-    return 0
+        save_checkpoint(model, out, config=asdict(config), history=history.to_dict(orient="list"),
+                        train_seconds=seconds)
+        print(f"{config.model} on {config.dataset}: train accuracy {final.train_accuracy:.4f}, "
+              f"test accuracy {final.test_accuracy:.4f} ({config.epochs} epochs, {seconds:.1f} s)")
+        print(f"checkpoint saved to {out}")
+        return 0
+
+    return run_command(_parser(), body, argv, name="probe.train")
 
 
 if __name__ == "__main__":

@@ -4,33 +4,8 @@
 section, `reports.html` assembles one HTML file with every figure embedded (`reports.embed`).
 """
 
-from reports.figures import (
-    VERDICT_COLORS,
-    class_drop_heatmap,
-    cosine_per_block,
-    degradation_curve,
-    deletion_curves,
-    drop_intervals,
-    drop_per_block,
-    proxy_correlations,
-    ratio_per_block,
-    ratio_vs_drop,
-    recalibration_effect,
-)
+from reports.figures import *  # noqa: F403 (the figure functions: reports.figures.__all__)
+from reports.figures import __all__ as _figure_names
 from reports.html import render_report, write_report
 
-__all__ = [
-    "VERDICT_COLORS",
-    "class_drop_heatmap",
-    "cosine_per_block",
-    "degradation_curve",
-    "deletion_curves",
-    "drop_intervals",
-    "drop_per_block",
-    "proxy_correlations",
-    "ratio_per_block",
-    "ratio_vs_drop",
-    "recalibration_effect",
-    "render_report",
-    "write_report",
-]
+__all__ = [*_figure_names, "render_report", "write_report"]

@@ -5,13 +5,16 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Callable
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-__all__ = ["data_uri", "render_png"]
+from probe.files import atomic_write
+
+__all__ = ["data_uri", "render_png", "write_png"]
 
 HEIGHT = 4.2  # inches; wide enough figures read at the report's 1100 px column width
 DPI = 110
@@ -37,3 +40,9 @@ def render_png(draw: Callable, df: pd.DataFrame, *, width: float = 8.0, height: 
 
 def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def write_png(path: str | Path, draw: Callable, df: pd.DataFrame, **kwargs) -> Path:
+    """Draw `draw(df, ax=..., **kwargs)` (sizes as `render_png`) into a PNG file, atomically."""
+    png = render_png(draw, df, **kwargs)
+    return atomic_write(Path(path), lambda tmp: tmp.write_bytes(png))

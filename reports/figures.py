@@ -20,10 +20,11 @@ from matplotlib.axes import Axes
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from analyses.verdict import VERDICTS, rank_correlation
+from probe.verdict import VERDICTS, rank_correlation
 from probe.errors import ProbeError
 
 __all__ = [
+    "SCATTER_WIDTH",
     "VERDICT_COLORS",
     "block_figure_width",
     "class_drop_heatmap",
@@ -70,11 +71,8 @@ def _forward(df: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def _figure_width(n: int) -> float:
-    return float(min(16.0, max(6.0, 2.0 + 0.3 * n)))
-
-
-_SCATTER_WIDTH = 8.0
+# Width in inches of figures with one point per something (scatter plots, curves).
+SCATTER_WIDTH = 8.0
 
 
 def _axes(ax: Axes | None, width: float) -> Axes:
@@ -137,7 +135,7 @@ def ratio_per_block(df: pd.DataFrame, *, ax: Axes | None = None,
     """
     _require(df, ("block", "ratio"), "ratio_per_block")
     df = _forward(df)
-    ax = _axes(ax, _figure_width(len(df)))
+    ax = _axes(ax, block_figure_width(len(df)))
     _bars(ax, df, "ratio", "ratio_std")
     extra = []
     if max_ratio is not None:
@@ -159,7 +157,7 @@ def drop_per_block(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     """
     _require(df, ("block", "accuracy_drop"), "drop_per_block")
     df = _forward(df)
-    ax = _axes(ax, _figure_width(len(df)))
+    ax = _axes(ax, block_figure_width(len(df)))
     _bars(ax, df, "accuracy_drop", None, scale=100.0)
     ax.axhline(0.0, color="#333333", linewidth=0.8)
     extra = []
@@ -187,7 +185,7 @@ def ratio_vs_drop(df: pd.DataFrame, *, ax: Axes | None = None,
     """
     _require(df, ("block", "ratio", "accuracy_drop"), "ratio_vs_drop")
     df = _forward(df)
-    ax = _axes(ax, _SCATTER_WIDTH)
+    ax = _axes(ax, SCATTER_WIDTH)
     x = pd.to_numeric(df["ratio"], errors="coerce").to_numpy(float)
     y = pd.to_numeric(df["accuracy_drop"], errors="coerce").to_numpy(float) * 100.0
     ax.scatter(x, y, c=_colors(df), s=36, edgecolors="white", linewidths=0.5, zorder=3)
@@ -229,7 +227,7 @@ def cosine_per_block(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     """Bars of ``cosine`` (mean cos(F(x), s(x))) per block, ``cosine_std`` as error bars."""
     _require(df, ("block", "cosine"), "cosine_per_block")
     df = _forward(df)
-    ax = _axes(ax, _figure_width(len(df)))
+    ax = _axes(ax, block_figure_width(len(df)))
     _bars(ax, df, "cosine", "cosine_std")
     ax.axhline(0.0, color="#333333", linewidth=0.8)
     ax.set_ylim(-1.05, 1.05)
@@ -253,7 +251,7 @@ _ORDER_STYLES = {
 
 def block_figure_width(n: int) -> float:
     """Width in inches of a figure with one slot per block (as the per-block figures use)."""
-    return _figure_width(n)
+    return float(min(16.0, max(6.0, 2.0 + 0.3 * n)))
 
 
 def heatmap_size(df: pd.DataFrame) -> dict[str, float]:
@@ -271,7 +269,7 @@ def degradation_curve(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     *training* error rises with depth cannot blame overfitting.
     """
     _require(df, ("depth", "residual", "train_error", "test_error"), "degradation_curve")
-    ax = _axes(ax, _SCATTER_WIDTH)
+    ax = _axes(ax, SCATTER_WIDTH)
     for residual, color, name in ((False, _PLAIN_NET, "plain"), (True, _RESIDUAL_NET, "residual")):
         rows = df[df["residual"].astype(bool) == residual].sort_values("depth")
         if rows.empty:
@@ -297,7 +295,7 @@ def deletion_curves(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     Fig. 5a); the fixed orders as lines with markers.
     """
     _require(df, ("order", "draw", "k", "accuracy"), "deletion_curves")
-    ax = _axes(ax, _SCATTER_WIDTH)
+    ax = _axes(ax, SCATTER_WIDTH)
     for order, style in _ORDER_STYLES.items():
         rows = df[df["order"] == order]
         if rows.empty:
@@ -330,7 +328,7 @@ def proxy_correlations(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     Rows whose correlations are NaN (the measured drop itself) only give their cost, in the title.
     """
     _require(df, ("proxy", "spearman_accuracy_drop", "spearman_loss_increase", "seconds"), "proxy_correlations")
-    ax = _axes(ax, _SCATTER_WIDTH)
+    ax = _axes(ax, SCATTER_WIDTH)
     proxies = df[df[["spearman_accuracy_drop", "spearman_loss_increase"]].notna().any(axis=1)].reset_index(drop=True)
     truth = df[df[["spearman_accuracy_drop", "spearman_loss_increase"]].isna().all(axis=1)]
     y = np.arange(len(proxies))
@@ -358,7 +356,7 @@ def drop_intervals(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     """Each block's accuracy drop (points) with its bootstrap interval, coloured by `verdict_ci`."""
     _require(df, ("block", "accuracy_drop", "drop_low", "drop_high"), "drop_intervals")
     df = _forward(df)
-    ax = _axes(ax, _figure_width(len(df)))
+    ax = _axes(ax, block_figure_width(len(df)))
     x = np.arange(len(df))
     drop = df["accuracy_drop"].to_numpy(float) * 100
     low, high = df["drop_low"].to_numpy(float) * 100, df["drop_high"].to_numpy(float) * 100
@@ -406,7 +404,7 @@ def recalibration_effect(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     """Per block, the accuracy drop with trained BN statistics and after recalibration (points)."""
     _require(df, ("block", "accuracy_drop", "bn_recalibrated"), "recalibration_effect")
     order = _forward(df.drop_duplicates("block"))["block"].reset_index(drop=True)
-    ax = _axes(ax, _figure_width(len(order)))
+    ax = _axes(ax, block_figure_width(len(order)))
     x = np.arange(len(order))
     width = 0.4
     for offset, recal, color, label in ((-width / 2, False, _PALETTE[3], "trained BN statistics"),

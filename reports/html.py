@@ -2,28 +2,26 @@
 
 Figures are embedded as base64 PNG data URIs and the CSS is inline, so the file opens offline,
 can be mailed or attached to a paper's supplement, and needs no JavaScript. The report only
-assembles: verdicts come from ``analyses.verdict``, figures from ``reports.figures``, and the
+assembles: verdicts come from ``probe.verdict``, figures from ``reports.figures``, and the
 sections of the analyses (degradation, skipping, ...) from ``reports.sections``.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jinja2
-import numpy as np
 import pandas as pd
 
-from analyses.verdict import VerdictRule, classify, summarize
+from probe.verdict import VerdictRule, classify, summarize
 from probe.errors import ProbeError
+from probe.files import write_text
 from reports import figures
 from reports.embed import data_uri, render_png
-from reports.sections import Section
+from reports.sections import Section, format_cell, is_number
 
 __all__ = ["render_report", "write_report"]
 
@@ -46,38 +44,22 @@ _RATIO_WORDS = (
     "sample's whole activation and averaged over the samples."
 )
 
-# How each column is printed: (format spec, scale, prefix); other numbers get ".4g".
+# How each column is printed (specs of reports.sections.format_cell); other numbers get ".4g".
 # Accuracy-like shares are shown in % and their differences in percentage points (pp).
 _FORMATS = {
-    "accuracy": (".2f", 100.0, ""),
-    "flip_rate": (".2f", 100.0, ""),
-    "accuracy_drop": ("+.2f", 100.0, ""),
-    "noise": (".2f", 100.0, "\u00b1"),
-    "loss": (".4f", 1.0, ""),
-    "loss_increase": ("+.4f", 1.0, ""),
-    "cosine": ("+.3f", 1.0, ""),
-    "cosine_std": (".3f", 1.0, ""),
-    "position": (".0f", 1.0, ""),
-    "samples": (".0f", 1.0, ""),
+    "accuracy": "pct",
+    "flip_rate": "pct",
+    "accuracy_drop": "pp",
+    "noise": "pm",
+    "loss": ".4f",
+    "loss_increase": "+.4f",
+    "cosine": "+.3f",
+    "cosine_std": ".3f",
+    "position": ".0f",
+    "samples": ".0f",
 }
 _PERCENT = {"accuracy", "flip_rate"}
 _POINTS = {"accuracy_drop", "noise"}
-_MISSING = "\u2013"
-
-
-def _is_number(value) -> bool:
-    # numpy scalars register with the numbers ABCs; booleans are not numbers here.
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def _format_cell(column: str, value) -> str:
-    if not _is_number(value):
-        return _MISSING if value is None else str(value)
-    value = float(value)
-    if math.isnan(value):
-        return _MISSING
-    spec, scale, prefix = _FORMATS.get(column, (".4g", 1.0, ""))
-    return prefix + format(value * scale, spec)
 
 
 def _header(column: str) -> str:
@@ -98,8 +80,8 @@ def _table(df: pd.DataFrame) -> dict:
     for _, row in df.iterrows():
         rows.append({
             "verdict": str(row.get("verdict", "")),
-            "cells": [{"text": _format_cell(c, row[c]),
-                       "cls": ("num " if _is_number(row[c]) else "") + c}
+            "cells": [{"text": format_cell(row[c], _FORMATS.get(c, ".4g")),
+                       "cls": ("num " if is_number(row[c]) else "") + c}
                       for c in columns],
         })
     return {"headers": [_header(c) for c in columns], "rows": rows}
@@ -124,7 +106,7 @@ def _png(draw: Callable, df: pd.DataFrame, width: float, **kwargs) -> str:
 
 
 def _figures(table: pd.DataFrame, rule: VerdictRule) -> list[dict]:
-    width = figures._figure_width(len(table))
+    width = figures.block_figure_width(len(table))
     z = f"{rule.noise_z:g}"
     specs = [
         (figures.ratio_per_block, width, {"max_ratio": rule.max_ratio},
@@ -143,7 +125,7 @@ def _figures(table: pd.DataFrame, rule: VerdictRule) -> list[dict]:
          "is better without it. The grey band around zero is the noise for that block "
          f"({z} standard errors of the paired accuracy difference): a bar inside the band is "
          "indistinguishable from no change on this many samples."),
-        (figures.ratio_vs_drop, figures._SCATTER_WIDTH, {"max_ratio": rule.max_ratio},
+        (figures.ratio_vs_drop, figures.SCATTER_WIDTH, {"max_ratio": rule.max_ratio},
          "Does branch size predict deletion cost?",
          "One dot per block: its ratio (horizontal) against the accuracy lost when it is "
          "deleted (vertical, percentage points). If small branches were always safe to delete "
@@ -172,9 +154,9 @@ def _answer(table: pd.DataFrame, summary: dict) -> dict:
     def entry(name: str) -> dict:
         row = by_name.loc[name]
         return {"block": name,
-                "drop": _format_cell("accuracy_drop", row["accuracy_drop"]),
-                "noise": _format_cell("noise", row["noise"]),
-                "ratio": _format_cell("ratio", row["ratio"])}
+                "drop": format_cell(row["accuracy_drop"], _FORMATS["accuracy_drop"]),
+                "noise": format_cell(row["noise"], _FORMATS["noise"]),
+                "ratio": format_cell(row["ratio"], ".4g")}
 
     rho = summary["spearman_rho"]
     return {
@@ -192,7 +174,7 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
                   sections: Sequence[Section] = ()) -> str:
     """The whole report as one HTML string (see module docstring).
 
-    df: per-block table (one row per block; DESIGN.md columns). baseline: {"accuracy",
+    df: per-block table (one row per block; columns as in docs/architecture.md and the README). baseline: {"accuracy",
     "loss", "samples"} of the unablated model. config: run configuration shown in the header
     (model, checkpoint, dataset, samples, mode, seed, date, versions, and any other keys).
     rule: the verdict rule (default VerdictRule()); verdicts are recomputed with it.
@@ -213,9 +195,9 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     return _ENV.get_template("report.html").render(
         title=title,
         config=_config_items(config),
-        baseline={"accuracy": _format_cell("accuracy", baseline["accuracy"]),
-                  "loss": _format_cell("loss", baseline["loss"]),
-                  "samples": _format_cell("samples", baseline["samples"])},
+        baseline={"accuracy": format_cell(baseline["accuracy"], _FORMATS["accuracy"]),
+                  "loss": format_cell(baseline["loss"], _FORMATS["loss"]),
+                  "samples": format_cell(baseline["samples"], _FORMATS["samples"])},
         rule=rule.describe(),
         answer=_answer(table, summary),
         figures=_figures(table, rule),
@@ -229,26 +211,9 @@ def write_report(path: str | os.PathLike, df: pd.DataFrame, **kwargs) -> Path:
     """Render the report and write it to ``path`` atomically; returns the path.
 
     The HTML goes to a temporary file in the same directory, which then replaces ``path``
-    (os.replace), so a reader never sees a half-written report and a failure leaves the old
-    one in place. Keyword arguments are those of ``render_report``.
+    (``probe.files.write_text``), so a reader never sees a half-written report and a failure
+    leaves the old one in place. Keyword arguments are those of ``render_report``.
     """
-    path = Path(path)
     html = render_report(df, **kwargs)  # render first: a failure here writes nothing
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # mkstemp makes the file 0600; give the report the mode an ordinary file would have.
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(html)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_text(path, html)

@@ -18,7 +18,8 @@ import pandas as pd
 from reports import figures
 from reports.embed import data_uri, render_png
 
-__all__ = ["TITLES", "Figure", "Section", "Table", "attribution_section", "degradation_section", "not_run_section",
+__all__ = ["TITLES", "Figure", "Section", "Table", "attribution_section", "degradation_section", "format_cell",
+           "is_number", "not_run_section",
            "recalibration_section", "skipping_section", "uncertainty_section"]
 
 
@@ -64,25 +65,36 @@ TITLES = {
 _MISSING = "\u2013"
 
 
-def _cell(value, spec: str | None) -> dict:
-    """One table cell; `spec` is "pct" (share shown in %), "pp" (difference in points), a format
-    spec, or None (shown as is)."""
+def format_cell(value, spec: str | None) -> str:
+    """How every table of the report prints a value. spec: "pct" (a share, shown in %), "pp" (a
+    difference of shares, in signed percentage points), "pm" (a +- band, in points), a format
+    spec, or None (shown as is). Missing values (None, "", NaN) are a dash; booleans yes/no."""
     if isinstance(value, (bool, np.bool_)):
-        return {"text": "yes" if value else "no", "cls": ""}
+        return "yes" if value else "no"
     if not isinstance(value, numbers.Real) or spec is None:
-        return {"text": _MISSING if value is None or value == "" else str(value), "cls": ""}
+        return _MISSING if value is None or (isinstance(value, str) and value == "") else str(value)
     value = float(value)
     if math.isnan(value):
-        return {"text": _MISSING, "cls": "num"}
+        return _MISSING
     if spec == "pct":
-        text = f"{value * 100:.2f}"
-    elif spec == "pp":
-        text = f"{value * 100:+.2f}"
-    elif spec.endswith("d"):
-        text = format(int(round(value)), spec)  # counts: "d" and ",d" need an int
-    else:
-        text = format(value, spec)
-    return {"text": text, "cls": "num"}
+        return f"{value * 100:.2f}"
+    if spec == "pp":
+        return f"{value * 100:+.2f}"
+    if spec == "pm":
+        return f"\u00b1{value * 100:.2f}"
+    if spec.endswith("d"):
+        return format(int(round(value)), spec)  # counts: "d" and ",d" need an int
+    return format(value, spec)
+
+
+def is_number(value) -> bool:
+    """A real number (numpy scalars included), not a boolean: what is right-aligned."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _cell(value, spec: str | None) -> dict:
+    """One table cell of `format_cell`, right-aligned when it is a number."""
+    return {"text": format_cell(value, spec), "cls": "num" if is_number(value) and spec is not None else ""}
 
 
 def _table(df: pd.DataFrame, columns: Mapping[str, tuple[str, str | None]], caption: str) -> Table:

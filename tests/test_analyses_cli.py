@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import probe
-from analyses.evaluation import single_block_sweep
+from probe.evaluation import single_block_sweep
 from analyses.pipeline import SECTIONS, choose_sections
-from probe.ablate import RunConfig
+from probe.config import RunConfig
 from probe.models import cifar_resnet, save_checkpoint
 
 COMMANDS = {
@@ -33,7 +33,7 @@ def checkpoint(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", [*COMMANDS, "degradation"])
 def test_help(name, capsys):
-    module = importlib.import_module(f"analyses.{name}")
+    module = importlib.import_module(f"analyses.{name}.__main__")
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
     assert exit_.value.code == 0
@@ -49,7 +49,7 @@ def test_command_writes_tables_and_figures(name, checkpoint, tmp_path, capsys):
         argv += ["--random-draws", "2"]
     if name == "uncertainty":
         argv += ["--resamples", "100"]
-    assert importlib.import_module(f"analyses.{name}").main(argv) == 0
+    assert importlib.import_module(f"analyses.{name}.__main__").main(argv) == 0
     tables, pngs = COMMANDS[name]
     for table in tables:
         frame = pd.read_csv(out / table)
@@ -70,7 +70,7 @@ BLOCK_COLUMN = {"skipping": ("deletion_curves.csv", "removed"), "attribution": (
 
 @pytest.mark.parametrize("name", COMMANDS)
 def test_command_covers_just_the_blocks_of_a_spec(name, checkpoint, tmp_path, capsys):
-    command = importlib.import_module(f"analyses.{name}").main
+    command = importlib.import_module(f"analyses.{name}.__main__").main
     common = ["--model", "resnet8", "--checkpoint", str(checkpoint), "--limit", "12", "--calibration-samples", "12",
               "--no-progress"]
     out = tmp_path / name
@@ -85,7 +85,7 @@ def test_command_covers_just_the_blocks_of_a_spec(name, checkpoint, tmp_path, ca
 @pytest.mark.parametrize("name", COMMANDS)
 def test_command_error_is_one_line(name, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    code = importlib.import_module(f"analyses.{name}").main(
+    code = importlib.import_module(f"analyses.{name}.__main__").main(
         ["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o"), "--no-progress"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()

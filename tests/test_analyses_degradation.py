@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 import probe.cache
-from analyses.degradation import COLUMNS, degradation, main, summary_lines
+from analyses.degradation import COLUMNS, degradation, summary_lines
+from analyses.degradation.__main__ import main
 from probe.data import load_dataset, make_loader
 from probe.errors import ProbeError
 from probe.models import build_model, load_checkpoint
-from probe.train import evaluate
+from probe.training import evaluate
 
 QUICK = dict(epochs=1, limit=32, progress=False)
 

@@ -8,7 +8,8 @@ import torch
 import torchvision
 
 import probe
-from analyses.skipping import curve_ks, deletion_orders, export_pruned, prune, skipping
+from analyses.skipping import curve_ks, deletion_orders, skipping
+from probe.surgery import export_pruned, prune
 from conftest import assert_unchanged, snapshot
 from probe.models import cifar_resnet
 

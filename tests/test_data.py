@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from probe import data
@@ -16,9 +17,12 @@ from probe.data import (
     DATASETS,
     DatasetInfo,
     dataset_info,
+    dataset_targets,
     default_data_root,
     load_dataset,
     make_loader,
+    split_off,
+    stratified_subset,
 )
 from probe.errors import ProbeError
 
@@ -302,6 +306,59 @@ def test_imagefolder_classes_shape_and_values(tmp_path):
     assert dataset_info("imagefolder", root=tmp_path, image_size=4).image_size == 4
 
 
+def test_cifar10_with_imagenet_statistics(tmp_path):
+    # A model trained with ImageNet statistics needs them on CIFAR-10 too.
+    pixels, _ = _write_cifar10(tmp_path)["test_batch"]
+    test = load_dataset("cifar10", root=tmp_path, normalize="imagenet")
+    assert test.info == DatasetInfo("cifar10", 10, 3, 32, "imagenet")
+    images, _ = _stack(test)
+    np.testing.assert_allclose(
+        images.numpy(), _expected(pixels, 3, 32, data.IMAGENET_MEAN, data.IMAGENET_STD),
+        atol=1e-5,
+    )
+    assert images[1, 2, 0, 1].item() == pytest.approx((pixels[1, 2049] / 255 - 0.406) / 0.225,
+                                                      abs=1e-5)
+
+
+def test_cifar10_in_grey(tmp_path):
+    pixels, _ = _write_cifar10(tmp_path)["test_batch"]
+    grey = load_dataset("cifar10", root=tmp_path, in_channels=1, normalize="0.5,0.25")
+    assert grey.info == DatasetInfo("cifar10", 10, 1, 32, "0.5,0.25")
+    images, _ = _stack(grey)
+    assert images.shape == (2, 1, 32, 32)
+    # PIL's ITU-R 601-2 luma in its integer form: (299 R + 587 G + 114 B) / 1000, rounded.
+    rgb = pixels.reshape(2, 3, 32, 32).astype(np.int64)
+    luma = (rgb[:, 0] * 19595 + rgb[:, 1] * 38470 + rgb[:, 2] * 7471 + 0x8000) >> 16
+    np.testing.assert_allclose(images[:, 0].numpy(), (luma / 255 - 0.5) / 0.25, atol=1e-5)
+    with pytest.raises(ProbeError, match=r"normalize 'cifar10' \(the default for 'cifar10'\) "
+                                         "gives statistics for 3 channels"):
+        load_dataset("cifar10", root=tmp_path, in_channels=1)
+
+
+def test_cifar100_and_mnist_accept_normalize_and_channels(tmp_path):
+    pixels, _ = _write_cifar100(tmp_path)["test"]
+    images, _ = _stack(load_dataset("cifar100", root=tmp_path, normalize="none"))
+    np.testing.assert_allclose(images.numpy(), _expected(pixels, 3, 32, (0.0,), (1.0,)),
+                               atol=1e-6)
+    raw, _ = _write_mnist(tmp_path)["t10k"]
+    rgb = load_dataset("mnist", root=tmp_path, in_channels=3)
+    assert rgb.info == DatasetInfo("mnist", 10, 3, 28, "mnist")
+    images, _ = _stack(rgb)
+    assert images.shape == (2, 3, 28, 28)
+    one = _expected(raw.reshape(2, -1), 1, 28, data.MNIST_MEAN, data.MNIST_STD)
+    np.testing.assert_allclose(images.numpy(), np.repeat(one, 3, axis=1), atol=1e-5)
+
+
+def test_digits_channels_and_normalize():
+    grey = load_dataset("digits")
+    rgb = load_dataset("digits", in_channels=3)
+    assert rgb.info == DatasetInfo("digits", 10, 3, 16, "train-split")
+    assert torch.equal(rgb.tensors[0], grey.tensors[0].repeat(1, 3, 1, 1))
+    assert load_dataset("digits", normalize="train-split").info == grey.info
+    with pytest.raises(ProbeError, match="normalize 'imagenet' does not apply to 'digits'"):
+        load_dataset("digits", normalize="imagenet")
+
+
 # --- info, roots, loaders ----------------------------------------------------------------------
 
 
@@ -311,6 +368,19 @@ def test_dataset_info_values():
     assert dataset_info("cifar10") == DatasetInfo("cifar10", 10, 3, 32)
     assert dataset_info("cifar100") == DatasetInfo("cifar100", 100, 3, 32)
     assert dataset_info("mnist") == DatasetInfo("mnist", 10, 1, 28)
+
+
+def test_dataset_info_reports_normalisation():
+    assert [dataset_info(name).normalize for name in DATASETS[:4]] == [
+        "train-split", "cifar10", "cifar100", "mnist"
+    ]
+    assert dataset_info("cifar10", normalize="imagenet") == DatasetInfo(
+        "cifar10", 10, 3, 32, "imagenet"
+    )
+    assert dataset_info("cifar10", normalize="imagenet") != dataset_info("cifar10")
+    assert dataset_info("mnist", in_channels=3, normalize="0.5,0.5") == DatasetInfo(
+        "mnist", 10, 3, 28, "0.5,0.5"
+    )
 
 
 def test_default_data_root(monkeypatch, tmp_path):
@@ -394,3 +464,82 @@ def test_bad_loader_arguments_name_the_value():
     with pytest.raises(ProbeError, match="batch_size.*got 0"):
         make_loader(dataset, batch_size=0)
     assert issubclass(ProbeError, ValueError)
+
+
+# --- targets and representative samples --------------------------------------------------------
+
+
+def _own_indices(labels: list[int]) -> torch.utils.data.TensorDataset:
+    """A data set whose inputs are their own indices, so a Subset shows what it picked."""
+    return torch.utils.data.TensorDataset(torch.arange(len(labels)), torch.tensor(labels))
+
+
+def test_dataset_targets_without_loading_images(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.png").write_bytes(b"no image")  # reading it would raise
+    folder = torchvision.datasets.ImageFolder(tmp_path)
+    assert dataset_targets(folder).tolist() == [0, 1]
+    with pytest.raises(Exception, match="cannot identify image file"):
+        folder[0]
+    digits = load_dataset("digits")
+    targets = dataset_targets(digits)
+    assert torch.equal(targets, digits.tensors[1]) and targets.dtype == torch.int64
+    targets.zero_()  # a copy: the data set keeps its labels
+    assert not torch.equal(targets, digits.tensors[1])
+    subset = torch.utils.data.Subset(digits, [5, 0, 7])
+    assert dataset_targets(subset).tolist() == digits.tensors[1][[5, 0, 7]].tolist()
+    both = torch.utils.data.ConcatDataset([subset, _own_indices([4, 2])])
+    assert dataset_targets(both).tolist() == digits.tensors[1][[5, 0, 7]].tolist() + [4, 2]
+    as_list = [(torch.zeros(1), 3), (torch.zeros(1), 1)]  # no labels kept apart: indexed
+    assert dataset_targets(as_list).tolist() == [3, 1]
+
+
+@pytest.mark.parametrize(
+    ("counts", "n", "expected"),
+    [
+        ((6, 3, 3), 4, [2, 1, 1]),  # exact shares
+        ((5, 3, 2), 5, [3, 1, 1]),  # 2.5, 1.5, 1.0: the spare one goes to the larger class
+        ((1, 1, 8), 5, [1, 0, 4]),  # 0.5, 0.5, 4.0: equal classes, the spare to the lower label
+        ((2, 3, 5), 10, [2, 3, 5]),  # everything
+    ],
+)
+def test_stratified_subset_keeps_class_shares(counts, n, expected):
+    # Labels interleaved, so data order and class order differ.
+    labels = [c for i in range(max(counts)) for c, k in enumerate(counts) if i < k]
+    subset = stratified_subset(_own_indices(labels), n, seed=0)
+    assert len(subset) == n and subset.indices == sorted(subset.indices)
+    picked = [labels[i] for i in subset.indices]
+    assert [picked.count(c) for c in range(len(counts))] == expected
+    assert dataset_targets(subset).tolist() == picked
+
+
+def test_stratified_subset_is_seeded():
+    labels = [i % 10 for i in range(200)]
+    dataset = _own_indices(labels)
+    first = stratified_subset(dataset, 30, seed=0).indices
+    assert stratified_subset(dataset, 30, seed=0).indices == first
+    assert stratified_subset(dataset, 30, seed=1).indices != first
+    assert [[labels[i] for i in first].count(c) for c in range(10)] == [3] * 10
+
+
+def test_split_off_parts_are_disjoint_and_cover_the_data():
+    labels = [0, 1, 0, 2, 0, 1, 0, 2, 0, 1, 2, 0]  # counts 6, 3, 3
+    dataset = _own_indices(labels)
+    calibration, rest = split_off(dataset, 4, seed=3)
+    assert calibration.indices == stratified_subset(dataset, 4, seed=3).indices
+    assert set(calibration.indices).isdisjoint(rest.indices)
+    assert sorted(calibration.indices + rest.indices) == list(range(12))
+    assert rest.indices == sorted(rest.indices)
+    assert sorted(labels[i] for i in calibration.indices) == [0, 0, 1, 2]
+    assert sorted(labels[i] for i in rest.indices) == [0, 0, 0, 0, 1, 1, 2, 2]
+
+
+def test_bad_sample_counts():
+    dataset = _own_indices([0, 1, 0])
+    for bad in (0, 4, 2.5, True):
+        with pytest.raises(ProbeError, match=rf"stratified_subset: n must be an integer from 1 "
+                                             rf"to 3 \(the data set has 3 samples\), got {bad}"):
+            stratified_subset(dataset, bad)
+    with pytest.raises(ProbeError, match=r"split_off: n must be an integer from 1 to 2 .*got 3"):
+        split_off(dataset, 3)

@@ -21,8 +21,8 @@ def test_default_run_end_to_end(tmp_path):
     table = pd.read_csv(out / "blocks.csv")
     assert len(table) == 27
     assert list(table["block"][:3]) == ["layer1.0", "layer1.1", "layer1.2"]
-    # The science on the default (DESIGN.md section 2): a well-trained net whose first block of
-    # each stage carries far more than the blocks after it.
+    # The science on the default (Veit et al. 2016, Chang et al. 2018): a well-trained net whose
+    # first block of each stage carries far more than the blocks after it.
     first_of_stage = table[table["block"].isin(["layer1.0", "layer2.0", "layer3.0"])]
     rest = table[~table["block"].isin(first_of_stage["block"])]
     assert first_of_stage["accuracy_drop"].mean() > rest["accuracy_drop"].mean()

@@ -88,7 +88,7 @@ def test_measure_leaves_model_as_found(tiny_net):
 
 def test_measure_memory_does_not_hold_activations(tiny_net):
     """The accumulators are fixed-size: (classes, 1 + 2 * quantities) per block."""
-    from probe.measure import _Moments
+    from probe.measurement import _Moments
 
     moments = _Moments(2, torch.device("cpu"))
     for _ in range(50):
@@ -102,7 +102,7 @@ def test_channels_last_and_bf16_are_measured_without_copies_and_alike():
 
     from probe.models import cifar_resnet
 
-    measure_module = importlib.import_module("probe.measure")
+    measure_module = importlib.import_module("probe.measurement")
     torch.manual_seed(0)
     model = cifar_resnet(20, num_classes=4).eval()
     batches = [(torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,)))]

@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 
 from analyses.pipeline import SECTIONS
-from probe.ablate import RunConfig, run
+from probe.ablate import run
+from probe.config import RunConfig
 
 pytestmark = pytest.mark.slow  # trains small models end to end
 

@@ -14,7 +14,8 @@ from probe.cache import cache_dir, cached_model
 from probe.data import make_loader
 from probe.errors import ProbeError
 from probe.models import build_model, load_checkpoint
-from probe.train import HISTORY_COLUMNS, TrainConfig, evaluate, main, train
+from probe.train import main
+from probe.training import HISTORY_COLUMNS, TrainConfig, evaluate, train
 
 # A few hundred samples' worth of CIFAR-style training: enough to exercise every path, fast.
 TINY = dict(model="resnet20", epochs=1, batch_size=16, limit=32)

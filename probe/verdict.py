@@ -1,6 +1,6 @@
 """Name each residual block "helps", "skipped", "hurts" or "neutral", by a rule stated in words.
 
-Input is the per-block table the core produces (one row per block, see DESIGN.md section 4):
+Input is the per-block table the core produces (one row per block, see docs/architecture.md):
 it needs at least ``block``, ``ratio``, ``accuracy_drop``, ``flip_rate`` and ``samples``.
 Accuracies are fractions in [0, 1]; ``accuracy_drop`` = baseline accuracy - ablated accuracy,
 so a positive drop means the block was doing useful work.

@@ -12,17 +12,18 @@ remove.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 import pandas as pd
 
-from probe.errors import ProbeError
+from probe.cache import cached_model
+from probe.config import RunConfig, check_depths
+from probe.data import load_dataset, make_loader
+from probe.training import TrainConfig, evaluate
 
-__all__ = ["COLUMNS", "DEPTHS", "degradation", "main"]
+__all__ = ["COLUMNS", "DEPTHS", "degradation", "summary_lines"]
 
-DEPTHS = (20, 32, 44, 56)
+DEPTHS = RunConfig.degradation_depths  # the depths of He et al. 2016 are 20, 32, 44, 56 and 110
 COLUMNS = ["depth", "residual", "model", "train_accuracy", "test_accuracy", "train_loss", "test_loss",
            "train_error", "test_error", "epochs", "checkpoint", "bn_recalibrated"]
 
@@ -34,17 +35,13 @@ def degradation(depths: Sequence[int] = DEPTHS, *, dataset: str = "digits", epoc
 
     Returns one row per (depth, residual), sorted by depth then plain first. Columns:
     depth, residual (bool), model ("plain56", "resnet56"), train_accuracy / test_accuracy
-    (fractions, `probe.train.evaluate` in eval mode on the whole split), train_loss / test_loss
+    (fractions, `probe.training.evaluate` in eval mode on the whole split), train_loss / test_loss
     (mean cross-entropy), train_error / test_error (1 - accuracy), epochs, checkpoint (cache
     path), bn_recalibrated (always False: nothing is deleted here).
     `epochs=None` uses the trainer's default; `limit` trains and evaluates on the first `limit`
     samples of each split (quick runs and tests).
     """
-    from probe.cache import cached_model
-    from probe.data import load_dataset, make_loader
-    from probe.train import TrainConfig, evaluate
-
-    depths = _check_depths(depths)
+    depths = check_depths(depths)
     loaders = {split: make_loader(load_dataset(dataset, split=split, root=data_root, download=download, seed=seed),
                                   batch_size=batch_size, limit=limit)
                for split in ("train", "test")}
@@ -67,16 +64,6 @@ def degradation(depths: Sequence[int] = DEPTHS, *, dataset: str = "digits", epoc
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _check_depths(depths: Sequence[int]) -> list[int]:
-    depths = list(depths)
-    if not depths:
-        raise ProbeError("degradation needs at least one depth, e.g. 20 56.")
-    bad = [d for d in depths if not isinstance(d, int) or d < 8 or (d - 2) % 6]
-    if bad:
-        raise ProbeError(f"depth(s) {bad} are not of the form 6n+2 (n >= 1); use e.g. 20, 32, 44, 56, 110.")
-    return sorted(set(depths))
-
-
 def summary_lines(table: pd.DataFrame) -> list[str]:
     """The finding in words: does the deeper plain net train worse, and what do shortcuts buy?"""
     plain = table[~table["residual"]].set_index("depth")
@@ -93,39 +80,3 @@ def summary_lines(table: pd.DataFrame) -> list[str]:
         lines.append(f"depth {depth}: the residual net trains to {ours:.1%}, the plain net to {theirs:.1%} "
                      f"({(ours - theirs) * 100:+.1f} points for the shortcuts).")
     return lines
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m analyses.degradation`: writes degradation.csv and degradation.png into --out."""
-    from analyses import _cli
-    from reports import figures
-
-    parser = _cli.base_parser("python -m analyses.degradation", __doc__.split("\n\n")[0])
-    parser.add_argument("--depths", type=int, nargs="+", default=list(DEPTHS),
-                        help="network depths, each 6n+2 (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: the trainer's)")
-    parser.add_argument("--dataset", default="digits", help="data set to train on (default: %(default)s)")
-    parser.add_argument("--data-root", help="folder holding the data set's files")
-    parser.add_argument("--download", action="store_true", help="download torchvision data sets that are missing")
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
-    parser.add_argument("--limit", type=int, help="train and evaluate on the first N samples of each split")
-
-    def body(args: argparse.Namespace, out: Path) -> list[Path]:
-        _cli.positive("epochs", args.epochs)
-        _cli.positive("limit", args.limit)
-        device = str(_cli.device_for(args.device))
-        table = degradation(args.depths, dataset=args.dataset, epochs=args.epochs, seed=args.seed, device=device,
-                            data_root=args.data_root, download=args.download, limit=args.limit,
-                            progress=not args.no_progress)
-        shown = table[["depth", "model", "train_accuracy", "test_accuracy", "train_loss", "test_loss"]]
-        print(shown.to_string(index=False, float_format="{:.4f}".format))
-        print("\n".join(summary_lines(table)))
-        written = _cli.write_tables(out, {"degradation": table})
-        written.append(_cli.write_figure(out / "degradation.png", figures.degradation_curve, table))
-        return written
-
-    return _cli.run(parser, body, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,6 +3,10 @@
 Statistics are reduced inside the hooks to per-sample scalars and summed into small float64
 accumulators on the model's device (no `.item()` per batch, one transfer at the end), so memory
 does not grow with the data set. Sums are what `all_reduce` needs to combine processes.
+
+A sample is one (F(x), s(x)) pair of a block: a block module that runs k times per forward
+(weights tied: `for _ in range(k): x = self.block(x)`) adds k samples per input, one per call,
+each a residual addition on its own input.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from torch import nn
 
 from probe import distributed
-from probe.batches import batches, explained_misfit, model_device
+from probe.batches import batches, explained_misfit, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.hooks import attached, model_preserved, tap_pairs
 
@@ -101,45 +105,54 @@ def _quantities(reductions: torch.Tensor) -> torch.Tensor:
     return torch.stack([f_norm, s_norm, f_norm / s_norm, cosine], dim=-1)
 
 
-def pair_statistics(branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-    """Per-sample (||F||, ||s||, ||F||/||s||, cos(F, s)) on flattened samples: (batch, 4)."""
-    return _quantities(_reductions(branch, shortcut))
-
-
 def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
             per_class: bool = False, progress: bool = True) -> pd.DataFrame:
     """Branch and shortcut statistics of every residual block over `data`.
 
     Returns one row per block in forward order (with `per_class=True`, one row per block and
-    class, with a `class` column). Columns: see `COLUMNS` and the README.
+    class, with a `class` column). Columns: see `COLUMNS` and the README. A block module run k
+    times per forward counts k samples per input (see the module docstring).
     """
     chosen = resolve_blocks(model, blocks)
     device = model_device(model)
     moments = _Moments(len(chosen), device)
     row_of = {block.name: row for row, block in enumerate(chosen)}
-    seen: dict[int, tuple] = {}  # block row -> this batch's reductions, three (batch,) tensors
+    # block row -> this batch's reductions, three (batch,) tensors per call of the block's module
+    seen: dict[int, list[tuple]] = {}
 
     def record(block: Block, branch: torch.Tensor, shortcut: torch.Tensor) -> None:
-        seen[row_of[block.name]] = _reduction_parts(branch, shortcut)
+        seen.setdefault(row_of[block.name], []).append(_reduction_parts(branch, shortcut))
 
     with model_preserved(model), attached() as handles, torch.no_grad():
         tap_pairs(model, chosen, record, handles)
         num_classes = 1
-        for inputs, targets in batches(data, device, progress=progress, desc="measure"):
+        for inputs, targets in batches(data, device, dtype=input_dtype(model), progress=progress, desc="measure"):
             seen.clear()
             with explained_misfit(inputs):
                 model(inputs)
-            if not seen:
-                continue
-            if per_class:
+            if per_class and seen:
                 num_classes = max(num_classes, int(targets.max()) + 1)
-            rows = sorted(seen)
-            # One stack for all blocks (not one per block): (blocks seen, 3, batch) -> (.., batch, 3).
-            reductions = torch.stack([part for r in rows for part in seen[r]]).view(len(rows), 3, -1)
-            moments.add(torch.tensor(rows, device=device), _quantities(reductions.transpose(1, 2)),
-                        targets if per_class else torch.zeros_like(targets), num_classes)
+            classes = targets if per_class else torch.zeros_like(targets)
+            for calls, rows in _rows_by_calls(seen).items():
+                # One stack for these blocks (not one per block): (blocks, 3, calls * batch) -> (.., 3).
+                reductions = torch.stack([part for r in rows for part in _joined(seen[r])]).view(len(rows), 3, -1)
+                moments.add(torch.tensor(rows, device=device), _quantities(reductions.transpose(1, 2)),
+                            classes.repeat(calls) if calls > 1 else classes, num_classes)
     moments.reduce_across_processes()
     return _table(chosen, moments, per_class)
+
+
+def _rows_by_calls(seen: dict[int, list[tuple]]) -> dict[int, list[int]]:
+    """Block rows grouped by how often their module ran in this forward (almost always once)."""
+    groups: dict[int, list[int]] = {}
+    for row in sorted(seen):
+        groups.setdefault(len(seen[row]), []).append(row)
+    return groups
+
+
+def _joined(calls: list[tuple]) -> tuple:
+    """One block's reductions over all calls of its module: three (calls * batch,) tensors."""
+    return calls[0] if len(calls) == 1 else tuple(torch.cat(part) for part in zip(*calls))
 
 
 def _table(blocks: Sequence[Block], moments: _Moments, per_class: bool) -> pd.DataFrame:
@@ -181,22 +194,28 @@ def _mean_std(totals: torch.Tensor) -> dict[str, object]:
 
 def branch_means(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
                  progress: bool = True) -> dict[str, torch.Tensor]:
-    """Each block's branch output averaged elementwise over `data`: {block name: (C, H, W)}."""
+    """Each block's branch output averaged elementwise over `data`: {block name: (C, H, W)}.
+
+    The mean is over every call of the block's module (twice per input for a module run twice).
+    """
     chosen = resolve_blocks(model, blocks)
     device = model_device(model)
     sums: dict[str, torch.Tensor] = {}
-    count = torch.zeros((), dtype=torch.float64, device=device)
+    counts: dict[str, int] = {}  # branch outputs summed, per block
 
     def record(block: Block, branch: torch.Tensor, _shortcut: torch.Tensor) -> None:
         batch_sum = branch.double().sum(dim=0)
         sums[block.name] = sums[block.name] + batch_sum if block.name in sums else batch_sum
+        counts[block.name] = counts.get(block.name, 0) + len(branch)
 
     with model_preserved(model), attached() as handles, torch.no_grad():
         tap_pairs(model, chosen, record, handles)
-        for inputs, _targets in batches(data, device, progress=progress, desc="branch means"):
-            count += len(inputs)
+        for inputs, _targets in batches(data, device, dtype=input_dtype(model), progress=progress,
+                                        desc="branch means"):
             model(inputs)
-    distributed.sum_across(count)
-    for name in sorted(sums):  # the same order in every process
+    names = sorted(sums)  # the same order in every process
+    totals = distributed.sum_across(torch.tensor([float(counts[n]) for n in names], dtype=torch.float64, device=device))
+    for name in names:
         distributed.sum_across(sums[name])
-    return {name: (total / count).float() for name, total in sums.items()}
+    count = dict(zip(names, totals))
+    return {name: (total / count[name]).float() for name, total in sums.items()}

@@ -13,17 +13,16 @@ is doing computation the network needs.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import pandas as pd
 from torch import nn
 
-from analyses.evaluation import check_table, single_block_sweep
+from probe.evaluation import single_block_sweep
+from probe.table import check_table
 from probe.blocks import Block, resolve_blocks
 
-__all__ = ["COLUMNS", "main", "recalibration"]
+__all__ = ["COLUMNS", "recalibration"]
 
 COLUMNS = ["block", "position", "accuracy", "loss", "accuracy_drop", "loss_increase", "flip_rate", "samples",
            "mode", "bn_recalibrated"]
@@ -50,31 +49,3 @@ def recalibration(model: nn.Module, data: Iterable, calibration: Iterable, *, ta
     both = pd.concat([plain[COLUMNS], refit[COLUMNS]], ignore_index=True)
     both["bn_recalibrated"] = both["bn_recalibrated"].astype(bool)
     return both.sort_values(["position", "bn_recalibrated"], kind="stable").reset_index(drop=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m analyses.recalibration`: writes recalibration.csv and recalibration.png into --out."""
-    from analyses import _cli
-    from reports import figures
-
-    parser = _cli.model_parser("python -m analyses.recalibration", __doc__.split("\n\n")[0])
-
-    def body(args: argparse.Namespace, out: Path) -> list[Path]:
-        args.bn_recalibrate = True  # this analysis is the comparison: it always needs calibration data
-        inputs = _cli.load_inputs(args)
-        table = recalibration(inputs.model, inputs.data, inputs.calibration, mode=args.mode,
-                              blocks=inputs.blocks, progress=inputs.progress)
-        order = table.drop_duplicates("block")["block"]
-        wide = table.pivot(index="block", columns="bn_recalibrated", values="accuracy_drop").loc[order]
-        print((wide * 100).round(2).rename(columns={False: "drop (pp)", True: "drop recalibrated (pp)"})
-              .to_string())
-        written = _cli.write_tables(out, {"recalibration": table})
-        written.append(_cli.write_figure(out / "recalibration.png", figures.recalibration_effect, table,
-                                         width=figures.block_figure_width(table["block"].nunique())))
-        return written
-
-    return _cli.run(parser, body, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,11 +20,9 @@ the blocks (Spearman's rank correlation with the measured drop) and what it cost
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -32,14 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import probe
-from analyses.evaluation import check_table, single_block_sweep
-from analyses.verdict import rank_correlation
+from probe.evaluation import single_block_sweep
+from probe.table import check_table
+from probe.verdict import rank_correlation
 from probe.batches import batches, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.hooks import attached, model_preserved, tap_pairs
 
-__all__ = ["PROXIES", "AttributionResult", "attribution", "block_influence", "gradient_x_activation", "main"]
+__all__ = ["PROXIES", "AttributionResult", "attribution", "block_influence", "gradient_x_activation"]
 
 PROXIES = ("ratio", "cosine", "block_influence", "gradient_x_activation")
 SCORE_COLUMNS = ["block", "position", "proxy", "score", "accuracy_drop", "loss_increase", "bn_recalibrated"]
@@ -182,26 +181,3 @@ def attribution(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
                     "seconds": float("nan") if truth_seconds is None else float(truth_seconds)})
     scores = pd.concat(score_tables, ignore_index=True).assign(bn_recalibrated=recal)[SCORE_COLUMNS]
     return AttributionResult(scores=scores, summary=pd.DataFrame(summary).assign(bn_recalibrated=recal)[SUMMARY_COLUMNS])
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m analyses.attribution`: writes attribution.csv, proxies.csv and proxies.png into --out."""
-    from analyses import _cli
-    from reports import figures
-
-    parser = _cli.model_parser("python -m analyses.attribution", __doc__.split("\n\n")[0])
-
-    def body(args: argparse.Namespace, out: Path) -> list[Path]:
-        inputs = _cli.load_inputs(args)
-        result = attribution(inputs.model, inputs.data, mode=args.mode, calibration=inputs.calibration,
-                             blocks=inputs.blocks, progress=inputs.progress)
-        print(result.summary.to_string(index=False, float_format="{:.3f}".format))
-        written = _cli.write_tables(out, {"attribution": result.scores, "proxies": result.summary})
-        written.append(_cli.write_figure(out / "proxies.png", figures.proxy_correlations, result.summary))
-        return written
-
-    return _cli.run(parser, body, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,10 +1,18 @@
-"""`sweep`: ablate each block alone and measure what the network loses.
+"""Evaluate the model with sets of blocks deleted: the engine behind `probe.sweep`, the analyses
+and the CLI's per-block table.
 
-The loop runs batches outside and ablations inside: each batch is loaded once, its unablated
-predictions are the reference for the flip rate, and one hook per block stays attached for the
-whole sweep (switched on for the blocks being ablated). Where the model can be cut at its
-blocks (`probe.suffix`), an ablation reruns only the network from its earliest block on, fed
-from the baseline pass; otherwise it runs the whole forward. Counts are summed on the device.
+Two engines give the same `probe.results.Evaluation`:
+
+- without calibration data, every set is evaluated in one data pass. The loop runs batches
+  outside and ablations inside: each batch is loaded once, its unablated predictions are the
+  reference for the flip rate, and one hook per block stays attached for the whole pass
+  (switched on for the blocks being deleted). Where the model can be cut at its blocks
+  (`probe.suffix`), a deletion reruns only the network from its earliest block on, fed from the
+  baseline pass; otherwise it runs the whole forward. Counts are summed on the device.
+- with calibration data (`calibration=`), `probe.recalibrate.evaluate_recalibrated` refits the
+  BatchNorm statistics for each set before evaluating it.
+
+Tables built from an evaluation record which engine ran in a boolean `bn_recalibrated` column.
 """
 
 from __future__ import annotations
@@ -18,10 +26,16 @@ from torch import nn
 
 from probe import distributed
 from probe.ablation import branch_replacement, check_mode
-from probe.batches import batches, check_targets_fit, explained_misfit, model_device
+from probe.batches import (batches, check_read_twice, check_targets_fit, explained_misfit, input_dtype,
+                           model_device)
 from probe.blocks import Block, resolve_blocks
 from probe.hooks import attached, model_preserved, replace_branches
+from probe.measurement import branch_means
+from probe.recalibrate import evaluate_recalibrated
+from probe.results import Evaluation, Outcome
 from probe.suffix import InPlaceError, runner_for
+
+__all__ = ["COLUMNS", "evaluate_ablations", "single_block_sweep", "sweep", "sweep_table"]
 
 COLUMNS = ["block", "position", "mode", "accuracy", "loss", "accuracy_drop", "loss_increase",
            "flip_rate", "samples"]
@@ -38,48 +52,82 @@ def sweep(model: nn.Module, data: Iterable, *, mode: str = "zero", blocks: Seque
     """
     check_mode(mode)
     chosen = resolve_blocks(model, blocks)
-    baseline, results = evaluate_ablations(model, data, [[block] for block in chosen], mode=mode, means=means,
-                                           fast=fast, progress=progress)
-    rows = []
-    for block, result in zip(chosen, results):
-        rows.append({"block": block.name, "position": block.position, "mode": mode, **result,
-                     "accuracy_drop": baseline["accuracy"] - result["accuracy"],
-                     "loss_increase": result["loss"] - baseline["loss"]})
+    evaluation = evaluate_ablations(model, data, [[block] for block in chosen], mode=mode, means=means,
+                                    fast=fast, progress=progress)
+    return sweep_table(chosen, evaluation, mode=mode)
+
+
+def single_block_sweep(model: nn.Module, data: Iterable, *, mode: str = "zero",
+                       calibration: Iterable | None = None, per_class: bool = False, outcomes: bool = False,
+                       blocks: Sequence[str | Block] | None = None,
+                       progress: bool = True) -> tuple[pd.DataFrame, Evaluation]:
+    """`sweep`'s table (plus `bn_recalibrated`) and the evaluation it came from.
+
+    The evaluation carries per-class accuracies and per-sample outcomes when asked, so the
+    uncertainty analysis can reuse this one pass instead of sweeping again. blocks: the blocks
+    to delete one at a time (names or Blocks, e.g. from a spec); all discovered when None.
+    """
+    blocks = resolve_blocks(model, blocks)
+    evaluation = evaluate_ablations(model, data, [[block] for block in blocks], mode=mode, calibration=calibration,
+                                    per_class=per_class, outcomes=outcomes, progress=progress)
+    return sweep_table(blocks, evaluation, mode=mode, recalibrated=calibration is not None), evaluation
+
+
+def sweep_table(blocks: Sequence[Block], evaluation: Evaluation, *, mode: str,
+                recalibrated: bool | None = None) -> pd.DataFrame:
+    """One row per block deleted alone (`COLUMNS`), from an evaluation of single-block sets.
+
+    `recalibrated` (True/False) adds the `bn_recalibrated` column; None leaves it out, as
+    `probe.sweep` does. `attrs["baseline"]` holds the intact model's accuracy, loss and samples.
+    """
+    baseline, results = evaluation
+    rows = [{"block": block.name, "position": block.position, "mode": mode, "accuracy": result.accuracy,
+             "loss": result.loss, "accuracy_drop": baseline.accuracy - result.accuracy,
+             "loss_increase": result.loss - baseline.loss, "flip_rate": result.flip_rate,
+             "samples": result.samples} for block, result in zip(blocks, results)]
     table = pd.DataFrame(rows, columns=COLUMNS)
-    table.attrs["baseline"] = baseline
+    if recalibrated is not None:
+        table["bn_recalibrated"] = recalibrated
+    table.attrs["baseline"] = baseline.summary()
     return table
 
 
 def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence[Sequence[str | Block]], *,
                        mode: str = "zero", means: Mapping[str, torch.Tensor] | None = None,
-                       fast: bool = True, per_class: bool = False, outcomes: bool = False,
-                       progress: bool = True) -> tuple[dict, list[dict]]:
-    """Accuracy, loss and flip rate with each set of blocks ablated together, in one data pass.
+                       calibration: Iterable | None = None, fast: bool = True, per_class: bool = False,
+                       outcomes: bool = False, progress: bool = True) -> Evaluation:
+    """Accuracy, loss and flip rate with each set of blocks ablated together.
 
-    Returns (baseline, one dict per set). Each dict has accuracy, loss, flip_rate, samples;
-    with `per_class=True` also `class_accuracy` (list, index = class; NaN for a class absent
-    from the data) and `class_samples`; with `outcomes=True` also `correct`, a bool tensor with
-    one entry per sample in data order (for bootstrap intervals: O(samples) memory).
+    Returns an `Evaluation`: (baseline, one `Outcome` per set). With `per_class=True` each
+    outcome also has `class_accuracy` and `class_samples`; with `outcomes=True` also `correct`,
+    one entry per sample in data order (for bootstrap intervals: O(samples) memory). With
+    `calibration` (batches of held-out training data), BatchNorm statistics are refitted for
+    each set before it is evaluated; the baseline is always the model as given.
     """
     check_mode(mode)
-    named = {b.name: b for b in resolve_blocks(model, [b for s in ablation_sets for b in s])}  # one discovery
+    if calibration is not None:
+        return evaluate_recalibrated(model, data, ablation_sets, calibration, mode=mode, means=means,
+                                     per_class=per_class, outcomes=outcomes, progress=progress)
+    named = {b.name: b for b in resolve_blocks(model, [b for s in ablation_sets for b in s],
+                                               unique=False)}  # one discovery; sets may share blocks
     sets = [[named[b.name if isinstance(b, Block) else b] for b in s] for s in ablation_sets]
     involved = list({block.name: block for s in sets for block in s}.values())
     if mode == "mean" and means is None and involved:
-        from probe.measure import branch_means
-
+        check_read_twice(data)
         means = branch_means(model, data, blocks=involved, progress=progress)
     device = model_device(model)
     # Cut points are needed only where ablations start: the involved blocks' modules. (Blocks
     # given as Block objects, e.g. from a spec, then need no discovery at all.)
     replacement = branch_replacement(mode, means)
-    runner = runner_for(model, involved, replacement) if fast and involved else None
     active: set[str] = set()
     tally = _Tally(len(sets) + 1, device, per_class, outcomes)
     with model_preserved(model), attached() as handles, torch.no_grad():
+        # Set to this call's replacement only while the model is held: runners are shared.
+        runner = runner_for(model, involved, replacement) if fast and involved else None
         replace_branches(model, involved, replacement, handles,
                          active=lambda block: block.name in active)
-        for inputs, targets in batches(data, device, progress=progress, desc=f"sweep ({len(sets)} ablations)"):
+        for inputs, targets in batches(data, device, dtype=input_dtype(model), progress=progress,
+                                       desc=f"sweep ({len(sets)} ablations)"):
             logits = None
             with explained_misfit(inputs):
                 if runner is not None:
@@ -102,8 +150,7 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
                 active.clear()
             tally.add(outcomes_per_row, targets, reference)
     baseline, *results = tally.results()
-    del baseline["flip_rate"]  # the reference itself: always 0
-    return baseline, results
+    return Evaluation(baseline, results)
 
 
 class _Tally:
@@ -148,19 +195,18 @@ class _Tally:
         if self.outcomes:
             self.correct = [distributed.interleave(torch.cat(self.correct, dim=1))]
 
-    def results(self) -> list[dict]:
+    def results(self) -> list[Outcome]:
+        """One outcome per row; the first (the reference itself) has no flip rate."""
         self.reduce_across_processes()
         totals = self.totals.cpu().tolist()
         correct = torch.cat(self.correct, dim=1) if self.correct else None
+        counts = self.class_count.cpu()
         rows = []
         for row, (hits, loss, flips) in enumerate(totals):
-            result = {"accuracy": hits / self.samples, "loss": loss / self.samples,
-                      "flip_rate": flips / self.samples, "samples": self.samples}
-            if self.per_class:
-                counts = self.class_count.cpu()
-                result["class_accuracy"] = (self.class_correct[row].cpu() / counts).tolist()  # NaN where absent
-                result["class_samples"] = counts.long().tolist()
-            if correct is not None:
-                result["correct"] = correct[row]
-            rows.append(result)
+            rows.append(Outcome(
+                accuracy=hits / self.samples, loss=loss / self.samples, samples=self.samples,
+                flip_rate=flips / self.samples if row else None,
+                class_accuracy=(self.class_correct[row].cpu() / counts).tolist() if self.per_class else None,
+                class_samples=counts.long().tolist() if self.per_class else None,  # NaN accuracy where absent
+                correct=correct[row] if correct is not None else None))
         return rows

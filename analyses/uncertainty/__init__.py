@@ -14,10 +14,8 @@ table and heatmap show the drop for every (block, class).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,12 +23,14 @@ import torch
 from torch import nn
 
 import probe
-from analyses.evaluation import check_table, single_block_sweep
-from analyses.verdict import VerdictRule, classify
+from probe.evaluation import single_block_sweep
+from probe.results import Evaluation
+from probe.table import check_table, join_block_table
+from probe.verdict import VerdictRule, classify
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 
-__all__ = ["UncertaintyResult", "bootstrap_interval", "drop_intervals", "main", "per_class_drops", "uncertainty"]
+__all__ = ["UncertaintyResult", "bootstrap_interval", "drop_intervals", "per_class_drops", "uncertainty"]
 
 INTERVAL_COLUMNS = ["block", "position", "ratio", "accuracy_drop", "drop_low", "drop_high", "level", "resamples",
                     "samples", "skipped", "verdict_ci", "verdict", "bn_recalibrated"]
@@ -44,7 +44,7 @@ class UncertaintyResult:
         drop_low / drop_high (bootstrap interval of the drop, fractions), level, resamples,
         samples, skipped (bool: ratio < the rule's max_ratio and the interval admits no cost),
         verdict_ci ("helps": the whole interval above 0; "hurts": below 0; else "skipped" or
-        "neutral" by the ratio), verdict (the noise-band rule of `analyses.verdict`, for
+        "neutral" by the ratio), verdict (the noise-band rule of `probe.verdict`, for
         comparison), bn_recalibrated.
     per_class: one row per (block, class) present in the data: block, position, class, samples
         (of that class), baseline_accuracy, accuracy (with the block deleted), accuracy_drop,
@@ -93,7 +93,7 @@ def _decide(ratio: float, low: float, high: float, samples: int, max_ratio: floa
     return "skipped" if admits_no_cost and ratio < max_ratio else "neutral"
 
 
-def drop_intervals(table: pd.DataFrame, evaluation: tuple[dict, list[dict]], *, rule: VerdictRule | None = None,
+def drop_intervals(table: pd.DataFrame, evaluation: Evaluation, *, rule: VerdictRule | None = None,
                    resamples: int = 1000, level: float = 0.95, seed: int = 0,
                    bn_recalibrated: bool = False) -> pd.DataFrame:
     """Bootstrap interval and noise-aware decision per block (see `UncertaintyResult.intervals`).
@@ -122,7 +122,7 @@ def drop_intervals(table: pd.DataFrame, evaluation: tuple[dict, list[dict]], *, 
     return pd.DataFrame(rows, columns=INTERVAL_COLUMNS)
 
 
-def per_class_drops(table: pd.DataFrame, evaluation: tuple[dict, list[dict]], *,
+def per_class_drops(table: pd.DataFrame, evaluation: Evaluation, *,
                     bn_recalibrated: bool = False) -> pd.DataFrame:
     """Accuracy drop per (block, class) from an evaluation with per_class=True."""
     baseline, results = evaluation
@@ -143,13 +143,13 @@ def per_class_drops(table: pd.DataFrame, evaluation: tuple[dict, list[dict]], *,
 def uncertainty(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None, *,
                 rule: VerdictRule | None = None, resamples: int = 1000, level: float = 0.95, seed: int = 0,
                 mode: str = "zero", calibration: Iterable | None = None,
-                evaluation: tuple[dict, list[dict]] | None = None, blocks: Sequence[str | Block] | None = None,
+                evaluation: Evaluation | None = None, blocks: Sequence[str | Block] | None = None,
                 progress: bool = True) -> UncertaintyResult:
     """Bootstrap intervals and per-class drops for every block deleted alone.
 
     table: per-block table with ratio (from `probe.measure`) and the verdict inputs, e.g.
     `python -m probe.ablate`'s; computed when None. evaluation: the single-block deletions
-    with per_class=True and outcomes=True (`analyses.evaluation.single_block_sweep`), to reuse
+    with per_class=True and outcomes=True (`probe.evaluation.single_block_sweep`), to reuse
     a sweep already run; run here when None. blocks: the blocks the table covers (names or
     Blocks, e.g. from a spec); all discovered when None.
     """
@@ -158,8 +158,7 @@ def uncertainty(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
         sweep, evaluation = single_block_sweep(model, data, mode=mode, calibration=calibration, per_class=True,
                                                outcomes=True, blocks=blocks, progress=progress)
         if table is None:
-            stats = probe.measure(model, data, blocks=blocks, progress=progress)
-            table = stats.merge(sweep.drop(columns="samples"), on=["block", "position"])
+            table = join_block_table(probe.measure(model, data, blocks=blocks, progress=progress), sweep, rule)
     elif table is None:
         raise ProbeError("uncertainty: pass the per-block table together with a precomputed evaluation.")
     table = check_table(table, ["block", "position", "ratio"], "uncertainty", model, blocks)
@@ -172,34 +171,3 @@ def uncertainty(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
         intervals=drop_intervals(table, evaluation, rule=rule, resamples=resamples, level=level, seed=seed,
                                  bn_recalibrated=recal),
         per_class=per_class_drops(table, evaluation, bn_recalibrated=recal))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m analyses.uncertainty`: writes drop_intervals.csv, class_drops.csv and their
-    figures (drop_intervals.png, class_drops.png) into --out."""
-    from analyses import _cli
-    from reports import figures
-
-    parser = _cli.model_parser("python -m analyses.uncertainty", __doc__.split("\n\n")[0])
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
-    parser.add_argument("--level", type=float, default=0.95, help="interval coverage (default: %(default)s)")
-
-    def body(args: argparse.Namespace, out: Path) -> list[Path]:
-        inputs = _cli.load_inputs(args)
-        result = uncertainty(inputs.model, inputs.data, resamples=args.resamples, level=args.level, seed=args.seed,
-                             mode=args.mode, calibration=inputs.calibration, blocks=inputs.blocks,
-                             progress=inputs.progress)
-        shown = result.intervals[["block", "ratio", "accuracy_drop", "drop_low", "drop_high", "verdict_ci"]]
-        print(shown.to_string(index=False, float_format="{:.4f}".format))
-        written = _cli.write_tables(out, {"drop_intervals": result.intervals, "class_drops": result.per_class})
-        written.append(_cli.write_figure(out / "drop_intervals.png", figures.drop_intervals, result.intervals,
-                                         width=figures.block_figure_width(len(result.intervals))))
-        written.append(_cli.write_figure(out / "class_drops.png", figures.class_drop_heatmap, result.per_class,
-                                         **figures.heatmap_size(result.per_class)))
-        return written
-
-    return _cli.run(parser, body, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

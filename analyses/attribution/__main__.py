@@ -1,0 +1,32 @@
+"""`python -m analyses.attribution`: writes attribution.csv, proxies.csv and proxies.png into --out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import analyses.attribution
+from analyses.attribution import attribution
+from probe.cli import run_analysis_command
+from probe.config import RunConfig
+from probe.files import write_tables
+from probe.loading import load_inputs
+from reports import figures
+from reports.embed import write_png
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_analysis_command("attribution", analyses.attribution.__doc__, ("model", "ablation"), _write, argv)
+
+
+def _write(config: RunConfig, out: Path, progress: bool) -> list[Path]:
+    inputs = load_inputs(config, progress=progress)
+    result = attribution(inputs.model, inputs.data, mode=config.mode, calibration=inputs.calibration,
+                         blocks=inputs.blocks, progress=progress)
+    print(result.summary.to_string(index=False, float_format="{:.3f}".format))
+    written = write_tables(out, {"attribution": result.scores, "proxies": result.summary})
+    written.append(write_png(out / "proxies.png", figures.proxy_correlations, result.summary))
+    return written
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

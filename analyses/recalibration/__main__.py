@@ -1,0 +1,37 @@
+"""`python -m analyses.recalibration`: writes recalibration.csv and recalibration.png into --out."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import analyses.recalibration
+from analyses.recalibration import recalibration
+from probe.cli import run_analysis_command
+from probe.config import RunConfig
+from probe.files import write_tables
+from probe.loading import load_inputs
+from reports import figures
+from reports.embed import write_png
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_analysis_command("recalibration", analyses.recalibration.__doc__, ("model", "ablation"), _write, argv)
+
+
+def _write(config: RunConfig, out: Path, progress: bool) -> list[Path]:
+    # This analysis is the comparison itself: it always needs calibration data.
+    inputs = load_inputs(replace(config, bn_recalibrate=True), progress=progress)
+    table = recalibration(inputs.model, inputs.data, inputs.calibration, mode=config.mode, blocks=inputs.blocks,
+                          progress=progress)
+    order = table.drop_duplicates("block")["block"]
+    wide = table.pivot(index="block", columns="bn_recalibrated", values="accuracy_drop").loc[order]
+    print((wide * 100).round(2).rename(columns={False: "drop (pp)", True: "drop recalibrated (pp)"}).to_string())
+    written = write_tables(out, {"recalibration": table})
+    written.append(write_png(out / "recalibration.png", figures.recalibration_effect, table,
+                             width=figures.block_figure_width(table["block"].nunique())))
+    return written
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,561 @@
+"""What each block does to the representation, beside how big its branch is and what deleting it costs.
+
+    python -m analyses.representation --out runs/representation
+
+A block's *output* here is the residual stream right after its addition, F(x) + s(x), before
+any activation the block applies after the addition (a ResNet block's final ReLU): the one
+tensor every residual architecture has at each block. Its *input* h is s(x) for an identity
+shortcut, and the block module's input where the shortcut is a projection. Outputs are pooled
+to one vector per sample (`pool`): images averaged over their spatial positions, sequences over
+their positions.
+
+- Linear probes (Alain and Bengio 2016): a logistic regression on each block's standardised
+  pooled output, fitted on training data and scored on the evaluation data: where class
+  information becomes linearly readable, and whether blocks the deletion rule calls skipped add
+  any (`gain`: a block's probe accuracy minus the one before it).
+- Logit lens: the model's own head (its last nn.Linear with one output per class) applied to
+  each pooled block output of the width it takes: accuracy, and agreement with the model's
+  final prediction. It cannot apply to blocks of another width (`reason` says so); it sees the
+  sum before the block's last activation, so even the last block can disagree a little.
+- Iterative refinement (Jastrzebski et al. 2018): per sample cos(F(h), dL/dh), the branch
+  against the gradient of the loss at the block's input, and ||F(h)|| / ||h||. A negative
+  cosine means the block moves the features down the loss (-1: straight down the gradient).
+- Representation similarity: linear CKA (Kornblith et al. 2019) between the outputs of every
+  pair of blocks. Computed exactly while streaming (`CkaAccumulator`): linear CKA needs only
+  the features' centred second moments, which are sums over samples, so memory is O(D^2) for
+  D pooled features of all blocks together (1,008 for the default ResNet-56: 8 MB), whatever
+  the number of samples, and the result equals the all-at-once CKA up to rounding. (This is not
+  the minibatch estimator of Nguyen, Raghu and Kornblith 2021, an average of per-batch unbiased
+  HSIC estimates, which differs from the full-data value.)
+- Block by class: the accuracy each class loses when each block is deleted (from the sweep's
+  per-class accuracies), and the classes each block serves most.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+import probe
+from analyses.uncertainty import per_class_drops
+from probe.batches import batches, explained_misfit, model_device
+from probe.blocks import Block, resolve_blocks
+from probe.errors import ProbeError
+from probe.evaluation import single_block_sweep
+from probe.hooks import attached, model_preserved, tap_pairs
+from probe.results import Evaluation
+from probe.table import check_table, join_block_table
+from probe.verdict import VerdictRule
+
+__all__ = ["CkaAccumulator", "RepresentationResult", "block_classes", "cka", "linear_probes", "logit_lens", "pool",
+           "refinement", "representation", "stages", "story", "summary"]
+
+PROBE_COLUMNS = ["block", "position", "stage", "width", "train_accuracy", "test_accuracy", "previous_test_accuracy",
+                 "gain", "train_samples", "test_samples"]
+LENS_COLUMNS = ["block", "position", "stage", "width", "applicable", "accuracy", "agreement", "samples", "reason"]
+REFINEMENT_COLUMNS = ["block", "position", "stage", "grad_cosine", "grad_cosine_std", "step_ratio", "step_ratio_std",
+                      "samples"]
+CKA_COLUMNS = ["block_a", "position_a", "stage_a", "block_b", "position_b", "stage_b", "cka", "samples"]
+SUMMARY_COLUMNS = ["block", "position", "stage", "ratio", "accuracy_drop", "verdict", "probe_accuracy", "probe_gain",
+                   "lens_accuracy", "grad_cosine", "step_ratio", "cka_previous", "cka_next", "top_class",
+                   "top_class_drop", "bn_recalibrated"]
+_MAX_ITER = 2000  # lbfgs iterations per probe; standardised features converge well before
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass
+class RepresentationResult:
+    """Tables of `representation`; blocks in forward order, `stage` numbered from 1 (a new
+    stage starts at each block whose shortcut is not the identity).
+
+    probes (linear_probes.csv): one row per block: block, position, stage, width (pooled
+        features), train_accuracy and test_accuracy of its linear probe (fractions),
+        previous_test_accuracy (of the probe on the previous block's output; for the first
+        block, on its input), gain (test_accuracy minus previous_test_accuracy), train_samples,
+        test_samples.
+    lens (logit_lens.csv): one row per block: block, position, stage, width, applicable (bool:
+        the head takes this width), accuracy and agreement (share of samples where the head on
+        this block predicts the label / the model's own final prediction; NaN when not
+        applicable), samples, reason (why not applicable; "" when it is).
+    refinement (refinement.csv): one row per block: block, position, stage, grad_cosine (mean
+        over samples of cos(F(h), dL/dh); NaN where F(h) and h differ in shape), grad_cosine_std,
+        step_ratio (mean of ||F(h)|| / ||h||), step_ratio_std, samples.
+    cka (cka.csv): one row per ordered pair of blocks: block_a, position_a, stage_a, block_b,
+        position_b, stage_b, cka (linear CKA of their pooled outputs over the evaluation data),
+        samples.
+    classes (block_classes.csv): one row per (block, class): block, position, class, samples,
+        baseline_accuracy, accuracy (block deleted), accuracy_drop, bn_recalibrated, rank (1:
+        the class that loses most when this block is deleted).
+    summary (representation.csv): one row per block, everything together: block, position,
+        stage, ratio (||F(x)||/||s(x)||), accuracy_drop (deleted alone), verdict, probe_accuracy
+        (test), probe_gain, lens_accuracy, grad_cosine, step_ratio, cka_previous and cka_next
+        (CKA with the neighbouring blocks; NaN at the ends), top_class and top_class_drop (the
+        class that loses most when the block is deleted, and how much), bn_recalibrated.
+    """
+
+    probes: pd.DataFrame
+    lens: pd.DataFrame
+    refinement: pd.DataFrame
+    cka: pd.DataFrame
+    classes: pd.DataFrame
+    summary: pd.DataFrame
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """{CSV name: table}, as the command and `probe.ablate` write them."""
+        return {"linear_probes": self.probes, "logit_lens": self.lens, "refinement": self.refinement,
+                "cka": self.cka, "block_classes": self.classes, "representation": self.summary}
+
+
+# --- block outputs ----------------------------------------------------------------------------
+
+
+def pool(output: torch.Tensor) -> torch.Tensor:
+    """One float32 vector per sample: (batch, features).
+
+    (batch, channels, *spatial) is averaged over the spatial positions (global average pooling),
+    (batch, positions, features) over the positions (a transformer's layout), and (batch,
+    features) kept as it is.
+    """
+    if output.dim() < 2:
+        raise ProbeError(f"a block output of shape {tuple(output.shape)} has no features per sample to probe.")
+    if output.dim() == 2:
+        return output.float()
+    dims = (1,) if output.dim() == 3 else tuple(range(2, output.dim()))
+    return output.mean(dim=dims, dtype=torch.float32)
+
+
+def stages(blocks: Sequence[Block]) -> list[int]:
+    """Each block's stage, from 1: a new one starts at every block whose shortcut is not the
+    identity (a projection or padding changes the shape, as between a ResNet's stages)."""
+    numbers, stage = [], 0
+    for i, block in enumerate(blocks):
+        stage += 1 if i == 0 or block.shortcut is not None else 0
+        numbers.append(stage)
+    return numbers
+
+
+def _first_tensor(args: tuple) -> torch.Tensor:
+    return next(value for value in args if isinstance(value, torch.Tensor))
+
+
+def _ran_twice(block: Block) -> ProbeError:
+    return ProbeError(f"block {block.name!r} ran more than once in one forward; its representation has no single "
+                      "output per sample. Leave it out with blocks=.")
+
+
+def _check_reiterable(data: Iterable, what: str) -> None:
+    if iter(data) is data:
+        raise ProbeError(f"{what} passes over the data more than once; give a DataLoader or a list of batches, "
+                         "not a one-shot iterator or generator.")
+
+
+Visit = Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor], None]
+
+
+def _walk(model: nn.Module, data: Iterable, blocks: Sequence[Block], visit: Visit, *, progress: bool,
+          desc: str) -> None:
+    """Run `data` through `model` (no gradients); per batch call visit(the first block's pooled
+    input, each block's pooled output in block order, logits, targets). The model is left as found."""
+    modules = dict(model.named_modules())
+    device = model_device(model)
+    outputs: dict[str, torch.Tensor] = {}
+    first_input: list[torch.Tensor] = []
+
+    def record(block: Block, branch: torch.Tensor, shortcut: torch.Tensor) -> None:
+        if block.name in outputs:
+            raise _ran_twice(block)
+        outputs[block.name] = pool(branch) + pool(shortcut)  # mean pooling is linear: the sum is never made
+
+    with model_preserved(model), attached() as handles, torch.no_grad():
+        tap_pairs(model, blocks, record, handles)
+        handles.append(modules[blocks[0].module].register_forward_pre_hook(
+            lambda _m, args: first_input.append(pool(_first_tensor(args)))))
+        for inputs, targets in batches(data, device, progress=progress, desc=desc):
+            outputs.clear()
+            first_input.clear()
+            with explained_misfit(inputs):
+                logits = model(inputs)
+            missing = [block.name for block in blocks if block.name not in outputs]
+            if missing:
+                raise ProbeError(f"block(s) {missing} did not run in a forward of the model; probe the blocks it runs.")
+            visit(first_input[0], [outputs[block.name] for block in blocks], logits, targets)
+
+
+# --- linear probes ----------------------------------------------------------------------------
+
+
+def _fit_probe(features: np.ndarray, targets: np.ndarray) -> Pipeline:
+    # lbfgs is deterministic: the same features give the same probe, no seed needed.
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=_MAX_ITER)).fit(features, targets)
+
+
+def linear_probes(model: nn.Module, data: Iterable, *, train_data: Iterable,
+                  blocks: Sequence[str | Block] | None = None, progress: bool = True) -> pd.DataFrame:
+    """A logistic-regression probe on each block's standardised pooled output, fitted on
+    `train_data` and scored on `data` (see `RepresentationResult.probes`).
+
+    The training features (samples x pooled width per block) are kept to fit the probes; the
+    evaluation data is scored batch by batch.
+    """
+    chosen = resolve_blocks(model, blocks)
+    train: list[list[np.ndarray]] = [[] for _ in range(len(chosen) + 1)]  # the first block's input, then outputs
+    train_targets: list[np.ndarray] = []
+
+    def keep(first: torch.Tensor, outputs: list[torch.Tensor], _logits: torch.Tensor, targets: torch.Tensor) -> None:
+        for store, features in zip(train, [first, *outputs]):
+            store.append(features.cpu().numpy())
+        train_targets.append(targets.cpu().numpy())
+
+    _walk(model, train_data, chosen, keep, progress=progress, desc="probe features (train)")
+    labels = np.concatenate(train_targets)
+    if len(np.unique(labels)) < 2:
+        raise ProbeError("linear probes need at least two classes in the training data; it has only "
+                         f"{np.unique(labels).tolist()}.")
+    features = [np.concatenate(store) for store in train]
+    fitted = [_fit_probe(x, labels) for x in features]
+    correct = np.zeros(len(fitted), dtype=np.int64)
+    count = 0
+
+    def score(first: torch.Tensor, outputs: list[torch.Tensor], _logits: torch.Tensor, targets: torch.Tensor) -> None:
+        nonlocal count
+        truth = targets.cpu().numpy()
+        for i, (probe_, x) in enumerate(zip(fitted, [first, *outputs])):
+            correct[i] += int((probe_.predict(x.cpu().numpy()) == truth).sum())
+        count += len(truth)
+
+    _walk(model, data, chosen, score, progress=progress, desc="probe accuracy")
+    test = correct / count
+    rows = [{"block": block.name, "position": block.position, "stage": stage, "width": features[i + 1].shape[1],
+             "train_accuracy": fitted[i + 1].score(features[i + 1], labels), "test_accuracy": test[i + 1],
+             "previous_test_accuracy": test[i], "gain": test[i + 1] - test[i], "train_samples": len(labels),
+             "test_samples": count}
+            for i, (block, stage) in enumerate(zip(chosen, stages(chosen)))]
+    return pd.DataFrame(rows, columns=PROBE_COLUMNS)
+
+
+# --- logit lens -------------------------------------------------------------------------------
+
+
+def _head(model: nn.Module, classes: int) -> tuple[str, nn.Linear] | None:
+    """The model's head: its last nn.Linear (in module order) with one output per class."""
+    heads = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == classes]
+    return heads[-1] if heads else None
+
+
+def logit_lens(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
+               progress: bool = True) -> pd.DataFrame:
+    """The model's head on each block's pooled output, where the widths fit (see
+    `RepresentationResult.lens`)."""
+    chosen = resolve_blocks(model, blocks)
+    found: list[tuple[str, nn.Linear] | None] = []
+    widths: list[int] = []
+    correct = torch.zeros(len(chosen), dtype=torch.int64)
+    agree = torch.zeros(len(chosen), dtype=torch.int64)
+    count = 0
+
+    def look(_first: torch.Tensor, outputs: list[torch.Tensor], logits: torch.Tensor, targets: torch.Tensor) -> None:
+        nonlocal count
+        if not found:  # the number of classes is known from the first batch's logits
+            found.append(_head(model, logits.shape[-1]))
+            widths.extend(x.shape[1] for x in outputs)
+        head = found[0][1] if found[0] else None
+        final = logits.argmax(dim=-1)
+        for i, x in enumerate(outputs):
+            if head is not None and x.shape[1] == head.in_features:
+                predicted = head(x.to(head.weight.dtype)).argmax(dim=-1)
+                correct[i] += int((predicted == targets).sum())
+                agree[i] += int((predicted == final).sum())
+        count += len(targets)
+
+    _walk(model, data, chosen, look, progress=progress, desc="logit lens")
+    rows = []
+    for i, (block, stage) in enumerate(zip(chosen, stages(chosen))):
+        head = found[0]
+        applicable = head is not None and widths[i] == head[1].in_features
+        if head is None:
+            reason = "the model has no nn.Linear with one output per class (its head)"
+        elif not applicable:
+            reason = f"its output has {widths[i]} features; the head {head[0]} takes {head[1].in_features}"
+        else:
+            reason = ""
+        rows.append({"block": block.name, "position": block.position, "stage": stage, "width": widths[i],
+                     "applicable": applicable, "accuracy": correct[i].item() / count if applicable else float("nan"),
+                     "agreement": agree[i].item() / count if applicable else float("nan"), "samples": count,
+                     "reason": reason})
+    return pd.DataFrame(rows, columns=LENS_COLUMNS)
+
+
+# --- iterative refinement ---------------------------------------------------------------------
+
+
+def refinement(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
+               progress: bool = True) -> pd.DataFrame:
+    """Per block, cos(F(h), dL/dh) and ||F(h)|| / ||h|| averaged over samples (see
+    `RepresentationResult.refinement`).
+
+    L is each sample's cross-entropy; in eval mode samples do not interact, so the gradient of
+    the batch's summed loss at h holds each sample's own dL/dh. It is taken with
+    torch.autograd.grad with respect to the captured block inputs only: the parameters' `.grad`
+    stay as they were.
+    """
+    chosen = resolve_blocks(model, blocks)
+    modules = dict(model.named_modules())
+    device = model_device(model)
+    inputs_of: dict[str, torch.Tensor] = {}
+    branches: dict[str, torch.Tensor] = {}
+    # Per block: samples, then sums of cosine, cosine^2, ratio, ratio^2 (cosine terms only where shapes match).
+    sums = torch.zeros(len(chosen), 5, dtype=torch.float64, device=device)
+
+    def record(block: Block, branch: torch.Tensor, shortcut: torch.Tensor) -> None:
+        if block.name in branches:
+            raise _ran_twice(block)
+        branches[block.name] = branch.detach().clone()  # torchvision adds the shortcut into F(x) in place later
+        if block.shortcut is None:
+            inputs_of[block.name] = shortcut
+
+    def enter(_m: nn.Module, args: tuple, name: str) -> None:
+        inputs_of[name] = _first_tensor(args)
+
+    with model_preserved(model), attached() as handles, torch.enable_grad():
+        tap_pairs(model, chosen, record, handles)
+        for block in chosen:
+            if block.shortcut is not None:  # h is the block's own input, not the projected shortcut
+                handles.append(modules[block.module].register_forward_pre_hook(
+                    lambda m, args, name=block.name: enter(m, args, name)))
+        for inputs, targets in batches(data, device, progress=progress, desc="refinement"):
+            inputs_of.clear()
+            branches.clear()
+            # Inputs that require grad make every h differentiable, also with frozen parameters.
+            x = inputs.detach().requires_grad_(True) if inputs.is_floating_point() else inputs
+            with explained_misfit(inputs):
+                logits = model(x)
+            hs = [inputs_of[block.name] for block in chosen]
+            if not all(h.requires_grad for h in hs):
+                raise ProbeError("refinement needs gradients at the block inputs; the model computes them without "
+                                 "autograd (integer inputs and frozen parameters?).")
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+            grads = torch.autograd.grad(loss, hs)
+            for i, (block, h, grad) in enumerate(zip(chosen, hs, grads)):
+                branch = branches[block.name]
+                n = len(branch)
+                f = branch.reshape(n, -1).float()
+                ratio = f.norm(dim=1) / h.detach().reshape(n, -1).float().norm(dim=1).clamp_min(_TINY)
+                sums[i, 0] += n
+                sums[i, 3:] += torch.stack([ratio.sum(), ratio.square().sum()]).double()
+                if branch.shape == h.shape:
+                    g = grad.reshape(n, -1).float()
+                    cosine = (f * g).sum(dim=1) / (f.norm(dim=1) * g.norm(dim=1)).clamp_min(_TINY)
+                    sums[i, 1:3] += torch.stack([cosine.sum(), cosine.square().sum()]).double()
+    totals = sums.cpu().numpy()
+    same_shape = np.array([branches[b.name].shape == inputs_of[b.name].shape for b in chosen])
+    count = totals[:, 0]
+    cosine, cosine_std = _mean_std(count, totals[:, 1], totals[:, 2])
+    ratio, ratio_std = _mean_std(count, totals[:, 3], totals[:, 4])
+    return pd.DataFrame({"block": [b.name for b in chosen], "position": [b.position for b in chosen],
+                         "stage": stages(chosen), "grad_cosine": np.where(same_shape, cosine, np.nan),
+                         "grad_cosine_std": np.where(same_shape, cosine_std, np.nan), "step_ratio": ratio,
+                         "step_ratio_std": ratio_std, "samples": count.astype(np.int64)}, columns=REFINEMENT_COLUMNS)
+
+
+def _mean_std(count: np.ndarray, total: np.ndarray, squares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample standard deviation from counts, sums and sums of squares."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / count
+        variance = (squares - count * mean * mean) / (count - 1)
+    return mean, np.where(count > 1, np.sqrt(np.clip(variance, 0, None)), np.nan)
+
+
+# --- representation similarity ----------------------------------------------------------------
+
+
+class CkaAccumulator:
+    """Linear CKA between every pair of feature sets, accumulated batch by batch, exactly.
+
+    Linear CKA of X (n, p) and Y (n, q) with centred columns is
+    ||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F). Every product is a block of the centred
+    second-moment matrix of all feature sets side by side, Z^T Z - s s^T / n (s: column sums of
+    Z), and Z^T Z, s and n are sums over samples: `add` updates them (float64) per batch, so the
+    memory is O(D^2) for D features in all, whatever n, and `matrix` gives the all-at-once CKA.
+    """
+
+    def __init__(self) -> None:
+        self.widths: list[int] = []
+        self.count = 0
+        self.sums: torch.Tensor | None = None  # (D,)
+        self.products: torch.Tensor | None = None  # (D, D)
+
+    def add(self, features: Sequence[torch.Tensor]) -> None:
+        """features: one (batch, width) tensor per feature set, the same samples in each."""
+        z = torch.cat([x.double() for x in features], dim=1)  # (batch, D)
+        if self.products is None:
+            self.widths = [x.shape[1] for x in features]
+            self.sums = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device)
+            self.products = torch.zeros(z.shape[1], z.shape[1], dtype=torch.float64, device=z.device)
+        self.products += z.T @ z
+        self.sums += z.sum(dim=0)
+        self.count += len(z)
+
+    def matrix(self) -> np.ndarray:
+        """(sets, sets) linear CKA; NaN for a set that does not vary over the samples."""
+        if self.products is None:
+            raise ProbeError("CKA needs at least one batch of features.")
+        centred = (self.products - torch.outer(self.sums, self.sums) / self.count).cpu()
+        edges = np.cumsum([0, *self.widths])
+        parts = range(len(self.widths))
+        # ||Xc^T Yc||_F^2 for every pair: (sets, sets)
+        squares = np.array([[float(centred[edges[a]:edges[a + 1], edges[b]:edges[b + 1]].square().sum())
+                             for b in parts] for a in parts])
+        norms = np.sqrt(np.diag(squares))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return squares / np.outer(norms, norms)
+
+
+def cka(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
+        progress: bool = True) -> pd.DataFrame:
+    """Linear CKA between the pooled outputs of every pair of blocks over `data`, streamed
+    (see `CkaAccumulator` and `RepresentationResult.cka`)."""
+    chosen = resolve_blocks(model, blocks)
+    accumulator = CkaAccumulator()
+    _walk(model, data, chosen, lambda _first, outputs, _logits, _targets: accumulator.add(outputs),
+          progress=progress, desc="CKA")
+    values = accumulator.matrix()
+    numbers = stages(chosen)
+    rows = [{"block_a": a.name, "position_a": a.position, "stage_a": numbers[i], "block_b": b.name,
+             "position_b": b.position, "stage_b": numbers[j], "cka": values[i, j], "samples": accumulator.count}
+            for i, a in enumerate(chosen) for j, b in enumerate(chosen)]
+    return pd.DataFrame(rows, columns=CKA_COLUMNS)
+
+
+# --- block by class, and everything together ----------------------------------------------------
+
+
+def block_classes(table: pd.DataFrame, evaluation: Evaluation, *, bn_recalibrated: bool = False) -> pd.DataFrame:
+    """The accuracy drop per (block, class) (`analyses.uncertainty.per_class_drops`), with each
+    class's `rank` within its block (1: loses most; ties by class)."""
+    drops = per_class_drops(table, evaluation, bn_recalibrated=bn_recalibrated)
+    drops["rank"] = drops.groupby("block", sort=False)["accuracy_drop"].rank(ascending=False, method="first") \
+        .astype(np.int64)
+    return drops
+
+
+def summary(table: pd.DataFrame, probes: pd.DataFrame, lens: pd.DataFrame, refinement: pd.DataFrame,
+            cka: pd.DataFrame, classes: pd.DataFrame) -> pd.DataFrame:
+    """One row per block: size, deletion cost, probe gain, refinement and neighbour similarity
+    (see `RepresentationResult.summary`). `table` is the per-block table (block, position,
+    ratio, accuracy_drop; verdict and bn_recalibrated when present)."""
+    out = table[["block", "position"]].copy()
+    for column in ("ratio", "accuracy_drop", "verdict"):
+        out[column] = table[column] if column in table.columns else np.nan
+    by_block = lambda df, column: out["block"].map(df.set_index("block")[column])  # noqa: E731
+    out["stage"] = by_block(probes, "stage")
+    out["probe_accuracy"] = by_block(probes, "test_accuracy")
+    out["probe_gain"] = by_block(probes, "gain")
+    out["lens_accuracy"] = by_block(lens, "accuracy")
+    out["grad_cosine"] = by_block(refinement, "grad_cosine")
+    out["step_ratio"] = by_block(refinement, "step_ratio")
+    pairs = cka.set_index(["block_a", "block_b"])["cka"]
+    names = out["block"].tolist()
+    out["cka_previous"] = [pairs.get((b, a), np.nan) for a, b in zip([None, *names[:-1]], names)]
+    out["cka_next"] = [pairs.get((a, b), np.nan) for a, b in zip(names, [*names[1:], None])]
+    top = classes[classes["rank"] == 1].set_index("block")
+    out["top_class"] = out["block"].map(top["class"]).astype("Int64")
+    out["top_class_drop"] = out["block"].map(top["accuracy_drop"])
+    out["bn_recalibrated"] = bool(table["bn_recalibrated"].iloc[0]) if "bn_recalibrated" in table.columns else False
+    return out[SUMMARY_COLUMNS]
+
+
+def representation(model: nn.Module, data: Iterable, *, train_data: Iterable, table: pd.DataFrame | None = None,
+                   evaluation: Evaluation | None = None, blocks: Sequence[str | Block] | None = None,
+                   mode: str = "zero", calibration: Iterable | None = None, rule: VerdictRule | None = None,
+                   progress: bool = True) -> RepresentationResult:
+    """Every probe of this module on `model`: linear probes (fitted on `train_data`), the logit
+    lens, refinement, CKA, the drop per class, and the per-block summary.
+
+    table: the per-block table (ratio, accuracy_drop, verdict), e.g. `python -m probe.ablate`'s;
+    evaluation: its single-block sweep with per_class=True, to reuse. Both are computed here
+    when evaluation is None (deleting with `mode`, BatchNorm refitted on `calibration` when
+    given). blocks: the blocks to probe (names or Blocks, e.g. from a spec); all when None.
+    Every call leaves the model as it found it.
+    """
+    _check_reiterable(data, "representation")
+    _check_reiterable(train_data, "representation")
+    chosen = resolve_blocks(model, blocks)
+    if evaluation is None:
+        sweep, evaluation = single_block_sweep(model, data, mode=mode, calibration=calibration, per_class=True,
+                                               blocks=chosen, progress=progress)
+        if table is None:
+            table = join_block_table(probe.measure(model, data, blocks=chosen, progress=progress), sweep, rule)
+    elif table is None:
+        raise ProbeError("representation: pass the per-block table together with a precomputed evaluation.")
+    table = check_table(table, ["block", "position", "ratio", "accuracy_drop"], "representation", model, chosen)
+    if len(evaluation.sets) != len(chosen) or evaluation.baseline.class_accuracy is None:
+        raise ProbeError("representation: the evaluation must hold one single-block deletion per block, in forward "
+                         "order, with per-class accuracies (per_class=True).")
+    recal = calibration is not None
+    if "bn_recalibrated" in table.columns:
+        recal = bool(table["bn_recalibrated"].iloc[0])
+    probes = linear_probes(model, data, train_data=train_data, blocks=chosen, progress=progress)
+    lens = logit_lens(model, data, blocks=chosen, progress=progress)
+    steps = refinement(model, data, blocks=chosen, progress=progress)
+    similarity = cka(model, data, blocks=chosen, progress=progress)
+    classes = block_classes(table, evaluation, bn_recalibrated=recal)
+    return RepresentationResult(probes=probes, lens=lens, refinement=steps, cka=similarity, classes=classes,
+                                summary=summary(table.assign(bn_recalibrated=recal), probes, lens, steps,
+                                                similarity, classes))
+
+
+# --- what the numbers say ---------------------------------------------------------------------
+
+
+def story(result: RepresentationResult) -> list[str]:
+    """A few sentences on what the tables say together, for the report and the terminal."""
+    s, cka_df = result.summary, result.cka
+    lines = []
+    probes = result.probes
+    first_input = probes["previous_test_accuracy"].iloc[0]
+    top_gains = probes.nlargest(3, "gain")
+    lines.append(
+        f"Linear probes read {first_input:.1%} of the evaluation labels from the first block's input, "
+        f"{probes['test_accuracy'].iloc[0]:.1%} after the first block and {probes['test_accuracy'].iloc[-1]:.1%} after "
+        f"the last (best {probes['test_accuracy'].max():.1%}, at {probes.loc[probes['test_accuracy'].idxmax(), 'block']}). "
+        "The largest gains: " + ", ".join(f"{r.block} ({r.gain * 100:+.1f} points)" for r in top_gains.itertuples())
+        + ".")
+    skipped = s[s["verdict"] == "skipped"]
+    if len(skipped):
+        gains = skipped["probe_gain"] * 100
+        lines.append(f"The {len(skipped)} blocks the deletion rule calls skipped change probe accuracy by "
+                     f"{gains.sum():+.1f} points together (from {gains.min():+.1f} to {gains.max():+.1f} each).")
+    lens = result.lens[result.lens["applicable"].astype(bool)]
+    if len(lens):
+        lines.append(f"The model's own head applies to {len(lens)} of {len(result.lens)} blocks (those of its input "
+                     f"width); on them its accuracy goes from {lens['accuracy'].iloc[0]:.1%} ({lens['block'].iloc[0]}) "
+                     f"to {lens['accuracy'].iloc[-1]:.1%} ({lens['block'].iloc[-1]}), agreeing with the final "
+                     f"prediction on {lens['agreement'].iloc[-1]:.1%} at the last.")
+    defined = s[s["grad_cosine"].notna()]
+    if len(defined):
+        negative = int((defined["grad_cosine"] < 0).sum())
+        lines.append(f"cos(F(h), dL/dh) is negative at {negative} of the {len(defined)} blocks where F(h) and h share a "
+                     f"shape (mean {defined['grad_cosine'].mean():+.3f}, from {defined['grad_cosine'].min():+.3f} to "
+                     f"{defined['grad_cosine'].max():+.3f}): "
+                     + ("most blocks move the features down the loss, as Jastrzebski et al. 2018 found."
+                        if negative > len(defined) / 2 else "most blocks do not move the features down the loss.")
+                     + f" ||F(h)||/||h|| is {s['step_ratio'].iloc[0]:.2f} at the first block and "
+                     f"{s['step_ratio'].iloc[-1]:.2f} at the last.")
+    pairs = cka_df[cka_df["position_b"] > cka_df["position_a"]]
+    within, across = pairs[pairs["stage_a"] == pairs["stage_b"]], pairs[pairs["stage_a"] != pairs["stage_b"]]
+    neighbours = s["cka_next"].dropna()
+    if len(within):
+        text = (f"Linear CKA between blocks of one stage averages {within['cka'].mean():.2f} (neighbours: "
+                f"{neighbours.mean():.2f})")
+        text += f", between blocks of different stages {across['cka'].mean():.2f}." if len(across) else "."
+        lines.append(text)
+    return lines

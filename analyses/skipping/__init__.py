@@ -1,0 +1,162 @@
+"""Which blocks can go: remove every skipped block at once, deletion curves, and a pruned export.
+
+    python -m analyses.skipping --out runs/skipping
+
+1. **Remove the skipped blocks together.** The verdict rule (`probe.verdict`) calls a block
+   skipped when its branch is small and deleting it *alone* costs nothing beyond noise. Deleting
+   them all at once is the real test: small effects can add up.
+2. **Deletion curves** (Veit et al. 2016, Fig. 5a): accuracy as k = 0..N blocks are deleted
+   together, in three orders: ascending branch/shortcut ratio, ascending single-block accuracy
+   drop (the "truth" order), and random (several seeded draws; the figure shows their mean and
+   range). Every point of every curve is evaluated in one data pass.
+3. **Pruned export** (`probe.surgery`): a deep copy of the model in which each skipped block
+   computes only its shortcut path (the branch's modules are gone), checked against
+   `probe.ablated` on the data, saved with `torch.save`, and measured for size and speed
+   against the original.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from probe.blocks import Block, resolve_blocks
+from probe.config import RunConfig
+from probe.errors import ProbeError
+from probe.evaluation import evaluate_ablations
+from probe.surgery import EXPORT_COLUMNS, export_pruned
+from probe.table import block_table, check_table
+from probe.verdict import VerdictRule
+
+__all__ = ["ORDERS", "SkippingResult", "curve_ks", "deletion_orders", "skipping"]
+
+ORDERS = ("ratio", "drop", "random")
+
+SUMMARY_COLUMNS = ["state", "blocks_removed", "removed", "accuracy", "loss", "accuracy_drop", "flip_rate",
+                   "samples", "mode", "bn_recalibrated"]
+CURVE_COLUMNS = ["order", "draw", "k", "removed", "accuracy", "loss", "accuracy_drop", "samples", "mode",
+                 "bn_recalibrated"]
+
+@dataclass
+class SkippingResult:
+    """The three tables of the skipping analysis.
+
+    summary: two rows, `state` "all blocks" and "skipped blocks removed": blocks_removed (count),
+        removed (names, space-separated), accuracy, loss, accuracy_drop (vs. all blocks),
+        flip_rate, samples, mode, bn_recalibrated.
+    curves: one row per (order, draw, k): order ("ratio", "drop", "random"), draw (0..draws-1;
+        always 0 for the two fixed orders), k (blocks deleted: the first k of the order), removed
+        (the k-th block of the order; "" at k = 0), accuracy, loss, accuracy_drop (vs. k = 0),
+        samples, mode, bn_recalibrated.
+    export: two rows, `model` "original" and "pruned": blocks (blocks that still compute a branch), parameters,
+        bytes (parameter and buffer storage), seconds_per_batch (fastest of several runs, the two
+        models alternating in one process), batch_size, parameters_ratio / bytes_ratio / time_ratio (pruned / original),
+        max_abs_difference (pruned logits vs. `probe.ablated`), path (where the pruned model was
+        saved, or ""), bn_recalibrated. Empty when no export was asked for, or none was possible.
+    export_note: why `export` is empty although it was asked for (say, blocks from a spec whose
+        branch is no module's output: there is nothing to cut out); "" otherwise.
+    """
+
+    summary: pd.DataFrame
+    curves: pd.DataFrame
+    export: pd.DataFrame
+    export_note: str = ""
+
+
+def deletion_orders(table: pd.DataFrame, *, random_draws: int = RunConfig.random_draws, seed: int = 0) -> list[tuple[str, int, list[str]]]:
+    """(order, draw, block names in deletion order) for every deletion curve.
+
+    "ratio": smallest branch/shortcut ratio first. "drop": smallest single-block accuracy drop
+    first, ties broken by the smaller loss increase (a finer measure of the same harm), then by
+    position. "random": `random_draws` permutations from numpy's generator seeded with `seed`.
+    """
+    if not isinstance(random_draws, int) or random_draws < 0:
+        raise ProbeError(f"random_draws must be a whole number >= 0, got {random_draws!r}.")
+    forward = table.sort_values("position", kind="stable") if "position" in table else table
+    names = forward["block"].astype(str).tolist()
+    by_ratio = forward.sort_values("ratio", kind="stable")["block"].astype(str).tolist()
+    keys = ["accuracy_drop", "loss_increase"] if "loss_increase" in forward else ["accuracy_drop"]
+    by_drop = forward.sort_values(keys, kind="stable")["block"].astype(str).tolist()
+    rng = np.random.default_rng(seed)
+    orders = [("ratio", 0, by_ratio), ("drop", 0, by_drop)]
+    orders += [("random", draw, [names[i] for i in rng.permutation(len(names))]) for draw in range(random_draws)]
+    return orders
+
+
+def curve_ks(blocks: int, points: int | None = None) -> list[int]:
+    """The k (blocks deleted together) at which curves are evaluated: every k from 1 to `blocks`,
+    or about `points` of them spread evenly (always including 1 and `blocks`)."""
+    if points is not None and (not isinstance(points, int) or points < 2):
+        raise ProbeError(f"curve points must be a whole number >= 2 (or None for every k), got {points!r}.")
+    if points is None or points >= blocks:
+        return list(range(1, blocks + 1))
+    return sorted({1, *(int(k) for k in np.round(np.linspace(0, blocks, points))[1:])})
+
+
+def skipping(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None, *,
+             rule: VerdictRule | None = None, mode: str = "zero", calibration: Iterable | None = None,
+             random_draws: int = RunConfig.random_draws, seed: int = 0,
+             curve_points: int | None = RunConfig.curve_points,
+             export_path: str | Path | None = None, export: bool = True, blocks: Sequence[str | Block] | None = None,
+             progress: bool = True) -> SkippingResult:
+    """Remove the skipped blocks together, draw deletion curves, and export the pruned model.
+
+    table: the per-block table (`probe.block_table`, or `blocks.csv` of
+    `python -m probe.ablate`) with block, position, ratio, accuracy_drop and the verdict
+    inputs; computed when None. Its verdicts are recomputed with `rule`. The summary and every
+    curve point come from one `probe.evaluate_ablations` call; `calibration` recalibrates BN per set.
+    curve_points: evaluate each curve at about this many k (`curve_ks`) instead of every k:
+    each point costs up to a forward pass, and a deep network has many blocks.
+    blocks: the blocks the table covers (names or Blocks, e.g. from a spec); all discovered when None.
+    """
+    rule = rule or VerdictRule()
+    every = resolve_blocks(model, blocks)
+    if table is None:
+        table = block_table(model, data, mode=mode, calibration=calibration, rule=rule, blocks=every,
+                            progress=progress)
+    table = check_table(table, ["block", "position", "ratio", "accuracy_drop", "flip_rate", "samples"],
+                        "skipping", model, every, rule=rule)
+    skipped = table.loc[table["verdict"] == "skipped", "block"].astype(str).tolist()
+    orders = deletion_orders(table, random_draws=random_draws, seed=seed)
+    # Block objects, not names: each set is then used as given, without finding the blocks again.
+    by_name = {block.name: block for block in every}
+    ks = curve_ks(len(by_name), curve_points)
+    # k = 0 is the baseline itself; each other k is a prefix of the order (nested sets).
+    sets = [[by_name[n] for n in skipped]] + [[by_name[n] for n in names[:k]] for _, _, names in orders for k in ks]
+    baseline, results = evaluate_ablations(model, data, sets, mode=mode, calibration=calibration,
+                                           progress=progress)
+    recal = calibration is not None
+    after = results[0]
+    summary = pd.DataFrame([
+        {"state": "all blocks", "blocks_removed": 0, "removed": "", "accuracy": baseline["accuracy"],
+         "loss": baseline["loss"], "accuracy_drop": 0.0, "flip_rate": 0.0, "samples": baseline["samples"]},
+        {"state": "skipped blocks removed", "blocks_removed": len(skipped), "removed": " ".join(skipped),
+         "accuracy": after["accuracy"], "loss": after["loss"],
+         "accuracy_drop": baseline["accuracy"] - after["accuracy"], "flip_rate": after["flip_rate"],
+         "samples": after["samples"]},
+    ]).assign(mode=mode, bn_recalibrated=recal)[SUMMARY_COLUMNS]
+    rows, next_result = [], iter(results[1:])
+    for order, draw, names in orders:
+        rows.append({"order": order, "draw": draw, "k": 0, "removed": "", "accuracy": baseline["accuracy"],
+                     "loss": baseline["loss"], "accuracy_drop": 0.0, "samples": baseline["samples"]})
+        for k in ks:
+            result = next(next_result)
+            rows.append({"order": order, "draw": draw, "k": k, "removed": names[k - 1],
+                         "accuracy": result["accuracy"], "loss": result["loss"],
+                         "accuracy_drop": baseline["accuracy"] - result["accuracy"], "samples": result["samples"]})
+    curves = pd.DataFrame(rows).assign(mode=mode, bn_recalibrated=recal)[CURVE_COLUMNS]
+    exported, note = pd.DataFrame(columns=EXPORT_COLUMNS), ""
+    if export:
+        try:
+            _, exported = export_pruned(model, data, sets[0], path=export_path, calibration=calibration,
+                                        total_blocks=len(every))
+        except ProbeError as error:  # the curves and the summary need no export: keep them, say why
+            note = str(error)
+            warnings.warn(f"no pruned model exported: {note}", stacklevel=2)
+    return SkippingResult(summary=summary, curves=curves, export=exported, export_note=note)

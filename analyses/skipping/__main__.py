@@ -1,0 +1,42 @@
+"""`python -m analyses.skipping`: writes skipping.csv, deletion_curves.csv, pruned_export.csv,
+pruned_model.pt and deletion_curves.png into --out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import analyses.skipping
+from analyses.skipping import skipping
+from probe.cli import run_analysis_command
+from probe.config import RunConfig
+from probe.files import write_tables
+from probe.loading import load_inputs
+from reports import figures
+from reports.embed import write_png
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_analysis_command("skipping", analyses.skipping.__doc__, ("model", "ablation", "skipping"),
+                                _write, argv)
+
+
+def _write(config: RunConfig, out: Path, progress: bool) -> list[Path]:
+    inputs = load_inputs(config, progress=progress)
+    result = skipping(inputs.model, inputs.data, mode=config.mode, calibration=inputs.calibration,
+                      random_draws=config.random_draws, seed=config.seed, curve_points=config.curve_points,
+                      export_path=out / "pruned_model.pt", blocks=inputs.blocks, progress=progress)
+    written = write_tables(out, {"skipping": result.summary, "deletion_curves": result.curves,
+                                 "pruned_export": result.export})
+    written.append(write_png(out / "deletion_curves.png", figures.deletion_curves, result.curves))
+    print(result.summary[["state", "blocks_removed", "accuracy", "accuracy_drop"]].to_string(index=False))
+    if result.export_note:
+        print(f"pruned export: none ({result.export_note})")
+        return written
+    pruned = result.export.set_index("model").loc["pruned"]
+    print(f"pruned export: parameters x{pruned.parameters_ratio:.2f}, bytes x{pruned.bytes_ratio:.2f}, "
+          f"time per batch x{pruned.time_ratio:.2f} of the original")
+    return written
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""`python -m analyses.uncertainty`: writes drop_intervals.csv, class_drops.csv and their figures
+(drop_intervals.png, class_drops.png) into --out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import analyses.uncertainty
+from analyses.uncertainty import uncertainty
+from probe.cli import run_analysis_command
+from probe.config import RunConfig
+from probe.files import write_tables
+from probe.loading import load_inputs
+from reports import figures
+from reports.embed import write_png
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_analysis_command("uncertainty", analyses.uncertainty.__doc__, ("model", "ablation", "uncertainty"),
+                                _write, argv)
+
+
+def _write(config: RunConfig, out: Path, progress: bool) -> list[Path]:
+    inputs = load_inputs(config, progress=progress)
+    result = uncertainty(inputs.model, inputs.data, resamples=config.bootstrap, level=config.level, seed=config.seed,
+                         mode=config.mode, calibration=inputs.calibration, blocks=inputs.blocks, progress=progress)
+    shown = result.intervals[["block", "ratio", "accuracy_drop", "drop_low", "drop_high", "verdict_ci"]]
+    print(shown.to_string(index=False, float_format="{:.4f}".format))
+    written = write_tables(out, {"drop_intervals": result.intervals, "class_drops": result.per_class})
+    written.append(write_png(out / "drop_intervals.png", figures.drop_intervals, result.intervals,
+                             width=figures.block_figure_width(len(result.intervals))))
+    written.append(write_png(out / "class_drops.png", figures.class_drop_heatmap, result.per_class,
+                             **figures.heatmap_size(result.per_class)))
+    return written
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

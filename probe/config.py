@@ -1,0 +1,179 @@
+"""One run configuration for every command: `python -m probe.ablate` and each `python -m analyses.NAME`.
+
+`RunConfig` holds every setting with its one default and checks them where it is built, so a
+bad value is refused before anything is trained or loaded. `add_options` puts the same
+options on a command's parser (each command picks the groups it uses), and
+`RunConfig.from_args` builds the config from what argparse parsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+from probe.errors import ProbeError
+
+__all__ = ["MODES", "PRECISIONS", "SECTIONS", "RunConfig", "add_options", "check_depths"]
+
+# Every analysis section of the report, in report order (each is an `analyses` package).
+SECTIONS = ("degradation", "skipping", "attribution", "uncertainty", "recalibration")
+MODES = ("zero", "mean")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What one run measures; recorded in the report and the out folder.
+
+    sections: the analysis sections of the report (`SECTIONS`); None: every one that applies
+    (degradation only when the model is trained here). `skip` leaves some out.
+    """
+
+    model: str = "resnet56"
+    checkpoint: str | None = None
+    weights: str | None = None
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    split: str = "test"
+    mode: str = "zero"
+    device: str = "auto"
+    batch_size: int = 256
+    limit: int | None = None
+    seed: int = 0
+    epochs: int | None = None
+    out: str | None = None
+    sections: tuple[str, ...] | None = None
+    skip: tuple[str, ...] = ()
+    degradation_depths: tuple[int, ...] = (20, 56)
+    bn_recalibrate: bool = False
+    calibration_samples: int = 256
+    random_draws: int = 3
+    curve_points: int | None = 14
+    bootstrap: int = 1000
+    level: float = 0.95
+    blocks_spec: str | None = None
+    save_every: int = 8
+    precision: str = "fp32"
+    channels_last: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "limit", "epochs", "save_every", "calibration_samples", "bootstrap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ProbeError(f"--{_option(name)} must be a positive integer, got {value!r}.")
+        if not isinstance(self.random_draws, int) or self.random_draws < 0:
+            raise ProbeError(f"--random-draws must be 0 or more, got {self.random_draws!r}.")
+        if self.curve_points is not None and (not isinstance(self.curve_points, int) or self.curve_points < 2):
+            raise ProbeError(f"--curve-points must be 2 or more, got {self.curve_points!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ProbeError(f"--seed must be a whole number from 0 to 2**32 - 1, got {self.seed!r}.")
+        check_depths(self.degradation_depths)
+        if not 0 < self.level < 1:
+            raise ProbeError(f"--level must be between 0 and 1 (e.g. 0.95), got {self.level!r}.")
+        for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("split", ("train", "test")),
+                              ("device", ("auto", "cpu", "cuda"))):
+            if getattr(self, name) not in allowed:
+                raise ProbeError(f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}.")
+        unknown = [s for s in (*(self.sections or ()), *self.skip) if s not in SECTIONS]
+        if unknown:
+            raise ProbeError(f"unknown section(s) {unknown}; the sections are {', '.join(SECTIONS)}.")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides) -> RunConfig:
+        """The config of a parsed command line: every field argparse has, then `overrides`."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        for name in ("sections", "skip", "degradation_depths"):  # argparse gives lists
+            if given.get(name) is not None:
+                given[name] = tuple(given[name])
+        return cls(**{**given, **overrides})
+
+
+def check_depths(depths) -> list[int]:
+    """The depths of CIFAR-style nets (6n + 2: 8, 14, 20, ...), sorted, or a ProbeError."""
+    depths = list(depths)
+    if not depths:
+        raise ProbeError("--degradation-depths needs at least one depth, e.g. 20 56.")
+    bad = [d for d in depths if isinstance(d, bool) or not isinstance(d, int) or d < 8 or (d - 2) % 6]
+    if bad:
+        raise ProbeError(f"depth(s) {bad} are not of the form 6n+2 (n >= 1); use e.g. 20, 32, 44, 56, 110.")
+    return sorted(set(depths))
+
+
+def _option(name: str) -> str:
+    return name.replace("_", "-")
+
+
+_DEFAULTS = RunConfig()
+
+
+def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.ArgumentParser:
+    """Add the options of `groups` to `parser`, with RunConfig's defaults.
+
+    groups: "model" (model, checkpoint, data, device, sizes), "ablation" (mode, BN
+    recalibration, blocks spec), "skipping", "uncertainty", "degradation", "report" (the
+    sections, resuming, precision: `probe.ablate` alone). Every command also gets --out, --seed
+    and --no-progress.
+    """
+    d = _DEFAULTS
+    add = parser.add_argument
+    add("--seed", type=int, default=d.seed, help="seed for training, data and random draws (default: %(default)s)")
+    add("--no-progress", action="store_true", help="hide progress bars")
+    if "model" in groups:
+        add("--model", default=d.model,
+            help="CIFAR-style resnet20/32/44/56/110 or plain20/..., a torchvision name (resnet18, resnet50, ...), "
+                 "or package.module:factory for your own model (default: %(default)s)")
+        add("--checkpoint", help="a state_dict (.pt/.pth) for --model; without it the model is trained once "
+                                 "on the data set's training split and cached")
+        add("--weights", help="torchvision weights name (e.g. DEFAULT); needs a machine that can download them")
+    if "model" in groups or "degradation" in groups:
+        add("--dataset", default=d.dataset,
+            help="digits (built in, default), cifar10, cifar100, mnist or imagefolder (with --data-root)")
+        add("--data-root", help="folder holding the data set's files (default: the probe cache)")
+        add("--download", action="store_true", help="download torchvision data sets that are missing")
+        add("--device", default=d.device, choices=["auto", "cpu", "cuda"],
+            help="auto picks cuda when available (default: %(default)s)")
+        add("--batch-size", type=int, default=d.batch_size, help="samples per forward pass (default: %(default)s)")
+        add("--limit", type=int, help="use only the first N samples of each split")
+        add("--epochs", type=int, help="training epochs when a model must be trained (default: the trainer's)")
+    if "model" in groups:
+        add("--split", default=d.split, choices=["train", "test"],
+            help="which split to measure on (default: %(default)s)")
+    if "ablation" in groups:
+        add("--mode", default=d.mode, choices=list(MODES),
+            help="what replaces a deleted branch: zeros, or its mean output over the data (default: %(default)s)")
+        add("--bn-recalibrate", action="store_true",
+            help="refit BatchNorm statistics on held-out training data after every deletion, before evaluating")
+        add("--calibration-samples", type=int, default=d.calibration_samples,
+            help="training samples for BatchNorm recalibration (default: %(default)s)")
+        add("--blocks-spec", metavar="SPEC",
+            help="name the blocks yourself instead of discovering them: 'MODULE[#K]=BRANCH[,SHORTCUT];...' "
+                 "or a JSON file (see probe.parse_spec)")
+    if "skipping" in groups:
+        add("--random-draws", type=int, default=d.random_draws,
+            help="random deletion orders in the deletion curves (default: %(default)s)")
+        add("--curve-points", type=int, default=d.curve_points,
+            help="k values per deletion curve, spread from 1 to all blocks (default: %(default)s)")
+    if "uncertainty" in groups:
+        add("--bootstrap", "--resamples", dest="bootstrap", type=int, default=d.bootstrap,
+            help="bootstrap resamples per block (default: %(default)s)")
+        add("--level", type=float, default=d.level, help="bootstrap interval coverage (default: %(default)s)")
+    if "degradation" in groups:
+        add("--degradation-depths", "--depths", dest="degradation_depths", type=int, nargs="+",
+            default=d.degradation_depths, metavar="DEPTH",
+            help="depths (6n+2) of the plain and residual nets the degradation analysis trains "
+                 f"(default: {' '.join(map(str, d.degradation_depths))})")
+    if "report" in groups:
+        add("--sections", nargs="+", choices=SECTIONS, metavar="SECTION",
+            help=f"analysis sections to run, of: {', '.join(SECTIONS)} (default: all; degradation only when "
+                 "the model is trained here)")
+        add("--skip", nargs="+", choices=SECTIONS, default=(), metavar="SECTION",
+            help="analysis sections to leave out, e.g. --skip degradation recalibration (the slowest)")
+        add("--save-every", type=int, default=d.save_every, metavar="N",
+            help="save sweep results every N blocks, so an interrupted run resumes (default: %(default)s)")
+        add("--precision", default=d.precision, choices=list(PRECISIONS),
+            help="fp32, or autocast to bf16/fp16 for the forward passes (statistics stay in fp32; "
+                 "default: %(default)s)")
+        add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+            help="run convolutions in channels_last memory format (default: on for cuda, off for cpu)")
+    return parser

@@ -1,0 +1,67 @@
+"""Typed results of evaluating a model with sets of blocks deleted.
+
+Both evaluation engines (`probe.evaluation.evaluate_ablations`, and BatchNorm recalibration in
+`probe.recalibrate`) return an `Evaluation`; the sweep table, the analyses, resumable run
+pieces and the report all read it. See docs/architecture.md ("Results").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["Evaluation", "Outcome"]
+
+
+@dataclass(frozen=True, eq=False)
+class Outcome(Mapping):
+    """How the model did on the data in one state (intact, or with one set of blocks deleted).
+
+    accuracy: fraction of samples classified correctly; loss: mean cross-entropy; samples: how
+    many were evaluated. flip_rate: share of samples whose predicted class differs from the
+    intact model's (None for the intact model itself: it is the reference). Optional, when asked
+    for: class_accuracy (index = class; NaN for a class absent from the data) and class_samples;
+    correct, a bool tensor with one entry per sample in data order.
+
+    It is also a read-only mapping of the fields that are set (`outcome["accuracy"]`,
+    `dict(outcome)`, `"correct" in outcome`), which is how tables and JSON consume it.
+    """
+
+    accuracy: float
+    loss: float
+    samples: int
+    flip_rate: float | None = None
+    class_accuracy: list[float] | None = None
+    class_samples: list[int] | None = None
+    correct: torch.Tensor | None = None
+
+    def _present(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key: str):
+        if key in self._present():
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._present())
+
+    def __len__(self) -> int:
+        return len(self._present())
+
+    def summary(self) -> dict:
+        """accuracy, loss and samples: what a table's `attrs["baseline"]` holds."""
+        return {"accuracy": self.accuracy, "loss": self.loss, "samples": self.samples}
+
+
+class Evaluation(NamedTuple):
+    """The intact model's outcome and one outcome per deleted set, in the order asked for.
+
+    A tuple, so `baseline, outcomes = evaluate_ablations(...)` unpacks it.
+    """
+
+    baseline: Outcome
+    sets: list[Outcome]

@@ -1,0 +1,68 @@
+"""The per-block table: `probe.measure` joined with the single-block sweep and classified.
+
+This is the table `python -m probe.ablate` writes as blocks.csv and every analysis reads: one
+row per block in forward order, the verdict computed once, by `probe.verdict.classify`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import pandas as pd
+from torch import nn
+
+from probe.blocks import Block, resolve_blocks
+from probe.errors import ProbeError
+from probe.evaluation import single_block_sweep
+from probe.measurement import measure
+from probe.verdict import VerdictRule, classify
+
+__all__ = ["block_table", "check_table", "join_block_table"]
+
+
+def join_block_table(stats: pd.DataFrame, sweep: pd.DataFrame, rule: VerdictRule | None = None) -> pd.DataFrame:
+    """`stats` (from `probe.measure`) joined with `sweep` (one row per deleted block), with the
+    `noise` and `verdict` columns of `rule`; `attrs["baseline"]` is the sweep's."""
+    table = classify(stats.merge(sweep.drop(columns="samples"), on=["block", "position"]), rule or VerdictRule())
+    table.attrs["baseline"] = dict(sweep.attrs["baseline"])
+    return table
+
+
+def block_table(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
+                mode: str = "zero", calibration: Iterable | None = None, rule: VerdictRule | None = None,
+                progress: bool = True) -> pd.DataFrame:
+    """The per-block table `python -m probe.ablate` writes: measure + single deletions + verdict.
+
+    calibration: held-out batches to refit BatchNorm statistics after each deletion.
+    `attrs["baseline"]` holds the unablated model's accuracy, loss and samples.
+    """
+    blocks = resolve_blocks(model, blocks)
+    stats = measure(model, data, blocks=blocks, progress=progress)
+    sweep, _ = single_block_sweep(model, data, mode=mode, calibration=calibration, blocks=blocks, progress=progress)
+    return join_block_table(stats, sweep, rule)
+
+
+def check_table(table: pd.DataFrame, columns: Sequence[str], what: str, model: nn.Module,
+                blocks: Sequence[str | Block] | None = None, *, rule: VerdictRule | None = None) -> pd.DataFrame:
+    """`table` in forward order, validated: the needed columns, one row per block of `model`
+    (per block of `blocks`, when the table covers chosen blocks or blocks from a spec).
+
+    With `rule`, the verdicts are recomputed by it (a table read back from blocks.csv may have
+    been classified by another rule).
+    """
+    if not isinstance(table, pd.DataFrame):
+        raise ProbeError(f"{what} needs the per-block table (a DataFrame), got {type(table).__name__}.")
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ProbeError(f"{what} needs column(s) {missing} in the per-block table; it has "
+                         f"{list(table.columns)}. Build it with probe.block_table.")
+    names = [block.name for block in resolve_blocks(model, blocks)]
+    if sorted(map(str, table["block"])) != sorted(names):
+        whose = "the model's blocks" if blocks is None else "the blocks asked for"
+        raise ProbeError(f"{what}: the table's blocks {list(table['block'])[:5]}... are not {whose} "
+                         f"{names[:5]}...; was it computed on another model, or on other blocks "
+                         "(pass those as blocks=)?")
+    order = {name: i for i, name in enumerate(names)}
+    ordered = table.assign(_order=table["block"].map(order)).sort_values("_order").drop(columns="_order") \
+        .reset_index(drop=True)
+    return classify(ordered, rule) if rule is not None else ordered

@@ -1,0 +1,105 @@
+"""The command line's promises under bad input and changed configurations (adversarial cases).
+
+Each test names the promise it checks: "one-line error, exit 2" (the bad value named, no
+traceback, nothing written or overwritten), or "no stale or mixed numbers" (a rerun into the
+same --out never reuses pieces computed under another configuration).
+"""
+
+import errno
+import json
+
+import pytest
+import torch
+
+from probe import ablate
+from probe.models import cifar_resnet, save_checkpoint
+
+SKIP_ANALYSES = ["--skip", "degradation", "skipping", "attribution", "uncertainty", "recalibration"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "resnet8.pt"
+    save_checkpoint(cifar_resnet(8, num_classes=10, in_channels=1), path)
+    return path
+
+
+def argv(checkpoint, out, *extra):
+    return ["--model", "resnet8", "--checkpoint", str(checkpoint), "--limit", "24", "--batch-size", "12",
+            "--out", str(out), "--no-progress", *SKIP_ANALYSES, *extra]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("probe.ablate: error:"), err
+    return err[0]
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--seed", "-1"], "-1"),
+    (["--degradation-depths", "7"], "[7]"),
+    (["--bootstrap", "0"], "--bootstrap"),
+    (["--curve-points", "1"], "--curve-points"),
+    (["--level", "1.5"], "--level"),
+])
+def test_bad_settings_are_refused_before_any_work(extra, named, checkpoint, tmp_path, capsys):
+    """Promise: one-line error, exit 2, naming the value; nothing is written."""
+    out = tmp_path / "run"
+    assert ablate.main(argv(checkpoint, out, *extra)) == 2
+    assert named in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_an_out_folder_holding_someone_elses_report_is_refused(checkpoint, tmp_path, capsys):
+    """Promise: one-line error, exit 2; the user's own report.html is not overwritten."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.html").write_text("my own report")
+    assert ablate.main(argv(checkpoint, out)) == 2
+    assert "report.html" in one_line_error(capsys)
+    assert (out / "report.html").read_text() == "my own report"
+
+
+@pytest.mark.parametrize("first,second,differs", [
+    (["--blocks-spec", "layer1.0=bn2"], ["--blocks-spec", "layer1.0=conv2"], "blocks"),
+    (["--bn-recalibrate", "--calibration-samples", "12"], ["--bn-recalibrate", "--calibration-samples", "24"],
+     "calibration_samples"),
+    (["--data-root", "one"], ["--data-root", "two"], "data_root"),
+])
+def test_a_rerun_with_another_setting_never_reuses_pieces(first, second, differs, checkpoint, tmp_path, capsys):
+    """Promise: no stale or mixed numbers. A change that alters a number is in the run record."""
+    out = tmp_path / "run"
+    assert ablate.main(argv(checkpoint, out, *first)) == 0
+    capsys.readouterr()
+    before = (out / "blocks.csv").read_text()
+    assert ablate.main(argv(checkpoint, out, *second)) == 2
+    error = one_line_error(capsys)
+    assert "another configuration" in error and differs in error
+    assert (out / "blocks.csv").read_text() == before
+
+
+def test_the_record_holds_the_blocks_and_the_data(checkpoint, tmp_path):
+    """Promise: no stale or mixed numbers. Block definitions and the data's identity are recorded."""
+    out = tmp_path / "run"
+    assert ablate.main(argv(checkpoint, out, "--blocks-spec", "layer1.0=bn2")) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["blocks"] == [{"name": "layer1.0", "module": "layer1.0", "branch": "layer1.0.bn2",
+                                 "shortcut": None, "position": 0, "strategy": "hooks", "add_index": None,
+                                 "branch_operand": None}]
+    assert len(record["data_sha256"]) == 16
+    other = tmp_path / "other"
+    assert ablate.main(argv(checkpoint, other, "--blocks-spec", "layer1.0=bn2", "--split", "train")) == 0
+    assert json.loads((other / "run.json").read_text())["data_sha256"] != record["data_sha256"]
+
+
+def test_a_full_disk_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    """Promise: one-line error, exit 2; no half-written file is left."""
+    def full(obj, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "run"
+    assert ablate.main(argv(checkpoint, out)) == 2
+    assert "No space left on device" in one_line_error(capsys)
+    assert not list(out.rglob("*.tmp")) and not (out / "blocks.csv").exists()
