@@ -10,6 +10,8 @@ writes them as CSV with PNG figures. `python -m probe.ablate` runs them all (thr
                                                             deletion curves, pruned export
     analyses.attribution    attribution(model, data, table) cheap proxies vs the measured drop
     analyses.uncertainty    uncertainty(model, data, table) bootstrap intervals, per-class drops
+    analyses.representation representation(model, data,     linear probes, logit lens, refinement,
+                            train_data=...)                 CKA between blocks, classes served
     analyses.recalibration  recalibration(model, data, cal) deletion cost with BN statistics refitted
 
 The analyses are not imported here, so importing one does not import them all. The verdict

@@ -21,15 +21,16 @@ from torch import nn
 from analyses.attribution import attribution
 from analyses.degradation import degradation
 from analyses.recalibration import recalibration
+from analyses.representation import representation
 from analyses.skipping import skipping
 from analyses.uncertainty import uncertainty
 from probe.config import SECTIONS, RunConfig
 from probe.errors import ProbeError
 from probe.files import write_tables
-from probe.loading import calibration_loader
+from probe.loading import train_loader
 from probe.results import Evaluation
 
-__all__ = ["SECTIONS", "AnalysisOutputs", "calibration_for", "choose_sections", "run_analyses"]
+__all__ = ["SECTIONS", "AnalysisOutputs", "choose_sections", "run_analyses"]
 
 
 @dataclass
@@ -64,13 +65,6 @@ def choose_sections(config: RunConfig) -> tuple[list[str], dict[str, str]]:
     return chosen, reasons
 
 
-def calibration_for(config: RunConfig, *, needed: Sequence[str]) -> Iterable | None:
-    """Held-out training batches for BN recalibration, or None when no section needs them."""
-    if not (config.bn_recalibrate or "recalibration" in needed):
-        return None
-    return calibration_loader(config)
-
-
 def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluation: Evaluation, *,
                  config: RunConfig, out: Path, device: str, calibration: Iterable | None, sweep_seconds: float,
                  blocks: Sequence | None = None, progress: bool = True) -> AnalysisOutputs:
@@ -80,6 +74,8 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
     accuracies and per-sample outcomes; calibration: held-out training batches (needed by the
     recalibration section, and used everywhere when `config.bn_recalibrate`); blocks: the
     table's blocks (those of `--blocks-spec`; discovered when None), handed to every analysis.
+    A table whose verdicts are "unsupported" (the intact model is at chance) keeps them: the
+    analyses measure, but call no block skipped.
     """
     chosen, reasons = choose_sections(config)
     outputs = AnalysisOutputs(reasons=dict(reasons))
@@ -110,6 +106,11 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
                              evaluation=evaluation, blocks=blocks, progress=progress)
         return result, {"drop_intervals": result.intervals, "class_drops": result.per_class}
 
+    def run_representation() -> tuple[object, dict]:
+        result = representation(model, data, train_data=train_loader(config), table=table, evaluation=evaluation,
+                                blocks=blocks, progress=progress)
+        return result, result.tables()
+
     def run_recalibration() -> tuple[object, dict]:
         result = recalibration(model, data, calibration, table=table, mode=config.mode, blocks=blocks,
                                progress=progress)
@@ -117,7 +118,7 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
 
     runners: dict[str, Callable[[], tuple[object, dict]]] = {
         "degradation": run_degradation, "skipping": run_skipping, "attribution": run_attribution,
-        "uncertainty": run_uncertainty, "recalibration": run_recalibration}
+        "uncertainty": run_uncertainty, "representation": run_representation, "recalibration": run_recalibration}
     for name in chosen:
         start = time.perf_counter()
         try:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -23,23 +25,24 @@ from tqdm.auto import tqdm
 
 import probe
 from analyses.degradation import summary_lines
-from analyses.pipeline import AnalysisOutputs, calibration_for, choose_sections, run_analyses
+from analyses.representation import story
+from analyses.pipeline import AnalysisOutputs, choose_sections, run_analyses
 from probe import distributed
 from probe.batches import device_for
 from probe.blocks import find_blocks
 from probe.cli import run_command
 from probe.config import RunConfig, add_options
-from probe.data import load_dataset, make_loader
-from probe.describe import describe_blocks
+from probe.data import DatasetInfo, load_dataset, make_loader
+from probe.describe import describe_blocks, shortcut_kinds
 from probe.errors import ProbeError
 from probe.evaluation import evaluate_ablations, sweep_table
 from probe.files import prepare_out_dir, write_csv
-from probe.loading import data_fingerprint, load_model
+from probe.loading import Datasets, data_fingerprint, load_datasets, load_model
 from probe.measurement import measure
 from probe.results import Evaluation
 from probe.rundir import RunDirectory, file_digest
 from probe.table import join_block_table
-from probe.verdict import VerdictRule, summarize
+from probe.verdict import UNSUPPORTED, VerdictRule, chance_warning, summarize
 from reports import sections as build
 from reports.html import write_report
 
@@ -75,20 +78,31 @@ def _autocast(config: RunConfig, device: torch.device):
 # The settings that change the measured and swept numbers (the pieces a run resumes from);
 # the analyses after the sweep are rerun every time, so theirs need not match.
 _RECORDED = ("model", "checkpoint", "weights", "dataset", "data_root", "split", "limit", "seed", "epochs", "mode",
-             "device", "batch_size", "bn_recalibrate", "precision", "channels_last", "save_every")
+             "device", "batch_size", "bn_recalibrate", "calibration_root", "precision", "channels_last", "save_every")
 
 
-def _run_record(config: RunConfig, source: str, blocks: list, dataset) -> dict:
+def _run_record(config: RunConfig, source: str, blocks: list, datasets: Datasets,
+                shortcuts: dict[str, str]) -> dict:
     """What makes two runs the same: resuming into an out folder requires an equal record."""
     checkpoint = Path(source)
     return {
         **{name: getattr(config, name) for name in _RECORDED}, "checkpoint": source,
         "checkpoint_sha256": file_digest(checkpoint) if checkpoint.is_file() else None,
+        "data": dataclasses.asdict(_info(datasets.evaluation)), "samples": datasets.selection,
+        "data_sha256": data_fingerprint(datasets.evaluation),
+        "calibration": datasets.calibration_source if config.bn_recalibrate else None,
         "calibration_samples": config.calibration_samples if config.bn_recalibrate else None,
-        "data_sha256": data_fingerprint(dataset),
         "blocks": [dataclasses.asdict(block) for block in blocks],
+        "shortcuts": shortcuts,
         "versions": {"probe": probe.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
     }
+
+
+def _info(dataset) -> DatasetInfo:
+    """The `DatasetInfo` of a loaded data set, also through the Subsets a sample makes."""
+    while not hasattr(dataset, "info"):
+        dataset = dataset.dataset
+    return dataset.info
 
 
 def _check_out(out: Path) -> None:
@@ -125,19 +139,25 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
     if config.channels_last if config.channels_last is not None else device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # our own copy: the checkpoint is untouched
     blocks = find_blocks(model, spec=config.blocks_spec) if config.blocks_spec else find_blocks(model)
-    dataset = load_dataset(config.dataset, split=config.split, root=config.data_root,
-                           download=config.download, seed=config.seed)
-    if config.limit is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(config.limit, len(dataset))))
+    datasets = load_datasets(config, calibration=config.bn_recalibrate or "recalibration" in chosen, model=model)
+    dataset = datasets.evaluation
     loader = make_loader(distributed.shard(dataset), batch_size=config.batch_size,
                          pin_memory=device.type == "cuda")
-    calibration = calibration_for(config, needed=chosen)
+    calibration = (make_loader(datasets.calibration, batch_size=config.batch_size)
+                   if datasets.calibration is not None else None)
+    example = dataset[0][0].unsqueeze(0).to(device)
+    shortcuts = shortcut_kinds(model, example, blocks)
+    record = _run_record(config, source, blocks, datasets, shortcuts)
     # The folder is locked while this run writes into it: a second run on it is refused.
-    with RunDirectory(out, _run_record(config, source, blocks, dataset), writer=distributed.rank() == 0) as run_dir:
+    with RunDirectory(out, record, writer=distributed.rank() == 0) as run_dir:
         seconds: dict[str, float] = {}
         stats, sweep, evaluation = _measure_and_sweep(run_dir, config, model, loader, blocks, calibration, device,
                                                       seconds, progress)
-        table = join_block_table(stats, sweep)
+        intact = evaluation.baseline
+        warning = chance_warning(intact.accuracy, intact.samples, intact.class_samples)
+        if warning and distributed.rank() == 0:
+            print(f"probe.ablate: warning: {warning}", file=sys.stderr)
+        table = join_block_table(stats, sweep, unsupported=warning)
         baseline = table.attrs["baseline"]
         if distributed.rank() != 0:
             distributed.barrier()  # every process holds the totals; rank 0 alone writes and reports
@@ -145,8 +165,8 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
         # The analyses after the sweep run in rank 0 alone, on all the data.
         with distributed.local(), _autocast(config, device):
             loader = make_loader(dataset, batch_size=config.batch_size, pin_memory=device.type == "cuda")
-            _write_outputs(config, model, loader, table, evaluation, baseline, calibration, source,
-                           device, out, seconds, progress, blocks)
+            _write_outputs(config, model, loader, table, evaluation, record, calibration, device, out, seconds,
+                           progress, blocks)
     distributed.barrier()
     return table, baseline, out
 
@@ -178,7 +198,7 @@ def _measure_and_sweep(run_dir: RunDirectory, config: RunConfig, model, loader, 
             run_dir.save(f"sweep-{index}", evaluation)
         baseline = evaluation.baseline
         results += evaluation.sets
-    evaluation = Evaluation(baseline, results)
+    evaluation = Evaluation(baseline, results, trained_baseline=evaluation.trained_baseline)
     sweep = sweep_table(blocks, evaluation, mode=config.mode, recalibrated=config.bn_recalibrate)
     seconds["sweep"] = time.perf_counter() - start
     return stats, sweep, evaluation
@@ -192,6 +212,7 @@ def _sections(outputs: AnalysisOutputs, calibration_samples: int | None, recalib
             result, calibration_samples=calibration_samples if recalibrated else None),
         "attribution": build.attribution_section,
         "uncertainty": build.uncertainty_section,
+        "representation": lambda result: build.representation_section(result, lines=story(result)),
         "recalibration": lambda result: build.recalibration_section(result, calibration_samples=calibration_samples),
     }
     return [builders[name](outputs.results[name]) if name in outputs.results
@@ -205,31 +226,43 @@ def _samples(calibration) -> int | None:
         return None
 
 
-def _write_outputs(config, model, loader, table, evaluation, baseline, calibration, source,
-                   device, out, seconds, progress, blocks) -> None:
+def _write_outputs(config, model, loader, table, evaluation, record, calibration, device, out, seconds, progress,
+                   blocks) -> None:
     """blocks.csv, the analyses' tables and figures, and report.html."""
     write_csv(out / "blocks.csv", table)
     analyses = run_analyses(model, loader, table, evaluation, config=config, out=out, device=str(device),
                             calibration=calibration, sweep_seconds=seconds["sweep"], blocks=blocks,
                             progress=progress)
     seconds.update(analyses.seconds)
-    versions = {"torch": torch.__version__, "probe": probe.__version__}
+    baseline = table.attrs["baseline"]
+    data = record["data"]
     report_config = {**{k: v for k, v in vars(config).items() if v is not None and v != ()},
-                     "checkpoint": source, "device": str(device), "samples": baseline["samples"],
-                     "BN recalibration": (f"on ({len(calibration.dataset)} held-out training samples)"
-                                          if config.bn_recalibrate else "off (trained BatchNorm statistics)"),
+                     "checkpoint": record["checkpoint"], "device": str(device), "samples": record["samples"],
+                     "images": f"{data['image_size']}x{data['image_size']}, {data['in_channels']} channel(s), "
+                               f"normalization {data['normalize']}",
+                     "shortcuts": ", ".join(f"{n} {kind}" for kind, n in Counter(record["shortcuts"].values()).items()),
+                     "BN recalibration": (f"on ({record['calibration']}); intact model as given: accuracy "
+                                          f"{table.attrs['trained_baseline']['accuracy']:.2%}, recalibrated "
+                                          f"{baseline['accuracy']:.2%}" if config.bn_recalibrate
+                                          else "off (trained BatchNorm statistics)"),
                      "seconds": {name: f"{value:.1f}" for name, value in seconds.items()},
-                     "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M")}
+                     "versions": {"torch": torch.__version__, "probe": probe.__version__},
+                     "date": time.strftime("%Y-%m-%d %H:%M")}
     sections = _sections(analyses, _samples(calibration), config.bn_recalibrate)
     write_report(out / "report.html", table, baseline=baseline, config=report_config, rule=VerdictRule(),
-                 sections=sections)
+                 sections=sections, warning=table.attrs.get("unsupported"))
 
 
 def format_summary(table: pd.DataFrame, baseline: dict, out: Path, n: int = 5) -> str:
     """The short terminal answer: what helps most, what is skipped, where the files are."""
-    summary = summarize(table, n=n)
     lines = [f"baseline: accuracy {baseline['accuracy']:.2%}, loss {baseline['loss']:.4f} "
              f"on {baseline['samples']} samples; {len(table)} residual blocks", ""]
+    if "unsupported" in table.attrs:
+        lines += [f"WARNING: {table.attrs['unsupported']}", "",
+                  f"no verdicts: every block is marked '{UNSUPPORTED}' in blocks.csv.", "",
+                  f"wrote {out / 'blocks.csv'} and {out / 'report.html'}"]
+        return "\n".join(lines)
+    summary = summarize(table, n=n)
     columns = ["block", "ratio", "cosine", "accuracy_drop", "flip_rate", "verdict"]
     shown = table[columns].copy()
     shown["accuracy_drop"] = (shown["accuracy_drop"] * 100).map("{:+.1f} pts".format)

@@ -16,7 +16,7 @@ from probe.errors import ProbeError
 __all__ = ["MODES", "PRECISIONS", "SECTIONS", "RunConfig", "add_options", "check_depths"]
 
 # Every analysis section of the report, in report order (each is an `analyses` package).
-SECTIONS = ("degradation", "skipping", "attribution", "uncertainty", "recalibration")
+SECTIONS = ("degradation", "skipping", "attribution", "uncertainty", "representation", "recalibration")
 MODES = ("zero", "mean")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -35,6 +35,10 @@ class RunConfig:
     dataset: str = "digits"
     data_root: str | None = None
     download: bool = False
+    image_size: int | None = None
+    normalize: str | None = None
+    in_channels: int | None = None
+    allow_pickle: bool = False
     split: str = "test"
     mode: str = "zero"
     device: str = "auto"
@@ -48,6 +52,7 @@ class RunConfig:
     degradation_depths: tuple[int, ...] = (20, 56)
     bn_recalibrate: bool = False
     calibration_samples: int = 256
+    calibration_root: str | None = None
     random_draws: int = 3
     curve_points: int | None = 14
     bootstrap: int = 1000
@@ -58,7 +63,7 @@ class RunConfig:
     channels_last: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "limit", "epochs", "save_every", "calibration_samples", "bootstrap"):
+        for name in ("batch_size", "limit", "epochs", "save_every", "calibration_samples", "bootstrap", "image_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ProbeError(f"--{_option(name)} must be a positive integer, got {value!r}.")
@@ -66,6 +71,8 @@ class RunConfig:
             raise ProbeError(f"--random-draws must be 0 or more, got {self.random_draws!r}.")
         if self.curve_points is not None and (not isinstance(self.curve_points, int) or self.curve_points < 2):
             raise ProbeError(f"--curve-points must be 2 or more, got {self.curve_points!r}.")
+        if self.in_channels not in (None, 1, 3):
+            raise ProbeError(f"--in-channels must be 1 (grey) or 3 (RGB), got {self.in_channels!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ProbeError(f"--seed must be a whole number from 0 to 2**32 - 1, got {self.seed!r}.")
         check_depths(self.degradation_depths)
@@ -126,15 +133,28 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.Argum
         add("--checkpoint", help="a state_dict (.pt/.pth) for --model; without it the model is trained once "
                                  "on the data set's training split and cached")
         add("--weights", help="torchvision weights name (e.g. DEFAULT); needs a machine that can download them")
+        add("--allow-pickle", action="store_true",
+            help="load a --checkpoint that is a whole pickled model with full unpickling (runs code the file "
+                 "names: only for files you trust)")
     if "model" in groups or "degradation" in groups:
         add("--dataset", default=d.dataset,
             help="digits (built in, default), cifar10, cifar100, mnist or imagefolder (with --data-root)")
-        add("--data-root", help="folder holding the data set's files (default: the probe cache)")
+        add("--data-root", help="folder holding the data set's files (default: the probe cache); for "
+                                "imagefolder, the folder whose sub-folders are the classes")
         add("--download", action="store_true", help="download torchvision data sets that are missing")
+        add("--image-size", type=int, help="resize images to N x N (imagefolder default: the images' own size "
+                                           "when they all share one, else 224)")
+        add("--normalize", metavar="NAME|MEAN,STD",
+            help="normalization: imagenet, cifar10, cifar100, mnist, none, MEAN,STD (every channel) or "
+                 "M1,M2,M3,S1,S2,S3 (per channel), for pixels in [0, 1] (default: the data set's own; "
+                 "imagefolder: imagenet)")
+        add("--in-channels", type=int, choices=[1, 3],
+            help="1 converts images to grey, 3 to RGB (default: the data set's own; imagefolder: 3)")
         add("--device", default=d.device, choices=["auto", "cpu", "cuda"],
             help="auto picks cuda when available (default: %(default)s)")
         add("--batch-size", type=int, default=d.batch_size, help="samples per forward pass (default: %(default)s)")
-        add("--limit", type=int, help="use only the first N samples of each split")
+        add("--limit", type=int, help="use a seeded, class-stratified sample of N samples (training: the first N "
+                                      "of each split)")
         add("--epochs", type=int, help="training epochs when a model must be trained (default: the trainer's)")
     if "model" in groups:
         add("--split", default=d.split, choices=["train", "test"],
@@ -145,7 +165,11 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.Argum
         add("--bn-recalibrate", action="store_true",
             help="refit BatchNorm statistics on held-out training data after every deletion, before evaluating")
         add("--calibration-samples", type=int, default=d.calibration_samples,
-            help="training samples for BatchNorm recalibration (default: %(default)s)")
+            help="samples for BatchNorm recalibration, never among the evaluated ones: from the training split, "
+                 "or split off an image folder and left out of the evaluation (default: %(default)s)")
+        add("--calibration-root", metavar="FOLDER",
+            help="an image folder (class sub-folders) to draw BatchNorm calibration samples from, instead of "
+                 "splitting them off --data-root")
         add("--blocks-spec", metavar="SPEC",
             help="name the blocks yourself instead of discovering them: 'MODULE[#K]=BRANCH[,SHORTCUT];...' "
                  "or a JSON file (see probe.parse_spec)")

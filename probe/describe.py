@@ -1,4 +1,5 @@
-"""`describe_blocks`: the table behind the CLI's block listing."""
+"""`describe_blocks`: the table behind the CLI's block listing; `shortcut_kinds`: what each
+block's shortcut computes, for the run record and the report."""
 
 from __future__ import annotations
 
@@ -41,3 +42,34 @@ def describe_blocks(model: nn.Module, example_input: object, *, blocks: Sequence
     rows = [{"name": b.name, "module": b.module, "branch": b.branch, "shortcut": b.shortcut or "identity",
              "output_shape": shapes.get(b.name)} for b in chosen]
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def shortcut_kinds(model: nn.Module, example_input: object, blocks: Sequence[Block]) -> dict[str, str]:
+    """{block name: kind of its shortcut s(x)}, from one forward of `example_input`.
+
+    "identity" (s(x) is the block input), "projection" (a module with weights, e.g. a 1x1
+    convolution and BatchNorm), "zero-padding" (no weights, and some channels of s(x) are zero
+    everywhere: the option-A shortcut of He et al. 2016, subsampling then padding with zeros),
+    or "function" (any other computation without weights).
+    """
+    modules = dict(model.named_modules())
+    padded: dict[str, bool] = {}
+
+    def note(block: Block, _branch: torch.Tensor, shortcut: torch.Tensor) -> None:
+        if shortcut.dim() >= 2 and block.name not in padded:  # (batch, channels, ...)
+            empty = (shortcut.detach() == 0).flatten(2).all(dim=2).all(dim=0) if shortcut.dim() > 2 \
+                else (shortcut.detach() == 0).all(dim=0)
+            padded[block.name] = bool(empty.any()) and not bool(empty.all())
+
+    with model_preserved(model), attached() as handles, torch.no_grad():
+        tap_pairs(model, blocks, note, handles)
+        call_with(model, example_input)
+    kinds = {}
+    for block in blocks:
+        if block.shortcut is None:
+            kinds[block.name] = "identity"
+        elif block.strategy == "hooks" and any(True for _ in modules[block.shortcut].parameters()):
+            kinds[block.name] = "projection"
+        else:
+            kinds[block.name] = "zero-padding" if padded.get(block.name) else "function"
+    return kinds

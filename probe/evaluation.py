@@ -78,7 +78,9 @@ def sweep_table(blocks: Sequence[Block], evaluation: Evaluation, *, mode: str,
     """One row per block deleted alone (`COLUMNS`), from an evaluation of single-block sets.
 
     `recalibrated` (True/False) adds the `bn_recalibrated` column; None leaves it out, as
-    `probe.sweep` does. `attrs["baseline"]` holds the intact model's accuracy, loss and samples.
+    `probe.sweep` does. `attrs["baseline"]` holds the accuracy, loss and samples the rows are
+    compared with (with BN recalibration: the intact model recalibrated; then
+    `attrs["trained_baseline"]` holds the intact model as given).
     """
     baseline, results = evaluation
     rows = [{"block": block.name, "position": block.position, "mode": mode, "accuracy": result.accuracy,
@@ -89,6 +91,8 @@ def sweep_table(blocks: Sequence[Block], evaluation: Evaluation, *, mode: str,
     if recalibrated is not None:
         table["bn_recalibrated"] = recalibrated
     table.attrs["baseline"] = baseline.summary()
+    if evaluation.trained_baseline is not None:  # recalibrated: the intact model as given, for the record
+        table.attrs["trained_baseline"] = evaluation.trained_baseline.summary()
     return table
 
 

@@ -309,12 +309,30 @@ def _build_from_factory(spec: str, *, num_classes: int, in_channels: int) -> nn.
         params = {}
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         kwargs = {k: v for k, v in kwargs.items() if k in params}
-    model = factory(**kwargs)
+    model = _call_factory(spec, factory, kwargs)
     if not isinstance(model, nn.Module):
         raise ProbeError(
             f"model {spec!r}: factory returned {type(model).__name__}, not a torch.nn.Module."
         )
     return model
+
+
+def _call_factory(spec: str, factory, kwargs: dict) -> object:
+    """`factory(**kwargs)`; a factory that takes **kwargs but not `in_channels` (torchvision's
+    `resnet18` hands them to its class) is called again without it. Whatever the user's code
+    raises becomes one line naming the factory."""
+    while True:
+        try:
+            return factory(**kwargs)
+        except TypeError as error:
+            if "in_channels" in kwargs and "in_channels" in str(error):
+                kwargs = {k: v for k, v in kwargs.items() if k != "in_channels"}
+                continue
+            raise ProbeError(f"model {spec!r}: calling it with {kwargs or 'no arguments'} failed "
+                             f"({_one_line(error)}); give a factory that builds a model from num_classes "
+                             "(and in_channels) alone, e.g. mypkg.models:build.") from error
+        except Exception as error:  # the user's own code: say what it raised, in one line
+            raise ProbeError(f"model {spec!r}: the factory raised {_one_line(error)}.") from error
 
 
 # --- loading checkpoints --------------------------------------------------------------------------

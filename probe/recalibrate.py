@@ -114,23 +114,26 @@ def evaluate_recalibrated(model: nn.Module, data: Iterable, ablation_sets: Seque
                           outcomes: bool = False, progress: bool = True) -> Evaluation:
     """As `probe.evaluate_ablations`, but each set is evaluated after BN recalibration.
 
-    The baseline is the model as given (its trained statistics): it is what the user has, and
-    the reference for `flip_rate`. Each ablation set gets its own recalibration on
-    `calibration`, so this costs one calibration pass and one evaluation pass per set.
-    Returns an `Evaluation`, as `evaluate_ablations` does.
+    Every set gets its own recalibration on `calibration` (one calibration pass and one
+    evaluation pass per set), and is compared with the intact model recalibrated on the same
+    data: its `baseline`, the reference for drops and `flip_rate`. Comparing with the trained
+    statistics instead would count the refit itself as the deletion's effect. The intact model
+    as given is the evaluation's `trained_baseline`.
     """
     check_mode(mode)
     sets = [resolve_blocks(model, s) if s else [] for s in ablation_sets]
     involved = list({block.name: block for s in sets for block in s}.values())
     if mode == "mean" and means is None and involved:
         means = branch_means(model, data, blocks=involved, progress=progress)
-    reference = _predict(model, data)
+    trained = _metrics(_predict(model, data), None, per_class, outcomes)
+    with recalibrated(model, calibration, [], progress=False):
+        reference = _predict(model, data)
     baseline = _metrics(reference, None, per_class, outcomes)
     results = []
     for ablation_set in tqdm(sets, desc="sweep with BN recalibration", disable=not progress, leave=False):
         with recalibrated(model, calibration, ablation_set, mode=mode, means=means, progress=False):
             results.append(_metrics(_predict(model, data), reference, per_class, outcomes))
-    return Evaluation(baseline, results)
+    return Evaluation(baseline, results, trained_baseline=trained)
 
 
 def _predict(model: nn.Module, data: Iterable) -> dict[str, torch.Tensor]:

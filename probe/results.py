@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
-from typing import NamedTuple
-
 import torch
 
 __all__ = ["Evaluation", "Outcome"]
@@ -57,11 +55,26 @@ class Outcome(Mapping):
         return {"accuracy": self.accuracy, "loss": self.loss, "samples": self.samples}
 
 
-class Evaluation(NamedTuple):
+@dataclass(frozen=True, eq=False)
+class Evaluation:
     """The intact model's outcome and one outcome per deleted set, in the order asked for.
 
-    A tuple, so `baseline, outcomes = evaluate_ablations(...)` unpacks it.
+    With BatchNorm recalibration, `baseline` is the intact model with its statistics refitted
+    on the same calibration data (every set is compared with it), and `trained_baseline` the
+    intact model as given; without, `trained_baseline` is None.
+
+    It unpacks like a pair: `baseline, outcomes = evaluate_ablations(...)`.
     """
 
     baseline: Outcome
     sets: list[Outcome]
+    trained_baseline: Outcome | None = None
+
+    def __iter__(self) -> Iterator:
+        return iter((self.baseline, self.sets))
+
+    def __getitem__(self, index: int):
+        return (self.baseline, self.sets)[index]
+
+    def __len__(self) -> int:
+        return 2

@@ -15,16 +15,24 @@ from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.evaluation import single_block_sweep
 from probe.measurement import measure
-from probe.verdict import VerdictRule, classify
+from probe.verdict import UNSUPPORTED, VerdictRule, classify
 
 __all__ = ["block_table", "check_table", "join_block_table"]
 
 
-def join_block_table(stats: pd.DataFrame, sweep: pd.DataFrame, rule: VerdictRule | None = None) -> pd.DataFrame:
+def join_block_table(stats: pd.DataFrame, sweep: pd.DataFrame, rule: VerdictRule | None = None, *,
+                     unsupported: str | None = None) -> pd.DataFrame:
     """`stats` (from `probe.measure`) joined with `sweep` (one row per deleted block), with the
-    `noise` and `verdict` columns of `rule`; `attrs["baseline"]` is the sweep's."""
+    `noise` and `verdict` columns of `rule`; `attrs["baseline"]` is the sweep's.
+
+    unsupported: why the data cannot support a verdict (`probe.verdict.chance_warning`); every
+    block's verdict is then "unsupported", and `attrs["unsupported"]` says why.
+    """
     table = classify(stats.merge(sweep.drop(columns="samples"), on=["block", "position"]), rule or VerdictRule())
-    table.attrs["baseline"] = dict(sweep.attrs["baseline"])
+    if unsupported:
+        table["verdict"] = UNSUPPORTED
+        table.attrs["unsupported"] = unsupported
+    table.attrs.update({key: dict(value) for key, value in sweep.attrs.items() if key.endswith("baseline")})
     return table
 
 
@@ -48,7 +56,8 @@ def check_table(table: pd.DataFrame, columns: Sequence[str], what: str, model: n
     (per block of `blocks`, when the table covers chosen blocks or blocks from a spec).
 
     With `rule`, the verdicts are recomputed by it (a table read back from blocks.csv may have
-    been classified by another rule).
+    been classified by another rule), unless they are "unsupported": no rule can draw a verdict
+    from a model at chance.
     """
     if not isinstance(table, pd.DataFrame):
         raise ProbeError(f"{what} needs the per-block table (a DataFrame), got {type(table).__name__}.")
@@ -65,4 +74,6 @@ def check_table(table: pd.DataFrame, columns: Sequence[str], what: str, model: n
     order = {name: i for i, name in enumerate(names)}
     ordered = table.assign(_order=table["block"].map(order)).sort_values("_order").drop(columns="_order") \
         .reset_index(drop=True)
-    return classify(ordered, rule) if rule is not None else ordered
+    if rule is None or ("verdict" in ordered and (ordered["verdict"] == UNSUPPORTED).all()):
+        return ordered
+    return classify(ordered, rule)

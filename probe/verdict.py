@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +27,10 @@ from scipy import stats
 from probe.errors import ProbeError
 
 __all__ = [
+    "UNSUPPORTED",
     "VERDICTS",
     "VerdictRule",
+    "chance_warning",
     "classify",
     "noise_band",
     "rank_correlation",
@@ -37,6 +39,8 @@ __all__ = [
 
 # Every value the ``verdict`` column can take, in the order reports list them.
 VERDICTS = ("helps", "skipped", "hurts", "neutral")
+# The verdict of every block when the data cannot support one (see `chance_warning`).
+UNSUPPORTED = "unsupported"
 
 _NOISE_COLUMNS = ("flip_rate", "samples")
 _VERDICT_COLUMNS = ("block", "ratio", "accuracy_drop", "flip_rate", "samples")
@@ -204,3 +208,28 @@ def summarize(df: pd.DataFrame, n: int = 5, rule: VerdictRule | None = None) -> 
         "spearman_rho": rank_correlation(table, "ratio", "accuracy_drop"),
         "blocks": int(len(table)),
     }
+
+
+def chance_warning(accuracy: float, samples: int, class_samples: Sequence[int] | None = None, *,
+                   num_classes: int | None = None, rule: VerdictRule | None = None) -> str | None:
+    """Why no block verdict can be drawn when the intact model is no better than chance, or None.
+
+    Chance is the better of guessing uniformly (1 / classes) and always predicting the most
+    frequent class (its share of `class_samples`). The intact model is at chance when its
+    accuracy is within `rule.noise_z` binomial standard errors of that: deleting a block cannot
+    then cost anything measurable, and "skipped" would be an artefact (a wrong image size,
+    normalization or label order is the usual cause).
+    """
+    rule = VerdictRule() if rule is None else rule
+    counts = [int(c) for c in class_samples] if class_samples is not None else []
+    classes = num_classes or len(counts)
+    if samples < 1 or classes < 2:
+        return None
+    chance = max(1.0 / classes, max(counts) / samples if counts else 0.0)
+    margin = rule.noise_z * math.sqrt(chance * (1.0 - chance) / samples)
+    if accuracy > chance + margin:
+        return None
+    basis = f"{classes} classes" + (f", the most frequent {max(counts) / samples:.1%} of the samples" if counts else "")
+    return (f"the intact model's accuracy {accuracy:.1%} on {samples} samples is no better than chance "
+            f"({chance:.1%}: {basis}), so no block verdict can be drawn; check the image size, normalization, "
+            "channels and class order the model expects.")

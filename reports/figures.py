@@ -17,17 +17,21 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
-from matplotlib.patches import Patch
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from probe.verdict import VERDICTS, rank_correlation
+from probe.verdict import UNSUPPORTED, VERDICTS, rank_correlation
 from probe.errors import ProbeError
 
 __all__ = [
     "SCATTER_WIDTH",
     "VERDICT_COLORS",
     "block_figure_width",
+    "cka_heatmap",
+    "cka_size",
     "class_drop_heatmap",
+    "class_service_heatmap",
     "cosine_per_block",
     "degradation_curve",
     "deletion_curves",
@@ -38,6 +42,8 @@ __all__ = [
     "ratio_per_block",
     "ratio_vs_drop",
     "recalibration_effect",
+    "refinement_profile",
+    "representation_accuracy",
 ]
 
 # Colour-blind safe (seaborn "colorblind"): helping blocks stand out, skipped ones recede.
@@ -47,7 +53,9 @@ VERDICT_COLORS = {
     "skipped": "#9a9a9a",    # grey
     "hurts": _PALETTE[3],    # vermilion
     "neutral": _PALETTE[5],  # tan
+    UNSUPPORTED: "#d0d0d0",  # light grey: no verdict (the intact model is at chance)
 }
+_LEGEND_ORDER = (*VERDICTS, UNSUPPORTED)
 _PLAIN = _PALETTE[0]
 _MAX_LABELS = 32  # more block names than this on one axis are thinned
 _ANNOTATE = 3     # ratio_vs_drop names this many most important blocks
@@ -93,7 +101,7 @@ def _verdict_legend(ax: Axes, df: pd.DataFrame, extra: list | None = None) -> No
     handles = list(extra or [])
     if "verdict" in df.columns:
         present = set(df["verdict"])
-        handles += [Patch(color=VERDICT_COLORS[v], label=v) for v in VERDICTS if v in present]
+        handles += [Patch(color=VERDICT_COLORS[v], label=v) for v in _LEGEND_ORDER if v in present]
     if handles:
         # Outside the axes, on the right: a legend inside would hide bars or dots.
         ax.legend(handles=handles, frameon=False, fontsize="small", loc="upper left",
@@ -369,7 +377,7 @@ def drop_intervals(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     level = f"{df['level'].iloc[0]:.0%} " if "level" in df.columns and len(df) else ""
     ax.set_ylabel(f"accuracy drop when deleted\n(points, {level}bootstrap interval)")
     ax.set_title("Deletion cost of each block, with its uncertainty")
-    present = [v for v in VERDICTS if "verdict_ci" in df.columns and v in set(df["verdict_ci"])]
+    present = [v for v in _LEGEND_ORDER if "verdict_ci" in df.columns and v in set(df["verdict_ci"])]
     if present:
         ax.legend(handles=[Patch(color=VERDICT_COLORS[v], label=v) for v in present], frameon=False,
                   fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
@@ -416,4 +424,144 @@ def recalibration_effect(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     ax.set_ylabel("accuracy drop when deleted\n(percentage points)")
     ax.set_title("Deletion cost with and without BatchNorm recalibration")
     ax.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return ax
+
+
+# --- figures of the representation analysis (analyses/representation) ------------------------
+
+_LENS = _PALETTE[1]  # orange
+_STEP = "#333333"
+
+
+def _stage_boundaries(ax: Axes, stages: pd.Series, *, horizontal: bool = False, color: str = "#555555") -> None:
+    """A dotted line between consecutive blocks of different stages (x = i - 0.5; also y with
+    `horizontal`, for a block-by-block heatmap whose cell i spans i..i+1)."""
+    values = stages.to_numpy()
+    changes = [i for i in range(1, len(values)) if values[i] != values[i - 1]]
+    for i in changes:
+        if horizontal:
+            ax.axvline(i, color=color, linewidth=1.5)
+            ax.axhline(i, color=color, linewidth=1.5)
+        else:
+            ax.axvline(i - 0.5, color=color, linestyle=":", linewidth=1.2, zorder=0.5)
+
+
+def _outside_legend(ax: Axes, handles: list | None = None) -> None:
+    ax.legend(handles=handles, frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0.0)
+
+
+def representation_accuracy(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Per block, the linear probe's test accuracy (%, dots coloured by `verdict` when present)
+    and the logit lens accuracy where the head applies; dotted lines between stages.
+
+    Columns: block, probe_accuracy; optional position, stage, verdict, lens_accuracy.
+    """
+    _require(df, ("block", "probe_accuracy"), "representation_accuracy")
+    df = _forward(df)
+    ax = _axes(ax, block_figure_width(len(df)))
+    x = np.arange(len(df))
+    probe = df["probe_accuracy"].to_numpy(float) * 100
+    ax.plot(x, probe, color=_PLAIN, linewidth=1.2, zorder=2)
+    ax.scatter(x, probe, c=_colors(df), s=30, edgecolors="white", linewidths=0.5, zorder=3)
+    handles = [Line2D([], [], color=_PLAIN, marker="o", label="linear probe (test)")]
+    if "lens_accuracy" in df.columns and df["lens_accuracy"].notna().any():
+        lens = df["lens_accuracy"].to_numpy(float) * 100
+        handles += ax.plot(x, lens, color=_LENS, marker="s", markersize=4, linewidth=1.2,
+                           label="the model's head (logit lens)")
+    if "stage" in df.columns:
+        _stage_boundaries(ax, df["stage"])
+    _block_ticks(ax, df["block"])
+    ax.set_ylabel("accuracy on the evaluation data (%)")
+    ax.set_ylim(top=101)
+    ax.set_title("Where class information becomes linearly readable")
+    present = set(df["verdict"]) if "verdict" in df.columns else set()
+    handles += [Patch(color=VERDICT_COLORS[v], label=f"dot: {v}") for v in _LEGEND_ORDER if v in present]
+    _outside_legend(ax, handles)
+    return ax
+
+
+def refinement_profile(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Bars of `grad_cosine` (mean cos(F(h), dL/dh), `grad_cosine_std` as error bars) per block,
+    "n/a" where it is NaN, and `step_ratio` (||F(h)||/||h||) as a line on the right axis."""
+    _require(df, ("block", "grad_cosine", "step_ratio"), "refinement_profile")
+    df = _forward(df)
+    ax = _axes(ax, block_figure_width(len(df)))
+    x = np.arange(len(df))
+    cosine = df["grad_cosine"].to_numpy(float)
+    yerr = _std(df, "grad_cosine_std")
+    ax.bar(x, np.nan_to_num(cosine), width=0.8, color=_PLAIN, yerr=yerr,
+           error_kw={"elinewidth": 1.0, "capsize": 2, "ecolor": "#333333"}, label="cos(F(h), dL/dh)")
+    for i in np.flatnonzero(np.isnan(cosine)):
+        ax.text(i, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize="x-small", color="#555555")
+    ax.axhline(0.0, color="#333333", linewidth=0.8)
+    low = np.nanmin(np.concatenate([cosine - (yerr if yerr is not None else 0), [0.0]]))
+    ax.set_ylim(min(-0.05, 1.15 * low), max(0.05, -0.35 * low))
+    ax.set_ylabel("cos(F(h), dL/dh)\n(negative: the block moves h down the loss)")
+    if "stage" in df.columns:
+        _stage_boundaries(ax, df["stage"])
+    _block_ticks(ax, df["block"])
+    right = ax.twinx()
+    right.plot(x, df["step_ratio"].to_numpy(float), color=_STEP, marker="o", markersize=3, linewidth=1.2,
+               label="||F(h)|| / ||h||")
+    right.set_ylim(bottom=0)
+    right.set_ylabel("step size ||F(h)|| / ||h||")
+    right.grid(False)
+    ax.set_title("Does each block step down the loss, and how far?")
+    bars, labels = ax.get_legend_handles_labels()
+    line, line_label = right.get_legend_handles_labels()
+    ax.legend(bars + line, labels + line_label, frameon=False, fontsize="small", loc="upper left",
+              bbox_to_anchor=(1.08, 1.0), borderaxespad=0.0)
+    return ax
+
+
+def cka_size(df: pd.DataFrame) -> dict[str, float]:
+    """{"width", "height"} in inches for `cka_heatmap` of `df`: a square that grows with blocks."""
+    blocks = df["block_a"].nunique() if "block_a" in df.columns else 1
+    side = float(min(13.0, max(4.5, 2.0 + 0.3 * blocks)))
+    return {"width": side + 1.5, "height": side}
+
+
+def cka_heatmap(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Linear CKA between every pair of blocks (rows and columns in forward order), with solid
+    lines between stages (from `stage_a`, when present)."""
+    _require(df, ("block_a", "block_b", "cka"), "cka_heatmap")
+    order_by = "position_a" if "position_a" in df.columns else None
+    firsts = df.drop_duplicates("block_a")
+    if order_by:
+        firsts = firsts.sort_values(order_by, kind="stable")
+    order = firsts["block_a"].tolist()
+    grid = df.pivot_table(index="block_a", columns="block_b", values="cka", aggfunc="first").reindex(
+        index=order, columns=order)
+    if ax is None:
+        size = cka_size(df)
+        _, ax = plt.subplots(figsize=(size["width"], size["height"]), layout="constrained")
+    step = max(1, math.ceil(len(order) / _MAX_LABELS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)  # as in class_drop_heatmap
+        sns.heatmap(grid, ax=ax, cmap="mako", vmin=0.0, vmax=1.0, square=True, annot=len(order) <= 10, fmt=".2f",
+                    annot_kws={"fontsize": "x-small"}, xticklabels=step, yticklabels=step,
+                    cbar_kws={"label": "linear CKA", "shrink": 0.8})
+    if "stage_a" in df.columns:
+        _stage_boundaries(ax, firsts["stage_a"], horizontal=True, color="white")
+    ax.set_xlabel("block (forward order)")
+    ax.set_ylabel("block (forward order)")
+    ax.tick_params(labelsize="small")
+    ax.set_title("How similar the blocks' outputs are (linear CKA)")
+    return ax
+
+
+def class_service_heatmap(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """`class_drop_heatmap`, with a box around each block's most served class: `rank` 1, when
+    deleting the block costs that class accuracy."""
+    _require(df, ("block", "class", "accuracy_drop", "rank"), "class_service_heatmap")
+    ax = class_drop_heatmap(df, ax=ax)
+    rows = _forward(df.drop_duplicates("block"))["block"].tolist()
+    columns = sorted(df["class"].unique())
+    served = df[(df["rank"] == 1) & (df["accuracy_drop"] > 0)]
+    for block, cls in zip(served["block"], served["class"]):
+        # Heatmap cell (row r, column c) spans x in [c, c + 1], y in [r, r + 1].
+        ax.add_patch(Rectangle((columns.index(cls), rows.index(block)), 1, 1, fill=False, edgecolor="black",
+                               linewidth=1.6))
+    ax.set_title("Which classes lose accuracy when each block is deleted\n(boxed: the class each block serves most)")
     return ax

@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from probe.verdict import VerdictRule, classify, summarize
+from probe.verdict import UNSUPPORTED, VerdictRule, classify, summarize
 from probe.errors import ProbeError
 from probe.files import write_text
 from reports import figures
@@ -40,7 +40,8 @@ _CONFIG_ORDER = ("model", "checkpoint", "dataset", "samples", "mode", "seed", "d
 _RATIO_WORDS = (
     "The ratio is ||F(x)|| / ||s(x)||: at the residual addition out = F(x) + s(x), the size of what "
     "the block's branch F adds, divided by the size of the shortcut s(x) it is added to (the "
-    "block's input, or its 1x1 projection at a stage change), each norm taken over one "
+    "block's input, or at a stage change what the shortcut makes of it: a projection or a "
+    "zero-padded subsample, as the run's shortcuts say), each norm taken over one "
     "sample's whole activation and averaged over the samples."
 )
 
@@ -171,7 +172,7 @@ def _answer(table: pd.DataFrame, summary: dict) -> dict:
 
 def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
                   rule: VerdictRule | None = None, title: str = "probe report",
-                  sections: Sequence[Section] = ()) -> str:
+                  sections: Sequence[Section] = (), warning: str | None = None) -> str:
     """The whole report as one HTML string (see module docstring).
 
     df: per-block table (one row per block; columns as in docs/architecture.md and the README). baseline: {"accuracy",
@@ -180,6 +181,8 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     rule: the verdict rule (default VerdictRule()); verdicts are recomputed with it.
     sections: one `reports.sections.Section` per analysis, shown after the per-block figures
     and listed in a table of contents.
+    warning: why the data cannot support verdicts (`probe.verdict.chance_warning`): the report
+    then opens with it instead of the answer, and every block's verdict is "unsupported".
     """
     rule = VerdictRule() if rule is None else rule
     missing = [k for k in ("accuracy", "loss", "samples") if k not in baseline]
@@ -188,6 +191,8 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     if not isinstance(config, Mapping):
         raise ProbeError(f"config must be a dict of run settings, got {type(config).__name__}.")
     table = classify(df, rule)
+    if warning:
+        table["verdict"] = UNSUPPORTED
     if "position" in table.columns:
         table = table.sort_values("position", kind="stable")
     table = table.reset_index(drop=True)
@@ -204,6 +209,7 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
         table=_table(table),
         ratio_words=_RATIO_WORDS,
         sections=list(sections),
+        warning=warning,
     )
 
 

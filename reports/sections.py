@@ -20,7 +20,7 @@ from reports.embed import data_uri, render_png
 
 __all__ = ["TITLES", "Figure", "Section", "Table", "attribution_section", "degradation_section", "format_cell",
            "is_number", "not_run_section",
-           "recalibration_section", "skipping_section", "uncertainty_section"]
+           "recalibration_section", "representation_section", "skipping_section", "uncertainty_section"]
 
 
 @dataclass
@@ -56,6 +56,7 @@ TITLES = {
     "skipping": "Removing the skipped blocks together",
     "attribution": "Can a cheap signal replace deleting blocks? (attribution)",
     "uncertainty": "How sure are we? (per-class effects and uncertainty)",
+    "representation": "What does each block do to the representation?",
     "recalibration": "Does the cost survive BatchNorm recalibration?",
 }
 
@@ -282,6 +283,68 @@ def uncertainty_section(result) -> Section:
                    f"({resamples} resamples), with the decision they give and the verdict of the noise-band rule.")
     return Section(id="uncertainty", title=TITLES["uncertainty"], lead=lead,
                    figures=[fig_ci, fig_classes], tables=[table])
+
+
+def representation_section(result, *, lines: Sequence[str] = ()) -> Section:
+    """From `analyses.representation.representation` (a RepresentationResult); `lines`: what
+    the numbers say (`analyses.representation.story`)."""
+    summary, lens = result.summary, result.lens
+    lead = ["Deleting a block says what the network loses without it; this section looks at what the block does "
+            "to the representation it passes on. A block's output here is F(x) + s(x) right after its addition "
+            "(before the activation the block applies after it), averaged over the spatial positions of each "
+            "sample.", *lines, _bn_note(_recalibrated(summary))]
+    width = figures.block_figure_width(len(summary))
+    fig_accuracy = _figure(
+        figures.representation_accuracy, summary, "Linear probes and the model's own head, block by block",
+        "Each dot is one block: the accuracy on the evaluation data of a linear classifier (a logistic regression "
+        "on the block's standardised output, averaged over spatial positions) fitted on the training data "
+        "(Alain and Bengio 2016). It measures how much class information can be read from the block's output "
+        "with a linear map; a dot higher than the one before means the block made the classes more separable. "
+        "Dot colours are the deletion verdicts of the per-block table. Orange squares: the network's own final "
+        "linear layer applied to the same output (a 'logit lens'), only where the widths fit; it needs no "
+        "fitting, so it says whether the block already speaks the head's language. Dotted lines separate stages.",
+        width=width)
+    fig_refinement = _figure(
+        figures.refinement_profile, result.refinement, "Iterative refinement",
+        "Bars: for each block, the cosine between what its branch adds, F(h), and the gradient of the loss at "
+        "the block's input h, averaged over the evaluation samples (error bars: standard deviation). A "
+        "negative cosine means the branch moves h in a direction that lowers the loss, a step of gradient "
+        "descent on the features; -1 would be straight down the gradient, 0 unrelated. Jastrzebski et al. 2018 "
+        "found negative cosines in residual networks: blocks refine the features iteratively. n/a: the block "
+        "changes the shape (a stage change), so F(h) and h cannot be compared. Line (right axis): the step's "
+        "relative size ||F(h)|| / ||h||.",
+        width=width)
+    fig_cka = _figure(
+        figures.cka_heatmap, result.cka, "Similarity of the blocks' outputs",
+        "Each cell compares the outputs of two blocks over the evaluation samples with linear CKA (Kornblith et "
+        "al. 2019): 1 when one is a rotation or a uniform scaling of the other, near 0 when they are unrelated. "
+        "It was accumulated exactly over the data, batch by batch, from the features' cross-covariances. White "
+        "lines separate stages; bright squares along the diagonal mean blocks within a stage change the "
+        "representation only a little at a time.",
+        **figures.cka_size(result.cka))
+    fig_classes = _figure(
+        figures.class_service_heatmap, result.classes, "Which classes each block serves",
+        "Each row is one deleted block, each column one class; the colour is how many percentage points of that "
+        "class's accuracy are lost when the block is deleted (red: lost, blue: gained). The boxed cell in each "
+        "row is the class that block serves most: the one that loses most without it.",
+        **figures.heatmap_size(result.classes))
+    table = _table(summary, {"block": ("block", None), "stage": ("stage", "d"), "ratio": ("ratio", ".3f"),
+                             "accuracy_drop": ("deletion cost (pp)", "pp"), "verdict": ("verdict", None),
+                             "probe_accuracy": ("probe accuracy (%)", "pct"), "probe_gain": ("probe gain (pp)", "pp"),
+                             "lens_accuracy": ("head accuracy (%)", "pct"), "grad_cosine": ("cos(F, dL/dh)", "+.3f"),
+                             "step_ratio": ("||F||/||h||", ".3f"), "cka_previous": ("CKA with previous", ".2f"),
+                             "cka_next": ("CKA with next", ".2f"), "top_class": ("serves most", None),
+                             "top_class_drop": ("its drop (pp)", "pp")},
+                   "Per block: its size (ratio ||F(x)||/||s(x)||), what deleting it alone costs and the verdict, its "
+                   "linear probe accuracy and the gain over the block before it, the accuracy of the model's head "
+                   "on its output, its refinement cosine and step size, its CKA with its neighbours, and the class "
+                   "that loses most when it is deleted.")
+    notes = []
+    skipped = lens[~lens["applicable"].astype(bool)]
+    for reason, rows in skipped.groupby("reason", sort=False):
+        notes.append(f"The model's head cannot be applied to {', '.join(rows['block'])}: {reason}.")
+    return Section(id="representation", title=TITLES["representation"], lead=lead,
+                   figures=[fig_accuracy, fig_refinement, fig_cka, fig_classes], tables=[table], notes=notes)
 
 
 def recalibration_section(df: pd.DataFrame, *, calibration_samples: int | None = None) -> Section:

@@ -31,7 +31,7 @@ def checkpoint(tmp_path, monkeypatch):
     return path
 
 
-@pytest.mark.parametrize("name", [*COMMANDS, "degradation"])
+@pytest.mark.parametrize("name", [*COMMANDS, "degradation", "representation"])
 def test_help(name, capsys):
     module = importlib.import_module(f"analyses.{name}.__main__")
     with pytest.raises(SystemExit) as exit_:
@@ -109,7 +109,7 @@ def test_single_block_sweep_equals_probe_sweep():
     ({"checkpoint": "m.pt"}, list(SECTIONS[1:]), {"degradation": "checkpoint"}),
     ({"checkpoint": "m.pt", "sections": ("degradation", "uncertainty")}, ["degradation", "uncertainty"],
      {"skipping": "--sections"}),
-    ({"skip": ("recalibration", "degradation")}, ["skipping", "attribution", "uncertainty"],
+    ({"skip": ("recalibration", "degradation")}, ["skipping", "attribution", "uncertainty", "representation"],
      {"recalibration": "--skip"}),
 ])
 def test_choose_sections(kwargs, run, why):

@@ -149,10 +149,13 @@ def test_model_without_batchnorm_is_a_clear_error(tiny_net):
 def test_evaluate_recalibrated_equals_manual_evaluation():
     model = BNNet().eval()
     before = snapshot(model)
-    baseline, (result,) = evaluate_recalibrated(model, EVAL, [["block"]], CAL, per_class=True, outcomes=True,
-                                                progress=False)
+    evaluation = evaluate_recalibrated(model, EVAL, [["block"]], CAL, per_class=True, outcomes=True,
+                                       progress=False)
+    baseline, (result,) = evaluation
     with torch.no_grad():
-        reference = model(EVAL_X).argmax(1)
+        as_given = model(EVAL_X).argmax(1)
+        with recalibrated(model, CAL, []):  # drops are against the intact model, recalibrated alike
+            reference = model(EVAL_X).argmax(1)
         with recalibrated(model, CAL, ["block"]):
             logits = model(EVAL_X)
     assert_unchanged(model, before)
@@ -165,6 +168,8 @@ def test_evaluate_recalibrated_equals_manual_evaluation():
     assert result["class_accuracy"] == pytest.approx([correct[EVAL_Y == c].float().mean().item() for c in (0, 1)])
     assert baseline["accuracy"] == pytest.approx((reference == EVAL_Y).float().mean().item())
     assert "flip_rate" not in baseline
+    assert evaluation.trained_baseline.accuracy == pytest.approx((as_given == EVAL_Y).float().mean().item())
+    assert not torch.equal(reference, as_given)  # the refit alone changes predictions: the case that matters
 
 
 def test_recalibration_analysis_pairs_each_block():

@@ -24,10 +24,14 @@ pytestmark = pytest.mark.slow  # trains small models end to end
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PNG = b"\x89PNG\r\n\x1a\n"
 # Figures per section: 4 per-block figures, then degradation 1, skipping 1, attribution 1,
-# uncertainty 2 (intervals and per-class heatmap), recalibration 1.
-FIGURES = 4 + 1 + 1 + 1 + 2 + 1
+# uncertainty 2 (intervals and per-class heatmap), representation 4 (probes, refinement, CKA, classes),
+# recalibration 1.
+FIGURES = 4 + 1 + 1 + 1 + 2 + 4 + 1
 CSVS = ["blocks", "degradation", "skipping", "deletion_curves", "pruned_export", "attribution", "proxies",
-        "drop_intervals", "class_drops", "recalibration"]
+        "drop_intervals", "class_drops", "linear_probes", "logit_lens", "refinement", "cka", "block_classes",
+        "representation", "recalibration"]
+# Tables of the intact model alone (nothing deleted): no BatchNorm statistics to recalibrate.
+INTACT = ("linear_probes", "logit_lens", "refinement", "cka")
 
 # Injected into a *copy* of the report (the report itself has no script): records every error
 # event (a script error, or an image that fails to decode), and once the page has loaded writes
@@ -76,7 +80,7 @@ def test_run_writes_every_section_and_table(report):
     for name in CSVS:
         table = pd.read_csv(report.parent / f"{name}.csv")
         assert len(table), name
-        if name != "blocks":
+        if name not in ("blocks", *INTACT):
             assert "bn_recalibrated" in table.columns, name
     curves = pd.read_csv(report.parent / "deletion_curves.csv")
     assert set(curves["order"]) == {"ratio", "drop", "random"}

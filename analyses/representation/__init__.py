@@ -228,8 +228,8 @@ def linear_probes(model: nn.Module, data: Iterable, *, train_data: Iterable,
     def score(first: torch.Tensor, outputs: list[torch.Tensor], _logits: torch.Tensor, targets: torch.Tensor) -> None:
         nonlocal count
         truth = targets.cpu().numpy()
-        for i, (probe_, x) in enumerate(zip(fitted, [first, *outputs])):
-            correct[i] += int((probe_.predict(x.cpu().numpy()) == truth).sum())
+        for i, (fitted_probe, x) in enumerate(zip(fitted, [first, *outputs])):
+            correct[i] += int((fitted_probe.predict(x.cpu().numpy()) == truth).sum())
         count += len(truth)
 
     _walk(model, data, chosen, score, progress=progress, desc="probe accuracy")
@@ -256,30 +256,31 @@ def logit_lens(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block
     """The model's head on each block's pooled output, where the widths fit (see
     `RepresentationResult.lens`)."""
     chosen = resolve_blocks(model, blocks)
-    found: list[tuple[str, nn.Linear] | None] = []
-    widths: list[int] = []
     correct = torch.zeros(len(chosen), dtype=torch.int64)
     agree = torch.zeros(len(chosen), dtype=torch.int64)
+    widths: list[int] = []
+    heads: list[tuple[str, nn.Linear] | None] = []  # found at the first batch, which tells the number of classes
     count = 0
 
     def look(_first: torch.Tensor, outputs: list[torch.Tensor], logits: torch.Tensor, targets: torch.Tensor) -> None:
         nonlocal count
-        if not found:  # the number of classes is known from the first batch's logits
-            found.append(_head(model, logits.shape[-1]))
+        if not heads:
+            heads.append(_head(model, logits.shape[-1]))
             widths.extend(x.shape[1] for x in outputs)
-        head = found[0][1] if found[0] else None
         final = logits.argmax(dim=-1)
         for i, x in enumerate(outputs):
-            if head is not None and x.shape[1] == head.in_features:
-                predicted = head(x.to(head.weight.dtype)).argmax(dim=-1)
+            if heads[0] is not None and x.shape[1] == heads[0][1].in_features:
+                head = heads[0][1]
+                # F.linear, not head(x): the call would fire any hook probe holds on the head.
+                predicted = F.linear(x.to(head.weight.dtype), head.weight, head.bias).argmax(dim=-1)
                 correct[i] += int((predicted == targets).sum())
                 agree[i] += int((predicted == final).sum())
         count += len(targets)
 
     _walk(model, data, chosen, look, progress=progress, desc="logit lens")
+    head = heads[0]
     rows = []
     for i, (block, stage) in enumerate(zip(chosen, stages(chosen))):
-        head = found[0]
         applicable = head is not None and widths[i] == head[1].in_features
         if head is None:
             reason = "the model has no nn.Linear with one output per class (its head)"
@@ -312,8 +313,9 @@ def refinement(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block
     device = model_device(model)
     inputs_of: dict[str, torch.Tensor] = {}
     branches: dict[str, torch.Tensor] = {}
-    # Per block: samples, then sums of cosine, cosine^2, ratio, ratio^2 (cosine terms only where shapes match).
-    sums = torch.zeros(len(chosen), 5, dtype=torch.float64, device=device)
+    # Per block: samples, samples with a cosine (F(h) and h of one shape), then sums of cosine,
+    # cosine^2, ratio and ratio^2.
+    sums = torch.zeros(len(chosen), 6, dtype=torch.float64, device=device)
 
     def record(block: Block, branch: torch.Tensor, shortcut: torch.Tensor) -> None:
         if block.name in branches:
@@ -322,7 +324,7 @@ def refinement(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block
         if block.shortcut is None:
             inputs_of[block.name] = shortcut
 
-    def enter(_m: nn.Module, args: tuple, name: str) -> None:
+    def enter(args: tuple, name: str) -> None:
         inputs_of[name] = _first_tensor(args)
 
     with model_preserved(model), attached() as handles, torch.enable_grad():
@@ -330,7 +332,7 @@ def refinement(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block
         for block in chosen:
             if block.shortcut is not None:  # h is the block's own input, not the projected shortcut
                 handles.append(modules[block.module].register_forward_pre_hook(
-                    lambda m, args, name=block.name: enter(m, args, name)))
+                    lambda _m, args, name=block.name: enter(args, name)))
         for inputs, targets in batches(data, device, progress=progress, desc="refinement"):
             inputs_of.clear()
             branches.clear()
@@ -347,23 +349,22 @@ def refinement(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block
             for i, (block, h, grad) in enumerate(zip(chosen, hs, grads)):
                 branch = branches[block.name]
                 n = len(branch)
-                f = branch.reshape(n, -1).float()
+                f = branch.reshape(n, -1).float()  # (batch, elements)
                 ratio = f.norm(dim=1) / h.detach().reshape(n, -1).float().norm(dim=1).clamp_min(_TINY)
                 sums[i, 0] += n
-                sums[i, 3:] += torch.stack([ratio.sum(), ratio.square().sum()]).double()
+                sums[i, 4:] += torch.stack([ratio.sum(), ratio.square().sum()]).double()
                 if branch.shape == h.shape:
                     g = grad.reshape(n, -1).float()
                     cosine = (f * g).sum(dim=1) / (f.norm(dim=1) * g.norm(dim=1)).clamp_min(_TINY)
-                    sums[i, 1:3] += torch.stack([cosine.sum(), cosine.square().sum()]).double()
+                    sums[i, 1] += n
+                    sums[i, 2:4] += torch.stack([cosine.sum(), cosine.square().sum()]).double()
     totals = sums.cpu().numpy()
-    same_shape = np.array([branches[b.name].shape == inputs_of[b.name].shape for b in chosen])
-    count = totals[:, 0]
-    cosine, cosine_std = _mean_std(count, totals[:, 1], totals[:, 2])
-    ratio, ratio_std = _mean_std(count, totals[:, 3], totals[:, 4])
+    cosine, cosine_std = _mean_std(totals[:, 1], totals[:, 2], totals[:, 3])
+    ratio, ratio_std = _mean_std(totals[:, 0], totals[:, 4], totals[:, 5])
     return pd.DataFrame({"block": [b.name for b in chosen], "position": [b.position for b in chosen],
-                         "stage": stages(chosen), "grad_cosine": np.where(same_shape, cosine, np.nan),
-                         "grad_cosine_std": np.where(same_shape, cosine_std, np.nan), "step_ratio": ratio,
-                         "step_ratio_std": ratio_std, "samples": count.astype(np.int64)}, columns=REFINEMENT_COLUMNS)
+                         "stage": stages(chosen), "grad_cosine": cosine, "grad_cosine_std": cosine_std,
+                         "step_ratio": ratio, "step_ratio_std": ratio_std, "samples": totals[:, 0].astype(np.int64)},
+                        columns=REFINEMENT_COLUMNS)
 
 
 def _mean_std(count: np.ndarray, total: np.ndarray, squares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -455,7 +456,10 @@ def summary(table: pd.DataFrame, probes: pd.DataFrame, lens: pd.DataFrame, refin
     out = table[["block", "position"]].copy()
     for column in ("ratio", "accuracy_drop", "verdict"):
         out[column] = table[column] if column in table.columns else np.nan
-    by_block = lambda df, column: out["block"].map(df.set_index("block")[column])  # noqa: E731
+
+    def by_block(df: pd.DataFrame, column: str) -> pd.Series:
+        return out["block"].map(df.set_index("block")[column])
+
     out["stage"] = by_block(probes, "stage")
     out["probe_accuracy"] = by_block(probes, "test_accuracy")
     out["probe_gain"] = by_block(probes, "gain")
@@ -497,7 +501,8 @@ def representation(model: nn.Module, data: Iterable, *, train_data: Iterable, ta
     elif table is None:
         raise ProbeError("representation: pass the per-block table together with a precomputed evaluation.")
     table = check_table(table, ["block", "position", "ratio", "accuracy_drop"], "representation", model, chosen)
-    if len(evaluation.sets) != len(chosen) or evaluation.baseline.class_accuracy is None:
+    baseline, deletions = evaluation
+    if len(deletions) != len(chosen) or "class_accuracy" not in baseline:
         raise ProbeError("representation: the evaluation must hold one single-block deletion per block, in forward "
                          "order, with per-class accuracies (per_class=True).")
     recal = calibration is not None
@@ -552,10 +557,31 @@ def story(result: RepresentationResult) -> list[str]:
                      f"{s['step_ratio'].iloc[-1]:.2f} at the last.")
     pairs = cka_df[cka_df["position_b"] > cka_df["position_a"]]
     within, across = pairs[pairs["stage_a"] == pairs["stage_b"]], pairs[pairs["stage_a"] != pairs["stage_b"]]
-    neighbours = s["cka_next"].dropna()
-    if len(within):
-        text = (f"Linear CKA between blocks of one stage averages {within['cka'].mean():.2f} (neighbours: "
-                f"{neighbours.mean():.2f})")
-        text += f", between blocks of different stages {across['cka'].mean():.2f}." if len(across) else "."
-        lines.append(text)
+    neighbours = s.loc[s["stage"] == s["stage"].shift(-1), "cka_next"].dropna()  # next block, same stage
+    if len(neighbours):
+        lines.append(f"Linear CKA between neighbouring blocks of one stage averages {neighbours.mean():.2f} (all pairs "
+                     f"within a stage: {within['cka'].mean():.2f}"
+                     + (f"; pairs from different stages: {across['cka'].mean():.2f})." if len(across) else ")."))
+    lines.append(_verdict(s, probes, neighbours))
     return lines
+
+
+def _verdict(s: pd.DataFrame, probes: pd.DataFrame, neighbours: pd.Series) -> str:
+    """Which story the numbers tell: iterative refinement (Greff et al. 2017, Jastrzebski et al.
+    2018), when neighbours within a stage are alike and most branches point down the loss."""
+    defined = s["grad_cosine"].dropna()
+    downhill = len(defined) > 0 and (defined < 0).mean() > 0.5
+    alike = len(neighbours) > 0 and neighbours.mean() >= 0.9
+    starts = probes["stage"] != probes["stage"].shift(1)  # the first block of each stage
+    net = probes["test_accuracy"].iloc[-1] - probes["previous_test_accuracy"].iloc[0]
+    arrival = (f"Of the {net * 100:+.1f} points the probes gain from the first block's input to the last "
+               f"block's output, {probes.loc[starts, 'gain'].sum() * 100:+.1f} come at the first block of a stage "
+               f"({', '.join(probes.loc[starts, 'block'])}).")
+    if downhill and alike:
+        return ("Together: the iterative-refinement story. Within a stage each block changes the representation "
+                "only a little (neighbours' CKA at least 0.9 on average) and in a direction that lowers the loss: "
+                f"small steps of refinement. {arrival}")
+    missing = [text for ok, text in ((downhill, "most branches do not point down the loss"),
+                                     (alike, "neighbouring blocks within a stage are not alike (CKA below 0.9)"))
+               if not ok]
+    return f"Together: not a clean iterative-refinement story ({'; '.join(missing)}). {arrival}"

@@ -26,7 +26,7 @@ import probe
 from probe.evaluation import single_block_sweep
 from probe.results import Evaluation
 from probe.table import check_table, join_block_table
-from probe.verdict import VerdictRule, classify
+from probe.verdict import UNSUPPORTED, VerdictRule, classify
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 
@@ -107,13 +107,18 @@ def drop_intervals(table: pd.DataFrame, evaluation: Evaluation, *, rule: Verdict
     baseline, results = evaluation
     if "correct" not in baseline or len(results) != len(table):
         raise ProbeError("drop_intervals needs per-sample outcomes for every block: evaluate with outcomes=True.")
-    verdicts = classify(table, rule)["verdict"].tolist() if {"flip_rate", "samples"} <= set(table.columns) \
-        else [None] * len(table)
+    if "verdict" in table and (table["verdict"] == UNSUPPORTED).all():
+        verdicts = [UNSUPPORTED] * len(table)  # the intact model is at chance: no decision either
+    elif {"flip_rate", "samples"} <= set(table.columns):
+        verdicts = classify(table, rule)["verdict"].tolist()
+    else:
+        verdicts = [None] * len(table)
     rows = []
     for (_, row), result, verdict in zip(table.iterrows(), results, verdicts):
         low, high = bootstrap_interval(baseline["correct"], result["correct"], resamples=resamples, level=level,
                                        seed=[seed, int(row["position"])])
-        decision = _decide(float(row["ratio"]), low, high, result["samples"], rule.max_ratio)
+        decision = UNSUPPORTED if verdict == UNSUPPORTED else \
+            _decide(float(row["ratio"]), low, high, result["samples"], rule.max_ratio)
         rows.append({"block": row["block"], "position": row["position"], "ratio": row["ratio"],
                      "accuracy_drop": baseline["accuracy"] - result["accuracy"], "drop_low": low, "drop_high": high,
                      "level": level, "resamples": resamples, "samples": result["samples"],

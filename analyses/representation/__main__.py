@@ -1,0 +1,44 @@
+"""`python -m analyses.representation`: writes linear_probes.csv, logit_lens.csv, refinement.csv,
+cka.csv, block_classes.csv and representation.csv, with their figures (representation_accuracy.png,
+refinement.png, cka.png, block_classes.png), into --out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import analyses.representation
+from analyses.representation import representation, story
+from probe.cli import run_analysis_command
+from probe.config import RunConfig
+from probe.files import write_tables
+from probe.loading import load_inputs, train_loader
+from reports import figures
+from reports.embed import write_png
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_analysis_command("representation", analyses.representation.__doc__, ("model", "ablation"), _write,
+                                argv)
+
+
+def _write(config: RunConfig, out: Path, progress: bool) -> list[Path]:
+    inputs = load_inputs(config, progress=progress)
+    result = representation(inputs.model, inputs.data, train_data=train_loader(config), mode=config.mode,
+                            calibration=inputs.calibration, blocks=inputs.blocks, progress=progress)
+    shown = result.summary[["block", "ratio", "accuracy_drop", "probe_accuracy", "probe_gain", "lens_accuracy",
+                            "grad_cosine", "step_ratio", "cka_next"]]
+    print(shown.to_string(index=False, float_format="{:.3f}".format))
+    print("\n".join(["", *story(result), ""]))
+    written = write_tables(out, result.tables())
+    width = figures.block_figure_width(len(result.summary))
+    written.append(write_png(out / "representation_accuracy.png", figures.representation_accuracy, result.summary,
+                             width=width))
+    written.append(write_png(out / "refinement.png", figures.refinement_profile, result.refinement, width=width))
+    written.append(write_png(out / "cka.png", figures.cka_heatmap, result.cka, **figures.cka_size(result.cka)))
+    written.append(write_png(out / "block_classes.png", figures.class_service_heatmap, result.classes,
+                             **figures.heatmap_size(result.classes)))
+    return written
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
