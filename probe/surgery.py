@@ -3,13 +3,15 @@
 `prune` deep-copies the model and rewrites each chosen block so that it computes only its
 shortcut path (the branch's modules are gone, so the copy is smaller and faster); it equals
 `probe.ablated(model, blocks)` in mode "zero". `export_pruned` checks the copy against
-`probe.ablated` on data, saves it, and times it against the original.
+`probe.ablated` on data, saves it (whole, or as weights and the blocks that rebuild it when the
+module cannot be pickled; `load_pruned` reads either), and times it against the original.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -30,7 +32,7 @@ from probe.hooks import model_preserved
 from probe.recalibrate import recalibrate_batchnorm, recalibrated
 from probe.suffix import ModulesAsLeaves
 
-__all__ = ["EXPORT_COLUMNS", "export_pruned", "prune"]
+__all__ = ["EXPORT_COLUMNS", "PRUNED_FORMAT", "export_pruned", "load_pruned", "prune"]
 
 EXPORT_COLUMNS = ["model", "blocks", "parameters", "bytes", "seconds_per_batch", "batch_size",
                   "parameters_ratio", "bytes_ratio", "time_ratio", "max_abs_difference", "path",
@@ -114,8 +116,9 @@ def export_pruned(model: nn.Module, data: Iterable, blocks: Sequence[str | Block
     """(pruned copy, table comparing it with `model`): see `prune` and `SkippingResult.export`.
 
     The pruned copy is checked against `probe.ablated(model, blocks)` on every batch of `data`
-    (ProbeError if its logits differ), saved to `path` with `torch.save` when given (load it
-    with `torch.load(path, weights_only=False)`), and timed against the original on `data`'s
+    (ProbeError if its logits differ), saved to `path` when given (whole with `torch.save`, or
+    as weights and blocks when it cannot be pickled; read either with `load_pruned(path,
+    original_architecture)`), and timed against the original on `data`'s
     first batch, alternating the two models `repeats` times after a warm-up of each.
     total_blocks: how many blocks the original has, for the table's `blocks` column (the
     discovered blocks are counted when None).
@@ -136,14 +139,7 @@ def export_pruned(model: nn.Module, data: Iterable, blocks: Sequence[str | Block
                          "the blocks' forward cannot be reduced to their shortcut by tracing.")
     with model_preserved(model), torch.no_grad():
         seconds = _alternating_timings([model, pruned], first, repeats)
-    saved = ""
-    if path is not None:
-        try:
-            saved = str(atomic_write(Path(path), lambda tmp: torch.save(pruned, tmp)))
-        except Exception as error:  # pickling fx code varies across torch versions: keep the table
-            warnings.warn(f"could not save the pruned model to {path} ({type(error).__name__}: {error}); "
-                          f"the comparison table is kept. Rebuild it with probe.surgery.prune(model, "
-                          "blocks) where you need it.", stacklevel=2)
+    saved = _save(Path(path), pruned, chosen) if path is not None else ""
     rows = []
     total = len(resolve_blocks(model)) if total_blocks is None else total_blocks
     for name, module, timing, blocks_left in (("original", model, seconds[0], total),
@@ -158,6 +154,46 @@ def export_pruned(model: nn.Module, data: Iterable, blocks: Sequence[str | Block
         row["path"] = saved if row["model"] == "pruned" else ""
         row["bn_recalibrated"] = calibration is not None
     return pruned, pd.DataFrame(rows, columns=EXPORT_COLUMNS)
+
+
+# What `export_pruned` writes when the pruned module itself cannot be pickled (a shortcut
+# written as a lambda, fx code some torch versions cannot pickle): its weights and the blocks
+# that rebuild it from the original architecture (`load_pruned`).
+PRUNED_FORMAT = "probe.pruned/1"
+
+
+def _save(path: Path, pruned: nn.Module, blocks: Sequence[Block]) -> str:
+    """Save `pruned` whole, else as weights + blocks; warn and return "" if neither works."""
+    try:
+        return str(atomic_write(path, lambda tmp: torch.save(pruned, tmp)))
+    except Exception as whole:  # pickling fails in many ways: a lambda, fx code of another torch
+        payload = {"format": PRUNED_FORMAT, "blocks": [dataclasses.asdict(block) for block in blocks],
+                   "state_dict": pruned.state_dict()}
+        try:
+            return str(atomic_write(path, lambda tmp: torch.save(payload, tmp)))
+        except Exception:
+            warnings.warn(f"could not save the pruned model to {path} ({type(whole).__name__}: {whole}); "
+                          f"the comparison table is kept. Rebuild it with probe.surgery.prune(model, "
+                          "blocks) where you need it.", stacklevel=3)
+            return ""
+
+
+def load_pruned(path: str | Path, model: nn.Module) -> nn.Module:
+    """The pruned model `export_pruned` saved at `path`, in eval mode.
+
+    `model` is the original architecture (freshly built; its weights are not used): a file
+    holding weights and blocks (`PRUNED_FORMAT`) is rebuilt as `prune(model, blocks)` with
+    those weights; a file holding the whole pruned module is returned as it is. The file is
+    unpickled in full: load only exports you made.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(saved, nn.Module):
+        return saved.eval()
+    if not (isinstance(saved, dict) and saved.get("format") == PRUNED_FORMAT):
+        raise ProbeError(f"{str(path)!r} is not a pruned model exported by probe (no {PRUNED_FORMAT!r} record).")
+    pruned = prune(model, [Block(**fields) for fields in saved["blocks"]])
+    pruned.load_state_dict(saved["state_dict"])
+    return pruned.eval()
 
 
 def _reference(model: nn.Module, blocks: list[Block], calibration: Iterable | None):

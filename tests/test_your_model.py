@@ -1,0 +1,281 @@
+"""A user's own model and data through the documented CLI, with no glue code.
+
+The model is the widely copied CIFAR ResNet with option-A shortcuts written as a lambda
+(`LambdaLayer(lambda x: F.pad(x[:, :, ::2, ::2], ...))`), its checkpoint saved the way old
+training scripts did (from `nn.DataParallel`, under "state_dict", without the
+`num_batches_tracked` buffers older torch did not have); the data a folder of 32x32 PNG images
+in class sub-folders. blocks.csv must equal a hand-written forward of the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from probe import ablate
+from probe.config import RunConfig
+from probe.data import dataset_targets, load_dataset
+from probe.loading import load_datasets
+from probe.surgery import export_pruned, load_pruned
+
+USER_MODEL = textwrap.dedent('''
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+
+    class LambdaLayer(nn.Module):
+        def __init__(self, lambd):
+            super().__init__()
+            self.lambd = lambd
+
+        def forward(self, x):
+            return self.lambd(x)
+
+
+    class BasicBlock(nn.Module):
+        def __init__(self, in_planes, planes, stride=1):
+            super().__init__()
+            self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(planes)
+            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes)
+            self.shortcut = nn.Sequential()
+            if stride != 1 or in_planes != planes:
+                self.shortcut = LambdaLayer(lambda x: F.pad(x[:, :, ::2, ::2],
+                                                            (0, 0, 0, 0, planes // 4, planes // 4)))
+
+        def forward(self, x):
+            out = F.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            out += self.shortcut(x)
+            return F.relu(out)
+
+
+    class ResNet(nn.Module):
+        def __init__(self, num_blocks=(1, 1, 1), num_classes=4):
+            super().__init__()
+            self.in_planes = 8
+            self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.layer1 = self._stage(8, num_blocks[0], 1)
+            self.layer2 = self._stage(16, num_blocks[1], 2)
+            self.layer3 = self._stage(32, num_blocks[2], 2)
+            self.linear = nn.Linear(32, num_classes)
+
+        def _stage(self, planes, blocks, stride):
+            layers = []
+            for s in [stride] + [1] * (blocks - 1):
+                layers.append(BasicBlock(self.in_planes, planes, s))
+                self.in_planes = planes
+            return nn.Sequential(*layers)
+
+        def forward(self, x):
+            out = F.relu(self.bn1(self.conv1(x)))
+            out = self.layer3(self.layer2(self.layer1(out)))
+            out = F.avg_pool2d(out, out.size()[3])
+            return self.linear(out.view(out.size(0), -1))
+
+
+    def resnet_option_a():
+        return ResNet((2, 1, 1))
+''')
+
+CLASSES = ["cat", "dog", "frog", "ship"]
+PER_CLASS = 6
+MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+
+
+@pytest.fixture
+def user(tmp_path, monkeypatch):
+    """The user's module on the path, a legacy DataParallel checkpoint, and a PNG folder."""
+    (tmp_path / "user_models.py").write_text(USER_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("user_models", None)
+    import user_models
+
+    torch.manual_seed(0)
+    model = user_models.resnet_option_a()
+    with torch.no_grad():  # trained-looking statistics, so BatchNorm is not the identity
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+    legacy = {k: v for k, v in nn.DataParallel(model).state_dict().items() if not k.endswith("num_batches_tracked")}
+    checkpoint = tmp_path / "resnet-option-a.th"
+    torch.save({"epoch": 200, "best_prec1": 91.3, "state_dict": legacy}, checkpoint)
+    folder = tmp_path / "test"
+    rng = np.random.default_rng(0)
+    for name in CLASSES:
+        (folder / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / name / f"{i}.png")
+    return model.eval(), checkpoint, folder
+
+
+def hand_forward(model, x, deleted=()):
+    """The model's forward written out: logits, and per block (F(x), s(x)) before the addition."""
+    pairs = {}
+
+    def block(b, name, h):
+        f = b.bn2(b.conv2(F.relu(b.bn1(b.conv1(h)))))
+        if b.conv1.stride[0] == 1 and h.shape[1] == f.shape[1]:
+            s = h
+        else:
+            pad = (f.shape[1] - h.shape[1]) // 2
+            s = F.pad(h[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad))
+        pairs[name] = (f, s)
+        return F.relu((torch.zeros_like(f) if name in deleted else f) + s)
+
+    h = F.relu(model.bn1(model.conv1(x)))
+    for stage in ("layer1", "layer2", "layer3"):
+        for i, b in enumerate(getattr(model, stage)):
+            h = block(b, f"{stage}.{i}", h)
+    logits = model.linear(h.mean(dim=(2, 3)))
+    return logits, pairs
+
+
+def test_option_a_model_on_a_png_folder_equals_a_hand_written_forward(user, tmp_path, capsys):
+    model, checkpoint, folder = user
+    out = tmp_path / "run"
+    normalize = ",".join(map(str, (*MEAN, *STD)))
+    code = ablate.main(["--model", "user_models:resnet_option_a", "--checkpoint", str(checkpoint),
+                        "--dataset", "imagefolder", "--data-root", str(folder), "--image-size", "32",
+                        "--normalize", normalize, "--batch-size", "10", "--out", str(out), "--no-progress",
+                        "--skip", "attribution", "uncertainty", "recalibration"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    table = pd.read_csv(out / "blocks.csv")
+
+    # The images as the hand forward reads them: PNG bytes / 255, normalized per channel.
+    images, labels = [], []
+    for label, name in enumerate(CLASSES):
+        for i in range(PER_CLASS):
+            pixels = np.asarray(Image.open(folder / name / f"{i}.png"), dtype=np.float32) / 255.0
+            images.append((torch.from_numpy(pixels).permute(2, 0, 1) - torch.tensor(MEAN)[:, None, None])
+                          / torch.tensor(STD)[:, None, None])
+            labels.append(label)
+    x, y = torch.stack(images), torch.tensor(labels)
+    loaded = load_dataset("imagefolder", root=folder, image_size=32, normalize=normalize)
+    assert torch.allclose(torch.stack([loaded[i][0] for i in range(len(loaded))]), x, atol=1e-6)
+
+    with torch.no_grad():
+        logits, pairs = hand_forward(model, x)
+        assert list(table["block"]) == list(pairs)
+        for _, row in table.iterrows():
+            f, s = pairs[row["block"]]
+            ratio = (f.flatten(1).norm(dim=1) / s.flatten(1).norm(dim=1)).mean().item()
+            cosine = F.cosine_similarity(f.flatten(1), s.flatten(1), dim=1).mean().item()
+            assert row["ratio"] == pytest.approx(ratio, rel=1e-5), row["block"]
+            assert row["cosine"] == pytest.approx(cosine, abs=1e-5), row["block"]
+            deleted, _ = hand_forward(model, x, deleted={row["block"]})
+            accuracy = (deleted.argmax(1) == y).double().mean().item()
+            assert row["accuracy"] == pytest.approx(accuracy, abs=1e-12), row["block"]
+            assert row["flip_rate"] == pytest.approx((deleted.argmax(1) != logits.argmax(1)).double().mean().item())
+            assert row["loss"] == pytest.approx(F.cross_entropy(deleted, y).item(), rel=1e-5)
+
+    # Random weights on random images: the intact model is at chance (25% for 4 balanced
+    # classes, within two binomial standard errors on 24 samples), so no verdict is drawn.
+    accuracy = (logits.argmax(1) == y).double().mean().item()
+    assert accuracy <= 0.25 + 2 * (0.25 * 0.75 / 24) ** 0.5
+    assert "chance" in printed.err and "no verdicts" in printed.out
+    assert set(table["verdict"]) == {"unsupported"}
+    assert "No verdicts:" in (out / "report.html").read_text()
+
+    record = json.loads((out / "run.json").read_text())
+    assert record["data"]["image_size"] == 32 and record["data"]["normalize"] == normalize
+    assert record["shortcuts"] == {"layer1.0": "identity", "layer1.1": "identity", "layer2.0": "zero-padding",
+                                   "layer3.0": "zero-padding"}
+    html = (out / "report.html").read_text()
+    assert "zero-padding" in html and "32x32" in html
+
+    # The pruned export of a model whose shortcut is a lambda: saved as weights + blocks, and it
+    # loads back into the user's architecture computing what probe.ablated computes.
+    export = pd.read_csv(out / "pruned_export.csv").set_index("model")
+    assert (out / "pruned_model.pt").is_file() and export.loc["pruned", "path"] == str(out / "pruned_model.pt")
+    import user_models
+
+    pruned = load_pruned(out / "pruned_model.pt", user_models.resnet_option_a())
+    removed = pd.read_csv(out / "skipping.csv").set_index("state").loc["skipped blocks removed", "removed"]
+    removed = set(removed.split()) if isinstance(removed, str) else set()
+    with torch.no_grad():
+        expected, _ = hand_forward(model, x, deleted=removed)
+        assert torch.allclose(pruned(x), expected, atol=1e-5)
+
+
+def test_a_lambda_shortcut_model_exports_as_weights_and_blocks(user, tmp_path):
+    model, _, _ = user
+    import user_models
+
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 32, 32)
+    data = [(x, torch.tensor([0, 1, 2, 3, 0, 1]))]
+    with pytest.raises(Exception, match="pickle|lambda"):
+        torch.save(model, tmp_path / "whole.pt")  # why the whole module cannot be saved
+    _, table = export_pruned(model, data, ["layer1.1", "layer3.0"], path=tmp_path / "pruned.pt", repeats=1)
+    assert table.set_index("model").loc["pruned", "path"] == str(tmp_path / "pruned.pt")
+    pruned = load_pruned(tmp_path / "pruned.pt", user_models.resnet_option_a())
+    with torch.no_grad():
+        expected, _ = hand_forward(model, x, deleted={"layer1.1", "layer3.0"})
+        assert torch.allclose(pruned(x), expected, atol=1e-5)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_samples_and_calibration_never_overlap(user, tmp_path):
+    """--limit draws a stratified sample; calibration samples are set apart from the evaluated ones."""
+    _, _, folder = user
+    config = RunConfig(dataset="imagefolder", data_root=str(folder), image_size=32, limit=12, seed=3,
+                       bn_recalibrate=True, calibration_samples=8)
+    datasets = load_datasets(config, calibration=True)
+    evaluated, calibration = datasets.evaluation, datasets.calibration
+    assert len(evaluated) == 12 and len(calibration) == 8
+    assert set(_files(evaluated)).isdisjoint(_files(calibration)) and len(set(_files(evaluated))) == 12
+    assert torch.bincount(dataset_targets(evaluated)).tolist() == [3, 3, 3, 3]  # stratified: 12 of 4 x 4
+    assert "left out of the evaluation" in datasets.calibration_source
+    assert datasets.selection == "a seeded, class-stratified sample of 12 of 16 samples (seed 3)"
+    digits = load_datasets(RunConfig(limit=50, bn_recalibrate=True, calibration_samples=20), calibration=True)
+    assert "training split" in digits.calibration_source and len(digits.calibration) == 20
+
+
+def _files(subset) -> list[str]:
+    """The image files a (nested) Subset of an ImageFolder holds."""
+    indices = list(range(len(subset)))
+    while isinstance(subset, torch.utils.data.Subset):
+        indices = [subset.indices[i] for i in indices]
+        subset = subset.dataset
+    return [subset.samples[i][0] for i in indices]
+
+
+def test_bn_recalibration_reports_both_baselines(user, tmp_path, capsys):
+    _, checkpoint, folder = user
+    out = tmp_path / "run"
+    assert ablate.main(["--model", "user_models:resnet_option_a", "--checkpoint", str(checkpoint),
+                        "--dataset", "imagefolder", "--data-root", str(folder), "--image-size", "32",
+                        "--bn-recalibrate", "--calibration-samples", "8", "--out", str(out), "--no-progress",
+                        "--skip", "skipping", "attribution", "uncertainty"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert "8 samples split off" in record["calibration"] and record["samples"] == "all 16 samples"
+    recal = pd.read_csv(out / "recalibration.csv")
+    trained, refit = recal[~recal["bn_recalibrated"]], recal[recal["bn_recalibrated"]]
+    assert trained["baseline_accuracy"].nunique() == 1 and refit["baseline_accuracy"].nunique() == 1
+    assert (refit["accuracy_drop"] - (refit["baseline_accuracy"] - refit["accuracy"])).abs().max() < 1e-12
+    html = (out / "report.html").read_text()
+    assert "intact model as given: accuracy" in html and "recalibrated" in html
+
+
+def test_a_folder_one_level_too_high_is_refused(user, tmp_path, capsys):
+    _, checkpoint, folder = user
+    code = ablate.main(["--model", "user_models:resnet_option_a", "--checkpoint", str(checkpoint),
+                        "--dataset", "imagefolder", "--data-root", str(folder.parent), "--out", str(tmp_path / "o"),
+                        "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(folder.parent) in err[0]
