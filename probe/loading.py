@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from probe import distributed
-from probe.batches import device_for
+from probe.batches import device_for, explained_misfit
 from probe.blocks import Block, find_blocks
 from probe.cache import cached_model
 from probe.config import RunConfig
@@ -61,6 +61,11 @@ def load_model(config: RunConfig, device: torch.device, *, progress: bool,
         return untrained.to(device).eval(), "untrained"
     if not config.blocks_spec:
         find_blocks(untrained)  # a model with no residual block is refused before it is trained
+    # ... and so is one the data does not fit (channels, image size), before minutes of training.
+    example = load_dataset(config.dataset, split="train", root=config.data_root, download=config.download,
+                           seed=config.seed)[0][0].unsqueeze(0)
+    with torch.no_grad(), explained_misfit(example):
+        untrained.eval()(example)
     fields = {"epochs": config.epochs} if config.epochs else {}
     train_config = TrainConfig(model=config.model, dataset=config.dataset, seed=config.seed,
                                device=str(device), data_root=config.data_root, download=config.download,

@@ -103,3 +103,64 @@ def test_a_full_disk_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
     assert ablate.main(argv(checkpoint, out)) == 2
     assert "No space left on device" in one_line_error(capsys)
     assert not list(out.rglob("*.tmp")) and not (out / "blocks.csv").exists()
+
+
+@pytest.mark.parametrize("model,named", [
+    ("torch.nn:Linear", "in_features"),
+    ("math:sqrt", "math:sqrt"),
+    ("probe.nowhere:build", "probe.nowhere"),
+])
+def test_a_factory_that_cannot_build_a_model_is_one_line(model, named, tmp_path, capsys):
+    """Promise: one-line error, exit 2, naming the factory and what it raised."""
+    assert ablate.main(["--model", model, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert named in one_line_error(capsys)
+
+
+def test_a_factory_that_passes_keywords_on_is_built_without_in_channels(tmp_path, capsys):
+    """torchvision's resnet18 takes **kwargs and hands them to ResNet, which has no in_channels."""
+    from probe.models import build_model
+
+    model = build_model("torchvision.models:resnet18", num_classes=10, in_channels=1)
+    assert model.fc.out_features == 10 and model.conv1.in_channels == 3
+    # On 1-channel digits it cannot run: one line that says so, not a traceback.
+    assert ablate.main(["--model", "torchvision.models:resnet18", "--out", str(tmp_path / "o"),
+                        "--no-progress", "--epochs", "1"]) == 2
+    assert "channel" in one_line_error(capsys)
+
+
+PAUSED_MID_SWEEP = """
+import runpy, sys, time
+from probe.rundir import RunDirectory
+save = RunDirectory.save
+def save_then_pause(self, name, value):
+    save(self, name, value)
+    if name == "measure":
+        print("paused", flush=True)
+        time.sleep(60)
+RunDirectory.save = save_then_pause
+sys.argv = ["probe.ablate", *sys.argv[1:]]
+runpy.run_module("probe.ablate", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_second_run_on_a_busy_folder_is_refused(checkpoint, tmp_path, capsys):
+    """Promise: no stale or mixed numbers. Two runs never write into one --out at once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_MID_SWEEP, *argv(checkpoint, out)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "paused"  # it holds the folder, mid-run
+        assert ablate.main(argv(checkpoint, out, "--mode", "mean")) == 2
+        assert "another probe run is using" in one_line_error(capsys)
+        assert ablate.main(argv(checkpoint, out)) == 2  # the same configuration waits its turn too
+        one_line_error(capsys)
+    finally:
+        first.kill()
+        first.communicate()
+    assert ablate.main(argv(checkpoint, out)) == 0  # the lock went with the killed process
