@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,7 +24,7 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def branch_replacement(mode: str, means: Mapping[str, torch.Tensor] | None):
+def branch_replacement(mode: str, means: Mapping[str, torch.Tensor | np.ndarray] | None):
     """The function that maps (block, branch output) to what the ablated block adds instead.
 
     It returns a fresh tensor: blocks such as torchvision's add the shortcut to it in place.
@@ -63,7 +64,8 @@ def _as_tensors(means: Mapping[str, object]) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def ablated(model: nn.Module, blocks: Sequence[str | Block] | str | Block, *, mode: str = "zero",
-            means: Mapping[str, torch.Tensor] | None = None, data: Iterable | None = None) -> Iterator[nn.Module]:
+            means: Mapping[str, torch.Tensor | np.ndarray] | None = None,
+            data: Iterable | None = None) -> Iterator[nn.Module]:
     """Within the `with` body, the named blocks' branches contribute zeros (or their means).
 
     mode="zero": F(x) is replaced by zeros; shortcut, addition and what follows run as usual.
@@ -73,7 +75,8 @@ def ablated(model: nn.Module, blocks: Sequence[str | Block] | str | Block, *, mo
     probe calls on the model from other threads are refused: the hooks would act on them too.
     """
     check_mode(mode)
-    chosen = resolve_blocks(model, blocks)
+    # A set of blocks to delete: naming one twice deletes it once.
+    chosen = list({block.name: block for block in resolve_blocks(model, blocks, unique=False)}.values())
     if mode == "mean":
         if means is None and data is None:
             raise ProbeError("mode='mean' needs the branch means: pass means=probe.branch_means(model, data) or data=.")

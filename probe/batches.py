@@ -41,13 +41,22 @@ def input_dtype(model: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
-def check_read_twice(data: Iterable) -> None:
-    """ProbeError for one-shot data (a generator) that mode="mean" would read twice."""
-    if isinstance(data, Iterator):
+def read_again(data: Iterable) -> Iterable:
+    """`data`, for a second pass after mode="mean" computed its means from it: one-shot data (a
+    generator) that pass used up gets a ProbeError saying so, not "the data is empty"."""
+    return _used_up_by_means_pass(data) if isinstance(data, Iterator) else data
+
+
+def _used_up_by_means_pass(data: Iterator) -> Iterator:
+    empty = True
+    for batch in data:
+        empty = False
+        yield batch
+    if empty:
         raise ProbeError(
-            f"mode='mean' without means= reads the data twice, but the data is a one-shot {type(data).__name__}: "
-            "it would be used up by the means pass, leaving nothing to evaluate. Pass a re-iterable "
-            "DataLoader or list, or precomputed means=probe.branch_means(model, data)."
+            f"the data is a one-shot {type(data).__name__}: it was used up by the means pass (mode='mean' "
+            "without means=), leaving nothing to evaluate. Pass a re-iterable DataLoader or list, or "
+            "precomputed means=probe.branch_means(model, data)."
         )
 
 
@@ -76,8 +85,8 @@ def batches(data: Iterable, device: torch.device, *, dtype: torch.dtype | None =
                 f"batch {seen} holds ({type(inputs).__name__}, {type(targets).__name__}); "
                 "probe needs (inputs, targets) as tensors, with integer class targets."
             )
-        labels = not (targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool)
-        if not labels or targets.dim() != 1 or len(targets) != len(inputs):
+        integer = not (targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool)
+        if not integer or targets.dim() != 1 or len(targets) != len(inputs):
             raise ProbeError(
                 f"batch {seen} has targets of dtype {targets.dtype} and shape {tuple(targets.shape)} "
                 f"for {len(inputs)} inputs; probe needs one integer class label per input."

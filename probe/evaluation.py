@@ -26,8 +26,7 @@ from torch import nn
 
 from probe import distributed
 from probe.ablation import branch_replacement, check_mode
-from probe.batches import (batches, check_read_twice, check_targets_fit, explained_misfit, input_dtype,
-                           model_device)
+from probe.batches import batches, check_targets_fit, explained_misfit, input_dtype, model_device, read_again
 from probe.blocks import Block, resolve_blocks
 from probe.hooks import attached, model_preserved, replace_branches
 from probe.measurement import branch_means
@@ -117,8 +116,8 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     sets = [[named[b.name if isinstance(b, Block) else b] for b in s] for s in ablation_sets]
     involved = list({block.name: block for s in sets for block in s}.values())
     if mode == "mean" and means is None and involved:
-        check_read_twice(data)
         means = branch_means(model, data, blocks=involved, progress=progress)
+        data = read_again(data)
     device = model_device(model)
     # Cut points are needed only where ablations start: the involved blocks' modules. (Blocks
     # given as Block objects, e.g. from a spec, then need no discovery at all.)

@@ -3,9 +3,9 @@
 Every probe operation runs inside `model_preserved(model)`: it puts the model in eval mode, and
 on the way out (normally, on an exception, on KeyboardInterrupt) removes every hook it added and
 restores every module's `training` flag, the thread's grad mode and torch function modes. The
-restoring itself runs to the end through a second Ctrl-C (`run_to_completion`), and every hook
-or watch is put in its handle list before it is attached, so an interrupt at any point leaves
-nothing behind. One probe call at a time holds a model (`held`): two calls' hooks would fire in
+restoring itself runs to the end through a second Ctrl-C (`restoring`), and every hook or watch
+is put in its handle list before it is attached, so an interrupt at any point leaves nothing
+behind. One probe call at a time holds a model (`held`): two calls' hooks would fire in
 each other's forwards.
 
 Each block is reached the way its `strategy` says: "hooks" blocks through forward hooks on the
@@ -36,12 +36,9 @@ PairCallback = Callable[[Block, torch.Tensor, torch.Tensor], None]
 BranchReplacement = Callable[[Block, torch.Tensor], torch.Tensor]
 
 
-def run_to_completion(*steps: Callable[[], None]) -> None:
-    """Run every step (each safe to run again) to its end, even through Ctrl-C.
-
-    A KeyboardInterrupt while restoring (a second Ctrl-C as the first unwinds) restarts the step
-    it hit instead of leaving the model half restored; it is raised again once all are done.
-    """
+def _run_to_completion(steps: Sequence[Callable[[], None]]) -> None:
+    """Run every step (each safe to run again) to its end, even through Ctrl-C: a
+    KeyboardInterrupt in a step restarts it, and is raised again once all are done."""
     interrupt: KeyboardInterrupt | None = None
     for step in steps:
         while True:
@@ -54,42 +51,53 @@ def run_to_completion(*steps: Callable[[], None]) -> None:
         raise interrupt
 
 
-# Model -> the probe calls running on it: (thread id, token) per call, nested calls of one
-# thread included (an analysis calling measure inside its own `model_preserved`).
+@contextlib.contextmanager
+def restoring(*steps: Callable[[], None]) -> Iterator[None]:
+    """On the way out of the body, however it ends, run `steps` (each safe to run again) to
+    their end, also through a Ctrl-C while they run (a second one, as the first unwinds)."""
+    try:
+        try:
+            yield
+        finally:
+            _run_to_completion(steps)
+    finally:
+        # Once more: a Ctrl-C can also strike before the first run got into its loop. Steps
+        # already done find nothing left to do.
+        _run_to_completion(steps)
+
+
+# Model -> the probe calls holding it, in the order they came: (thread id, token) per call, a
+# thread's nested calls included (an analysis calling measure inside its own model_preserved).
+# No lock: appending to and removing from a list are atomic, and there is no lock for a Ctrl-C
+# to leave held.
 _holders: weakref.WeakKeyDictionary[nn.Module, list[tuple[int, object]]] = weakref.WeakKeyDictionary()
-_holders_lock = threading.Lock()
 
 
-def _hold(model: nn.Module, token: object) -> None:
-    thread = threading.get_ident()
-    with _holders_lock:
-        holders = _holders.setdefault(model, [])
-        if any(other != thread for other, _token in holders):
-            raise ProbeError(
-                f"the model {type(model).__name__} is in use by a probe call in another thread; probe "
-                "calls on one model cannot overlap (each would see the other's hooks and modes). Run "
-                "them one after another, or give each thread its own copy (copy.deepcopy(model))."
-            )
-        holders.append((thread, token))
+def _hold(model: nn.Module, holder: tuple[int, object]) -> None:
+    holders = _holders.setdefault(model, [])
+    holders.append(holder)
+    if holders[0][0] != holder[0]:  # the thread whose call came first holds the model
+        _let_go(model, holder)
+        raise ProbeError(
+            f"the model {type(model).__name__} is in use by a probe call in another thread; probe "
+            "calls on one model cannot overlap (each would see the other's hooks and modes). Run "
+            "them one after another, or give each thread its own copy (copy.deepcopy(model))."
+        )
 
 
-def _let_go(model: nn.Module, token: object) -> None:
-    with _holders_lock:
-        holders = _holders.get(model, [])
-        holders[:] = [holder for holder in holders if holder[1] is not token]
-        if not holders:
-            _holders.pop(model, None)
+def _let_go(model: nn.Module, holder: tuple[int, object]) -> None:
+    holders = _holders.get(model, [])
+    if holder in holders:
+        holders.remove(holder)
 
 
 @contextlib.contextmanager
 def held(model: nn.Module) -> Iterator[nn.Module]:
     """Hold `model` for this thread's probe call; ProbeError while another thread holds it."""
-    token = object()
-    try:
-        _hold(model, token)
+    holder = (threading.get_ident(), object())
+    with restoring(lambda: _let_go(model, holder)):
+        _hold(model, holder)
         yield model
-    finally:
-        run_to_completion(lambda: _let_go(model, token))
 
 
 @contextlib.contextmanager
@@ -104,17 +112,17 @@ def model_preserved(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.
             if module.training != training:
                 module.training = training
 
-    with held(model):
-        try:
-            # eval() walks the whole tree through nn.Module.__setattr__: skip it when nothing
-            # trains (the usual case, and a real share of a small GPU forward's time).
-            if eval_mode and any(training for _module, training in flags):
-                model.eval()
-            yield model
-        finally:
-            # An interrupt can skip a `with torch.no_grad()` exit, or a mode's always-called hook.
-            run_to_completion(restore_flags, lambda: restore_mode_stack(modes),
-                              lambda: torch.set_grad_enabled(grad))
+    def restore_thread_state() -> None:
+        # An interrupt can skip a `with torch.no_grad()` exit, or a mode's always-called hook.
+        restore_mode_stack(modes)
+        torch.set_grad_enabled(grad)
+
+    with held(model), restoring(restore_flags, restore_thread_state):
+        # eval() walks the whole tree through nn.Module.__setattr__: skip it when nothing
+        # trains (the usual case, and a real share of a small GPU forward's time).
+        if eval_mode and any(training for _module, training in flags):
+            model.eval()
+        yield model
 
 
 @contextlib.contextmanager
@@ -127,10 +135,8 @@ def attached(handles_out: list | None = None) -> Iterator[list]:
             handles[-1].remove()  # before the pop: an interrupt in between leaves it to remove again
             handles.pop()
 
-    try:
+    with restoring(remove_all):
         yield handles
-    finally:
-        run_to_completion(remove_all)
 
 
 def _first_tensor(args: tuple) -> torch.Tensor:

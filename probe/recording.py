@@ -34,7 +34,7 @@ from torch.fx import _symbolic_trace
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from probe.hooks import attached, model_preserved, run_to_completion
+from probe.hooks import attached, model_preserved, restoring
 
 
 @dataclass
@@ -79,15 +79,16 @@ _PATCHED_MODULE_ATTRIBUTES = ("__call__", "__getattr__")
 
 
 class _FxState:
-    """What a torch.fx trace changes process-wide, as it was before the trace."""
+    """What a torch.fx trace changes for the process, as it was before the trace (fx's private
+    state, read and put back the way fx itself does)."""
 
     def __init__(self) -> None:
-        self.patcher = _symbolic_trace.CURRENT_PATCHER
-        self.tracing = _symbolic_trace.is_fx_tracing()
+        self.patcher = getattr(_symbolic_trace, "CURRENT_PATCHER", None)
+        self.tracing = _fx_tracing_flag()
         self.module_attributes = {name: nn.Module.__dict__[name] for name in _PATCHED_MODULE_ATTRIBUTES}
 
     def restore(self) -> None:
-        leftover = _symbolic_trace.CURRENT_PATCHER
+        leftover = getattr(_symbolic_trace, "CURRENT_PATCHER", None)
         if leftover is not self.patcher:  # fx was interrupted while undoing its patches: finish that
             for patch in leftover.patches_made:
                 with contextlib.suppress(KeyError):  # a name fx added, deleted already
@@ -96,26 +97,50 @@ class _FxState:
         for name, value in self.module_attributes.items():
             if nn.Module.__dict__[name] is not value:
                 setattr(nn.Module, name, value)
-        _symbolic_trace._set_is_fx_tracing(self.tracing)
+        _set_fx_tracing_flag(self.tracing)
+
+
+# fx's "tracing now" flag: a module global in older torch, a thread-local behind these functions
+# in newer torch (whose `is_fx_tracing` also logs a warning).
+def _fx_tracing_flag() -> bool:
+    getter = getattr(_symbolic_trace, "_get_is_fx_tracing", None)
+    return getter() if getter is not None else _symbolic_trace._is_fx_tracing_flag
+
+
+def _set_fx_tracing_flag(value: bool) -> None:
+    setter = getattr(_symbolic_trace, "_set_is_fx_tracing", None)
+    if setter is not None:
+        setter(value)
+    else:
+        _symbolic_trace._is_fx_tracing_flag = value
 
 
 @contextlib.contextmanager
 def fx_tracing(model: nn.Module, *, eval_mode: bool = False) -> Iterator[None]:
     """Hold `model` for torch.fx traces of it (see `model_preserved`; in eval mode if asked), and
     leave nn.Module and fx unpatched afterwards, also when a Ctrl-C cut fx's own undoing short."""
-    with _ONE_TRACE, model_preserved(model, eval_mode=eval_mode):
-        before = _FxState()
-        try:
-            yield
-        finally:
-            run_to_completion(before.restore)
+    with _ONE_TRACE, model_preserved(model, eval_mode=eval_mode), restoring(_FxState().restore):
+        yield
+
+
+def traced(tracer: fx.Tracer, root: nn.Module) -> fx.Graph:
+    """`tracer.trace(root)`, inside `fx_tracing`. fx's cleanup can fail on state a Ctrl-C left
+    half set, turning the Ctrl-C into an AssertionError that callers would take for an
+    untraceable model: that Ctrl-C is raised instead."""
+    try:
+        return tracer.trace(root)
+    except Exception as error:
+        cause = error.__context__
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__context__
+        raise cause or error
 
 
 def trace(model: nn.Module) -> Recording:
     """The model's symbolic trace; raises whatever torch.fx raises on untraceable code."""
     tracer = _Tracer()
     with fx_tracing(model):
-        graph = tracer.trace(model)
+        graph = traced(tracer, model)
     tracer.call_inputs[""] = [node for node in graph.nodes if node.op == "placeholder"]
     return Recording(graph, tracer.call_inputs, dict(tracer.num_calls), "its torch.fx trace")
 

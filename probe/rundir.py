@@ -15,10 +15,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -38,8 +38,9 @@ def file_digest(path: str | Path) -> str:
 class RunDirectory:
     """`out`, bound to one run configuration; see the module docstring.
 
-    A writer holds an exclusive lock on the folder until `close()` (or the end of a `with`
-    block, or of the process): a second RunDirectory on it raises ProbeError meanwhile.
+    A writer holds an exclusive lock on the folder until `close()` or the end of a `with` block
+    (at the latest until it is collected, or the process ends): a second RunDirectory on the
+    folder raises ProbeError meanwhile.
     """
 
     def __init__(self, out: str | Path, config: Mapping, *, writer: bool = True) -> None:
@@ -52,21 +53,21 @@ class RunDirectory:
             self.close()
             raise
 
-    def _acquire_lock(self) -> int:
-        descriptor = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    def _acquire_lock(self) -> BinaryIO:
+        handle = open(self.path / ".lock", "ab")  # kept open: the lock lives as long as the file
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the lock goes with the descriptor
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(descriptor)
+            handle.close()
             raise ProbeError(f"another probe run is using --out {str(self.path)!r}; wait for it to finish, "
                              "or choose another --out.") from None
-        return descriptor
+        return handle
 
     def close(self) -> None:
         """Release the folder for other runs; safe to call twice."""
-        descriptor, self._lock = self._lock, None
-        if descriptor is not None:
-            os.close(descriptor)
+        handle, self._lock = self._lock, None
+        if handle is not None:
+            handle.close()
 
     def __enter__(self) -> RunDirectory:
         return self

@@ -25,7 +25,7 @@ from torch import nn
 
 from probe.additions import is_addition
 from probe.blocks import Block, module_tree
-from probe.recording import fx_tracing
+from probe.recording import fx_tracing, traced
 
 
 class ModulesAsLeaves(fx.Tracer):
@@ -146,7 +146,7 @@ def _build_runner(model: nn.Module, blocks: Sequence[Block],
     if "" in block_modules:
         return None  # the model itself performs the addition: there is nothing to cut
     try:
-        graph = ModulesAsLeaves(block_modules).trace(model)
+        graph = traced(ModulesAsLeaves(block_modules), model)
     except Exception:  # an untraceable model still sweeps, with full forwards
         return None
     outputs = [n for n in graph.nodes if n.op == "output"]
@@ -186,7 +186,7 @@ def _deleted_branch_graph(model: nn.Module, block: Block, replace: Callable) -> 
     Module names in it are made absolute so the graph can be spliced into the model's.
     """
     try:
-        inner = ModulesAsLeaves(set()).trace(model.get_submodule(block.module))
+        inner = traced(ModulesAsLeaves(set()), model.get_submodule(block.module))
     except Exception:
         return None
     nodes = list(inner.nodes)

@@ -1,0 +1,546 @@
+"""Adversarial use: Ctrl-C at any point, threads, odd inputs, damaged run folders.
+
+Each test's docstring names the promise it checks: "ProbeError naming the value"; "model,
+flags, hooks and global torch state exactly as before"; or "no stale or mixed numbers".
+"""
+
+import copy
+import glob
+import math
+import os
+import sys
+import threading
+
+import pandas as pd
+import pytest
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as module_machinery
+from torch.overrides import _get_current_function_mode_stack
+
+import probe
+from conftest import TinyBlock, TinyNet, assert_unchanged, snapshot
+from probe.rundir import RunDirectory
+
+PROBE_FILES = set(glob.glob(os.path.join(os.path.dirname(probe.__file__), "*.py")))
+# torch.fx's code that patches nn.Module for a trace, and undoes it (not the patching of globals,
+# checked thousands of times per trace).
+FX_PATCHING = {"trace", "_new_patcher", "patch_method", "revert", "revert_all_patches", "_set_is_fx_tracing"}
+
+
+def in_probe(code) -> bool:
+    return code.co_filename in PROBE_FILES
+
+
+def in_tracing(code) -> bool:
+    """fx's patching, and probe's code around its traces (all of probe's code has a test of its own)."""
+    if code.co_filename == torch.fx._symbolic_trace.__file__:
+        return code.co_name in FX_PATCHING
+    return in_probe(code) and os.path.basename(code.co_filename) in ("hooks.py", "recording.py")
+
+
+# -- what "exactly as before" means beyond the model ----------------------------------------
+
+_GLOBAL_HOOKS = [name for name in dir(module_machinery) if name.startswith("_global_") and name.endswith("hooks")]
+
+
+def global_state() -> dict:
+    """Process- and thread-wide torch state a probe call might leave changed."""
+    return {
+        "module_call": nn.Module.__dict__["__call__"],
+        "module_getattr": nn.Module.__dict__["__getattr__"],
+        "function_modes": list(_get_current_function_mode_stack()),
+        "grad_enabled": torch.is_grad_enabled(),
+        "fx_tracing": getattr(torch.fx._symbolic_trace, "_get_is_fx_tracing", torch.fx._symbolic_trace.is_fx_tracing)(),
+        "global_hooks": {name: len(getattr(module_machinery, name)) for name in _GLOBAL_HOOKS},
+    }
+
+
+def assert_all_as_before(model: nn.Module, before: dict, world: dict) -> None:
+    assert_unchanged(model, before)
+    assert global_state() == world
+
+
+# -- models whose forwards can be interrupted at the k-th module call --------------------------
+
+
+class Trip:
+    """Raises KeyboardInterrupt at its k-th tick: a Ctrl-C landing at that point of a forward."""
+
+    def __init__(self) -> None:
+        self.at: int | None = None
+        self.ticks = 0
+
+    def arm(self, at: int | None) -> None:
+        self.at, self.ticks = at, 0
+
+    def tick(self) -> None:
+        self.ticks += 1
+        if self.ticks == self.at:
+            raise KeyboardInterrupt(f"tick {self.ticks}")
+
+
+class HookedBlock(nn.Module):
+    """relu(x + bn(fc(drop(x)))): a branch that ends in a module (strategy "hooks")."""
+
+    def __init__(self, trip: Trip) -> None:
+        super().__init__()
+        self.trip = trip
+        self.drop = nn.Dropout(0.5)
+        self.branch = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.trip.tick()
+        return torch.relu(x + self.branch(self.drop(x)))
+
+
+class ScaledBlock(nn.Module):
+    """x + gamma * f(x): a branch that ends in a learned scale (strategy "intercept")."""
+
+    def __init__(self, trip: Trip) -> None:
+        super().__init__()
+        self.trip = trip
+        self.f = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        self.gamma = nn.Parameter(torch.full((4,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.trip.tick()
+        return x + self.gamma * self.f(x)
+
+
+class TripNet(nn.Module):
+    """stem, two residual blocks, head; `untraceable` adds control flow fx cannot trace."""
+
+    def __init__(self, block: type, trip: Trip, untraceable: bool = False) -> None:
+        super().__init__()
+        self.trip, self.untraceable = trip, untraceable
+        self.stem = nn.Linear(4, 4)
+        self.blocks = nn.Sequential(block(trip), block(trip))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.trip.tick()
+        if self.untraceable and bool(x.sum() > -1e30):  # data-dependent: fx cannot trace it
+            x = x * 1.0
+        return self.head(self.blocks(self.stem(x)))
+
+
+def trip_net(block: type = HookedBlock, *, train: bool = True, untraceable: bool = False) -> TripNet:
+    torch.manual_seed(0)
+    model = TripNet(block, Trip(), untraceable)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm1d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 1.5)
+    model.train(train)
+    if train:
+        model.blocks[1].eval()  # mixed flags must come back as they were
+    return model
+
+
+def trip_data() -> list:
+    torch.manual_seed(1)
+    return [(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])) for _ in range(2)]
+
+
+def _ablated_forward(model: nn.Module, data: list) -> torch.Tensor:
+    with probe.ablated(model, ["blocks.0"]), torch.no_grad():
+        return model(data[0][0])
+
+
+CALLS = {
+    "measure": lambda m, d: probe.measure(m, d, progress=False),
+    "measure_per_class": lambda m, d: probe.measure(m, d, per_class=True, progress=False),
+    "branch_means": lambda m, d: probe.branch_means(m, d, progress=False),
+    "sweep": lambda m, d: probe.sweep(m, d, progress=False),
+    "sweep_mean": lambda m, d: probe.sweep(m, d, mode="mean", progress=False),
+    "sweep_full": lambda m, d: probe.sweep(m, d, fast=False, progress=False),
+    "ablated": _ablated_forward,
+    "find_blocks": lambda m, d: probe.find_blocks(m),
+    "find_blocks_recorded": lambda m, d: probe.find_blocks(m, example_input=d[0][0]),
+    "describe_blocks": lambda m, d: probe.describe_blocks(m, d[0][0]),
+}
+
+
+def _interrupted(call, model: nn.Module, data: list, trip: Trip, at: int) -> bool:
+    """Run the call with a Ctrl-C at the trip's `at`-th tick; False when it finished first."""
+    trip.arm(at)
+    try:
+        CALLS[call](model, data)
+    except KeyboardInterrupt:
+        return True
+    finally:
+        trip.arm(None)
+    return False
+
+
+@pytest.mark.parametrize("block", [HookedBlock, ScaledBlock])
+@pytest.mark.parametrize("where", ["forward", "hook"])
+@pytest.mark.parametrize("call", CALLS)
+def test_ctrl_c_at_every_module_call_leaves_no_trace(call, where, block):
+    """model, flags, hooks and global torch state exactly as before (and no stale numbers after)."""
+    data = trip_data()
+    train = call != "ablated"  # ablated's body is the user's forward: in train mode it moves BN statistics
+    reference = probe.measure(trip_net(block, train=train), data, progress=False)
+    for at in range(1, 200):
+        model = trip_net(block, train=train, untraceable=call == "find_blocks_recorded")
+        trip = model.trip
+        if where == "hook":  # the Ctrl-C lands in a user's forward hook instead
+            trip = Trip()
+            for module in model.modules():
+                module.register_forward_hook(lambda _m, _a, _o: trip.tick())
+        before, world = snapshot(model), global_state()
+        if not _interrupted(call, model, data, trip, at):
+            break  # every phase of the call has been interrupted once
+        assert_all_as_before(model, before, world)
+        if call != "find_blocks_recorded":  # (that model is measured from blocks found by a forward)
+            pd.testing.assert_frame_equal(probe.measure(model, data, progress=False), reference)
+    else:
+        pytest.fail("the call never finished")
+    assert at > 2
+
+
+# -- Ctrl-C at any line: of probe's own code, and of torch.fx while it traces -----------------
+
+
+def _interrupt_at_line(k: int, lines, call) -> str | None:
+    """Run `call()` with a KeyboardInterrupt raised at the k-th line executed of the code that
+    `lines(code)` selects, as a Ctrl-C landing there would; returns where it was raised, or None
+    when the call finished first."""
+    count = 0
+    where = None
+
+    def local(frame, event, _arg):
+        nonlocal count, where
+        if event == "line":
+            count += 1
+            if count == k:
+                where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+                raise KeyboardInterrupt(where)  # a tracer that raises is also switched off
+        return local
+
+    sys.settrace(lambda frame, _event, _arg: local if lines(frame.f_code) else None)
+    try:
+        call()
+    except KeyboardInterrupt:
+        return where
+    finally:
+        sys.settrace(None)
+    return None
+
+
+def _lines_executed(lines, call) -> int:
+    count = 0
+
+    def local(_frame, event, _arg):
+        nonlocal count
+        count += event == "line"
+        return local
+
+    sys.settrace(lambda frame, _event, _arg: local if lines(frame.f_code) else None)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+@pytest.mark.parametrize("block", [HookedBlock, ScaledBlock])
+@pytest.mark.parametrize("call", ["branch_means", "measure", "sweep", "ablated"])
+def test_ctrl_c_at_any_line_of_probe_leaves_no_trace(call, block):
+    """model, flags, hooks and global torch state exactly as before: Ctrl-C can land anywhere,
+    also in the code that restores the model (a second Ctrl-C while the first unwinds)."""
+    data = trip_data()
+    model = trip_net(block, train=call != "ablated")
+    blocks = probe.find_blocks(model)  # once: discovery is cached per model
+    reference = probe.measure(model, data, progress=False)
+    run = {"branch_means": lambda: probe.branch_means(model, data, progress=False),
+           "measure": lambda: probe.measure(model, data, progress=False),
+           "sweep": lambda: probe.sweep(model, data, mode="mean", blocks=blocks, progress=False),
+           "ablated": lambda: _ablated_forward(model, data)}[call]
+    run()  # the fast sweep's traces are built once per model: interrupt the calls that reuse them
+    total = _lines_executed(in_probe, run)
+    before, world = snapshot(model), global_state()
+    for k in range(1, total + 1):
+        where = _interrupt_at_line(k, in_probe, run)
+        assert where is not None, k
+        try:
+            assert_all_as_before(model, before, world)
+        except AssertionError as error:
+            raise AssertionError(f"Ctrl-C at {where} (line event {k} of {total})") from error
+    pd.testing.assert_frame_equal(probe.measure(model, data, progress=False), reference)
+
+
+@pytest.mark.parametrize("call", ["find_blocks", "sweep"])
+def test_ctrl_c_at_any_line_of_an_fx_trace_unpatches_torch(call):
+    """model, flags, hooks and global torch state exactly as before: torch.fx patches
+    nn.Module.__call__ while it traces; a Ctrl-C while it undoes that must not leave it patched,
+    nor be turned into another error (or into a sweep without its fast path)."""
+    data = trip_data()
+    blocks = probe.find_blocks(trip_net())
+    runs = {"find_blocks": lambda model: probe.find_blocks(model),
+            "sweep": lambda model: probe.sweep(model, data, blocks=blocks, progress=False)}
+    world = global_state()
+    total = _lines_executed(in_tracing, lambda: runs[call](trip_net()))
+    for k in range(1, total + 1):
+        model = trip_net()  # fresh: traces are cached per model
+        before = snapshot(model)
+        where = _interrupt_at_line(k, in_tracing, lambda: runs[call](model))
+        assert where is not None, f"the Ctrl-C at line event {k} of {total} never reached the caller"
+        try:
+            assert_all_as_before(model, before, world)
+            nn.Linear(2, 2)(torch.ones(1, 2))  # any model's forward still works
+        except (AssertionError, NameError) as error:
+            raise AssertionError(f"Ctrl-C at {where} (line event {k} of {total})") from error
+
+
+# -- train-mode models, threads --------------------------------------------------------------
+
+
+class DropoutBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(F.dropout(x, 0.5, self.training))
+
+
+class DropoutNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(DropoutBlock(), DropoutBlock())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.dropout(self.blocks(x), 0.5, self.training))
+
+
+def test_fast_sweep_of_a_train_mode_model_runs_in_eval_mode():
+    """no stale or mixed numbers: `sweep` evaluates in eval mode, and the fx suffixes it caches
+    must not bake in the training-mode dropout of the model they were traced from."""
+    torch.manual_seed(0)
+    model = DropoutNet().train()
+    data = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+    expected = probe.sweep(copy.deepcopy(model).eval(), data, fast=False, progress=False)
+    for _ in range(2):
+        pd.testing.assert_frame_equal(probe.sweep(model, data, progress=False), expected)
+    model.eval()  # the suffixes cached while it trained must serve it now
+    table = probe.sweep(model, data, progress=False)
+    pd.testing.assert_frame_equal(table, expected)
+    assert table.attrs["baseline"] == expected.attrs["baseline"]
+
+
+class _Gate:
+    """Holds the first caller's forward until the second caller has tried its own call."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, _module, _args) -> None:
+        if threading.current_thread().name == "first":
+            self.entered.set()
+            self.release.wait(timeout=20)
+
+
+@pytest.mark.parametrize("call", ["sweep", "measure", "branch_means"])
+def test_a_second_thread_on_the_same_model_is_refused(call):
+    """no stale or mixed numbers: two calls on one model would see each other's hooks, so the
+    second one gets a ProbeError naming the model, and the first one's numbers are right."""
+    model = trip_net(ScaledBlock, train=False)
+    data = trip_data()
+    expected = CALLS[call](model, data)
+    gate = _Gate()
+    model.head.register_forward_pre_hook(gate)
+    outcome = {}
+
+    def first() -> None:
+        try:
+            outcome["value"] = CALLS[call](model, data)
+        except BaseException as error:  # reported below, in the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=first, name="first")
+    thread.start()
+    try:
+        assert gate.entered.wait(timeout=20)
+        with pytest.raises(probe.ProbeError, match="TripNet.*another thread"):
+            CALLS[call](model, data)
+    finally:
+        gate.release.set()
+        thread.join(timeout=20)
+    assert "error" not in outcome, outcome.get("error")
+    if call == "branch_means":
+        assert all(torch.equal(outcome["value"][k], expected[k]) for k in expected)
+    else:
+        pd.testing.assert_frame_equal(outcome["value"], expected)
+    CALLS[call](model, data)  # released: the next call runs
+
+
+# -- blocks named twice, modules called twice, specs that say nothing -------------------------
+
+
+@pytest.mark.parametrize("call", ["measure", "sweep", "branch_means"])
+def test_a_block_named_twice_is_refused(tiny_net, call):
+    """ProbeError naming the value: a repeated block name would give a row of NaN beside a real one."""
+    data = [(torch.tensor([[1.0, 1.0]]), torch.tensor([0]))]
+    run = {"measure": probe.measure, "sweep": probe.sweep, "branch_means": probe.branch_means}[call]
+    with pytest.raises(probe.ProbeError, match="'block1' more than once"):
+        run(tiny_net, data, blocks=["block1", "block2", "block1"], progress=False)
+
+
+class TiedNet(nn.Module):
+    """One block module run twice per forward (weights tied)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = TinyBlock([[1.0, 0.0], [0.0, 0.0]])  # F(x) = (x0, 0)
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):
+            x = self.block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("spec", [None, "block=branch"])
+def test_a_block_module_called_twice_counts_every_call(spec):
+    """no stale or mixed numbers: each call of a tied block is one (F(x), s(x)) pair, so both
+    count; the mean branch is over both calls."""
+    model = TiedNet()
+    blocks = probe.find_blocks(model, spec=spec)
+    data = [(torch.tensor([[1.0, 1.0]]), torch.tensor([0]))]
+    # Call 1: x = (1, 1), F = (1, 0); call 2: x = relu(x + F) = (2, 1), F = (2, 0).
+    row = probe.measure(model, data, blocks=blocks, progress=False).iloc[0]
+    assert row["samples"] == 2
+    assert row["ratio"] == pytest.approx((1 / math.sqrt(2) + 2 / math.sqrt(5)) / 2)
+    assert row["branch_norm"] == pytest.approx(1.5)
+    per_class = probe.measure(model, data, blocks=blocks, per_class=True, progress=False)
+    assert list(per_class["samples"]) == [2]
+    assert torch.allclose(probe.branch_means(model, data, blocks=blocks, progress=False)["block"],
+                          torch.tensor([1.5, 0.0]))
+
+
+def test_a_spec_whose_branch_is_its_shortcut_is_refused(tiny_net):
+    """ProbeError naming the value: F(x) measured against itself would read ratio 1, cosine 1."""
+    with pytest.raises(probe.ProbeError, match="'block1.branch'.*both"):
+        probe.find_blocks(tiny_net, spec="block1=branch,branch")
+    same = probe.Block(name="b", module="block1", branch="block1.branch", shortcut="block1.branch", position=0)
+    with pytest.raises(probe.ProbeError, match="'block1.branch'.*both"):
+        probe.measure(tiny_net, [(torch.ones(1, 2), torch.tensor([0]))], blocks=[same], progress=False)
+
+
+# -- inputs torch would reject with its own errors ---------------------------------------------
+
+
+def _tiny_data(dtype=torch.float32, targets=None):
+    torch.manual_seed(2)
+    inputs = torch.randn(6, 2).to(dtype)
+    return [(inputs, torch.tensor([0, 1, 1, 0, 1, 0]) if targets is None else targets)]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_integer_targets_of_any_width_are_class_labels(tiny_net, dtype):
+    """no stale or mixed numbers: int32/int16/uint8 labels give the int64 labels' numbers."""
+    data = _tiny_data()
+    narrow = [(x, y.to(dtype)) for x, y in data]
+    pd.testing.assert_frame_equal(probe.sweep(tiny_net, narrow, progress=False),
+                                  probe.sweep(tiny_net, data, progress=False))
+    pd.testing.assert_frame_equal(probe.measure(tiny_net, narrow, per_class=True, progress=False),
+                                  probe.measure(tiny_net, data, per_class=True, progress=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_targets_that_are_not_class_labels_are_refused(tiny_net, dtype):
+    """ProbeError naming the value: bool and float targets are not class labels."""
+    data = _tiny_data(targets=torch.tensor([0, 1, 1, 0, 1, 0]).to(dtype))
+    with pytest.raises(probe.ProbeError, match=f"dtype {dtype}"):
+        probe.sweep(tiny_net, data, progress=False)
+
+
+def test_a_bf16_model_takes_fp32_data():
+    """no stale or mixed numbers: floating inputs are cast to the model's dtype, as the user
+    would have to; the numbers are those of bf16 data."""
+    model = TinyNet().to(torch.bfloat16)
+    data, cast = _tiny_data(), _tiny_data(torch.bfloat16)
+    pd.testing.assert_frame_equal(probe.measure(model, data, progress=False),
+                                  probe.measure(model, cast, progress=False))
+    pd.testing.assert_frame_equal(probe.sweep(model, data, progress=False),
+                                  probe.sweep(model, cast, progress=False))
+
+
+@pytest.mark.parametrize("call", ["measure", "sweep", "branch_means"])
+def test_a_model_without_weights_is_refused(call):
+    """ProbeError naming the value: a model on the meta device has no numbers to measure."""
+    with torch.device("meta"):
+        model = TinyNet()
+    run = {"measure": probe.measure, "sweep": probe.sweep, "branch_means": probe.branch_means}[call]
+    with pytest.raises(probe.ProbeError, match="TinyNet.*meta.*has no data; load weights first"):
+        run(model, _tiny_data(), progress=False)
+
+
+def test_numpy_means_work_like_tensors(tiny_net):
+    """no stale or mixed numbers: means given as numpy arrays are the same means."""
+    data = _tiny_data()
+    means = probe.branch_means(tiny_net, data, progress=False)
+    arrays = {name: mean.numpy() for name, mean in means.items()}
+    pd.testing.assert_frame_equal(probe.sweep(tiny_net, data, mode="mean", means=arrays, progress=False),
+                                  probe.sweep(tiny_net, data, mode="mean", means=means, progress=False))
+    x = data[0][0]
+    with probe.ablated(tiny_net, ["block1"], mode="mean", means=arrays):
+        from_arrays = tiny_net(x)
+    with probe.ablated(tiny_net, ["block1"], mode="mean", means=means):
+        assert torch.equal(from_arrays, tiny_net(x))
+
+
+def test_means_that_are_not_arrays_are_refused(tiny_net):
+    """ProbeError naming the value: a mean must be a tensor or an array."""
+    with pytest.raises(probe.ProbeError, match="'block1'.*str"):
+        probe.sweep(tiny_net, _tiny_data(), mode="mean", means={"block1": "x", "block2": "y"}, progress=False)
+
+
+def test_mean_mode_on_a_one_shot_generator_says_why(tiny_net):
+    """ProbeError naming the value: the means pass would use the generator up, leaving the
+    sweep nothing ("the data is empty" was the wrong diagnosis)."""
+    data = _tiny_data()
+    with pytest.raises(probe.ProbeError, match="generator.*used up by the means pass.*DataLoader.*means="):
+        probe.sweep(tiny_net, (batch for batch in data), mode="mean", progress=False)
+
+
+# -- run folders: damaged pieces, two runs at once --------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "wrong type"])
+def test_a_damaged_piece_is_recomputed_with_a_warning(tmp_path, damage):
+    """no stale or mixed numbers: a piece that cannot be read back (or is not what it should be)
+    is dropped with a warning naming its file, so the run recomputes it."""
+    with RunDirectory(tmp_path, {"model": "m"}) as run:
+        run.save("measure", pd.DataFrame({"a": range(1000)}))
+        path = tmp_path / "partial" / "measure.pt"
+        if damage == "truncated":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        elif damage == "foreign":
+            path.write_text("not a pickle\n")
+        else:
+            run.save("measure", {"a": [1, 2]})
+        with pytest.warns(UserWarning, match="measure.pt"):
+            assert run.load("measure", kind=pd.DataFrame) is None
+        assert not path.exists()
+        run.save("measure", pd.DataFrame({"a": [1]}))
+        assert run.load("measure", kind=pd.DataFrame)["a"].tolist() == [1]
+
+
+def test_two_runs_cannot_share_an_out_folder(tmp_path):
+    """no stale or mixed numbers: a second run on the folder is refused while the first holds it."""
+    first = RunDirectory(tmp_path, {"model": "m"})
+    with pytest.raises(probe.ProbeError, match="another probe run is using --out"):
+        RunDirectory(tmp_path, {"model": "m"})
+    first.close()
+    with RunDirectory(tmp_path, {"model": "m"}):
+        with pytest.raises(probe.ProbeError, match=str(tmp_path)):
+            RunDirectory(tmp_path, {"model": "m"})
+    RunDirectory(tmp_path, {"model": "m"}).close()
+    assert RunDirectory(tmp_path, {"model": "m"}, writer=False).load("measure") is None  # readers take no lock
