@@ -16,6 +16,7 @@ import dataclasses
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +33,7 @@ from probe.batches import device_for
 from probe.blocks import find_blocks
 from probe.cli import run_command
 from probe.config import RunConfig, add_options
-from probe.data import DatasetInfo, load_dataset, make_loader
+from probe.data import DatasetInfo, make_loader
 from probe.describe import describe_blocks, shortcut_kinds
 from probe.errors import ProbeError
 from probe.evaluation import evaluate_ablations, sweep_table
@@ -116,18 +117,20 @@ def _check_out(out: Path) -> None:
 def list_blocks(config: RunConfig) -> str:
     """The `--list-blocks` table: every block with its branch, shortcut and output shape."""
     model, _ = load_model(config, device_for(config.device), progress=False, train=False)
-    image, _ = load_dataset(config.dataset, split=config.split, root=config.data_root,
-                            download=config.download, seed=config.seed)[0]
+    image, _ = load_datasets(config, calibration=False).evaluation[0]
     blocks = find_blocks(model, spec=config.blocks_spec) if config.blocks_spec else None
     table = describe_blocks(model, image.unsqueeze(0).to(device_for(config.device)), blocks=blocks)
     return table.to_string(index=False)
 
 
-def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict, Path]:
+def run(config: RunConfig, *, progress: bool = True,
+        on_table: Callable[[pd.DataFrame], None] | None = None) -> tuple[pd.DataFrame, dict, Path]:
     """Everything the CLI does, for notebooks: returns (block table, baseline, out folder).
 
     Besides the per-block table, runs the analyses `config` asks for (analyses.pipeline) and
     writes their tables, and a report section each, next to blocks.csv and report.html.
+    on_table: called with the per-block table as soon as it is known, before the analyses run
+    (the CLI prints its answer then).
     """
     chosen, _ = choose_sections(config)
     out = prepare_out_dir(config.out or Path("runs") / f"{config.model.replace(':', '_')}-{config.dataset}")
@@ -162,6 +165,8 @@ def run(config: RunConfig, *, progress: bool = True) -> tuple[pd.DataFrame, dict
         if distributed.rank() != 0:
             distributed.barrier()  # every process holds the totals; rank 0 alone writes and reports
             return table, baseline, out
+        if on_table is not None:
+            on_table(table)
         # The analyses after the sweep run in rank 0 alone, on all the data.
         with distributed.local(), _autocast(config, device):
             loader = make_loader(dataset, batch_size=config.batch_size, pin_memory=device.type == "cuda")
@@ -253,14 +258,14 @@ def _write_outputs(config, model, loader, table, evaluation, record, calibration
                  sections=sections, warning=table.attrs.get("unsupported"))
 
 
-def format_summary(table: pd.DataFrame, baseline: dict, out: Path, n: int = 5) -> str:
-    """The short terminal answer: what helps most, what is skipped, where the files are."""
+def format_summary(table: pd.DataFrame, n: int = 5) -> str:
+    """The short terminal answer: what helps most, and what is skipped."""
+    baseline = table.attrs["baseline"]
     lines = [f"baseline: accuracy {baseline['accuracy']:.2%}, loss {baseline['loss']:.4f} "
              f"on {baseline['samples']} samples; {len(table)} residual blocks", ""]
     if "unsupported" in table.attrs:
         lines += [f"WARNING: {table.attrs['unsupported']}", "",
-                  f"no verdicts: every block is marked '{UNSUPPORTED}' in blocks.csv.", "",
-                  f"wrote {out / 'blocks.csv'} and {out / 'report.html'}"]
+                  f"no verdicts: every block is marked '{UNSUPPORTED}' in blocks.csv."]
         return "\n".join(lines)
     summary = summarize(table, n=n)
     columns = ["block", "ratio", "cosine", "accuracy_drop", "flip_rate", "verdict"]
@@ -277,7 +282,6 @@ def format_summary(table: pd.DataFrame, baseline: dict, out: Path, n: int = 5) -
     lines.append(f"skipped blocks ({len(skipped)}): " + (", ".join(skipped) if skipped else "none"))
     lines.append(f"rule: {VerdictRule().describe()}")
     lines.append(f"Spearman rank correlation of ratio with accuracy drop: {summary['spearman_rho']:+.2f}")
-    lines += ["", f"wrote {out / 'blocks.csv'} and {out / 'report.html'}"]
     return "\n".join(lines)
 
 
@@ -287,9 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.list_blocks:
             print(list_blocks(config))
             return 0
-        table, baseline, out = run(config, progress=not args.no_progress and distributed.rank() == 0)
-        if distributed.rank() == 0:
-            print(format_summary(table, baseline, out))
+        first = distributed.rank() == 0
+        # The answer is printed as soon as the sweep is done; the analyses and the report follow.
+        _, _, out = run(config, progress=not args.no_progress and first,
+                        on_table=lambda table: print(format_summary(table) + "\n", flush=True) if first else None)
+        if first:
+            print(f"wrote {out / 'blocks.csv'} and {out / 'report.html'}")
         return 0
 
     return run_command(_parser(), body, argv, name="probe.ablate",

@@ -51,14 +51,14 @@ def load_model(config: RunConfig, device: torch.device, *, progress: bool,
         if config.checkpoint:
             load_checkpoint(model, config.checkpoint, allow_pickle=config.allow_pickle)
         return model.to(device).eval(), config.checkpoint or f"weights={config.weights}"
+    untrained = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels)
+    if not train:
+        return untrained.to(device).eval(), "untrained"
     chosen = [f"--{name.replace('_', '-')}" for name in ("image_size", "normalize", "in_channels")
               if getattr(config, name) is not None]
     if chosen:  # the cache trains with the data set's own preparation: evaluating otherwise would mislead
         raise ProbeError(f"{', '.join(chosen)} prepare the data for a model you bring (--checkpoint or --weights); "
                          "a model trained here uses the data set's own image size and normalization.")
-    untrained = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels)
-    if not train:
-        return untrained.to(device).eval(), "untrained"
     if not config.blocks_spec:
         find_blocks(untrained)  # a model with no residual block is refused before it is trained
     # ... and so is one the data does not fit (channels, image size), before minutes of training.

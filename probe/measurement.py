@@ -20,6 +20,7 @@ from torch import nn
 from probe import distributed
 from probe.batches import batches, explained_misfit, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
+from probe.errors import ProbeError
 from probe.hooks import attached, model_preserved, tap_pairs
 
 # Per-sample quantities, in accumulator column order after the count.
@@ -73,6 +74,18 @@ def _flat_pair(branch: torch.Tensor, shortcut: torch.Tensor) -> tuple[torch.Tens
     return branch.reshape(n, -1), shortcut.reshape(n, -1)
 
 
+def _check_operands(block: Block, branch: torch.Tensor, shortcut: torch.Tensor) -> None:
+    """F(x) and s(x) are the two operands of one addition: they have one shape. Two that differ
+    were named wrongly (a spec that forgot a stage-change block's projection), not mis-fed data."""
+    if branch.shape != shortcut.shape:
+        hint = (f"; its shortcut is the block's input here: if the block has a projection, name it "
+                f"('{block.module}={block.branch.removeprefix(block.module + '.')},PROJECTION')"
+                if block.shortcut is None else "")
+        raise ProbeError(f"block {block.name!r}: its branch {block.branch!r} gives shape {tuple(branch.shape)} "
+                         f"but its shortcut gives {tuple(shortcut.shape)}, so they cannot be the two operands of "
+                         f"its addition{hint}.")
+
+
 def _reduction_parts(branch: torch.Tensor, shortcut: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per-sample ||F||, ||s|| and F.s on flattened samples: three (batch,) float32 tensors."""
     f, s = _flat_pair(branch, shortcut)
@@ -121,6 +134,7 @@ def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] |
     seen: dict[int, list[tuple]] = {}
 
     def record(block: Block, branch: torch.Tensor, shortcut: torch.Tensor) -> None:
+        _check_operands(block, branch, shortcut)
         seen.setdefault(row_of[block.name], []).append(_reduction_parts(branch, shortcut))
 
     with model_preserved(model), attached() as handles, torch.no_grad():

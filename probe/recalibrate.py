@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from probe import distributed
 from probe.ablation import ablated, check_mode
-from probe.batches import batches, model_device
+from probe.batches import batches, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.hooks import model_preserved
@@ -68,7 +68,8 @@ def recalibrate_batchnorm(model: nn.Module, data: Iterable, blocks: Sequence[str
                 module.reset_running_stats()
                 module.momentum = None  # cumulative average: every batch weighs the same
                 module.train()
-            for inputs, _targets in batches(data, device, progress=progress, desc="BN recalibration"):
+            for inputs, _targets in batches(data, device, dtype=input_dtype(model), progress=progress,
+                                            desc="BN recalibration"):
                 model(inputs)
                 samples += len(inputs)
         finally:
@@ -121,6 +122,10 @@ def evaluate_recalibrated(model: nn.Module, data: Iterable, ablation_sets: Seque
     as given is the evaluation's `trained_baseline`.
     """
     check_mode(mode)
+    for name, given in (("data", data), ("calibration", calibration)):
+        if isinstance(given, Iterator):  # read once per set: a generator would be empty after the first
+            raise ProbeError(f"BN recalibration reads the {name} once per deleted set, but it is a one-shot "
+                             f"{type(given).__name__}; pass a DataLoader or a list of batches.")
     sets = [resolve_blocks(model, s) if s else [] for s in ablation_sets]
     involved = list({block.name: block for s in sets for block in s}.values())
     if mode == "mean" and means is None and involved:
@@ -141,7 +146,7 @@ def _predict(model: nn.Module, data: Iterable) -> dict[str, torch.Tensor]:
     device = model_device(model)
     predictions, losses, targets = [], [], []
     with model_preserved(model), torch.no_grad():
-        for inputs, target in batches(data, device):
+        for inputs, target in batches(data, device, dtype=input_dtype(model)):
             logits = model(inputs).float()  # (batch, classes)
             predictions.append(logits.argmax(dim=1).cpu())
             losses.append(F.cross_entropy(logits, target, reduction="none").double().cpu())

@@ -69,7 +69,12 @@ def parse_spec(text: str) -> list[BlockSpec]:
         if not path.is_file():
             raise ProbeError(f"block spec {text!r} is neither a spec ('MODULE=BRANCH[,SHORTCUT];...') "
                              "nor an existing file.")
-        text, source = path.read_text(), f"block spec file {str(path)!r}"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ProbeError(f"block spec file {str(path)!r} is not text (byte {error.start} is not UTF-8); "
+                             "write the spec as 'MODULE=BRANCH[,SHORTCUT];...' or as JSON.") from error
+        source = f"block spec file {str(path)!r}"
     if text.lstrip().startswith(("[", "{")):
         return _parse_json(text, source)
     return [_parse_entry(entry.strip(), source) for entry in text.replace("\n", ";").split(";") if entry.strip()]

@@ -30,6 +30,7 @@ from probe.errors import ProbeError
 from probe.files import atomic_write
 from probe.hooks import model_preserved
 from probe.recalibrate import recalibrate_batchnorm, recalibrated
+from probe.recording import fx_tracing, traced
 from probe.suffix import ModulesAsLeaves
 
 __all__ = ["EXPORT_COLUMNS", "PRUNED_FORMAT", "export_pruned", "load_pruned", "prune"]
@@ -74,7 +75,8 @@ def _shortcut_only(module: nn.Module, module_name: str, blocks: Sequence[Block])
     prefix = module_name + "." if module_name else ""
     branches = {block.branch[len(prefix):] for block in blocks}
     try:
-        graph = ModulesAsLeaves(branches).trace(module)
+        with fx_tracing(module):  # fx patches torch while it traces: undone even on Ctrl-C
+            graph = traced(ModulesAsLeaves(branches), module)
     except Exception as error:  # fx raises many types; the user needs the block and the reason
         raise ProbeError(f"cannot export block(s) {[b.name for b in blocks]}: torch.fx cannot trace module "
                          f"{module_name or '<model>'!r} ({type(error).__name__}: {error}).") from error

@@ -164,3 +164,30 @@ def test_a_second_run_on_a_busy_folder_is_refused(checkpoint, tmp_path, capsys):
         first.kill()
         first.communicate()
     assert ablate.main(argv(checkpoint, out)) == 0  # the lock went with the killed process
+
+
+def test_a_spec_that_forgets_a_projection_blames_the_spec(checkpoint, tmp_path, capsys):
+    """Promise: one-line error, exit 2, saying what is wrong (the spec), not blaming the data."""
+    assert ablate.main(argv(checkpoint, tmp_path / "o", "--blocks-spec", "layer2.0=bn2")) == 2
+    error = one_line_error(capsys)
+    assert "layer2.0" in error and "projection" in error and "data set" not in error
+
+
+def test_a_binary_spec_file_is_one_line(checkpoint, tmp_path, capsys):
+    """Promise: one-line error, exit 2, naming the file."""
+    spec = tmp_path / "blocks.spec"
+    spec.write_bytes(bytes(range(256)))
+    assert ablate.main(argv(checkpoint, tmp_path / "o", "--blocks-spec", str(spec))) == 2
+    assert str(spec) in one_line_error(capsys)
+
+
+def test_recalibration_refuses_one_shot_data():
+    """Promise: ProbeError naming the value: BN recalibration reads its data once per set."""
+    import probe
+    from probe.recalibrate import evaluate_recalibrated
+
+    torch.manual_seed(0)
+    model = cifar_resnet(8, num_classes=3, in_channels=1).eval()
+    batches = [(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]))]
+    with pytest.raises(probe.ProbeError, match="calibration .* one-shot list_iterator"):
+        evaluate_recalibrated(model, batches, [["layer1.0"]], iter(batches), progress=False)
