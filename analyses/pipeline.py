@@ -27,6 +27,7 @@ from analyses.uncertainty import uncertainty
 from probe.config import SECTIONS, RunConfig
 from probe.errors import ProbeError
 from probe.files import write_tables
+from probe.recalibrate import batchnorm_layers
 from probe.loading import train_loader
 from probe.results import Evaluation
 
@@ -112,6 +113,10 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
         return result, result.tables()
 
     def run_recalibration() -> tuple[object, dict]:
+        if calibration is None and batchnorm_layers(model):
+            raise ProbeError("no held-out data to refit BatchNorm statistics on: the evaluated data is the only "
+                             "pool (an image folder, or --split train); give --calibration-root FOLDER, or "
+                             "--bn-recalibrate to set calibration samples apart from the evaluated ones.")
         result = recalibration(model, data, calibration, table=table, mode=config.mode, blocks=blocks,
                                progress=progress)
         return result, {"recalibration": result}

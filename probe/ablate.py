@@ -42,8 +42,8 @@ from probe.loading import Datasets, data_fingerprint, load_datasets, load_model
 from probe.measurement import measure
 from probe.results import Evaluation
 from probe.rundir import RunDirectory, file_digest
-from probe.table import join_block_table
-from probe.verdict import UNSUPPORTED, VerdictRule, chance_warning, summarize
+from probe.table import join_block_table, unsupported_reason
+from probe.verdict import UNSUPPORTED, VerdictRule, summarize
 from reports import sections as build
 from reports.html import write_report
 
@@ -82,17 +82,21 @@ _RECORDED = ("model", "checkpoint", "weights", "dataset", "data_root", "split", 
              "device", "batch_size", "bn_recalibrate", "calibration_root", "precision", "channels_last", "save_every")
 
 
-def _run_record(config: RunConfig, source: str, blocks: list, datasets: Datasets,
-                shortcuts: dict[str, str]) -> dict:
-    """What makes two runs the same: resuming into an out folder requires an equal record."""
+def _run_record(config: RunConfig, source: str, blocks: list, datasets: Datasets, shortcuts: dict[str, str], *,
+                device: torch.device, channels_last: bool) -> dict:
+    """What makes two runs the same: resuming into an out folder requires an equal record.
+    The device and memory format are the ones used ("auto" resolved): they change the last bits."""
     checkpoint = Path(source)
+    recalibrated = config.bn_recalibrate and datasets.calibration is not None
     return {
         **{name: getattr(config, name) for name in _RECORDED}, "checkpoint": source,
+        "device": str(device), "channels_last": channels_last,
         "checkpoint_sha256": file_digest(checkpoint) if checkpoint.is_file() else None,
         "data": dataclasses.asdict(_info(datasets.evaluation)), "samples": datasets.selection,
         "data_sha256": data_fingerprint(datasets.evaluation),
-        "calibration": datasets.calibration_source if config.bn_recalibrate else None,
-        "calibration_samples": config.calibration_samples if config.bn_recalibrate else None,
+        "calibration": datasets.calibration_source if recalibrated else None,
+        "calibration_samples": config.calibration_samples if recalibrated else None,
+        "calibration_sha256": data_fingerprint(datasets.calibration) if recalibrated else None,
         "blocks": [dataclasses.asdict(block) for block in blocks],
         "shortcuts": shortcuts,
         "versions": {"probe": probe.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
@@ -139,7 +143,8 @@ def run(config: RunConfig, *, progress: bool = True,
     _autocast(config, device)  # refuse an impossible precision before any work
     distributed.init_from_environment(device)
     model, source = load_model(config, device, progress=progress)
-    if config.channels_last if config.channels_last is not None else device.type == "cuda":
+    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)  # our own copy: the checkpoint is untouched
     blocks = find_blocks(model, spec=config.blocks_spec) if config.blocks_spec else find_blocks(model)
     datasets = load_datasets(config, calibration=config.bn_recalibrate or "recalibration" in chosen, model=model)
@@ -150,14 +155,13 @@ def run(config: RunConfig, *, progress: bool = True,
                    if datasets.calibration is not None else None)
     example = dataset[0][0].unsqueeze(0).to(device)
     shortcuts = shortcut_kinds(model, example, blocks)
-    record = _run_record(config, source, blocks, datasets, shortcuts)
+    record = _run_record(config, source, blocks, datasets, shortcuts, device=device, channels_last=channels_last)
     # The folder is locked while this run writes into it: a second run on it is refused.
     with RunDirectory(out, record, writer=distributed.rank() == 0) as run_dir:
         seconds: dict[str, float] = {}
         stats, sweep, evaluation = _measure_and_sweep(run_dir, config, model, loader, blocks, calibration, device,
                                                       seconds, progress)
-        intact = evaluation.baseline
-        warning = chance_warning(intact.accuracy, intact.samples, intact.class_samples)
+        warning = unsupported_reason(evaluation)
         if warning and distributed.rank() == 0:
             print(f"probe.ablate: warning: {warning}", file=sys.stderr)
         table = join_block_table(stats, sweep, unsupported=warning)

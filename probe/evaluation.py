@@ -104,8 +104,9 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     Returns an `Evaluation`: (baseline, one `Outcome` per set). With `per_class=True` each
     outcome also has `class_accuracy` and `class_samples`; with `outcomes=True` also `correct`,
     one entry per sample in data order (for bootstrap intervals: O(samples) memory). With
-    `calibration` (batches of held-out training data), BatchNorm statistics are refitted for
-    each set before it is evaluated; the baseline is always the model as given.
+    `calibration` (held-out batches), BatchNorm statistics are refitted for each set before it
+    is evaluated, and the baseline is the intact model refitted on the same batches (the model
+    as given is then the evaluation's `trained_baseline`).
     """
     check_mode(mode)
     if calibration is not None:

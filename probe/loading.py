@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -96,7 +97,9 @@ class Datasets:
 def load_datasets(config: RunConfig, *, calibration: bool, model: nn.Module | None = None) -> Datasets:
     """The evaluation split (a seeded, class-stratified sample of `limit` samples when asked) and,
     when `calibration` is true and `model` has BatchNorm statistics, `calibration_samples`
-    calibration samples (at most `limit`, so quick runs stay quick)."""
+    calibration samples (at most `limit`, so quick runs stay quick). Data with one pool only
+    (an image folder without `--calibration-root`, `--split train`) gives calibration samples
+    only with `bn_recalibrate`, set apart from the evaluated ones; otherwise none."""
     options = {"root": config.data_root, "download": config.download, "seed": config.seed,
                "image_size": config.image_size, "normalize": config.normalize, "in_channels": config.in_channels}
     evaluation = load_dataset(config.dataset, split=config.split, **options)
@@ -107,6 +110,8 @@ def load_datasets(config: RunConfig, *, calibration: bool, model: nn.Module | No
         calibration = False  # nothing to refit: no sample needs to be set aside
     samples = min(config.calibration_samples, config.limit) if config.limit else config.calibration_samples
     held_out, source = None, "none"
+    if config.calibration_root:
+        _check_calibration_root(config)
     if calibration and config.calibration_root:
         pool = load_dataset(config.dataset, split="train", **{**options, "root": config.calibration_root})
         held_out = _sample(pool, samples, config.seed)
@@ -115,7 +120,9 @@ def load_datasets(config: RunConfig, *, calibration: bool, model: nn.Module | No
         pool = load_dataset(config.dataset, split="train", **options)
         held_out = _sample(pool, samples, config.seed)
         source = f"{len(held_out)} samples of the training split (seeded, stratified)"
-    elif calibration:  # one pool of data: set the calibration samples apart from the evaluated ones
+    elif calibration and config.bn_recalibrate:
+        # One pool of data: set the calibration samples apart from the evaluated ones, but only
+        # when asked: an analysis section alone must not change which samples the table holds.
         held_out, evaluation = split_off(evaluation, min(samples, len(evaluation) // 2), seed=config.seed)
         source = (f"{len(held_out)} samples split off the evaluated {config.split} data (seeded, stratified) "
                   "and left out of the evaluation")
@@ -126,6 +133,16 @@ def load_datasets(config: RunConfig, *, calibration: bool, model: nn.Module | No
     else:
         selection = f"all {total} samples"
     return Datasets(evaluation, held_out, selection, source)
+
+
+def _check_calibration_root(config: RunConfig) -> None:
+    """`--calibration-root` is another image folder: never the evaluated one."""
+    if config.dataset != "imagefolder":
+        raise ProbeError(f"--calibration-root is for image folders; {config.dataset} has a training split, "
+                         "which probe uses for calibration (or splits off with --split train).")
+    if config.data_root and Path(config.calibration_root).resolve() == Path(config.data_root).resolve():
+        raise ProbeError(f"--calibration-root {config.calibration_root!r} is the evaluated folder itself; give "
+                         "another folder, or leave it out to set calibration samples apart from the evaluated ones.")
 
 
 def _sample(dataset: Dataset, n: int, seed: int) -> Dataset:
@@ -163,6 +180,11 @@ def train_loader(config: RunConfig) -> Iterable:
     if config.dataset == "imagefolder" and not config.calibration_root:
         raise ProbeError("an image folder has no training split: give one with --calibration-root FOLDER "
                          "(class sub-folders) to fit on.")
+    if config.split == "train":
+        raise ProbeError("with --split train the evaluated samples are the training split, so nothing held out "
+                         "is left to score what is fitted on it; use --split test.")
+    if config.calibration_root:
+        _check_calibration_root(config)
     root = config.calibration_root if config.dataset == "imagefolder" else config.data_root
     train = load_dataset(config.dataset, split="train", root=root, download=config.download, seed=config.seed,
                          image_size=config.image_size, normalize=config.normalize, in_channels=config.in_channels)

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from probe import distributed
 from probe.ablation import ablated, check_mode
-from probe.batches import batches, input_dtype, model_device
+from probe.batches import batches, check_targets_fit, explained_misfit, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.hooks import model_preserved
+from probe.hooks import model_preserved, restoring
 from probe.measurement import branch_means
 from probe.results import Evaluation, Outcome
 
@@ -60,21 +60,24 @@ def recalibrate_batchnorm(model: nn.Module, data: Iterable, blocks: Sequence[str
         raise ProbeError(f"{type(model).__name__} has no BatchNorm layer with running statistics: "
                          "there is nothing to recalibrate; run without BN recalibration.")
     momenta = [(module, module.momentum) for _, module in layers]
+
+    def put_momenta_back() -> None:
+        for module, momentum in momenta:
+            module.momentum = momentum
+
     device = model_device(model)
     samples = 0
-    with model_preserved(model), torch.no_grad(), _ablated(model, blocks, mode, means):
-        try:
-            for _, module in layers:
-                module.reset_running_stats()
-                module.momentum = None  # cumulative average: every batch weighs the same
-                module.train()
-            for inputs, _targets in batches(data, device, dtype=input_dtype(model), progress=progress,
-                                            desc="BN recalibration"):
+    with model_preserved(model), torch.no_grad(), _ablated(model, blocks, mode, means), \
+            restoring(put_momenta_back):
+        for _, module in layers:
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average: every batch weighs the same
+            module.train()
+        for inputs, _targets in batches(data, device, dtype=input_dtype(model), progress=progress,
+                                        desc="BN recalibration"):
+            with explained_misfit(inputs):
                 model(inputs)
-                samples += len(inputs)
-        finally:
-            for module, momentum in momenta:
-                module.momentum = momentum
+            samples += len(inputs)
     return samples
 
 
@@ -91,16 +94,19 @@ def recalibrated(model: nn.Module, data: Iterable, blocks: Sequence[str | Block]
     saved = {name: {key: buffer.detach().clone() for key, buffer in module.named_buffers(recurse=False)}
              for name, module in batchnorm_layers(model)}
     modules = dict(model.named_modules())
-    try:
+
+    def put_statistics_back() -> None:
+        # No `torch.no_grad()` here (buffers need none): a Ctrl-C on the way out of one would
+        # leave grad mode off.
+        for name, buffers in saved.items():
+            for key, value in buffers.items():
+                # copy_ into the same tensor objects: references the user holds stay valid.
+                getattr(modules[name], key).copy_(value)
+
+    with restoring(put_statistics_back):
         recalibrate_batchnorm(model, data, chosen, mode=mode, means=means, progress=progress)
         with _ablated(model, chosen, mode, means):
             yield model
-    finally:
-        with torch.no_grad():
-            for name, buffers in saved.items():
-                for key, value in buffers.items():
-                    # copy_ into the same tensor objects: references the user holds stay valid.
-                    getattr(modules[name], key).copy_(value)
 
 
 def _ablated(model: nn.Module, blocks: Sequence[str | Block], mode: str,
@@ -147,7 +153,9 @@ def _predict(model: nn.Module, data: Iterable) -> dict[str, torch.Tensor]:
     predictions, losses, targets = [], [], []
     with model_preserved(model), torch.no_grad():
         for inputs, target in batches(data, device, dtype=input_dtype(model)):
-            logits = model(inputs).float()  # (batch, classes)
+            with explained_misfit(inputs):
+                logits = model(inputs).float()  # (batch, classes)
+            check_targets_fit(logits, target)
             predictions.append(logits.argmax(dim=1).cpu())
             losses.append(F.cross_entropy(logits, target, reduction="none").double().cpu())
             targets.append(target.cpu())

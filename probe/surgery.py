@@ -24,7 +24,7 @@ from torch import nn
 
 from probe.ablation import ablated
 from probe.additions import is_addition
-from probe.batches import batches, model_device
+from probe.batches import batches, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.files import atomic_write
@@ -133,7 +133,7 @@ def export_pruned(model: nn.Module, data: Iterable, blocks: Sequence[str | Block
     difference = 0.0
     first = None
     with model_preserved(model), torch.no_grad(), _reference(model, chosen, calibration):
-        for inputs, _ in batches(data, device):
+        for inputs, _ in batches(data, device, dtype=input_dtype(model)):
             first = inputs if first is None else first
             difference = max(difference, (pruned(inputs) - model(inputs)).abs().max().item())
     if not difference <= 1e-4:  # also catches NaN

@@ -15,9 +15,10 @@ from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.evaluation import single_block_sweep
 from probe.measurement import measure
-from probe.verdict import UNSUPPORTED, VerdictRule, classify
+from probe.results import Evaluation
+from probe.verdict import UNSUPPORTED, VerdictRule, chance_warning, classify
 
-__all__ = ["block_table", "check_table", "join_block_table"]
+__all__ = ["block_table", "check_table", "join_block_table", "unsupported_reason"]
 
 
 def join_block_table(stats: pd.DataFrame, sweep: pd.DataFrame, rule: VerdictRule | None = None, *,
@@ -28,7 +29,15 @@ def join_block_table(stats: pd.DataFrame, sweep: pd.DataFrame, rule: VerdictRule
     unsupported: why the data cannot support a verdict (`probe.verdict.chance_warning`); every
     block's verdict is then "unsupported", and `attrs["unsupported"]` says why.
     """
-    table = classify(stats.merge(sweep.drop(columns="samples"), on=["block", "position"]), rule or VerdictRule())
+    joined = stats.merge(sweep.drop(columns="samples"), on=["block", "position"])
+    # The noise band needs the samples each deletion was evaluated on. Measuring can count
+    # otherwise (a block module called k times per forward; non-finite norms left out): then
+    # measure's count is kept beside it.
+    measured = joined["samples"]
+    joined["samples"] = joined["block"].map(sweep.set_index("block")["samples"]).astype(measured.dtype)
+    if not measured.equals(joined["samples"]):
+        joined.insert(joined.columns.get_loc("samples") + 1, "measured_samples", measured)
+    table = classify(joined, rule or VerdictRule())
     if unsupported:
         table["verdict"] = UNSUPPORTED
         table.attrs["unsupported"] = unsupported
@@ -42,12 +51,21 @@ def block_table(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Bloc
     """The per-block table `python -m probe.ablate` writes: measure + single deletions + verdict.
 
     calibration: held-out batches to refit BatchNorm statistics after each deletion.
-    `attrs["baseline"]` holds the unablated model's accuracy, loss and samples.
+    `attrs["baseline"]` holds the unablated model's accuracy, loss and samples. A model at
+    chance gets no verdicts (see `join_block_table`'s `unsupported`).
     """
     blocks = resolve_blocks(model, blocks)
     stats = measure(model, data, blocks=blocks, progress=progress)
-    sweep, _ = single_block_sweep(model, data, mode=mode, calibration=calibration, blocks=blocks, progress=progress)
-    return join_block_table(stats, sweep, rule)
+    sweep, evaluation = single_block_sweep(model, data, mode=mode, calibration=calibration, per_class=True,
+                                           blocks=blocks, progress=progress)
+    return join_block_table(stats, sweep, rule, unsupported=unsupported_reason(evaluation, rule))
+
+
+def unsupported_reason(evaluation: Evaluation, rule: VerdictRule | None = None) -> str | None:
+    """Why `evaluation` cannot support block verdicts (its intact model is at chance), or None.
+    Needs the per-class counts (`per_class=True`) to know the most frequent class."""
+    baseline = evaluation.baseline
+    return chance_warning(baseline.accuracy, baseline.samples, baseline.class_samples, rule=rule)
 
 
 def check_table(table: pd.DataFrame, columns: Sequence[str], what: str, model: nn.Module,

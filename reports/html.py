@@ -181,8 +181,9 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     rule: the verdict rule (default VerdictRule()); verdicts are recomputed with it.
     sections: one `reports.sections.Section` per analysis, shown after the per-block figures
     and listed in a table of contents.
-    warning: why the data cannot support verdicts (`probe.verdict.chance_warning`): the report
-    then opens with it instead of the answer, and every block's verdict is "unsupported".
+    warning: why the data cannot support verdicts (`probe.verdict.chance_warning`; default the
+    table's `attrs["unsupported"]`): the report then opens with it instead of the answer, and
+    every block's verdict is "unsupported".
     """
     rule = VerdictRule() if rule is None else rule
     missing = [k for k in ("accuracy", "loss", "samples") if k not in baseline]
@@ -190,6 +191,7 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
         raise ProbeError(f"baseline needs key(s) {missing}; got {sorted(baseline)}.")
     if not isinstance(config, Mapping):
         raise ProbeError(f"config must be a dict of run settings, got {type(config).__name__}.")
+    warning = warning or df.attrs.get("unsupported")
     table = classify(df, rule)
     if warning:
         table["verdict"] = UNSUPPORTED

@@ -112,8 +112,9 @@ def _bn_note(recalibrated: bool, calibration_samples: int | None = None) -> str:
     if recalibrated:
         amount = f"{calibration_samples} " if calibration_samples else ""
         return ("BatchNorm statistics: recalibrated. After each deletion the BatchNorm layers re-estimated their "
-                f"running mean and variance on {amount}held-out training samples with the deletion in place, "
-                "before evaluating (the model itself was restored exactly afterwards).")
+                f"running mean and variance on {amount}held-out samples (never among the evaluated ones) "
+                "with the deletion in place, before evaluating (the model itself was restored exactly "
+                "afterwards).")
     return ("BatchNorm statistics: as trained (not recalibrated after deletions). Numbers with recalibrated "
             "statistics are in the BatchNorm section when it was run.")
 
@@ -357,7 +358,8 @@ def recalibration_section(df: pd.DataFrame, *, calibration_samples: int | None =
             "normalises with the mean and variance it saw in training. EagleEye (Li et al. 2020) showed that "
             "re-estimating those statistics after pruning changes which pruned networks look good. Here every "
             f"block was deleted alone twice: with the trained statistics, and after re-estimating them on {amount}"
-            "held-out training samples with the block deleted (BatchNorm layers in training mode, cumulative "
+            "held-out samples (never among the evaluated ones) with the block deleted (BatchNorm layers in "
+            "training mode, cumulative "
             "average, no gradients). The model's own statistics were restored exactly afterwards."]
     if {False, True} <= set(wide.columns) and len(wide):
         change = (wide[False] - wide[True]) * 100

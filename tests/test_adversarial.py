@@ -544,3 +544,65 @@ def test_two_runs_cannot_share_an_out_folder(tmp_path):
             RunDirectory(tmp_path, {"model": "m"})
     RunDirectory(tmp_path, {"model": "m"}).close()
     assert RunDirectory(tmp_path, {"model": "m"}, writer=False).load("measure") is None  # readers take no lock
+
+
+def test_ctrl_c_at_any_line_of_bn_recalibration_leaves_no_trace():
+    """model (BN statistics and momenta included), flags, hooks and global torch state exactly as
+    before, wherever a Ctrl-C lands in a sweep with BatchNorm recalibration."""
+    from probe.models import cifar_resnet
+
+    torch.manual_seed(0)
+    model = cifar_resnet(8, num_classes=3, in_channels=1)
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.randn(6, 1, 8, 8, generator=generator), torch.tensor([0, 1, 2, 0, 1, 2]))]
+    calibration = [(torch.randn(6, 1, 8, 8, generator=generator), torch.zeros(6, dtype=torch.long))]
+    blocks = probe.find_blocks(model)
+    run = lambda: probe.evaluate_ablations(model, data, [blocks[:1]], calibration=calibration,  # noqa: E731
+                                           progress=False)
+    reference = run()
+    momenta = {name: m.momentum for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    total = _lines_executed(in_probe, run)
+    before, world = snapshot(model), global_state()
+    for k in range(1, total + 1):
+        where = _interrupt_at_line(k, in_probe, run)
+        assert where is not None, k
+        try:
+            assert_all_as_before(model, before, world)
+            assert {n: m.momentum for n, m in model.named_modules() if n in momenta} == momenta
+        except AssertionError as error:
+            raise AssertionError(f"Ctrl-C at {where} (line event {k} of {total})") from error
+    assert run().sets[0].accuracy == reference.sets[0].accuracy
+
+
+def test_recalibration_names_labels_the_model_cannot_take():
+    """ProbeError naming the value: as without recalibration, not torch's IndexError."""
+    from probe.models import cifar_resnet
+
+    model = cifar_resnet(8, num_classes=3, in_channels=1).eval()
+    data = [(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 7]))]
+    with pytest.raises(probe.ProbeError, match="7"):
+        probe.evaluate_ablations(model, data, [["layer1.0"]], calibration=data, progress=False)
+
+
+def test_the_noise_band_counts_the_samples_each_deletion_was_evaluated_on():
+    """No stale or mixed numbers: a tied block is measured twice per input, but deleting it is
+    evaluated once per input; the noise band uses the evaluated count."""
+    model = TiedNet().eval()
+    data = [(torch.randn(50, 2, generator=torch.Generator().manual_seed(0)), torch.randint(0, 2, (50,)))]
+    table = probe.block_table(model, data, progress=False)
+    assert table["samples"].tolist() == [50]
+    assert (table["measured_samples"] + table["nonfinite"]).tolist() == [100]  # two calls per input
+    assert table["noise"].iloc[0] >= 1 / 50
+
+
+def test_block_table_of_a_model_at_chance_has_no_verdicts():
+    """No verdict the data cannot support: probe.block_table marks every block unsupported."""
+    from probe.models import cifar_resnet
+
+    torch.manual_seed(0)
+    model = cifar_resnet(8, num_classes=4, in_channels=1).eval()
+    data = [(torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(40) % 4)]
+    baseline = probe.sweep(model, data, progress=False).attrs["baseline"]["accuracy"]
+    assert baseline <= 0.25 + 2 * (0.25 * 0.75 / 40) ** 0.5  # random weights: at chance
+    table = probe.block_table(model, data, progress=False)
+    assert set(table["verdict"]) == {"unsupported"} and "chance" in table.attrs["unsupported"]

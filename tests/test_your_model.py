@@ -24,7 +24,8 @@ from torch import nn
 from probe import ablate
 from probe.config import RunConfig
 from probe.data import dataset_targets, load_dataset
-from probe.loading import load_datasets
+from probe.errors import ProbeError
+from probe.loading import load_datasets, train_loader
 from probe.surgery import export_pruned, load_pruned
 
 USER_MODEL = textwrap.dedent('''
@@ -279,3 +280,31 @@ def test_a_folder_one_level_too_high_is_refused(user, tmp_path, capsys):
                         "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and str(folder.parent) in err[0]
+
+
+def test_calibration_data_can_never_be_the_evaluated_data(user, tmp_path):
+    """--calibration-root is another image folder; with --split train calibration is split off."""
+    _, _, folder = user
+    with pytest.raises(ProbeError, match="image folders"):
+        load_datasets(RunConfig(split="train", bn_recalibrate=True, calibration_root=str(tmp_path)), calibration=True)
+    with pytest.raises(ProbeError, match="evaluated folder itself"):
+        load_datasets(RunConfig(dataset="imagefolder", data_root=str(folder), calibration_root=str(folder),
+                                bn_recalibrate=True), calibration=True)
+    train = load_datasets(RunConfig(split="train", bn_recalibrate=True, calibration_samples=40), calibration=True)
+    assert "split off" in train.calibration_source
+    assert set(train.calibration.indices).isdisjoint(train.evaluation.indices)
+    with pytest.raises(ProbeError, match="--split test"):
+        train_loader(RunConfig(split="train"))
+
+
+def test_the_recalibration_section_alone_never_changes_the_evaluated_samples(user, tmp_path, capsys):
+    """Without --bn-recalibrate an image folder keeps all its samples; the section says why it did not run."""
+    _, checkpoint, folder = user
+    out = tmp_path / "run"
+    assert ablate.main(["--model", "user_models:resnet_option_a", "--checkpoint", str(checkpoint),
+                        "--dataset", "imagefolder", "--data-root", str(folder), "--image-size", "32",
+                        "--out", str(out), "--no-progress", "--skip", "skipping", "attribution", "uncertainty",
+                        "representation"]) == 0
+    assert json.loads((out / "run.json").read_text())["samples"] == "all 24 samples"
+    assert "no held-out data to refit BatchNorm" in capsys.readouterr().err
+    assert not (out / "recalibration.csv").exists()

@@ -33,7 +33,7 @@ import probe
 from probe.evaluation import single_block_sweep
 from probe.table import check_table
 from probe.verdict import rank_correlation
-from probe.batches import batches, model_device
+from probe.batches import batches, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.hooks import attached, model_preserved, tap_pairs
@@ -82,7 +82,8 @@ def block_influence(model: nn.Module, data: Iterable, *, blocks: Sequence[str | 
 
     with model_preserved(model), attached() as handles, torch.no_grad():
         tap_pairs(model, chosen, record, handles)
-        for inputs, _targets in batches(data, device, progress=progress, desc="block influence"):
+        for inputs, _targets in batches(data, device, dtype=input_dtype(model), progress=progress,
+                                        desc="block influence"):
             model(inputs)
             count += len(inputs)
     total = float(count)
@@ -120,7 +121,8 @@ def gradient_x_activation(model: nn.Module, data: Iterable, *, blocks: Sequence[
     sums = torch.zeros(len(chosen), dtype=torch.float64, device=device)
     count = 0
     with model_preserved(model), torch.enable_grad():
-        for inputs, targets in batches(data, device, progress=progress, desc="gradient x activation"):
+        for inputs, targets in batches(data, device, dtype=input_dtype(model), progress=progress,
+                                       desc="gradient x activation"):
             if not chosen:
                 count += len(inputs)
                 continue

@@ -47,7 +47,7 @@ from torch import nn
 
 import probe
 from analyses.uncertainty import per_class_drops
-from probe.batches import batches, explained_misfit, model_device
+from probe.batches import batches, explained_misfit, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.evaluation import single_block_sweep
@@ -179,7 +179,7 @@ def _walk(model: nn.Module, data: Iterable, blocks: Sequence[Block], visit: Visi
         tap_pairs(model, blocks, record, handles)
         handles.append(modules[blocks[0].module].register_forward_pre_hook(
             lambda _m, args: first_input.append(pool(_first_tensor(args)))))
-        for inputs, targets in batches(data, device, progress=progress, desc=desc):
+        for inputs, targets in batches(data, device, dtype=input_dtype(model), progress=progress, desc=desc):
             outputs.clear()
             first_input.clear()
             with explained_misfit(inputs):
@@ -359,7 +359,7 @@ def refinement(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block
             if block.shortcut is not None:  # h is the block's own input, not the projected shortcut
                 handles.append(modules[block.module].register_forward_pre_hook(
                     lambda _m, args, name=block.name: enter(args, name)))
-        for inputs, targets in batches(data, device, progress=progress, desc="refinement"):
+        for inputs, targets in batches(data, device, dtype=input_dtype(model), progress=progress, desc="refinement"):
             inputs_of.clear()
             branches.clear()
             # Inputs that require grad make every h differentiable, also with frozen parameters.

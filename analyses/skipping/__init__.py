@@ -69,7 +69,8 @@ class SkippingResult:
     export_note: str = ""
 
 
-def deletion_orders(table: pd.DataFrame, *, random_draws: int = RunConfig.random_draws, seed: int = 0) -> list[tuple[str, int, list[str]]]:
+def deletion_orders(table: pd.DataFrame, *, random_draws: int = RunConfig.random_draws,
+                    seed: int = 0) -> list[tuple[str, int, list[str]]]:
     """(order, draw, block names in deletion order) for every deletion curve.
 
     "ratio": smallest branch/shortcut ratio first. "drop": smallest single-block accuracy drop

@@ -25,7 +25,7 @@ from torch import nn
 import probe
 from probe.evaluation import single_block_sweep
 from probe.results import Evaluation
-from probe.table import check_table, join_block_table
+from probe.table import check_table, join_block_table, unsupported_reason
 from probe.verdict import UNSUPPORTED, VerdictRule, classify
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
@@ -163,7 +163,8 @@ def uncertainty(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
         sweep, evaluation = single_block_sweep(model, data, mode=mode, calibration=calibration, per_class=True,
                                                outcomes=True, blocks=blocks, progress=progress)
         if table is None:
-            table = join_block_table(probe.measure(model, data, blocks=blocks, progress=progress), sweep, rule)
+            table = join_block_table(probe.measure(model, data, blocks=blocks, progress=progress), sweep, rule,
+                                     unsupported=unsupported_reason(evaluation, rule))
     elif table is None:
         raise ProbeError("uncertainty: pass the per-block table together with a precomputed evaluation.")
     table = check_table(table, ["block", "position", "ratio"], "uncertainty", model, blocks)
