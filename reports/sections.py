@@ -361,6 +361,14 @@ def recalibration_section(df: pd.DataFrame, *, calibration_samples: int | None =
             "held-out samples (never among the evaluated ones) with the block deleted (BatchNorm layers in "
             "training mode, cumulative "
             "average, no gradients). The model's own statistics were restored exactly afterwards."]
+    if "baseline_accuracy" in df.columns:
+        baselines = df.groupby("bn_recalibrated")["baseline_accuracy"].first()
+        words = {False: "with its trained statistics", True: "with statistics recalibrated the same way"}
+        lead.append("Each drop is measured against the intact model treated alike: "
+                    + "; ".join(f"{format_cell(baselines[k], 'pct')}% accuracy {words[k]}"
+                                for k in (False, True) if k in baselines.index)
+                    + ". Comparing recalibrated deletions with the trained model would count the refit itself "
+                    "as the deletion's effect.")
     if {False, True} <= set(wide.columns) and len(wide):
         change = (wide[False] - wide[True]) * 100
         biggest = change.abs().idxmax()

@@ -271,6 +271,8 @@ def test_bn_recalibration_reports_both_baselines(user, tmp_path, capsys):
     assert (refit["accuracy_drop"] - (refit["baseline_accuracy"] - refit["accuracy"])).abs().max() < 1e-12
     html = (out / "report.html").read_text()
     assert "intact model as given: accuracy" in html and "recalibrated" in html
+    trained_baseline = trained["baseline_accuracy"].iloc[0]
+    assert f"{trained_baseline * 100:.2f}% accuracy with its trained statistics" in html
 
 
 def test_a_folder_one_level_too_high_is_refused(user, tmp_path, capsys):
