@@ -191,3 +191,16 @@ def test_recalibration_refuses_one_shot_data():
     batches = [(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]))]
     with pytest.raises(probe.ProbeError, match="calibration .* one-shot list_iterator"):
         evaluate_recalibrated(model, batches, [["layer1.0"]], iter(batches), progress=False)
+
+
+def test_the_answer_comes_before_the_analyses(checkpoint, tmp_path):
+    """The per-block table is handed out (and printed by the CLI) before any analysis runs."""
+    from probe.config import RunConfig
+
+    out = tmp_path / "run"
+    seen = []
+    config = RunConfig(model="resnet8", checkpoint=str(checkpoint), limit=24, batch_size=12, out=str(out),
+                       sections=("skipping",))
+    ablate.run(config, progress=False,
+               on_table=lambda table: seen.append((list(table["block"]), (out / "skipping.csv").exists())))
+    assert seen == [(["layer1.0", "layer2.0", "layer3.0"], False)] and (out / "skipping.csv").exists()
