@@ -68,7 +68,7 @@ def shortcut_kinds(model: nn.Module, example_input: object, blocks: Sequence[Blo
     for block in blocks:
         if block.shortcut is None:
             kinds[block.name] = "identity"
-        elif block.strategy == "hooks" and any(True for _ in modules[block.shortcut].parameters()):
+        elif block.shortcut in modules and any(True for _ in modules[block.shortcut].parameters()):
             kinds[block.name] = "projection"
         else:
             kinds[block.name] = "zero-padding" if padded.get(block.name) else "function"

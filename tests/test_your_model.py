@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+import probe
 from probe import ablate
 from probe.config import RunConfig
 from probe.data import dataset_targets, load_dataset
@@ -310,3 +311,32 @@ def test_the_recalibration_section_alone_never_changes_the_evaluated_samples(use
     assert json.loads((out / "run.json").read_text())["samples"] == "all 24 samples"
     assert "no held-out data to refit BatchNorm" in capsys.readouterr().err
     assert not (out / "recalibration.csv").exists()
+
+
+def test_shortcut_kinds_of_three_families():
+    """identity, 1x1 projection (torchvision), zero-padding (CIFAR option A), function (no weights)."""
+    import torchvision
+
+    from probe.describe import shortcut_kinds
+    from probe.models import cifar_resnet
+
+    torch.manual_seed(0)
+    resnet18 = torchvision.models.resnet18(num_classes=4).eval()
+    kinds = shortcut_kinds(resnet18, torch.randn(2, 3, 64, 64), probe.find_blocks(resnet18))
+    assert [kinds[n] for n in ("layer1.0", "layer2.0", "layer2.1", "layer3.0", "layer4.0")] == \
+        ["identity", "projection", "identity", "projection", "projection"]
+    cifar = cifar_resnet(8, num_classes=3, in_channels=1).eval()
+    assert shortcut_kinds(cifar, torch.randn(2, 1, 8, 8), probe.find_blocks(cifar)) == \
+        {"layer1.0": "identity", "layer2.0": "zero-padding", "layer3.0": "zero-padding"}
+
+    class Smoothed(nn.Module):  # a shortcut that computes without weights: a 3x3 average
+        def __init__(self):
+            super().__init__()
+            self.branch, self.shortcut = nn.Conv2d(2, 2, 3, padding=1), nn.AvgPool2d(3, stride=1, padding=1)
+
+        def forward(self, x):
+            return self.branch(x) + self.shortcut(x)
+
+    smoothed = nn.Sequential(Smoothed()).eval()
+    blocks = probe.find_blocks(smoothed, spec="0=branch,shortcut")  # discovery takes it for two towers
+    assert shortcut_kinds(smoothed, torch.randn(2, 2, 5, 5), blocks) == {"0": "function"}

@@ -83,14 +83,14 @@ def bootstrap_interval(base_correct, ablated_correct, *, resamples: int = 1000, 
     return float(low), float(high)
 
 
-def _decide(ratio: float, low: float, high: float, samples: int, max_ratio: float) -> str:
-    one_sample = 1.0 / samples
+def _decide(ratio: float, low: float, high: float, max_ratio: float) -> str:
+    """helps / hurts when the interval excludes 0; otherwise it admits no cost, and the block is
+    skipped when its branch is also small."""
     if low > 0:
         return "helps"
     if high < 0:
         return "hurts"
-    admits_no_cost = low <= 0 <= high or max(abs(low), abs(high)) <= one_sample
-    return "skipped" if admits_no_cost and ratio < max_ratio else "neutral"
+    return "skipped" if ratio < max_ratio else "neutral"
 
 
 def drop_intervals(table: pd.DataFrame, evaluation: Evaluation, *, rule: VerdictRule | None = None,
@@ -118,7 +118,7 @@ def drop_intervals(table: pd.DataFrame, evaluation: Evaluation, *, rule: Verdict
         low, high = bootstrap_interval(baseline["correct"], result["correct"], resamples=resamples, level=level,
                                        seed=[seed, int(row["position"])])
         decision = UNSUPPORTED if verdict == UNSUPPORTED else \
-            _decide(float(row["ratio"]), low, high, result["samples"], rule.max_ratio)
+            _decide(float(row["ratio"]), low, high, rule.max_ratio)
         rows.append({"block": row["block"], "position": row["position"], "ratio": row["ratio"],
                      "accuracy_drop": baseline["accuracy"] - result["accuracy"], "drop_low": low, "drop_high": high,
                      "level": level, "resamples": resamples, "samples": result["samples"],
