@@ -262,6 +262,13 @@ def test_ctrl_c_at_any_line_of_probe_leaves_no_trace(call, block):
            "sweep": lambda: probe.sweep(model, data, mode="mean", blocks=blocks, progress=False),
            "ablated": lambda: _ablated_forward(model, data)}[call]
     run()  # the fast sweep's traces are built once per model: interrupt the calls that reuse them
+    _interrupt_at_every_line(model, run)
+    pd.testing.assert_frame_equal(probe.measure(model, data, progress=False), reference)
+
+
+def _interrupt_at_every_line(model: nn.Module, run, also_unchanged=lambda: None) -> None:
+    """Interrupt `run()` at each line of probe's code it executes, in turn; after each, the
+    model and torch's global state must be as before (and `also_unchanged()` hold)."""
     total = _lines_executed(in_probe, run)
     before, world = snapshot(model), global_state()
     for k in range(1, total + 1):
@@ -269,9 +276,9 @@ def test_ctrl_c_at_any_line_of_probe_leaves_no_trace(call, block):
         assert where is not None, k
         try:
             assert_all_as_before(model, before, world)
+            also_unchanged()
         except AssertionError as error:
             raise AssertionError(f"Ctrl-C at {where} (line event {k} of {total})") from error
-    pd.testing.assert_frame_equal(probe.measure(model, data, progress=False), reference)
 
 
 @pytest.mark.parametrize("call", ["find_blocks", "sweep"])
@@ -561,16 +568,11 @@ def test_ctrl_c_at_any_line_of_bn_recalibration_leaves_no_trace():
                                            progress=False)
     reference = run()
     momenta = {name: m.momentum for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    total = _lines_executed(in_probe, run)
-    before, world = snapshot(model), global_state()
-    for k in range(1, total + 1):
-        where = _interrupt_at_line(k, in_probe, run)
-        assert where is not None, k
-        try:
-            assert_all_as_before(model, before, world)
-            assert {n: m.momentum for n, m in model.named_modules() if n in momenta} == momenta
-        except AssertionError as error:
-            raise AssertionError(f"Ctrl-C at {where} (line event {k} of {total})") from error
+
+    def momenta_unchanged() -> None:
+        assert {n: m.momentum for n, m in model.named_modules() if n in momenta} == momenta
+
+    _interrupt_at_every_line(model, run, momenta_unchanged)
     assert run().sets[0].accuracy == reference.sets[0].accuracy
 
 
