@@ -8,6 +8,7 @@ so every sample counts exactly once and per-sample results can be interleaved ba
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Iterator
@@ -52,7 +53,15 @@ def init_from_environment(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
+    # A group left alive at interpreter exit can abort the process ("terminate called without an
+    # active exception") while gloo's threads are torn down, failing a run that succeeded.
+    atexit.register(_leave)
     return True
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(dataset: Dataset) -> Dataset:
