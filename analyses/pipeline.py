@@ -30,6 +30,7 @@ from probe.files import write_tables
 from probe.recalibrate import batchnorm_layers
 from probe.loading import train_loader
 from probe.results import Evaluation
+from probe.tasks import Classification, Task, resolve_task
 
 __all__ = ["SECTIONS", "AnalysisOutputs", "choose_sections", "run_analyses"]
 
@@ -68,7 +69,8 @@ def choose_sections(config: RunConfig) -> tuple[list[str], dict[str, str]]:
 
 def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluation: Evaluation, *,
                  config: RunConfig, out: Path, device: str, calibration: Iterable | None, sweep_seconds: float,
-                 blocks: Sequence | None = None, progress: bool = True) -> AnalysisOutputs:
+                 blocks: Sequence | None = None, task: str | Task | Callable | None = None,
+                 progress: bool = True) -> AnalysisOutputs:
     """Run the chosen analyses on a probe.ablate run's results; write their CSVs into `out`.
 
     table: the classified per-block table; evaluation: its single-block sweep with per-class
@@ -77,9 +79,20 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
     table's blocks (those of `--blocks-spec`; discovered when None), handed to every analysis.
     A table whose verdicts are "unsupported" (the intact model is at chance) keeps them: the
     analyses measure, but call no block skipped.
+    task: what the outputs mean (`probe.tasks`), handed to every analysis; None takes the
+    evaluation's (`Evaluation.task`), else `config.task`. Degradation (plain vs residual
+    classifiers it trains itself) runs for classification only; for another task it is not run,
+    with the reason.
     """
+    if task is None:
+        task = evaluation.task if getattr(evaluation, "task", None) is not None else config.task
+    task = resolve_task(task)
     chosen, reasons = choose_sections(config)
     outputs = AnalysisOutputs(reasons=dict(reasons))
+    if "degradation" in chosen and not isinstance(task, Classification):
+        chosen.remove("degradation")
+        outputs.reasons["degradation"] = (f"degradation trains plain and residual classifiers of its own on "
+                                          f"{config.dataset}; it does not apply to the task {task.name!r}.")
     recal = calibration if config.bn_recalibrate else None
 
     def run_degradation() -> tuple[object, dict]:
@@ -91,7 +104,7 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
     def run_skipping() -> tuple[object, dict]:
         result = skipping(model, data, table, mode=config.mode, calibration=recal, random_draws=config.random_draws,
                           seed=config.seed, curve_points=config.curve_points, export_path=out / "pruned_model.pt",
-                          blocks=blocks, progress=progress)
+                          blocks=blocks, task=task, progress=progress)
         if (out / "pruned_model.pt").exists():  # not when the export was impossible or could not be saved
             outputs.files.append(out / "pruned_model.pt")
         return result, {"skipping": result.summary, "deletion_curves": result.curves,
@@ -99,17 +112,19 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
 
     def run_attribution() -> tuple[object, dict]:
         result = attribution(model, data, table, truth_seconds=sweep_seconds, mode=config.mode, blocks=blocks,
-                             progress=progress)
+                             task=task, progress=progress)
         return result, {"attribution": result.scores, "proxies": result.summary}
 
     def run_uncertainty() -> tuple[object, dict]:
         result = uncertainty(model, data, table, resamples=config.bootstrap, level=config.level, seed=config.seed,
-                             evaluation=evaluation, blocks=blocks, progress=progress)
+                             evaluation=evaluation, blocks=blocks, task=task, progress=progress)
         return result, {"drop_intervals": result.intervals, "class_drops": result.per_class}
 
     def run_representation() -> tuple[object, dict]:
-        result = representation(model, data, train_data=train_loader(config), table=table, evaluation=evaluation,
-                                blocks=blocks, progress=progress)
+        # Only the linear probes (classification) are fitted on training data.
+        train = train_loader(config) if isinstance(task, Classification) else None
+        result = representation(model, data, train_data=train, table=table, evaluation=evaluation,
+                                blocks=blocks, task=task, progress=progress)
         return result, result.tables()
 
     def run_recalibration() -> tuple[object, dict]:
@@ -118,7 +133,7 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
                              "pool (an image folder, or --split train); give --calibration-root FOLDER, or "
                              "--bn-recalibrate to set calibration samples apart from the evaluated ones.")
         result = recalibration(model, data, calibration, table=table, mode=config.mode, blocks=blocks,
-                               progress=progress)
+                               task=task, progress=progress)
         return result, {"recalibration": result}
 
     runners: dict[str, Callable[[], tuple[object, dict]]] = {

@@ -4,6 +4,7 @@
     stats  = probe.measure(model, data)      # branch vs shortcut statistics, one row per block
     result = probe.sweep(model, data)        # what deleting each block alone costs
     table  = probe.block_table(model, data)  # both, joined, with a verdict per block
+    probe.sweep(lm, text, task="lm")         # any task: "classification", "lm", "drift", your function
     with probe.ablated(model, ["layer2.0"]):
         logits = model(x)                    # with that block's branch removed
 
@@ -11,6 +12,7 @@ The layers of the code and what each may import: docs/architecture.md.
 """
 
 from probe.ablation import ablated
+from probe.batches import Data
 from probe.blocks import Block, find_blocks
 from probe.describe import describe_blocks
 from probe.errors import ProbeError
@@ -19,9 +21,11 @@ from probe.measurement import branch_means, measure
 from probe.results import Evaluation, Outcome
 from probe.spec import BlockSpec, parse_spec
 from probe.table import block_table, join_block_table
+from probe.tasks import Classification, CustomTask, Drift, LanguageModeling, Task
 from probe.verdict import VerdictRule
 
-__all__ = ["Block", "BlockSpec", "Evaluation", "Outcome", "ProbeError", "VerdictRule", "ablated", "block_table",
+__all__ = ["Block", "BlockSpec", "Classification", "CustomTask", "Data", "Drift", "Evaluation", "LanguageModeling",
+           "Outcome", "ProbeError", "Task", "VerdictRule", "ablated", "block_table",
            "branch_means", "describe_blocks", "evaluate_ablations", "find_blocks", "join_block_table", "measure",
            "parse_spec", "sweep"]
 __version__ = "0.1.0"

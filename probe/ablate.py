@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torchvision
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 import probe
@@ -29,7 +30,7 @@ from analyses.degradation import summary_lines
 from analyses.representation import story
 from analyses.pipeline import AnalysisOutputs, choose_sections, run_analyses
 from probe import distributed
-from probe.batches import device_for
+from probe.batches import Batch, batches, device_for, input_dtype
 from probe.blocks import find_blocks
 from probe.cli import run_command
 from probe.config import RunConfig, add_options
@@ -38,12 +39,13 @@ from probe.describe import describe_blocks, shortcut_kinds
 from probe.errors import ProbeError
 from probe.evaluation import evaluate_ablations, sweep_table
 from probe.files import prepare_out_dir, write_csv
-from probe.loading import Datasets, data_fingerprint, load_datasets, load_model
+from probe.loading import Datasets, data_fingerprint, load_datasets, load_model, named_parts
 from probe.measurement import measure
 from probe.results import Evaluation
 from probe.rundir import RunDirectory, file_digest
 from probe.table import join_block_table, unsupported_reason
-from probe.verdict import UNSUPPORTED, VerdictRule, summarize
+from probe.tasks import Task, resolve_task
+from probe.verdict import UNSUPPORTED, VerdictRule, cost_column, summarize
 from reports import sections as build
 from reports.html import write_report
 
@@ -79,7 +81,8 @@ def _autocast(config: RunConfig, device: torch.device):
 # The settings that change the measured and swept numbers (the pieces a run resumes from);
 # the analyses after the sweep are rerun every time, so theirs need not match.
 _RECORDED = ("model", "checkpoint", "weights", "dataset", "data_root", "split", "limit", "seed", "epochs", "mode",
-             "device", "batch_size", "bn_recalibrate", "calibration_root", "precision", "channels_last", "save_every")
+             "device", "batch_size", "bn_recalibrate", "calibration_root", "precision", "channels_last", "save_every",
+             "task", "inputs", "targets")
 
 
 def _run_record(config: RunConfig, source: str, blocks: list, datasets: Datasets, shortcuts: dict[str, str], *,
@@ -92,7 +95,7 @@ def _run_record(config: RunConfig, source: str, blocks: list, datasets: Datasets
         **{name: getattr(config, name) for name in _RECORDED}, "checkpoint": source,
         "device": str(device), "channels_last": channels_last,
         "checkpoint_sha256": file_digest(checkpoint) if checkpoint.is_file() else None,
-        "data": dataclasses.asdict(_info(datasets.evaluation)), "samples": datasets.selection,
+        "data": _info(datasets.evaluation), "samples": datasets.selection,
         "data_sha256": data_fingerprint(datasets.evaluation),
         "calibration": datasets.calibration_source if recalibrated else None,
         "calibration_samples": config.calibration_samples if recalibrated else None,
@@ -103,11 +106,22 @@ def _run_record(config: RunConfig, source: str, blocks: list, datasets: Datasets
     }
 
 
-def _info(dataset) -> DatasetInfo:
-    """The `DatasetInfo` of a loaded data set, also through the Subsets a sample makes."""
+def _info(dataset) -> dict | None:
+    """The `DatasetInfo` of a loaded built-in data set as a dict, also through the Subsets a
+    sample makes; None for the user's own data set (`--dataset package.module:function`)."""
     while not hasattr(dataset, "info"):
+        if not hasattr(dataset, "dataset"):
+            return None
         dataset = dataset.dataset
-    return dataset.info
+    info: DatasetInfo = dataset.info
+    return dataclasses.asdict(info)
+
+
+def _example(dataset, config: RunConfig, model, device: torch.device) -> Batch:
+    """The data set's first sample as a batch of one on `device`: what discovery (for a model
+    torch.fx cannot trace) and the shortcut kinds run on."""
+    loader = named_parts(make_loader(Subset(dataset, [0]), batch_size=1), config)
+    return next(iter(batches(loader, device, dtype=input_dtype(model))))
 
 
 def _check_out(out: Path) -> None:
@@ -120,10 +134,11 @@ def _check_out(out: Path) -> None:
 
 def list_blocks(config: RunConfig) -> str:
     """The `--list-blocks` table: every block with its branch, shortcut and output shape."""
-    model, _ = load_model(config, device_for(config.device), progress=False, train=False)
-    image, _ = load_datasets(config, calibration=False).evaluation[0]
+    device = device_for(config.device)
+    model, _ = load_model(config, device, progress=False, train=False)
+    example = _example(load_datasets(config, calibration=False).evaluation, config, model, device)
     blocks = find_blocks(model, spec=config.blocks_spec) if config.blocks_spec else None
-    table = describe_blocks(model, image.unsqueeze(0).to(device_for(config.device)), blocks=blocks)
+    table = describe_blocks(model, example.inputs, blocks=blocks)
     return table.to_string(index=False)
 
 
@@ -146,21 +161,24 @@ def run(config: RunConfig, *, progress: bool = True,
     channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # our own copy: the checkpoint is untouched
-    blocks = find_blocks(model, spec=config.blocks_spec) if config.blocks_spec else find_blocks(model)
+    task = resolve_task(config.task)
     datasets = load_datasets(config, calibration=config.bn_recalibrate or "recalibration" in chosen, model=model)
     dataset = datasets.evaluation
-    loader = make_loader(distributed.shard(dataset), batch_size=config.batch_size,
-                         pin_memory=device.type == "cuda")
-    calibration = (make_loader(datasets.calibration, batch_size=config.batch_size)
+    example = _example(dataset, config, model, device)
+    # Discovery traces the model; one that torch.fx cannot trace is found from a forward on one sample.
+    blocks = (find_blocks(model, spec=config.blocks_spec) if config.blocks_spec
+              else find_blocks(model, example_input=example.inputs))
+    loader = named_parts(make_loader(distributed.shard(dataset), batch_size=config.batch_size,
+                                     pin_memory=device.type == "cuda"), config)
+    calibration = (named_parts(make_loader(datasets.calibration, batch_size=config.batch_size), config)
                    if datasets.calibration is not None else None)
-    example = dataset[0][0].unsqueeze(0).to(device)
-    shortcuts = shortcut_kinds(model, example, blocks)
+    shortcuts = shortcut_kinds(model, example.inputs, blocks)
     record = _run_record(config, source, blocks, datasets, shortcuts, device=device, channels_last=channels_last)
     # The folder is locked while this run writes into it: a second run on it is refused.
     with RunDirectory(out, record, writer=distributed.rank() == 0) as run_dir:
         seconds: dict[str, float] = {}
         stats, sweep, evaluation = _measure_and_sweep(run_dir, config, model, loader, blocks, calibration, device,
-                                                      seconds, progress)
+                                                      task, seconds, progress)
         warning = unsupported_reason(evaluation)
         if warning and distributed.rank() == 0:
             print(f"probe.ablate: warning: {warning}", file=sys.stderr)
@@ -173,7 +191,8 @@ def run(config: RunConfig, *, progress: bool = True,
             on_table(table)
         # The analyses after the sweep run in rank 0 alone, on all the data.
         with distributed.local(), _autocast(config, device):
-            loader = make_loader(dataset, batch_size=config.batch_size, pin_memory=device.type == "cuda")
+            loader = named_parts(make_loader(dataset, batch_size=config.batch_size,
+                                             pin_memory=device.type == "cuda"), config)
             _write_outputs(config, model, loader, table, evaluation, record, calibration, device, out, seconds,
                            progress, blocks)
     distributed.barrier()
@@ -181,7 +200,8 @@ def run(config: RunConfig, *, progress: bool = True,
 
 
 def _measure_and_sweep(run_dir: RunDirectory, config: RunConfig, model, loader, blocks, calibration, device,
-                       seconds: dict[str, float], progress: bool) -> tuple[pd.DataFrame, pd.DataFrame, Evaluation]:
+                       task: Task, seconds: dict[str, float],
+                       progress: bool) -> tuple[pd.DataFrame, pd.DataFrame, Evaluation]:
     """(measure's table, the sweep's table, the sweep's evaluation), resumed from `run_dir`'s
     pieces where they exist; `seconds` gets the time each took."""
     start = time.perf_counter()
@@ -203,26 +223,31 @@ def _measure_and_sweep(run_dir: RunDirectory, config: RunConfig, model, loader, 
             with _autocast(config, device):
                 evaluation = evaluate_ablations(model, loader, [[block] for block in piece], mode=config.mode,
                                                 calibration=calibration if config.bn_recalibrate else None,
-                                                per_class=True, outcomes=True, progress=progress and not outer)
-            run_dir.save(f"sweep-{index}", evaluation)
+                                                per_class=True, outcomes=True, task=task,
+                                                progress=progress and not outer)
+            # Without the task: a user's task function need not pickle (the record names it).
+            run_dir.save(f"sweep-{index}", dataclasses.replace(evaluation, task=None))
         baseline = evaluation.baseline
         results += evaluation.sets
-    evaluation = Evaluation(baseline, results, trained_baseline=evaluation.trained_baseline)
+    evaluation = Evaluation(baseline, results, trained_baseline=evaluation.trained_baseline, task=task)
     sweep = sweep_table(blocks, evaluation, mode=config.mode, recalibrated=config.bn_recalibrate)
     seconds["sweep"] = time.perf_counter() - start
     return stats, sweep, evaluation
 
 
-def _sections(outputs: AnalysisOutputs, calibration_samples: int | None, recalibrated: bool) -> list:
-    """One report section per analysis, in report order; a "not run" section says why."""
+def _sections(outputs: AnalysisOutputs, calibration_samples: int | None, recalibrated: bool,
+              cost: str = "accuracy_drop") -> list:
+    """One report section per analysis, in report order; a "not run" section says why. cost:
+    the per-block table's cost column (`probe.verdict.cost_column`), which the sections show."""
     builders = {
         "degradation": lambda result: build.degradation_section(result, lines=summary_lines(result)),
         "skipping": lambda result: build.skipping_section(
-            result, calibration_samples=calibration_samples if recalibrated else None),
-        "attribution": build.attribution_section,
-        "uncertainty": build.uncertainty_section,
-        "representation": lambda result: build.representation_section(result, lines=story(result)),
-        "recalibration": lambda result: build.recalibration_section(result, calibration_samples=calibration_samples),
+            result, calibration_samples=calibration_samples if recalibrated else None, cost=cost),
+        "attribution": lambda result: build.attribution_section(result, cost=cost),
+        "uncertainty": lambda result: build.uncertainty_section(result, cost=cost),
+        "representation": lambda result: build.representation_section(result, lines=story(result), cost=cost),
+        "recalibration": lambda result: build.recalibration_section(result, calibration_samples=calibration_samples,
+                                                                    cost=cost),
     }
     return [builders[name](outputs.results[name]) if name in outputs.results
             else build.not_run_section(name, outputs.reasons[name]) for name in builders]
@@ -241,51 +266,142 @@ def _write_outputs(config, model, loader, table, evaluation, record, calibration
     write_csv(out / "blocks.csv", table)
     analyses = run_analyses(model, loader, table, evaluation, config=config, out=out, device=str(device),
                             calibration=calibration, sweep_seconds=seconds["sweep"], blocks=blocks,
-                            progress=progress)
+                            task=evaluation.task, progress=progress)
     seconds.update(analyses.seconds)
     baseline = table.attrs["baseline"]
     data = record["data"]
     report_config = {**{k: v for k, v in vars(config).items() if v is not None and v != ()},
                      "checkpoint": record["checkpoint"], "device": str(device), "samples": record["samples"],
-                     "images": f"{data['image_size']}x{data['image_size']}, {data['in_channels']} channel(s), "
-                               f"normalization {data['normalize']}",
+                     **({"images": f"{data['image_size']}x{data['image_size']}, {data['in_channels']} channel(s), "
+                                   f"normalization {data['normalize']}"} if data else {}),
+                     "task": evaluation.task.describe() if evaluation.task is not None else "classification",
                      "shortcuts": ", ".join(f"{n} {kind}" for kind, n in Counter(record["shortcuts"].values()).items()),
-                     "BN recalibration": (f"on ({record['calibration']}); intact model as given: accuracy "
-                                          f"{table.attrs['trained_baseline']['accuracy']:.2%}, recalibrated "
-                                          f"{baseline['accuracy']:.2%}" if config.bn_recalibrate
+                     "BN recalibration": (_recalibration_words(table, record['calibration']) if config.bn_recalibrate
                                           else "off (trained BatchNorm statistics)"),
                      "seconds": {name: f"{value:.1f}" for name, value in seconds.items()},
                      "versions": {"torch": torch.__version__, "probe": probe.__version__},
                      "date": time.strftime("%Y-%m-%d %H:%M")}
-    sections = _sections(analyses, _samples(calibration), config.bn_recalibrate)
+    sections = _sections(analyses, _samples(calibration), config.bn_recalibrate, cost_column(table))
     write_report(out / "report.html", table, baseline=baseline, config=report_config, rule=VerdictRule(),
                  sections=sections, warning=table.attrs.get("unsupported"))
 
 
-def format_summary(table: pd.DataFrame, n: int = 5) -> str:
-    """The short terminal answer: what helps most, and what is skipped."""
+def _metric_words(metrics: dict) -> str:
+    """The intact model's numbers of a task other than classification, in words ("" for drift,
+    which has none of its own)."""
+    parts = []
+    if "perplexity" in metrics:
+        parts.append(f"loss {metrics['loss']:.4f} (perplexity {metrics['perplexity']:.2f})")
+    elif "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4f}")
+    if "token_accuracy" in metrics:
+        parts.append(f"token accuracy {metrics['token_accuracy']:.1%}")
+    elif "accuracy" in metrics:
+        parts.append(f"accuracy {metrics['accuracy']:.2%}")
+    return ", ".join(parts)
+
+
+def _recalibration_words(table: pd.DataFrame, calibration: str | None) -> str:
+    """The report's "BN recalibration" line: where the calibration data came from, and the intact
+    model's numbers as given and recalibrated (`attrs["trained_baseline"]`, `attrs["baseline"]`)."""
+    if "trained_baseline" not in table.attrs:  # the sweep refitted nothing (the model has no BatchNorm statistics)
+        return "asked for, but nothing was refitted: the model has no BatchNorm layer with running statistics"
+    trained, recalibrated = table.attrs["trained_baseline"], table.attrs.get("baseline") or {}
+    if cost_column(table) == "accuracy_drop" and "accuracy" in trained and "accuracy" in recalibrated:
+        return (f"on ({calibration}); intact model as given: accuracy {trained['accuracy']:.2%}, recalibrated "
+                f"{recalibrated['accuracy']:.2%}")
+    before, after = _metric_words(trained), _metric_words(recalibrated)
+    if before and after:
+        return f"on ({calibration}); intact model as given: {before}; recalibrated: {after}"
+    return f"on ({calibration}); each deletion is compared with the intact model recalibrated the same way"
+
+
+def _baseline_words(table: pd.DataFrame, cost: str) -> str:
+    """The summary's first line: the intact model's numbers, as the table's task has them."""
     baseline = table.attrs["baseline"]
-    lines = [f"baseline: accuracy {baseline['accuracy']:.2%}, loss {baseline['loss']:.4f} "
-             f"on {baseline['samples']} samples; {len(table)} residual blocks", ""]
+    if cost == "accuracy_drop":
+        return (f"baseline: accuracy {baseline['accuracy']:.2%}, loss {baseline['loss']:.4f} "
+                f"on {baseline['samples']} samples")
+    if cost == "drift":
+        return (f"baseline: the intact model's outputs on {baseline['samples']} samples (drift is measured "
+                "against them)")
+    if "perplexity" in baseline:
+        return (f"baseline: {_metric_words(baseline)} on {baseline['samples']} sequences "
+                f"({int(baseline['tokens']):,} tokens)")
+    task = f" (task {table.attrs['task']})" if table.attrs.get("task") else ""
+    return f"baseline: {_metric_words(baseline)} on {baseline['samples']} samples{task}"
+
+
+def _plus_minus(values: pd.Series, errors: pd.Series | None, spec: str, unit: str = "") -> pd.Series:
+    """Each value with its standard error, "+0.1234 ± 0.0010 nats"; without the error where it is
+    missing."""
+    def one(value, error) -> str:
+        shown = format(value, spec)
+        if error is not None and pd.notna(error):
+            shown += f" \u00b1 {format(abs(error), spec.lstrip('+'))}"
+        return shown + unit
+
+    errors = errors if errors is not None else pd.Series(None, index=values.index, dtype=object)
+    return pd.Series([one(v, e) for v, e in zip(values, errors)], index=values.index, dtype=object)
+
+
+# For each cost: (its name in words, what deleting a block that helps does).
+_SUMMARY_WORDS = {
+    "accuracy_drop": ("accuracy drop", "costs the most accuracy"),
+    "loss_increase": ("loss increase", "raises the loss the most"),
+    "drift": ("drift", "moves the outputs the most"),
+}
+
+
+def _shown_columns(table: pd.DataFrame, cost: str) -> pd.DataFrame:
+    """The per-block columns the terminal shows, formatted for the table's cost."""
+    if cost == "accuracy_drop":
+        columns = ["block", "ratio", "cosine", "accuracy_drop", "flip_rate", "verdict"]
+        shown = table[columns].copy()
+        shown["accuracy_drop"] = (shown["accuracy_drop"] * 100).map("{:+.1f} pts".format)
+        shown["flip_rate"] = (shown["flip_rate"] * 100).map("{:.1f}%".format)
+        return shown
+    extra = (["kl"] if cost == "drift" else ["perplexity_ratio", "token_flip_rate", "accuracy_drop"])
+    columns = ["block", "ratio", "cosine", cost, *extra, "verdict"]
+    shown = table[[c for c in columns if c in table.columns]].copy()
+    se = table.get(f"{cost}_se")
+    if cost == "drift":
+        shown["drift"] = _plus_minus(table["drift"] * 100, None if se is None else se * 100, ".1f", "%")
+    else:
+        unit = " nats" if "perplexity_ratio" in table.columns or table.attrs.get("task") == "lm" else ""
+        shown["loss_increase"] = _plus_minus(table["loss_increase"], se, "+.4f", unit)
+    if "kl" in shown:
+        shown["kl"] = shown["kl"].map("{:.4g}".format)
+    if "token_flip_rate" in shown:
+        shown["token_flip_rate"] = (shown["token_flip_rate"] * 100).map("{:.1f}%".format)
+    if "accuracy_drop" in shown:
+        shown["accuracy_drop"] = (shown["accuracy_drop"] * 100).map("{:+.1f} pts".format)
+    return shown
+
+
+def format_summary(table: pd.DataFrame, n: int = 5) -> str:
+    """The short terminal answer: what helps most, and what is skipped, by the table's cost
+    (`probe.verdict.cost_column`: the accuracy drop for classification, else the loss increase
+    or the drift of the outputs)."""
+    cost = cost_column(table)
+    lines = [f"{_baseline_words(table, cost)}; {len(table)} residual blocks", ""]
     if "unsupported" in table.attrs:
         lines += [f"WARNING: {table.attrs['unsupported']}", "",
                   f"no verdicts: every block is marked '{UNSUPPORTED}' in blocks.csv."]
         return "\n".join(lines)
     summary = summarize(table, n=n)
-    columns = ["block", "ratio", "cosine", "accuracy_drop", "flip_rate", "verdict"]
-    shown = table[columns].copy()
-    shown["accuracy_drop"] = (shown["accuracy_drop"] * 100).map("{:+.1f} pts".format)
-    shown["flip_rate"] = (shown["flip_rate"] * 100).map("{:.1f}%".format)
+    name, helping = _SUMMARY_WORDS[cost]
+    shown = _shown_columns(table, cost)
     if summary["helps_most"]:
         helps = shown.set_index("block").loc[summary["helps_most"]]
-        lines += ["blocks that help most (deleting one alone costs the most accuracy):",
+        lines += [f"blocks that help most (deleting one alone {helping}):",
                   helps.to_string(float_format="{:.3f}".format), ""]
     else:
         lines += ["no block costs more than noise when deleted alone.", ""]
     skipped = summary["skipped"]
     lines.append(f"skipped blocks ({len(skipped)}): " + (", ".join(skipped) if skipped else "none"))
-    lines.append(f"rule: {VerdictRule().describe()}")
-    lines.append(f"Spearman rank correlation of ratio with accuracy drop: {summary['spearman_rho']:+.2f}")
+    lines.append(f"rule: {VerdictRule().describe(cost=cost)}")
+    lines.append(f"Spearman rank correlation of ratio with {name}: {summary['spearman_rho']:+.2f}")
     return "\n".join(lines)
 
 

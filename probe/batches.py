@@ -1,13 +1,16 @@
-"""Walk a user's data as validated `(inputs, targets)` batches on the model's device."""
+"""Walk a user's data as `Batch`es on the model's device: inputs and targets told apart, whatever
+the batch's form (a pair, a tuple with extras, a dict, a bare tensor; `probe.Data` names them)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import chain
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from probe.errors import ProbeError
@@ -60,43 +63,212 @@ def _used_up_by_means_pass(data: Iterator) -> Iterator:
         )
 
 
-def batches(data: Iterable, device: torch.device, *, dtype: torch.dtype | None = None, progress: bool = False,
-            desc: str = "") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield `(inputs, targets)` from `data` on `device`; raise ProbeError for malformed data.
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """One batch on the model's device, taken apart.
 
-    Floating-point inputs are cast to `dtype` when given (see `input_dtype`); integer targets
-    of any width become int64 class labels.
+    inputs:  what the model is called with: a tensor (`model(x)`), a tuple of tensors
+             (`model(*inputs)`) or a dict (`model(**inputs)`, as Hugging Face models take).
+    targets: the labels, or None for data without any (the `drift` task needs none).
+    raw:     the batch as the data gave it, on the device: what a user's own task receives.
+    size:    how many samples it holds (the first dimension of its inputs).
+    number:  its place in the data, from 1 (for messages).
+    """
+
+    inputs: object
+    targets: torch.Tensor | None
+    raw: object
+    size: int
+    number: int = 1
+
+    def run(self, model: Callable) -> object:
+        """`model` called on this batch's inputs."""
+        return call_model(model, self.inputs)
+
+    def describe(self) -> str:
+        """The inputs' shapes, for messages: `(8, 3, 32, 32)` or `input_ids (8, 16), attention_mask (8, 16)`."""
+        if isinstance(self.inputs, torch.Tensor):
+            return str(tuple(self.inputs.shape))
+        if isinstance(self.inputs, dict):
+            return ", ".join(f"{key} {_shape(value)}" for key, value in self.inputs.items())
+        return ", ".join(_shape(value) for value in self.inputs)
+
+
+def _shape(value: object) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def call_model(model: Callable, inputs: object) -> object:
+    """`model(**inputs)` for a dict, `model(*inputs)` for a tuple or list, else `model(inputs)`."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+# Dict keys that hold a model's inputs, and those that hold targets. Hugging Face models take
+# their inputs as keywords; a lone image-like key is passed positionally (`model(batch["image"])`).
+_KEYWORD_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "pixel_mask",
+                   "inputs_embeds", "decoder_input_ids", "decoder_attention_mask")
+_POSITIONAL_INPUTS = ("image", "images", "img", "input", "inputs", "x", "data", "features")
+_TARGET_KEYS = ("labels", "label", "target", "targets", "y", "class", "classes")
+
+Selector = str | int | Sequence[str | int] | Callable[[object], object] | None
+
+
+class Data:
+    """A user's data with the parts of each batch named: which item holds the inputs, which the
+    targets. Needed only when probe cannot tell them apart by itself (see `split_batch`).
+
+        probe.sweep(model, probe.Data(loader, inputs="image", targets="label"))
+        probe.sweep(model, probe.Data(loader, inputs=["left", "right"], targets=None))
+        probe.sweep(model, probe.Data(loader, inputs=lambda b: (b[0], b[2]), targets=lambda b: b[1]))
+
+    inputs: a key or index (its value is the input), several (the model takes them as keyword
+    arguments for keys, positional ones for indices), or a function of the batch. targets: a
+    key, an index, a function, or None (no targets: the `drift` task). Iterating yields the
+    batches unchanged; probe takes them apart with these selectors.
+    """
+
+    def __init__(self, data: Iterable, *, inputs: Selector, targets: Selector = None) -> None:
+        for name, value in (("inputs", inputs), ("targets", targets)):
+            if not (value is None or callable(value) or isinstance(value, (str, int))
+                    or (isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, int)) for v in value))):
+                raise ProbeError(f"probe.Data: {name}={value!r} must be a key, an index, a list of them, or a "
+                                 "function of the batch.")
+        if inputs is None:
+            raise ProbeError("probe.Data: inputs=None; name the batch item(s) the model takes, e.g. inputs='image'.")
+        self.data, self.inputs, self.targets = data, inputs, targets
+
+    def __iter__(self) -> Iterator:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def split(self, raw: object) -> tuple[object, object]:
+        return _select(raw, self.inputs, "inputs", several=True), _select(raw, self.targets, "targets")
+
+
+def _select(raw: object, selector: Selector, what: str, several: bool = False) -> object:
+    if selector is None:
+        return None
+    if callable(selector):
+        return selector(raw)
+    if isinstance(selector, (list, tuple)):
+        values = [_select(raw, one, what) for one in selector]
+        if all(isinstance(one, str) for one in selector):
+            return dict(zip(selector, values))
+        return tuple(values)
+    try:
+        return raw[selector]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError) as error:
+        found = f"keys {list(raw)}" if isinstance(raw, dict) else f"a {type(raw).__name__}" + (
+            f" of length {len(raw)}" if isinstance(raw, (tuple, list)) else "")
+        raise ProbeError(f"probe.Data: {what}={selector!r} is not in the batch, which has {found}.") from error
+
+
+def split_batch(raw: object, number: int) -> tuple[object, object]:
+    """(inputs, targets) of a batch as the data gave it.
+
+    - a tensor: inputs alone (no targets);
+    - a tuple or list: (inputs, targets, extras...), or (inputs,) alone; inputs may themselves
+      be a tuple or list of tensors (a model with several inputs);
+    - a dict: Hugging Face style keys (`input_ids`, `attention_mask`, `pixel_values`, ...) as
+      keyword inputs, or one image-like key (`image`, `input`, `x`, ...) as the input; targets
+      from `labels`, `label`, `target`, `y`, ... when present.
+    Anything else raises a ProbeError that names what was found and says how to name the parts
+    (`probe.Data(data, inputs=..., targets=...)`).
+    """
+    if isinstance(raw, torch.Tensor):
+        return raw, None
+    if isinstance(raw, (tuple, list)) and raw:
+        inputs = tuple(raw[0]) if isinstance(raw[0], (tuple, list)) else raw[0]
+        return inputs, (raw[1] if len(raw) > 1 else None)
+    if isinstance(raw, dict):
+        keys = list(raw)
+        targets = next((raw[k] for k in _TARGET_KEYS if k in raw), None)
+        keyword = {k: raw[k] for k in keys if k in _KEYWORD_INPUTS}
+        positional = [k for k in keys if k in _POSITIONAL_INPUTS]
+        if keyword and not positional:
+            return keyword, targets
+        if len(positional) == 1 and not keyword:
+            return raw[positional[0]], targets
+        raise ProbeError(
+            f"batch {number} is a dict with keys {keys}: probe cannot tell which hold the model's inputs and which "
+            "the targets. Name them: probe.Data(data, inputs='KEY' (or a list of keys, or a function), "
+            "targets='KEY' or None).")
+    kind = type(raw).__name__ + (" (empty)" if isinstance(raw, (tuple, list)) else "")
+    raise ProbeError(
+        f"batch {number} is a {kind}; probe needs a tensor, an (inputs, targets, ...) tuple or a dict of tensors. "
+        "Name the parts with probe.Data(data, inputs=..., targets=...).")
+
+
+def _to_device(value: object, device: torch.device, dtype: torch.dtype | None) -> object:
+    """Tensors in `value` (a tensor, or tuples, lists and dicts of them) moved to `device`, and
+    floating-point ones cast to `dtype` when given."""
+    non_blocking = device.type == "cuda"
+
+    def move(leaf: object) -> object:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        cast = dtype if dtype is not None and leaf.is_floating_point() else None
+        return leaf.to(device, dtype=cast, non_blocking=non_blocking)
+
+    return pytree.tree_map(move, value)
+
+
+def _size(inputs: object, number: int) -> int:
+    tensors = [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
+    if not tensors or tensors[0].dim() == 0:
+        raise ProbeError(f"batch {number} has inputs of type {type(inputs).__name__} with no batched tensor; "
+                         "the inputs must be tensors with the samples along their first dimension.")
+    return len(tensors[0])
+
+
+def batches(data: Iterable, device: torch.device, *, dtype: torch.dtype | None = None, progress: bool = False,
+            desc: str = "") -> Iterator[Batch]:
+    """Yield each batch of `data` as a `Batch` on `device`; raise ProbeError for malformed data.
+
+    Floating-point inputs are cast to `dtype` when given (see `input_dtype`). Batches may be
+    pairs, tuples with extra items, dicts or bare tensors (`split_batch`), or named with
+    `probe.Data`. What the targets must be is the task's business (`probe.tasks`).
     """
     try:
         total = len(data)  # type: ignore[arg-type]
     except TypeError:
         total = None
+    split = data.split if isinstance(data, Data) else None
     seen = 0
-    for seen, batch in enumerate(tqdm(data, total=total, desc=desc, disable=not progress, leave=False), start=1):
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            kind = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-            raise ProbeError(
-                f"batch {seen} is a {kind}; probe needs (inputs, targets) pairs, as a DataLoader "
-                "over a dataset of (image, label) items yields."
-            )
-        inputs, targets = batch
-        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
-            raise ProbeError(
-                f"batch {seen} holds ({type(inputs).__name__}, {type(targets).__name__}); "
-                "probe needs (inputs, targets) as tensors, with integer class targets."
-            )
-        integer = not (targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool)
-        if not integer or targets.dim() != 1 or len(targets) != len(inputs):
-            raise ProbeError(
-                f"batch {seen} has targets of dtype {targets.dtype} and shape {tuple(targets.shape)} "
-                f"for {len(inputs)} inputs; probe needs one integer class label per input."
-            )
-        non_blocking = device.type == "cuda"
-        cast = dtype if inputs.is_floating_point() else None
-        yield (inputs.to(device, dtype=cast, non_blocking=non_blocking),
-               targets.to(device, dtype=torch.long, non_blocking=non_blocking))
+    for seen, raw in enumerate(tqdm(data, total=total, desc=desc, disable=not progress, leave=False), start=1):
+        raw = _to_device(raw, device, None)  # once: the inputs and targets are parts of it
+        inputs, targets = split(raw) if split is not None else split_batch(raw, seen)
+        if targets is not None and not isinstance(targets, torch.Tensor):
+            raise ProbeError(f"batch {seen} has targets of type {type(targets).__name__}; targets must be a tensor "
+                             "(or left out: name the parts with probe.Data(data, inputs=..., targets=None)).")
+        if isinstance(inputs, list):
+            inputs = tuple(inputs)
+        size = _size(inputs, seen)
+        yield Batch(inputs=_to_device(inputs, device, dtype), targets=targets, raw=raw, size=size, number=seen)
     if seen == 0:
         raise ProbeError("the data is empty: it yielded no batch. Pass a DataLoader with at least one sample.")
+
+
+def class_targets(batch: Batch) -> torch.Tensor:
+    """The batch's targets as int64 class labels, one per sample; ProbeError otherwise."""
+    targets = batch.targets
+    where = f"batch {batch.number}"
+    if targets is None:
+        raise ProbeError(f"{where} has no targets, but class labels are needed here; give (inputs, labels) batches, "
+                         "or use task='drift', which needs no labels.")
+    integer = not (targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool)
+    if not integer or targets.dim() != 1 or len(targets) != batch.size:
+        raise ProbeError(
+            f"{where} has targets of dtype {targets.dtype} and shape {tuple(targets.shape)} for {batch.size} "
+            "inputs; the classification task needs one integer class label per input (for other targets, "
+            "choose task='lm', 'drift' or your own).")
+    return targets.long()
 
 
 # Phrases of torch's errors for inputs that do not fit a layer (channels, sizes, features).
@@ -105,7 +277,7 @@ _MISFIT_PHRASES = ("channels", "cannot be multiplied", "size mismatch", "must ma
 
 
 @contextlib.contextmanager
-def explained_misfit(inputs: torch.Tensor) -> Iterator[None]:
+def explained_misfit(batch: Batch | torch.Tensor) -> Iterator[None]:
     """Turn torch's error for inputs the model cannot take into a ProbeError that says so."""
     try:
         yield
@@ -113,8 +285,9 @@ def explained_misfit(inputs: torch.Tensor) -> Iterator[None]:
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
         if not any(phrase in text for phrase in _MISFIT_PHRASES):
             raise
+        shapes = batch.describe() if isinstance(batch, Batch) else str(tuple(batch.shape))
         raise ProbeError(
-            f"the model cannot take inputs of shape {tuple(inputs.shape)} ({text}). Check that the data set "
+            f"the model cannot take inputs of shape {shapes} ({text}). Check that the data set "
             "fits the model: its input channels, image size and number of classes."
         ) from error
 

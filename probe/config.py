@@ -12,6 +12,7 @@ import argparse
 from dataclasses import dataclass, fields
 
 from probe.errors import ProbeError
+from probe.tasks import TASKS
 
 __all__ = ["MODES", "PRECISIONS", "SECTIONS", "RunConfig", "add_options", "check_depths"]
 
@@ -61,6 +62,9 @@ class RunConfig:
     save_every: int = 8
     precision: str = "fp32"
     channels_last: bool | None = None
+    task: str = "classification"
+    inputs: str | None = None
+    targets: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "limit", "epochs", "save_every", "calibration_samples", "bootstrap", "image_size"):
@@ -82,6 +86,9 @@ class RunConfig:
                               ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, name) not in allowed:
                 raise ProbeError(f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}.")
+        if self.task not in TASKS and ":" not in str(self.task):
+            raise ProbeError(f"--task {self.task!r} is not one of {', '.join(TASKS)} or package.module:function "
+                             "(your own (outputs, batch) -> per-sample losses).")
         unknown = [s for s in (*(self.sections or ()), *self.skip) if s not in SECTIONS]
         if unknown:
             raise ProbeError(f"unknown section(s) {unknown}; the sections are {', '.join(SECTIONS)}.")
@@ -136,9 +143,20 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.Argum
         add("--allow-pickle", action="store_true",
             help="load a --checkpoint that is a whole pickled model with full unpickling (runs code the file "
                  "names: only for files you trust)")
+    if "model" in groups:
+        add("--task", default=d.task, metavar="TASK",
+            help="what the outputs mean and how each sample is scored: classification (default), lm (next-token "
+                 "loss), drift (no labels: how far the outputs move), or package.module:function for your own "
+                 "(outputs, batch) -> per-sample losses")
+        add("--inputs", metavar="KEY[,KEY]",
+            help="for data whose batches are dicts: the key(s) that hold the model's inputs (several: passed as "
+                 "keyword arguments)")
+        add("--targets", metavar="KEY|none", help="for dict batches: the key that holds the targets, or none")
     if "model" in groups or "degradation" in groups:
         add("--dataset", default=d.dataset,
-            help="digits (built in, default), cifar10, cifar100, mnist or imagefolder (with --data-root)")
+            help="digits (built in, default), cifar10, cifar100, mnist, imagefolder (with --data-root), or "
+                 "package.module:function returning your own torch Dataset (called with split='test'/'train' "
+                 "when it takes one)")
         add("--data-root", help="folder holding the data set's files (default: the probe cache); for "
                                 "imagefolder, the folder whose sub-folders are the classes")
         add("--download", action="store_true", help="download torchvision data sets that are missing")

@@ -11,7 +11,7 @@ from torch import nn
 
 from probe.blocks import Block, find_blocks, resolve_blocks
 from probe.hooks import attached, model_preserved, tap_pairs
-from probe.recording import call_with
+from probe.batches import call_model
 
 COLUMNS = ["name", "module", "branch", "shortcut", "output_shape"]
 
@@ -38,7 +38,7 @@ def describe_blocks(model: nn.Module, example_input: object, *, blocks: Sequence
 
     with model_preserved(model), attached() as handles, torch.no_grad():
         tap_pairs(model, chosen, note, handles)
-        call_with(model, example_input)
+        call_model(model, example_input)
     rows = [{"name": b.name, "module": b.module, "branch": b.branch, "shortcut": b.shortcut or "identity",
              "output_shape": shapes.get(b.name)} for b in chosen]
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -63,7 +63,7 @@ def shortcut_kinds(model: nn.Module, example_input: object, blocks: Sequence[Blo
 
     with model_preserved(model), attached() as handles, torch.no_grad():
         tap_pairs(model, blocks, note, handles)
-        call_with(model, example_input)
+        call_model(model, example_input)
     kinds = {}
     for block in blocks:
         if block.shortcut is None:

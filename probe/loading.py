@@ -4,26 +4,30 @@ data for BatchNorm recalibration, and the blocks of a `--blocks-spec`."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils import _pytree as pytree
+from torch.utils.data import Dataset, Subset
 
 from probe import distributed
-from probe.batches import device_for, explained_misfit
+from probe.batches import Data, device_for, explained_misfit
 from probe.blocks import Block, find_blocks
 from probe.cache import cached_model
 from probe.config import RunConfig
 from probe.data import dataset_info, load_dataset, make_loader, split_off, stratified_subset
 from probe.errors import ProbeError
+from probe.imports import import_attribute
 from probe.models import build_model, load_checkpoint
 from probe.recalibrate import batchnorm_layers
 from probe.training import TrainConfig
 
-__all__ = ["Datasets", "Inputs", "data_fingerprint", "load_datasets", "load_inputs", "load_model", "train_loader"]
+__all__ = ["Datasets", "Inputs", "data_fingerprint", "is_user_dataset", "load_datasets", "load_inputs", "load_model",
+           "train_loader", "user_dataset"]
 
 
 @dataclass
@@ -44,6 +48,8 @@ def load_model(config: RunConfig, device: torch.device, *, progress: bool,
     Without a checkpoint or weights the model is trained on the data set's training split
     (once; then it comes from the cache). `train=False`: untrained instead, for listing blocks.
     """
+    if is_user_dataset(config.dataset):
+        return _model_for_user_data(config, device)
     info = dataset_info(config.dataset, root=config.data_root, image_size=config.image_size,
                         normalize=config.normalize, in_channels=config.in_channels)
     if config.checkpoint or config.weights:
@@ -80,6 +86,59 @@ def load_model(config: RunConfig, device: torch.device, *, progress: bool,
     return model.to(device).eval(), str(path)
 
 
+def is_user_dataset(name: str) -> bool:
+    """`--dataset package.module:function`: the user's own data set."""
+    return ":" in name
+
+
+def user_dataset(config: RunConfig, split: str) -> Dataset:
+    """The user's data set `config.dataset` names, called with the keywords it takes of
+    `split`, `seed` and `root` (`--data-root`); any torch Dataset whose items the default
+    DataLoader can batch (tensors, tuples, dicts)."""
+    factory = import_attribute(config.dataset, "dataset")
+    if not callable(factory):
+        raise ProbeError(f"dataset {config.dataset!r} is a {type(factory).__name__}, not a function that returns a "
+                         "torch Dataset.")
+    offered = {"split": split, "seed": config.seed, "root": config.data_root}
+    parameters = inspect.signature(factory).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    dataset = factory(**{k: v for k, v in offered.items() if takes_all or k in parameters})
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise ProbeError(f"dataset {config.dataset!r} returned a {type(dataset).__name__}; it must return a torch "
+                         "Dataset (with __len__ and __getitem__), e.g. a TensorDataset.")
+    if len(dataset) == 0:
+        raise ProbeError(f"dataset {config.dataset!r} returned an empty data set for split {split!r}.")
+    return dataset
+
+
+def _model_for_user_data(config: RunConfig, device: torch.device) -> tuple[nn.Module, str]:
+    """A model for the user's own data: a checkpoint for `--model`, or a factory's own weights.
+    probe trains only on its built-in data sets."""
+    if not (config.checkpoint or config.weights or ":" in config.model):
+        raise ProbeError(f"--dataset {config.dataset}: probe trains models only on its built-in data sets; give the "
+                         f"weights of {config.model} with --checkpoint, or a --model package.module:factory that "
+                         "returns a trained model.")
+    model = build_model(config.model, **_user_model_shape(config), weights=config.weights)
+    if config.checkpoint:
+        load_checkpoint(model, config.checkpoint, allow_pickle=config.allow_pickle)
+    source = config.checkpoint or (f"weights={config.weights}" if config.weights else f"{config.model} (its own weights)")
+    return model.to(device).eval(), source
+
+
+def _user_model_shape(config: RunConfig) -> dict:
+    """num_classes and in_channels for building `--model` for the user's data: from the data
+    set's `classes`/`num_classes` and `in_channels` attributes where it has them."""
+    dataset = user_dataset(config, config.split)
+    shape = {}
+    classes = getattr(dataset, "num_classes", None) or len(getattr(dataset, "classes", ()) or ()) or None
+    if classes:
+        shape["num_classes"] = int(classes)
+    channels = config.in_channels or getattr(dataset, "in_channels", None)
+    if channels:
+        shape["in_channels"] = int(channels)
+    return shape
+
+
 @dataclass
 class Datasets:
     """The evaluation data and the BatchNorm calibration data of a run, and how each was chosen.
@@ -100,13 +159,13 @@ def load_datasets(config: RunConfig, *, calibration: bool, model: nn.Module | No
     calibration samples (at most `limit`, so quick runs stay quick). Data with one pool only
     (an image folder without `--calibration-root`, `--split train`) gives calibration samples
     only with `bn_recalibrate`, set apart from the evaluated ones; otherwise none."""
+    if is_user_dataset(config.dataset):
+        return _user_datasets(config, calibration=calibration, model=model)
     options = {"root": config.data_root, "download": config.download, "seed": config.seed,
                "image_size": config.image_size, "normalize": config.normalize, "in_channels": config.in_channels}
     evaluation = load_dataset(config.dataset, split=config.split, **options)
     if model is not None and not batchnorm_layers(model):
-        if config.bn_recalibrate:
-            raise ProbeError(f"--bn-recalibrate: {type(model).__name__} has no BatchNorm layer with running "
-                             "statistics, so there is nothing to recalibrate; run without it.")
+        _refuse_recalibration_without_batchnorm(config, model)
         calibration = False  # nothing to refit: no sample needs to be set aside
     samples = min(config.calibration_samples, config.limit) if config.limit else config.calibration_samples
     held_out, source = None, "none"
@@ -135,6 +194,41 @@ def load_datasets(config: RunConfig, *, calibration: bool, model: nn.Module | No
     return Datasets(evaluation, held_out, selection, source)
 
 
+def _refuse_recalibration_without_batchnorm(config: RunConfig, model: nn.Module) -> None:
+    if config.bn_recalibrate:
+        raise ProbeError(f"--bn-recalibrate: {type(model).__name__} has no BatchNorm layer with running "
+                         "statistics, so there is nothing to recalibrate; run without it.")
+
+
+def _user_datasets(config: RunConfig, *, calibration: bool, model: nn.Module | None) -> Datasets:
+    """The user's data set: `--limit N` keeps a class-stratified sample for classification and
+    the first N samples otherwise (windows of a text keep their order); calibration samples come
+    from its split "train" (the first `calibration_samples`)."""
+    evaluation = user_dataset(config, config.split)
+    if model is not None and not batchnorm_layers(model):
+        _refuse_recalibration_without_batchnorm(config, model)
+        calibration = False
+    held_out, source = None, "none"
+    if calibration and config.bn_recalibrate:
+        if config.split == "train":
+            raise ProbeError("--bn-recalibrate with --split train and your own data set: the calibration samples "
+                             "come from its train split, which is the evaluated one; use --split test.")
+        pool = user_dataset(config, "train")
+        held_out = Subset(pool, range(min(config.calibration_samples, len(pool))))
+        source = f"the first {len(held_out)} samples of {config.dataset} split 'train'"
+    total = len(evaluation)
+    if config.limit is not None and config.limit < total:
+        if config.task == "classification":
+            evaluation = stratified_subset(evaluation, config.limit, seed=config.seed)
+            selection = f"a seeded, class-stratified sample of {config.limit} of {total} samples (seed {config.seed})"
+        else:
+            evaluation = Subset(evaluation, range(config.limit))
+            selection = f"the first {config.limit} of {total} samples"
+    else:
+        selection = f"all {total} samples"
+    return Datasets(evaluation, held_out, selection, source)
+
+
 def _check_calibration_root(config: RunConfig) -> None:
     """`--calibration-root` is another image folder: never the evaluated one."""
     if config.dataset != "imagefolder":
@@ -153,11 +247,22 @@ def load_inputs(config: RunConfig, *, progress: bool) -> Inputs:
     """Model, evaluation batches, calibration batches (with `bn_recalibrate`) and spec blocks."""
     model, source = load_model(config, device_for(config.device), progress=progress)
     datasets = load_datasets(config, calibration=config.bn_recalibrate, model=model)
-    data = make_loader(datasets.evaluation, batch_size=config.batch_size)
-    calibration = (make_loader(datasets.calibration, batch_size=config.batch_size)
+    data = named_parts(make_loader(datasets.evaluation, batch_size=config.batch_size), config)
+    calibration = (named_parts(make_loader(datasets.calibration, batch_size=config.batch_size), config)
                    if datasets.calibration is not None else None)
     blocks = find_blocks(model, spec=config.blocks_spec) if config.blocks_spec else None
     return Inputs(model=model, data=data, calibration=calibration, source=source, blocks=blocks)
+
+
+def named_parts(loader: Iterable, config: RunConfig) -> Iterable:
+    """`loader`, with the batch parts `--inputs`/`--targets` name (`probe.Data`), when given."""
+    if config.inputs is None and config.targets is None:
+        return loader
+    if config.inputs is None:
+        raise ProbeError("--targets needs --inputs too: name the batch key(s) that hold the model's inputs.")
+    keys = config.inputs.split(",")
+    targets = None if config.targets in (None, "none") else config.targets
+    return Data(loader, inputs=keys[0] if len(keys) == 1 else keys, targets=targets)
 
 
 def data_fingerprint(dataset, samples: int = 16) -> str:
@@ -166,7 +271,11 @@ def data_fingerprint(dataset, samples: int = 16) -> str:
     so a resumed run never mixes numbers computed on other data."""
     digest = hashlib.sha256(str(len(dataset)).encode())
     for index in sorted({round(i * (len(dataset) - 1) / max(samples - 1, 1)) for i in range(samples)}):
-        for part in dataset[index][:2]:
+        item = dataset[index]
+        # An (input, target) pair as built-in data sets give it; any other item (a dict, a
+        # tuple with extras, a tensor) in full.
+        parts = item[:2] if isinstance(item, tuple) and len(item) == 2 else pytree.tree_leaves(item)
+        for part in parts:
             value = torch.as_tensor(part)
             digest.update(str((tuple(value.shape), value.dtype)).encode())
             digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -177,6 +286,10 @@ def train_loader(config: RunConfig) -> Iterable:
     """Batches of the training split (a seeded, class-stratified sample of `limit` samples when
     asked), for what is fitted on training data (linear probes). An image folder has no training
     split of its own: `--calibration-root` names one, else this is refused."""
+    if is_user_dataset(config.dataset):
+        train = user_dataset(config, "train")
+        return make_loader(Subset(train, range(min(config.limit, len(train)))) if config.limit else train,
+                           batch_size=config.batch_size)
     if config.dataset == "imagefolder" and not config.calibration_root:
         raise ProbeError("an image folder has no training split: give one with --calibration-root FOLDER "
                          "(class sub-folders) to fit on.")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from probe import distributed
-from probe.batches import batches, explained_misfit, input_dtype, model_device
+from probe.batches import batches, class_targets, explained_misfit, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.hooks import attached, model_preserved, tap_pairs
@@ -123,7 +123,8 @@ def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] |
     """Branch and shortcut statistics of every residual block over `data`.
 
     Returns one row per block in forward order (with `per_class=True`, one row per block and
-    class, with a `class` column). Columns: see `COLUMNS` and the README. A block module run k
+    class, with a `class` column; that needs integer class labels). Batches may come in any
+    form `probe.batches.split_batch` knows (targets are not needed otherwise). Columns: see `COLUMNS` and the README. A block module run k
     times per forward counts k samples per input (see the module docstring).
     """
     chosen = resolve_blocks(model, blocks)
@@ -140,13 +141,14 @@ def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] |
     with model_preserved(model), attached() as handles, torch.no_grad():
         tap_pairs(model, chosen, record, handles)
         num_classes = 1
-        for inputs, targets in batches(data, device, dtype=input_dtype(model), progress=progress, desc="measure"):
+        for batch in batches(data, device, dtype=input_dtype(model), progress=progress, desc="measure"):
             seen.clear()
-            with explained_misfit(inputs):
-                model(inputs)
+            labels = class_targets(batch) if per_class else None
+            with explained_misfit(batch):
+                batch.run(model)
             if per_class and seen:
-                num_classes = max(num_classes, int(targets.max()) + 1)
-            classes = targets if per_class else torch.zeros_like(targets)
+                num_classes = max(num_classes, int(labels.max()) + 1)
+            classes = labels if per_class else torch.zeros(batch.size, dtype=torch.long, device=device)
             for calls, rows in _rows_by_calls(seen).items():
                 # One stack for these blocks (not one per block): (blocks, 3, calls * batch) -> (.., 3).
                 reductions = torch.stack([part for r in rows for part in _joined(seen[r])]).view(len(rows), 3, -1)
@@ -224,9 +226,9 @@ def branch_means(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Blo
 
     with model_preserved(model), attached() as handles, torch.no_grad():
         tap_pairs(model, chosen, record, handles)
-        for inputs, _targets in batches(data, device, dtype=input_dtype(model), progress=progress,
-                                        desc="branch means"):
-            model(inputs)
+        for batch in batches(data, device, dtype=input_dtype(model), progress=progress, desc="branch means"):
+            with explained_misfit(batch):
+                batch.run(model)
     names = sorted(sums)  # the same order in every process
     totals = distributed.sum_across(torch.tensor([float(counts[n]) for n in names], dtype=torch.float64, device=device))
     for name in names:

@@ -7,7 +7,6 @@ The CIFAR-style block keeps its branch output intact and owns both of its ReLUs,
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import io
 import os
@@ -27,6 +26,7 @@ import torchvision
 from torch import nn
 
 from probe.errors import ProbeError, unknown_name
+from probe.imports import import_attribute
 
 __all__ = [
     "CIFAR_DEPTHS",
@@ -287,21 +287,9 @@ def _replace_first_conv(model: nn.Module, in_channels: int, *, keep_weights: boo
 
 
 def _build_from_factory(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ProbeError(f"model {spec!r}: expected 'package.module:factory'.")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ProbeError(f"model {spec!r}: cannot import module {module_name!r} ({e}).") from e
-    try:
-        factory = module
-        for part in attr.split("."):
-            factory = getattr(factory, part)
-    except AttributeError as e:
-        raise ProbeError(f"model {spec!r}: module {module_name!r} has no {attr!r}.") from e
+    factory = import_attribute(spec, "model")
     if not callable(factory):
-        raise ProbeError(f"model {spec!r}: {attr!r} is not callable.")
+        raise ProbeError(f"model {spec!r}: {spec.partition(':')[2]!r} is not callable.")
     kwargs = {"num_classes": num_classes, "in_channels": in_channels}
     try:
         params = inspect.signature(factory).parameters

@@ -17,21 +17,23 @@ held-out training data through the network with the BatchNorm layers in train mo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from probe import distributed
 from probe.ablation import ablated, check_mode
-from probe.batches import batches, check_targets_fit, explained_misfit, input_dtype, model_device
+from probe.batches import batches, class_targets, explained_misfit, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.hooks import model_preserved, restoring
 from probe.measurement import branch_means
-from probe.results import Evaluation, Outcome
+from probe.results import Evaluation
+from probe.tally import Tally
+from probe.tasks import Scores, Task, resolve_task
 
 __all__ = ["batchnorm_layers", "evaluate_recalibrated", "recalibrate_batchnorm", "recalibrated"]
 
@@ -73,11 +75,10 @@ def recalibrate_batchnorm(model: nn.Module, data: Iterable, blocks: Sequence[str
             module.reset_running_stats()
             module.momentum = None  # cumulative average: every batch weighs the same
             module.train()
-        for inputs, _targets in batches(data, device, dtype=input_dtype(model), progress=progress,
-                                        desc="BN recalibration"):
-            with explained_misfit(inputs):
-                model(inputs)
-            samples += len(inputs)
+        for batch in batches(data, device, dtype=input_dtype(model), progress=progress, desc="BN recalibration"):
+            with explained_misfit(batch):
+                batch.run(model)
+            samples += batch.size
     return samples
 
 
@@ -118,16 +119,19 @@ def _ablated(model: nn.Module, blocks: Sequence[str | Block], mode: str,
 def evaluate_recalibrated(model: nn.Module, data: Iterable, ablation_sets: Sequence[Sequence[str | Block]],
                           calibration: Iterable, *, mode: str = "zero",
                           means: Mapping[str, torch.Tensor] | None = None, per_class: bool = False,
-                          outcomes: bool = False, progress: bool = True) -> Evaluation:
+                          outcomes: bool = False, task: str | Task | Callable | None = None,
+                          progress: bool = True) -> Evaluation:
     """As `probe.evaluate_ablations`, but each set is evaluated after BN recalibration.
 
     Every set gets its own recalibration on `calibration` (one calibration pass and one
     evaluation pass per set), and is compared with the intact model recalibrated on the same
     data: its `baseline`, the reference for drops and `flip_rate`. Comparing with the trained
     statistics instead would count the refit itself as the deletion's effect. The intact model
-    as given is the evaluation's `trained_baseline`.
+    as given is the evaluation's `trained_baseline`. Tasks that compare outputs (`drift`) keep
+    the reference's outputs for the whole data on the CPU: O(samples x output size) memory.
     """
     check_mode(mode)
+    task = resolve_task(task)
     for name, given in (("data", data), ("calibration", calibration)):
         if isinstance(given, Iterator):  # read once per set: a generator would be empty after the first
             raise ProbeError(f"BN recalibration reads the {name} once per deleted set, but it is a one-shot "
@@ -136,47 +140,53 @@ def evaluate_recalibrated(model: nn.Module, data: Iterable, ablation_sets: Seque
     involved = list({block.name: block for s in sets for block in s}.values())
     if mode == "mean" and means is None and involved:
         means = branch_means(model, data, blocks=involved, progress=progress)
-    trained = _metrics(_predict(model, data), None, per_class, outcomes)
-    with recalibrated(model, calibration, [], progress=False):
-        reference = _predict(model, data)
-    baseline = _metrics(reference, None, per_class, outcomes)
-    results = []
-    for ablation_set in tqdm(sets, desc="sweep with BN recalibration", disable=not progress, leave=False):
-        with recalibrated(model, calibration, ablation_set, mode=mode, means=means, progress=False):
-            results.append(_metrics(_predict(model, data), reference, per_class, outcomes))
-    return Evaluation(baseline, results, trained_baseline=trained)
-
-
-def _predict(model: nn.Module, data: Iterable) -> dict[str, torch.Tensor]:
-    """Per-sample predictions, cross-entropy and targets over `data`, in eval mode: O(samples)."""
     device = model_device(model)
-    predictions, losses, targets = [], [], []
+    trained = Tally(1, device, task, per_class=per_class, outcomes=outcomes)
+    _score_pass(model, data, task, trained, 0, None)
+    tally = Tally(len(sets) + 1, device, task, per_class=per_class, outcomes=outcomes)
+    with recalibrated(model, calibration, [], progress=False):
+        reference = _score_pass(model, data, task, tally, 0, None)
+    for row, ablation_set in enumerate(tqdm(sets, desc="sweep with BN recalibration", disable=not progress,
+                                            leave=False), start=1):
+        with recalibrated(model, calibration, ablation_set, mode=mode, means=means, progress=False):
+            _score_pass(model, data, task, tally, row, reference)
+    baseline, *results = tally.results()
+    return Evaluation(baseline, results, trained_baseline=trained.results()[0], task=task)
+
+
+@dataclass
+class _Reference:
+    """The recalibrated intact model's scores per batch (and its outputs, for tasks that compare them)."""
+
+    scores: list[Scores]
+    outputs: list[object] | None
+
+
+def _score_pass(model: nn.Module, data: Iterable, task: Task, tally: Tally, row: int,
+                reference: _Reference | None) -> _Reference:
+    """Score every batch of `data` into `tally`'s `row`, in eval mode, against `reference`'s
+    batches (the same batches, in the same order); returns this pass's scores."""
+    device = model_device(model)
+    kept = _Reference([], [] if task.needs_reference and reference is None else None)
     with model_preserved(model), torch.no_grad():
-        for inputs, target in batches(data, device, dtype=input_dtype(model)):
-            with explained_misfit(inputs):
-                logits = model(inputs).float()  # (batch, classes)
-            check_targets_fit(logits, target)
-            predictions.append(logits.argmax(dim=1).cpu())
-            losses.append(F.cross_entropy(logits, target, reduction="none").double().cpu())
-            targets.append(target.cpu())
-            classes = logits.shape[1]
-    # Under torchrun each process predicted its shard: put the whole data set back together.
-    return {"prediction": distributed.interleave(torch.cat(predictions)),
-            "loss": distributed.interleave(torch.cat(losses)),
-            "target": distributed.interleave(torch.cat(targets)), "classes": classes}
+        for number, batch in enumerate(batches(data, device, dtype=input_dtype(model)), start=1):
+            with explained_misfit(batch):
+                outputs = batch.run(model)
+            labels = class_targets(batch) if tally.per_class else None
+            intact = None
+            if reference is not None:
+                if number > len(reference.scores) or len(reference.scores[number - 1].loss) != batch.size:
+                    raise ProbeError("the data gave other batches on a second pass; BN recalibration compares passes "
+                                     "batch by batch: use a DataLoader with shuffle=False.")
+                if reference.outputs is not None:
+                    intact = _to(reference.outputs[number - 1], device)
+            scores = task.score(outputs, batch, intact)
+            tally.add(row, scores, reference.scores[number - 1] if reference is not None else None, labels)
+            kept.scores.append(scores)
+            if kept.outputs is not None:
+                kept.outputs.append(_to(outputs, torch.device("cpu")))
+    return kept
 
 
-def _metrics(run: dict, reference: dict | None, per_class: bool, outcomes: bool) -> Outcome:
-    """The outcome of one run; `reference` is the intact model's run (None: this is it)."""
-    correct = run["prediction"] == run["target"]
-    class_accuracy = class_samples = None
-    if per_class:
-        classes = max(run["classes"], int(run["target"].max()) + 1)
-        counts = torch.bincount(run["target"], minlength=classes).double()
-        hits = torch.bincount(run["target"], weights=correct.double(), minlength=classes)
-        class_accuracy = (hits / counts).tolist()  # NaN for a class absent from the data
-        class_samples = counts.long().tolist()
-    return Outcome(
-        accuracy=correct.double().mean().item(), loss=run["loss"].mean().item(), samples=len(correct),
-        flip_rate=None if reference is None else (run["prediction"] != reference["prediction"]).double().mean().item(),
-        class_accuracy=class_accuracy, class_samples=class_samples, correct=correct if outcomes else None)
+def _to(outputs: object, device: torch.device) -> object:
+    return pytree.tree_map(lambda leaf: leaf.to(device) if isinstance(leaf, torch.Tensor) else leaf, outputs)

@@ -34,6 +34,7 @@ from torch.fx import _symbolic_trace
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from probe.batches import call_model
 from probe.hooks import attached, model_preserved, restoring
 
 
@@ -145,21 +146,15 @@ def trace(model: nn.Module) -> Recording:
     return Recording(graph, tracer.call_inputs, dict(tracer.num_calls), "its torch.fx trace")
 
 
-def call_with(model: nn.Module, example_input: object) -> object:
-    """`model(*example_input)` for a tuple or list of arguments, else `model(example_input)`."""
-    if isinstance(example_input, (tuple, list)):
-        return model(*example_input)
-    return model(example_input)
-
-
 def record(model: nn.Module, example_input: object) -> Recording:
-    """The graph of one forward of `model` on `example_input` (a tensor, or a tuple of arguments).
+    """The graph of one forward of `model` on `example_input` (a tensor, a tuple of arguments, or
+    a dict of keyword arguments).
 
     Runs in eval mode without gradients and leaves the model as it found it. Every tensor the
     forward makes is kept until it ends, so a small input (one sample) is best.
     """
     recorder = _Recorder(model)
-    arguments = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    arguments = example_input if isinstance(example_input, (tuple, list, dict)) else (example_input,)
     for i, value in enumerate(pytree.tree_leaves(arguments)):
         if isinstance(value, torch.Tensor):
             recorder.bind(value, recorder.graph.placeholder(f"input_{i}"))
@@ -171,7 +166,7 @@ def record(model: nn.Module, example_input: object) -> Recording:
             handles.append(module.register_forward_pre_hook(recorder.enter_call, with_kwargs=True))
             handles.append(module.register_forward_hook(recorder.leave_call, always_call=True))
         with recorder:
-            call_with(model, example_input)
+            call_model(model, example_input)
     return Recording(recorder.graph, recorder.call_inputs, recorder.calls, "one forward pass")
 
 

@@ -8,7 +8,7 @@ pieces and the report all read it. See docs/architecture.md ("Results").
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 import torch
 
 __all__ = ["Evaluation", "Outcome"]
@@ -18,26 +18,40 @@ __all__ = ["Evaluation", "Outcome"]
 class Outcome(Mapping):
     """How the model did on the data in one state (intact, or with one set of blocks deleted).
 
-    accuracy: fraction of samples classified correctly; loss: mean cross-entropy; samples: how
-    many were evaluated. flip_rate: share of samples whose predicted class differs from the
-    intact model's (None for the intact model itself: it is the reference). Optional, when asked
-    for: class_accuracy (index = class; NaN for a class absent from the data) and class_samples;
-    correct, a bool tensor with one entry per sample in data order.
+    What each number means depends on the task (`probe.tasks`); every one is a ratio of sums
+    over samples. loss: mean loss per unit (cross-entropy per sample; NLL per token for `lm`;
+    the drift itself for `drift`); accuracy: share of units correct (None for a task without
+    one); samples: how many were evaluated; units: how many units were scored (tokens for
+    `lm`; samples otherwise). flip_rate: share of units whose prediction differs from the
+    intact model's (None for the intact model itself, the reference, and for tasks without
+    predictions). loss_increase_se: standard error of the loss increase over the reference, from
+    the paired per-sample differences (None for the reference). extra: further task metrics
+    ({"kl": ...} for drift on logits).
+
+    Optional, when asked for: class_accuracy (index = class; NaN for a class absent from the
+    data) and class_samples; correct, a bool tensor with one entry per sample in data order
+    (classification); sample_loss and sample_weight, per-sample loss sums and units in data
+    order (every task; for bootstrap intervals).
 
     It is also a read-only mapping of the fields that are set (`outcome["accuracy"]`,
     `dict(outcome)`, `"correct" in outcome`), which is how tables and JSON consume it.
     """
 
-    accuracy: float
+    accuracy: float | None
     loss: float
     samples: int
     flip_rate: float | None = None
     class_accuracy: list[float] | None = None
     class_samples: list[int] | None = None
     correct: torch.Tensor | None = None
+    loss_increase_se: float | None = None
+    units: int | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+    sample_loss: torch.Tensor | None = None
+    sample_weight: torch.Tensor | None = None
 
     def _present(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None and getattr(self, f.name) != {}]
 
     def __getitem__(self, key: str):
         if key in self._present():
@@ -51,7 +65,8 @@ class Outcome(Mapping):
         return len(self._present())
 
     def summary(self) -> dict:
-        """accuracy, loss and samples: what a table's `attrs["baseline"]` holds."""
+        """accuracy, loss and samples: what a classification table's `attrs["baseline"]` holds
+        (other tasks: `probe.tasks.Task.metrics`)."""
         return {"accuracy": self.accuracy, "loss": self.loss, "samples": self.samples}
 
 
@@ -69,6 +84,7 @@ class Evaluation:
     baseline: Outcome
     sets: list[Outcome]
     trained_baseline: Outcome | None = None
+    task: object = None  # the probe.tasks.Task that scored it (None: classification)
 
     def __iter__(self) -> Iterator:
         return iter((self.baseline, self.sets))

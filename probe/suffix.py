@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from probe.additions import is_addition
+from probe.batches import call_model
 from probe.blocks import Block, module_tree
 from probe.recording import fx_tracing, traced
 
@@ -62,10 +63,11 @@ class SuffixRunner:
                           for name, start in starts.items()}
         self._order = starts
 
-    def baseline(self, inputs: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    def baseline(self, inputs: object) -> tuple[object, tuple]:
         """The model's output and the cached values; raises InPlaceError when a cached value
-        was modified in place after it was made (the cache would not hold what suffixes need)."""
-        output, *rest = self._baseline(inputs)
+        was modified in place after it was made (the cache would not hold what suffixes need).
+        inputs: a tensor, a tuple (positional arguments) or a dict (keywords), as `Batch.inputs`."""
+        output, *rest = call_model(self._baseline, inputs)
         cache, versions = tuple(rest[: len(rest) // 2]), rest[len(rest) // 2:]
         self.check(cache, versions)
         return output, cache
@@ -149,9 +151,8 @@ def _build_runner(model: nn.Module, blocks: Sequence[Block],
         graph = traced(ModulesAsLeaves(block_modules), model)
     except Exception:  # an untraceable model still sweeps, with full forwards
         return None
-    outputs = [n for n in graph.nodes if n.op == "output"]
-    if len(outputs) != 1 or not isinstance(outputs[0].args[0], fx.Node):
-        return None  # we compare one logits tensor; tuples and dicts go the slow way
+    if sum(n.op == "output" for n in graph.nodes) != 1:
+        return None
     nodes = list(graph.nodes)
     starts = _call_starts(nodes, blocks)
     if starts is None:
@@ -217,7 +218,9 @@ def _with_cache_output(graph: fx.Graph, cached: list[fx.Node]) -> fx.Graph:
     cached_set = set(cached)
     for node in graph.nodes:
         if node.op == "output":
-            copy.output((env[node.args[0]], *(env[n] for n in cached), *(versions[n] for n in cached)))
+            # The model's own output may be a tensor, a tuple, a list or a dict of them.
+            output = fx.node.map_arg(node.args[0], env.__getitem__)
+            copy.output((output, *(env[n] for n in cached), *(versions[n] for n in cached)))
             continue
         env[node] = copy.node_copy(node, env.__getitem__)
         if node in cached_set:

@@ -21,10 +21,11 @@ import pandas as pd
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from probe.ablation import ablated
 from probe.additions import is_addition
-from probe.batches import batches, input_dtype, model_device
+from probe.batches import Batch, batches, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.files import atomic_write
@@ -133,9 +134,9 @@ def export_pruned(model: nn.Module, data: Iterable, blocks: Sequence[str | Block
     difference = 0.0
     first = None
     with model_preserved(model), torch.no_grad(), _reference(model, chosen, calibration):
-        for inputs, _ in batches(data, device, dtype=input_dtype(model)):
-            first = inputs if first is None else first
-            difference = max(difference, (pruned(inputs) - model(inputs)).abs().max().item())
+        for batch in batches(data, device, dtype=input_dtype(model)):
+            first = batch if first is None else first
+            difference = max(difference, _largest_difference(batch.run(pruned), batch.run(model)))
     if not difference <= 1e-4:  # also catches NaN
         raise ProbeError(f"the pruned export differs from probe.ablated by {difference:.3g} on the data; "
                          "the blocks' forward cannot be reduced to their shortcut by tracing.")
@@ -147,7 +148,7 @@ def export_pruned(model: nn.Module, data: Iterable, blocks: Sequence[str | Block
     for name, module, timing, blocks_left in (("original", model, seconds[0], total),
                                               ("pruned", pruned, seconds[1], total - len(chosen))):
         rows.append({"model": name, "blocks": blocks_left, "parameters": _parameters(module),
-                     "bytes": _bytes(module), "seconds_per_batch": timing, "batch_size": len(first)})
+                     "bytes": _bytes(module), "seconds_per_batch": timing, "batch_size": first.size})
     for row in rows:
         for key, column in (("parameters", "parameters_ratio"), ("bytes", "bytes_ratio"),
                             ("seconds_per_batch", "time_ratio")):
@@ -156,6 +157,12 @@ def export_pruned(model: nn.Module, data: Iterable, blocks: Sequence[str | Block
         row["path"] = saved if row["model"] == "pruned" else ""
         row["bn_recalibrated"] = calibration is not None
     return pruned, pd.DataFrame(rows, columns=EXPORT_COLUMNS)
+
+
+def _largest_difference(a: object, b: object) -> float:
+    """The largest absolute difference between two outputs of any form (tensors, tuples, dicts)."""
+    pairs = zip(pytree.tree_leaves(a), pytree.tree_leaves(b))
+    return max((float((x - y).abs().max()) for x, y in pairs if isinstance(x, torch.Tensor)), default=0.0)
 
 
 # What `export_pruned` writes when the pruned module itself cannot be pickled (a shortcut
@@ -207,24 +214,25 @@ def _reference(model: nn.Module, blocks: list[Block], calibration: Iterable | No
     return ablated(model, blocks)
 
 
-def _alternating_timings(models: Sequence[nn.Module], inputs: torch.Tensor, repeats: int) -> list[float]:
-    """Fastest seconds per forward of each model on `inputs`, over `repeats` interleaved rounds.
+def _alternating_timings(models: Sequence[nn.Module], batch: Batch, repeats: int) -> list[float]:
+    """Fastest seconds per forward of each model on `batch`, over `repeats` interleaved rounds.
 
     Rounds alternate the order (A B, B A, ...) so neither model always runs first, and the
     minimum is kept: on a shared machine other work only ever adds time, so the fastest run is
     the best estimate of the model's own cost (the reasoning of Python's `timeit`).
     """
+    cuda = any(leaf.is_cuda for leaf in pytree.tree_leaves(batch.inputs) if isinstance(leaf, torch.Tensor))
     times: list[list[float]] = [[] for _ in models]
     for model in models:
-        model(inputs)  # warm-up: allocator, lazy initialisation
+        batch.run(model)  # warm-up: allocator, lazy initialisation
     for round_ in range(repeats):
         indices = range(len(models)) if round_ % 2 == 0 else reversed(range(len(models)))
         for i in indices:
-            if inputs.is_cuda:
+            if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            models[i](inputs)
-            if inputs.is_cuda:
+            batch.run(models[i])
+            if cuda:
                 torch.cuda.synchronize()
             times[i].append(time.perf_counter() - start)
     return [min(t) for t in times]

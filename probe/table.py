@@ -6,7 +6,7 @@ row per block in forward order, the verdict computed once, by `probe.verdict.cla
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import pandas as pd
 from torch import nn
@@ -16,6 +16,7 @@ from probe.errors import ProbeError
 from probe.evaluation import single_block_sweep
 from probe.measurement import measure
 from probe.results import Evaluation
+from probe.tasks import Classification, Task
 from probe.verdict import UNSUPPORTED, VerdictRule, chance_warning, classify
 
 __all__ = ["block_table", "check_table", "join_block_table", "unsupported_reason"]
@@ -42,29 +43,35 @@ def join_block_table(stats: pd.DataFrame, sweep: pd.DataFrame, rule: VerdictRule
         table["verdict"] = UNSUPPORTED
         table.attrs["unsupported"] = unsupported
     table.attrs.update({key: dict(value) for key, value in sweep.attrs.items() if key.endswith("baseline")})
+    if "task" in sweep.attrs:
+        table.attrs["task"] = sweep.attrs["task"]
     return table
 
 
 def block_table(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
                 mode: str = "zero", calibration: Iterable | None = None, rule: VerdictRule | None = None,
-                progress: bool = True) -> pd.DataFrame:
+                task: str | Task | Callable | None = None, progress: bool = True) -> pd.DataFrame:
     """The per-block table `python -m probe.ablate` writes: measure + single deletions + verdict.
 
     calibration: held-out batches to refit BatchNorm statistics after each deletion.
-    `attrs["baseline"]` holds the unablated model's accuracy, loss and samples. A model at
-    chance gets no verdicts (see `join_block_table`'s `unsupported`).
+    `attrs["baseline"]` holds the unablated model's numbers (classification: accuracy, loss and
+    samples). A classifier at chance gets no verdicts (see `join_block_table`'s
+    `unsupported`). task: see `probe.tasks`; the sweep's columns and the verdict's cost follow it.
     """
     blocks = resolve_blocks(model, blocks)
     stats = measure(model, data, blocks=blocks, progress=progress)
     sweep, evaluation = single_block_sweep(model, data, mode=mode, calibration=calibration, per_class=True,
-                                           blocks=blocks, progress=progress)
+                                           blocks=blocks, task=task, progress=progress)
     return join_block_table(stats, sweep, rule, unsupported=unsupported_reason(evaluation, rule))
 
 
 def unsupported_reason(evaluation: Evaluation, rule: VerdictRule | None = None) -> str | None:
     """Why `evaluation` cannot support block verdicts (its intact model is at chance), or None.
-    Needs the per-class counts (`per_class=True`) to know the most frequent class."""
+    Needs the per-class counts (`per_class=True`) to know the most frequent class. Only a
+    classifier has a chance level: other tasks get None."""
     baseline = evaluation.baseline
+    if evaluation.task is not None and not isinstance(evaluation.task, Classification):
+        return None
     return chance_warning(baseline.accuracy, baseline.samples, baseline.class_samples, rule=rule)
 
 

@@ -11,6 +11,13 @@ Var(d) = P(d != 0) - E[d]^2 <= P(d != 0) <= P(prediction changed) = flip_rate, b
 sample's correctness can only change if its prediction changed. So the standard error of
 the drop is at most sqrt(flip_rate / n): a conservative, per-block bound that needs no
 resampling and is exact enough when few predictions change (the interesting case).
+
+Other tasks (`probe.tasks`) have no accuracy to count: their cost is a continuous per-sample
+number, `loss_increase` (language models, a user's own loss) or `drift` (how far the outputs
+move; no labels), and its table carries the standard error of the paired per-sample
+differences (`loss_increase_se`, `drift_se`). Their noise band is noise_z standard errors,
+floored at what float rounding can produce (a millionth of the loss) for a loss and at the
+rule's `max_drift` for drift: an output that moves less than that is taken as unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ __all__ = [
     "VerdictRule",
     "chance_warning",
     "classify",
+    "cost_column",
     "noise_band",
     "rank_correlation",
     "summarize",
@@ -44,6 +52,25 @@ UNSUPPORTED = "unsupported"
 
 _NOISE_COLUMNS = ("flip_rate", "samples")
 _VERDICT_COLUMNS = ("block", "ratio", "accuracy_drop", "flip_rate", "samples")
+# Continuous costs, each with the column of its standard error; a table with one of these SE
+# columns is judged by that cost, any other by accuracy_drop.
+_CONTINUOUS_COSTS = {"drift": "drift_se", "loss_increase": "loss_increase_se"}
+
+
+def cost_column(df: pd.DataFrame) -> str:
+    """The column that holds what deleting a block costs: `drift` or `loss_increase` when the
+    table carries its standard error (tasks other than classification), else `accuracy_drop`."""
+    for cost, se in _CONTINUOUS_COSTS.items():
+        if cost in df.columns and se in df.columns:
+            return cost
+    return "accuracy_drop"
+
+
+def _columns_for(df: pd.DataFrame) -> tuple[str, ...]:
+    cost = cost_column(df)
+    if cost == "accuracy_drop":
+        return _VERDICT_COLUMNS
+    return ("block", "ratio", cost, _CONTINUOUS_COSTS[cost], "samples")
 
 
 @dataclass(frozen=True)
@@ -52,10 +79,13 @@ class VerdictRule:
 
     max_ratio: a branch counts as small when its mean ||F(x)|| / ||s(x)|| is below this.
     noise_z: how many standard errors of the paired accuracy difference count as noise.
+    max_drift: for the `drift` task, the mean relative change of the outputs that still counts
+    as unchanged (0.05: outputs move by under 5% of their size).
     """
 
     max_ratio: float = 0.5
     noise_z: float = 2.0
+    max_drift: float = 0.05
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_ratio, (int, float)) and math.isfinite(self.max_ratio)
@@ -68,11 +98,29 @@ class VerdictRule:
             raise ProbeError(
                 f"noise_z={self.noise_z!r} must be a finite number >= 0, e.g. 2."
             )
+        if not (isinstance(self.max_drift, (int, float)) and math.isfinite(self.max_drift)
+                and self.max_drift >= 0):
+            raise ProbeError(
+                f"max_drift={self.max_drift!r} must be a finite number >= 0, e.g. 0.05."
+            )
 
-    def describe(self) -> str:
-        """The rule in plain English, used verbatim by the report and the CLI."""
+    def describe(self, cost: str = "accuracy_drop") -> str:
+        """The rule in plain English, used verbatim by the report and the CLI; `cost` is the
+        table's cost column (`cost_column`), which decides the wording."""
         z = f"{self.noise_z:g}"
         errors = "standard error" if self.noise_z == 1 else "standard errors"
+        small = (f"A block is skipped when its branch is small next to its shortcut (ratio ||F(x)||/||s(x)|| "
+                 f"below {self.max_ratio:g}) and ")
+        if cost == "loss_increase":
+            return (small + f"deleting it changes the loss by no more than noise ({z} {errors} of the "
+                    "paired per-sample loss difference, never less than a millionth of the loss). A block helps "
+                    "when deleting it raises the loss by more than that noise; it hurts when deleting it lowers the "
+                    "loss by more than that noise; any other block is neutral.")
+        if cost == "drift":
+            return (small + f"deleting it moves the outputs by no more than noise ({z} {errors} of the "
+                    f"per-sample relative change, never less than {self.max_drift:g}). A block helps (carries the "
+                    "network) when deleting it moves the outputs by more than that; drift has no direction, so no "
+                    "block hurts; any other block is neutral.")
         return (
             "A block is skipped when its branch is small next to its shortcut "
             f"(ratio ||F(x)||/||s(x)|| below {self.max_ratio:g}) and deleting it changes "
@@ -111,6 +159,9 @@ def noise_band(df: pd.DataFrame, rule: VerdictRule | None = None) -> pd.Series:
     sqrt(flip_rate / samples) >= 1 / samples; its message is "one sample is never evidence".
     """
     rule = VerdictRule() if rule is None else rule
+    cost = cost_column(df) if isinstance(df, pd.DataFrame) else "accuracy_drop"
+    if cost != "accuracy_drop":
+        return _continuous_noise(df, cost, rule)
     _require(df, _NOISE_COLUMNS, "noise_band")
     samples = pd.to_numeric(df["samples"], errors="coerce").astype(float)
     flip = pd.to_numeric(df["flip_rate"], errors="coerce").astype(float)
@@ -129,25 +180,42 @@ def noise_band(df: pd.DataFrame, rule: VerdictRule | None = None) -> pd.Series:
     return pd.Series(noise, index=df.index, name="noise", dtype=float)
 
 
+def _continuous_noise(df: pd.DataFrame, cost: str, rule: VerdictRule) -> pd.Series:
+    """noise_z standard errors of a continuous cost, floored (see the module docstring)."""
+    se_column = _CONTINUOUS_COSTS[cost]
+    _require(df, (cost, se_column, "samples"), "noise_band")
+    se = pd.to_numeric(df[se_column], errors="coerce").astype(float).fillna(0.0)
+    if (se < 0).any():
+        raise ProbeError(f"{se_column} must be >= 0 for every block; got {se[se < 0].tolist()[:5]}.")
+    if cost == "drift":
+        floor = pd.Series(rule.max_drift, index=df.index, dtype=float)
+    else:  # a millionth of the intact model's loss: below that, two float sums differ by rounding
+        base = (pd.to_numeric(df["loss"], errors="coerce") - pd.to_numeric(df[cost], errors="coerce")).abs() \
+            if "loss" in df.columns else pd.Series(1.0, index=df.index)
+        floor = 1e-6 * base.astype(float).fillna(1.0) + 1e-12
+    return pd.Series(np.maximum(rule.noise_z * se, floor), index=df.index, name="noise", dtype=float)
+
+
 def classify(df: pd.DataFrame, rule: VerdictRule | None = None) -> pd.DataFrame:
     """A copy of ``df`` with a ``noise`` column (see ``noise_band``) and a ``verdict`` column.
 
-    verdict, checked in this order:
-      "helps"   accuracy_drop >  noise (deleting the block costs more than noise)
-      "hurts"   accuracy_drop < -noise (deleting the block improves accuracy beyond noise)
+    verdict, checked in this order (cost: `cost_column`, accuracy_drop for classification):
+      "helps"   cost >  noise (deleting the block costs more than noise)
+      "hurts"   cost < -noise (deleting the block improves the model beyond noise)
       "skipped" within noise and ratio <  max_ratio
       "neutral" within noise and ratio >= max_ratio, or ratio unknown (NaN)
     Rows keep their order and index; an existing noise/verdict column is recomputed.
     """
     rule = VerdictRule() if rule is None else rule
-    _require(df, _VERDICT_COLUMNS, "classify")
+    _require(df, _VERDICT_COLUMNS if not isinstance(df, pd.DataFrame) else _columns_for(df), "classify")
     out = df.copy()
     noise = noise_band(out, rule)
-    drop = pd.to_numeric(out["accuracy_drop"], errors="coerce").astype(float)
+    cost = cost_column(out)
+    drop = pd.to_numeric(out[cost], errors="coerce").astype(float)
     ratio = pd.to_numeric(out["ratio"], errors="coerce").astype(float)
     if drop.isna().any():
         names = out.loc[drop.isna(), "block"].tolist()[:5]
-        raise ProbeError(f"accuracy_drop is missing (NaN) for block(s) {names}.")
+        raise ProbeError(f"{cost} is missing (NaN) for block(s) {names}.")
     verdict = np.select(
         [drop > noise, drop < -noise, ratio < rule.max_ratio],
         ["helps", "hurts", "skipped"],
@@ -178,11 +246,12 @@ def summarize(df: pd.DataFrame, n: int = 5, rule: VerdictRule | None = None) -> 
     """The answer in a few lists, for the terminal table and the report.
 
     Returns a dict:
-      "helps_most":   up to ``n`` block names with verdict "helps", largest accuracy_drop first
+      "helps_most":   up to ``n`` block names with verdict "helps", largest cost first (accuracy_drop
+                      for classification; see `cost_column`)
       "skipped":      every block with verdict "skipped", smallest ratio first
       "hurts":        every block with verdict "hurts", largest accuracy gain first
       "counts":       {verdict: number of blocks} for every verdict in VERDICTS
-      "spearman_rho": Spearman rank correlation of ratio and accuracy_drop (NaN if undefined)
+      "spearman_rho": Spearman rank correlation of ratio and the cost (NaN if undefined)
       "blocks":       number of blocks
     Only blocks that help beyond noise are listed as helping: when no block does, the list is
     empty rather than naming the largest noise. ``df`` may already be classified; if it has no
@@ -191,8 +260,9 @@ def summarize(df: pd.DataFrame, n: int = 5, rule: VerdictRule | None = None) -> 
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ProbeError(f"n={n!r} must be a whole number >= 0 (how many helping blocks to list).")
-    _require(df, _VERDICT_COLUMNS, "summarize")
+    _require(df, _VERDICT_COLUMNS if not isinstance(df, pd.DataFrame) else _columns_for(df), "summarize")
     table = df if "verdict" in df.columns else classify(df, rule)
+    cost = cost_column(table)
     if "position" in table.columns:
         table = table.sort_values("position", kind="stable")
 
@@ -201,11 +271,11 @@ def summarize(df: pd.DataFrame, n: int = 5, rule: VerdictRule | None = None) -> 
         return rows.sort_values(by, ascending=ascending, kind="stable")["block"].astype(str).tolist()
 
     return {
-        "helps_most": names("helps", "accuracy_drop", ascending=False)[:n],
+        "helps_most": names("helps", cost, ascending=False)[:n],
         "skipped": names("skipped", "ratio", ascending=True),
-        "hurts": names("hurts", "accuracy_drop", ascending=True),
+        "hurts": names("hurts", cost, ascending=True),
         "counts": {v: int((table["verdict"] == v).sum()) for v in VERDICTS},
-        "spearman_rho": rank_correlation(table, "ratio", "accuracy_drop"),
+        "spearman_rho": rank_correlation(table, "ratio", cost),
         "blocks": int(len(table)),
     }
 

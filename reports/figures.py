@@ -21,10 +21,11 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from probe.verdict import UNSUPPORTED, VERDICTS, rank_correlation
+from probe.verdict import UNSUPPORTED, VERDICTS, cost_column, rank_correlation
 from probe.errors import ProbeError
 
 __all__ = [
+    "COSTS",
     "SCATTER_WIDTH",
     "VERDICT_COLORS",
     "block_figure_width",
@@ -33,11 +34,15 @@ __all__ = [
     "class_drop_heatmap",
     "class_service_heatmap",
     "cosine_per_block",
+    "cost_axis",
+    "cost_of",
+    "curve_metric",
     "degradation_curve",
     "deletion_curves",
     "drop_intervals",
     "drop_per_block",
     "heatmap_size",
+    "interval_columns",
     "proxy_correlations",
     "ratio_per_block",
     "ratio_vs_drop",
@@ -59,6 +64,49 @@ _LEGEND_ORDER = (*VERDICTS, UNSUPPORTED)
 _PLAIN = _PALETTE[0]
 _MAX_LABELS = 32  # more block names than this on one axis are thinned
 _ANNOTATE = 3     # ratio_vs_drop names this many most important blocks
+
+
+# What deleting a block costs, by cost column (`probe.verdict.cost_column`): classification
+# counts accuracy, a language model or a user's loss the loss increase, unlabelled data the drift
+# of the outputs. The figures draw the cost column they are given (`cost=`) or find one (`cost_of`).
+COSTS = ("accuracy_drop", "loss_increase", "drift")
+
+
+def cost_of(df: pd.DataFrame, cost: str | None = None) -> str:
+    """The cost column a figure of `df` draws: `cost` when given; else the table's verdict cost
+    (`probe.verdict.cost_column`) when it has it; else the first of `COSTS` it has (an analysis
+    table carries the cost without its standard error); else accuracy_drop."""
+    if cost is not None:
+        return cost
+    if not isinstance(df, pd.DataFrame):
+        return "accuracy_drop"
+    found = cost_column(df)
+    if found in df.columns:
+        return found
+    return next((c for c in COSTS if c in df.columns), "accuracy_drop")
+
+
+def _per_token(df: pd.DataFrame | None) -> bool:
+    """A language model's table: its loss is the mean NLL per token, in nats."""
+    return isinstance(df, pd.DataFrame) and (df.attrs.get("task") == "lm" or "perplexity_ratio" in df.columns
+                                              or "token_accuracy" in df.columns)
+
+
+def cost_axis(cost: str, df: pd.DataFrame | None = None) -> tuple[str, float]:
+    """(axis label, factor from the column to the plotted number) of a cost column:
+    accuracy_drop in percentage points, drift in % of the outputs' size, loss_increase as is
+    (nats per token for a language model's table)."""
+    name, unit, scale = _cost_unit(cost, df)
+    return f"{name} when deleted\n({unit})", scale
+
+
+def _cost_unit(cost: str, df: pd.DataFrame | None = None, short: bool = False) -> tuple[str, str, float]:
+    """(the cost in words, its unit, factor from the column to the plotted number)."""
+    if cost == "drift":
+        return "output drift", "%" if short else "% of the outputs' size", 100.0
+    if cost == "loss_increase":
+        return "loss increase", "nats per token" if _per_token(df) else "the task's loss", 1.0
+    return "accuracy drop", "points" if short else "percentage points", 100.0
 
 
 def _require(df: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
@@ -158,44 +206,53 @@ def ratio_per_block(df: pd.DataFrame, *, ax: Axes | None = None,
     return ax
 
 
-def drop_per_block(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
-    """Bars of the accuracy drop (percentage points) when each block alone is deleted.
+def drop_per_block(df: pd.DataFrame, *, ax: Axes | None = None, cost: str | None = None) -> Axes:
+    """Bars of what deleting each block alone costs: the accuracy drop in percentage points
+    (classification), or the table's other cost (`cost_of`: loss increase, drift in %).
 
     Coloured by ``verdict`` and with the +/- ``noise`` band shaded, when those columns exist.
     """
-    _require(df, ("block", "accuracy_drop"), "drop_per_block")
+    cost = cost_of(df, cost)
+    _require(df, ("block", cost), "drop_per_block")
+    label, scale = cost_axis(cost, df)
     df = _forward(df)
     ax = _axes(ax, block_figure_width(len(df)))
-    _bars(ax, df, "accuracy_drop", None, scale=100.0)
+    _bars(ax, df, cost, None, scale=scale)
     ax.axhline(0.0, color="#333333", linewidth=0.8)
     extra = []
     if "noise" in df.columns and len(df):
         x = np.arange(len(df))
-        band = pd.to_numeric(df["noise"], errors="coerce").to_numpy(float) * 100.0
+        band = pd.to_numeric(df["noise"], errors="coerce").to_numpy(float) * scale
         # Step edges at +/- 0.5 so each block's band spans exactly its bar slot.
         edges = np.concatenate([x - 0.5, [x[-1] + 0.5]])
         band = np.concatenate([band, band[-1:]])
-        extra.append(ax.fill_between(edges, -band, band, step="post", color="#777777",
+        # Drift has no sign: its band runs from 0 up.
+        lower = np.zeros_like(band) if cost == "drift" else -band
+        extra.append(ax.fill_between(edges, lower, band, step="post", color="#777777",
                                      alpha=0.25, linewidth=0, label="noise band", zorder=0.8))
     _block_ticks(ax, df["block"])
-    ax.set_ylabel("accuracy drop when deleted\n(percentage points)")
-    ax.set_title("What the network loses when one block's branch is deleted")
+    ax.set_ylabel(label)
+    ax.set_title("What the network loses when one block's branch is deleted" if cost != "drift"
+                 else "How far the outputs move when one block's branch is deleted")
     _verdict_legend(ax, df, extra)
     return ax
 
 
 def ratio_vs_drop(df: pd.DataFrame, *, ax: Axes | None = None,
-                  max_ratio: float | None = None) -> Axes:
-    """Scatter of ``ratio`` (x) against accuracy drop in points (y), one dot per block.
+                  max_ratio: float | None = None, cost: str | None = None) -> Axes:
+    """Scatter of ``ratio`` (x) against the deletion cost (y), one dot per block: the accuracy
+    drop in points, or the table's other cost (`cost_of`: loss increase, drift in %).
 
     x is log-scaled when the ratios span more than one decade. The title gives Spearman's rho
-    between the two; the few blocks with the largest drop are named next to their dots.
+    between the two; the few blocks with the largest cost are named next to their dots.
     """
-    _require(df, ("block", "ratio", "accuracy_drop"), "ratio_vs_drop")
+    cost = cost_of(df, cost)
+    _require(df, ("block", "ratio", cost), "ratio_vs_drop")
+    label, scale = cost_axis(cost, df)
     df = _forward(df)
     ax = _axes(ax, SCATTER_WIDTH)
     x = pd.to_numeric(df["ratio"], errors="coerce").to_numpy(float)
-    y = pd.to_numeric(df["accuracy_drop"], errors="coerce").to_numpy(float) * 100.0
+    y = pd.to_numeric(df[cost], errors="coerce").to_numpy(float) * scale
     ax.scatter(x, y, c=_colors(df), s=36, edgecolors="white", linewidths=0.5, zorder=3)
     finite_x = x[np.isfinite(x)]
     # Log scale only when every ratio can be placed on it (a zero branch cannot).
@@ -219,14 +276,14 @@ def ratio_vs_drop(df: pd.DataFrame, *, ax: Axes | None = None,
         ax.annotate(str(df["block"].iloc[i]), (x[i], y[i]), xytext=(-4 if left else 4, 4),
                     textcoords="offset points", ha="right" if left else "left",
                     fontsize="small")
-    rho = rank_correlation(df, "ratio", "accuracy_drop")
+    rho = rank_correlation(df, "ratio", cost)
     rho_text = "undefined" if math.isnan(rho) else f"{rho:.2f}"
     ax.set_title(f"Branch size against deletion cost\nSpearman \u03c1 = {rho_text} over "
                  f"{len(df)} blocks")
     ax.margins(x=0.08, y=0.1)  # room for the block names next to the extreme dots
     ax.set_xlabel("branch / shortcut ratio ||F(x)|| / ||s(x)||"
                   + (" (log scale)" if ax.get_xscale() == "log" else ""))
-    ax.set_ylabel("accuracy drop when deleted\n(percentage points)")
+    ax.set_ylabel(label)
     _verdict_legend(ax, df, extra)
     return ax
 
@@ -296,55 +353,88 @@ def degradation_curve(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     return ax
 
 
-def deletion_curves(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
-    """Accuracy (%) against the number k of blocks deleted together, one line per order.
+def curve_metric(df: pd.DataFrame, metric: str | None = None) -> str:
+    """What the deletion curves draw: accuracy where the table has it, else the drift of the
+    outputs, else the loss."""
+    if metric is not None:
+        return metric
+    return next((c for c in ("accuracy", "drift", "loss") if c in df.columns), "accuracy")
+
+
+def deletion_curves(df: pd.DataFrame, *, ax: Axes | None = None, metric: str | None = None) -> Axes:
+    """Accuracy (%) against the number k of blocks deleted together, one line per order; for a
+    table without accuracy (another task), the drift of the outputs (%) or the loss (`metric`,
+    found by itself when None).
 
     Random orders are drawn as their mean with the range over draws shaded (Veit et al. 2016,
     Fig. 5a); the fixed orders as lines with markers.
     """
-    _require(df, ("order", "draw", "k", "accuracy"), "deletion_curves")
+    metric = curve_metric(df, metric)
+    _require(df, ("order", "draw", "k", metric), "deletion_curves")
+    scale = 100.0 if metric in ("accuracy", "drift") else 1.0
     ax = _axes(ax, SCATTER_WIDTH)
     for order, style in _ORDER_STYLES.items():
         rows = df[df["order"] == order]
         if rows.empty:
             continue
-        by_k = rows.groupby("k")["accuracy"]
+        by_k = rows.groupby("k")[metric]
         k = np.asarray(sorted(rows["k"].unique()), dtype=float)
-        mean = by_k.mean().reindex(k).to_numpy(float) * 100
+        mean = by_k.mean().reindex(k).to_numpy(float) * scale
         draws = rows["draw"].nunique()
         if order == "random":
-            low = by_k.min().reindex(k).to_numpy(float) * 100
-            high = by_k.max().reindex(k).to_numpy(float) * 100
+            low = by_k.min().reindex(k).to_numpy(float) * scale
+            high = by_k.max().reindex(k).to_numpy(float) * scale
             ax.fill_between(k, low, high, color=style["color"], alpha=0.2, linewidth=0,
                             label=f"range over {draws} random orders")
             ax.plot(k, mean, color=style["color"], linestyle=":", linewidth=2,
                     label=f"random order (mean of {draws})")
         else:
-            ax.plot(k, mean, color=style["color"], marker="o", markersize=3, label=style["label"])
+            label = style["label"] if metric == "accuracy" or order != "drop" else "smallest single-block cost first"
+            ax.plot(k, mean, color=style["color"], marker="o", markersize=3, label=label)
     ax.set_xlabel("blocks deleted together (k)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 102)
-    ax.set_title("Accuracy as more and more blocks are deleted")
+    if metric == "accuracy":
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 102)
+        ax.set_title("Accuracy as more and more blocks are deleted")
+    elif metric == "drift":
+        ax.set_ylabel("output drift from the intact model\n(% of the outputs' size)")
+        ax.set_ylim(bottom=0)
+        ax.set_title("How far the outputs move as more and more blocks are deleted")
+    else:
+        name = metric.replace("_", " ")
+        ax.set_ylabel(name + (" (nats per token)" if _per_token(df) else ""))
+        ax.set_title(f"{name[:1].upper()}{name[1:]} as more and more blocks are deleted")
     ax.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return ax
 
 
-def proxy_correlations(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
-    """Spearman rho of each cheap proxy with the measured drop (two bars per proxy), and its cost.
+def _truths(df: pd.DataFrame) -> list[str]:
+    """The correlation columns of a proxies table: spearman_<truth>, in table order."""
+    return [c for c in df.columns if str(c).startswith("spearman_")]
 
-    Rows whose correlations are NaN (the measured drop itself) only give their cost, in the title.
+
+def proxy_correlations(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Spearman rho of each cheap proxy with the measured cost (one bar per `spearman_<truth>`
+    column: accuracy drop and loss increase for classification, the task's cost otherwise), and
+    the proxy's cost in seconds.
+
+    A row whose correlations are all NaN is either the measured cost itself (the last such row,
+    which only gives its time, in the title) or a proxy that does not apply to the task; neither
+    gets bars.
     """
-    _require(df, ("proxy", "spearman_accuracy_drop", "spearman_loss_increase", "seconds"), "proxy_correlations")
+    truths = _truths(df)
+    _require(df, ("proxy", "seconds", *(truths or ["spearman_accuracy_drop"])), "proxy_correlations")
     ax = _axes(ax, SCATTER_WIDTH)
-    proxies = df[df[["spearman_accuracy_drop", "spearman_loss_increase"]].notna().any(axis=1)].reset_index(drop=True)
-    truth = df[df[["spearman_accuracy_drop", "spearman_loss_increase"]].isna().all(axis=1)]
+    proxies = df[df[truths].notna().any(axis=1)].reset_index(drop=True)
+    truth = df[df[truths].isna().all(axis=1)].tail(1)
     y = np.arange(len(proxies))
-    height = 0.38
-    for offset, column, color, label in ((-height / 2, "spearman_accuracy_drop", _PALETTE[0], "vs accuracy drop"),
-                                         (height / 2, "spearman_loss_increase", _PALETTE[1], "vs loss increase")):
+    height = 0.76 / len(truths)
+    for index, column in enumerate(truths):
+        offset = (index - (len(truths) - 1) / 2) * height
+        label = "vs " + column[len("spearman_"):].replace("_", " ")
         values = pd.to_numeric(proxies[column], errors="coerce").fillna(0.0).to_numpy(float)
-        ax.barh(y + offset, values, height=height, color=color, label=label)
+        ax.barh(y + offset, values, height=height, color=_PALETTE[index % len(_PALETTE)], label=label)
     ax.set_yticks(y)
     ax.set_yticklabels([f"{p}\n({s:.2g} s)" for p, s in zip(proxies["proxy"], proxies["seconds"])],
                        fontsize="small")
@@ -360,14 +450,27 @@ def proxy_correlations(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     return ax
 
 
-def drop_intervals(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
-    """Each block's accuracy drop (points) with its bootstrap interval, coloured by `verdict_ci`."""
-    _require(df, ("block", "accuracy_drop", "drop_low", "drop_high"), "drop_intervals")
+def interval_columns(df: pd.DataFrame, cost: str | None = None) -> tuple[str, str, str]:
+    """(cost, low, high) columns of an intervals table (`analyses.uncertainty`): accuracy_drop
+    with drop_low / drop_high, or a continuous cost with <cost>_low / <cost>_high."""
+    if cost is None:
+        cost = next((c for c in COSTS if f"{c}_low" in df.columns), None) or cost_of(df)
+    if cost == "accuracy_drop":
+        return cost, "drop_low", "drop_high"
+    return cost, f"{cost}_low", f"{cost}_high"
+
+
+def drop_intervals(df: pd.DataFrame, *, ax: Axes | None = None, cost: str | None = None) -> Axes:
+    """Each block's deletion cost with its bootstrap interval, coloured by `verdict_ci`: the
+    accuracy drop in points, or the task's cost (`interval_columns`: loss increase, drift in %)."""
+    cost, low_column, high_column = interval_columns(df, cost)
+    _require(df, ("block", cost, low_column, high_column), "drop_intervals")
+    scale = cost_axis(cost, df)[1]
     df = _forward(df)
     ax = _axes(ax, block_figure_width(len(df)))
     x = np.arange(len(df))
-    drop = df["accuracy_drop"].to_numpy(float) * 100
-    low, high = df["drop_low"].to_numpy(float) * 100, df["drop_high"].to_numpy(float) * 100
+    drop = df[cost].to_numpy(float) * scale
+    low, high = df[low_column].to_numpy(float) * scale, df[high_column].to_numpy(float) * scale
     colors = ([VERDICT_COLORS.get(v, _PLAIN) for v in df["verdict_ci"]] if "verdict_ci" in df.columns
               else [_PLAIN] * len(df))
     ax.vlines(x, low, high, colors=colors, linewidth=2.5)
@@ -375,7 +478,8 @@ def drop_intervals(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     ax.axhline(0.0, color="#333333", linewidth=0.8)
     _block_ticks(ax, df["block"])
     level = f"{df['level'].iloc[0]:.0%} " if "level" in df.columns and len(df) else ""
-    ax.set_ylabel(f"accuracy drop when deleted\n(points, {level}bootstrap interval)")
+    name, unit, _ = _cost_unit(cost, df, short=True)
+    ax.set_ylabel(f"{name} when deleted\n({unit}, {level}bootstrap interval)")
     ax.set_title("Deletion cost of each block, with its uncertainty")
     present = [v for v in _LEGEND_ORDER if "verdict_ci" in df.columns and v in set(df["verdict_ci"])]
     if present:
@@ -408,20 +512,23 @@ def class_drop_heatmap(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     return ax
 
 
-def recalibration_effect(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
-    """Per block, the accuracy drop with trained BN statistics and after recalibration (points)."""
-    _require(df, ("block", "accuracy_drop", "bn_recalibrated"), "recalibration_effect")
+def recalibration_effect(df: pd.DataFrame, *, ax: Axes | None = None, cost: str | None = None) -> Axes:
+    """Per block, the deletion cost with trained BN statistics and after recalibration: the
+    accuracy drop in points, or the task's cost (`cost_of`: loss increase, drift in %)."""
+    cost = cost_of(df, cost)
+    _require(df, ("block", cost, "bn_recalibrated"), "recalibration_effect")
+    label, scale = cost_axis(cost, df)
     order = _forward(df.drop_duplicates("block"))["block"].reset_index(drop=True)
     ax = _axes(ax, block_figure_width(len(order)))
     x = np.arange(len(order))
     width = 0.4
-    for offset, recal, color, label in ((-width / 2, False, _PALETTE[3], "trained BN statistics"),
-                                        (width / 2, True, _PALETTE[0], "BN statistics recalibrated")):
+    for offset, recal, color, name in ((-width / 2, False, _PALETTE[3], "trained BN statistics"),
+                                       (width / 2, True, _PALETTE[0], "BN statistics recalibrated")):
         rows = df[df["bn_recalibrated"].astype(bool) == recal].set_index("block").reindex(order)
-        ax.bar(x + offset, rows["accuracy_drop"].to_numpy(float) * 100, width=width, color=color, label=label)
+        ax.bar(x + offset, rows[cost].to_numpy(float) * scale, width=width, color=color, label=name)
     ax.axhline(0.0, color="#333333", linewidth=0.8)
     _block_ticks(ax, order)
-    ax.set_ylabel("accuracy drop when deleted\n(percentage points)")
+    ax.set_ylabel(label)
     ax.set_title("Deletion cost with and without BatchNorm recalibration")
     ax.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return ax

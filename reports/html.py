@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from probe.verdict import UNSUPPORTED, VerdictRule, classify, summarize
+from probe.verdict import UNSUPPORTED, VerdictRule, classify, cost_column, summarize
 from probe.errors import ProbeError
 from probe.files import write_text
 from reports import figures
@@ -46,7 +46,8 @@ _RATIO_WORDS = (
 )
 
 # How each column is printed (specs of reports.sections.format_cell); other numbers get ".4g".
-# Accuracy-like shares are shown in % and their differences in percentage points (pp).
+# Accuracy-like shares are shown in % and their differences in percentage points (pp); the
+# drift of the outputs (a relative change) in %.
 _FORMATS = {
     "accuracy": "pct",
     "flip_rate": "pct",
@@ -58,12 +59,43 @@ _FORMATS = {
     "cosine_std": ".3f",
     "position": ".0f",
     "samples": ".0f",
+    "loss_increase_se": ".4f",
+    "perplexity": ".4g",
+    "perplexity_ratio": ".4f",
+    "token_accuracy": "pct",
+    "token_accuracy_drop": "pp",
+    "token_flip_rate": "pct",
+    "tokens": ",.0f",
+    "drift": "pct",
+    "drift_se": "pct",
+    "kl": ".4g",
 }
-_PERCENT = {"accuracy", "flip_rate"}
-_POINTS = {"accuracy_drop", "noise"}
+_PERCENT = {"accuracy", "flip_rate", "token_accuracy", "token_flip_rate", "drift", "drift_se"}
+_POINTS = {"accuracy_drop", "noise", "token_accuracy_drop"}
+# The noise band is in the cost's unit: points of accuracy, the loss itself, % of the outputs.
+_NOISE = {"accuracy_drop": ("pm", "noise (pp)"), "loss_increase": ("pm.4f", "noise"),
+          "drift": ("pm", "noise (%)")}
+# The per-block table's first columns, in this order; the others follow as the table has them.
+_FIRST = ["position", "block", "verdict", "ratio", "ratio_std", "accuracy_drop", "noise",
+          "flip_rate", "accuracy", "loss", "loss_increase", "cosine", "cosine_std",
+          "branch_norm", "branch_norm_std", "shortcut_norm", "shortcut_norm_std",
+          "samples", "mode"]
+_FIRST_CONTINUOUS = ["position", "block", "verdict", "ratio", "ratio_std", "{cost}", "{cost}_se", "noise", "kl",
+                     "perplexity_ratio", "token_accuracy_drop", "token_flip_rate", "accuracy_drop", "loss",
+                     "loss_increase", "perplexity", "token_accuracy", "accuracy", "cosine", "cosine_std",
+                     "branch_norm", "branch_norm_std", "shortcut_norm", "shortcut_norm_std", "samples", "tokens",
+                     "mode"]
 
 
-def _header(column: str) -> str:
+def _format(column: str, cost: str) -> str:
+    if column == "noise":
+        return _NOISE.get(cost, _NOISE["accuracy_drop"])[0]
+    return _FORMATS.get(column, ".4g")
+
+
+def _header(column: str, cost: str = "accuracy_drop") -> str:
+    if column == "noise":
+        return _NOISE.get(cost, _NOISE["accuracy_drop"])[1]
     if column in _PERCENT:
         return f"{column.replace('_', ' ')} (%)"
     if column in _POINTS:
@@ -71,21 +103,45 @@ def _header(column: str) -> str:
     return column.replace("_", " ")
 
 
-def _table(df: pd.DataFrame) -> dict:
-    first = ["position", "block", "verdict", "ratio", "ratio_std", "accuracy_drop", "noise",
-             "flip_rate", "accuracy", "loss", "loss_increase", "cosine", "cosine_std",
-             "branch_norm", "branch_norm_std", "shortcut_norm", "shortcut_norm_std",
-             "samples", "mode"]
+def _table(df: pd.DataFrame, cost: str = "accuracy_drop") -> dict:
+    first = _FIRST if cost == "accuracy_drop" else list(dict.fromkeys(c.format(cost=cost) for c in _FIRST_CONTINUOUS))
     columns = [c for c in first if c in df.columns] + [c for c in df.columns if c not in first]
     rows = []
     for _, row in df.iterrows():
         rows.append({
             "verdict": str(row.get("verdict", "")),
-            "cells": [{"text": format_cell(row[c], _FORMATS.get(c, ".4g")),
+            "cells": [{"text": format_cell(row[c], _format(c, cost)),
                        "cls": ("num " if is_number(row[c]) else "") + c}
                       for c in columns],
         })
-    return {"headers": [_header(c) for c in columns], "rows": rows}
+    return {"headers": [_header(c, cost) for c in columns], "rows": rows}
+
+
+# What the per-block table's columns mean, by cost column (classification: the template's note).
+_TABLE_NOTES = {
+    "accuracy_drop": "",  # the template's own note
+    "loss_increase": "One row per residual block, in forward order. The loss increase{unit} is the loss with the "
+                     "block deleted minus the intact model's, with its standard error (se) over the samples and "
+                     "the noise band the verdict uses, in the same unit; a positive increase means the network is "
+                     "worse without the block.",
+    "drift": "One row per residual block, in forward order. Drift is how far the outputs move from the intact "
+             "model's when the block is deleted (||outputs - intact|| / ||intact|| per sample, averaged), in % of "
+             "their size, with its standard error (se) over the samples and the noise band the verdict uses, "
+             "also in %. KL, where the outputs carry logits, is the mean divergence of the deleted model's "
+             "prediction from the intact one's, in nats.",
+}
+
+
+def _table_note(table: pd.DataFrame, cost: str) -> str:
+    """What the per-block table's columns mean ("" for classification: the template says it)."""
+    note = _TABLE_NOTES.get(cost, "").format(unit=" (nats per token)" if _per_token(table) else "")
+    if cost == "loss_increase" and _per_token(table):
+        note += (" Token accuracy and token flip rate (share of predicted tokens that changed) are in %, the token "
+                 "accuracy drop in percentage points (pp); the perplexity ratio is the perplexity with the block "
+                 "deleted over the intact model's.")
+    elif cost == "loss_increase" and "accuracy" in table.columns:
+        note += " Accuracy is in %, the accuracy drop in percentage points (pp)."
+    return note
 
 
 def _config_items(config: Mapping) -> list[tuple[str, str]]:
@@ -106,9 +162,56 @@ def _png(draw: Callable, df: pd.DataFrame, width: float, **kwargs) -> str:
     return data_uri(render_png(draw, df, width=width, **kwargs))
 
 
-def _figures(table: pd.DataFrame, rule: VerdictRule) -> list[dict]:
+def _per_token(df: pd.DataFrame) -> bool:
+    """A language model's table (loss in nats per token)."""
+    return df.attrs.get("task") == "lm" or "perplexity_ratio" in df.columns
+
+
+def _cost_captions(cost: str, z: str, df: pd.DataFrame) -> tuple[str, str]:
+    """The captions of the deletion-cost bars and of the ratio-vs-cost scatter, for `cost`."""
+    if cost == "drift":
+        return ("Each bar is how far the model's outputs move, in % of their size (the relative L2 change "
+                "||outputs - intact outputs|| / ||intact outputs||, averaged over the samples), when that one "
+                "block's branch is deleted (its output replaced, the shortcut left intact) and everything "
+                "else is kept. Tall: the block carries the network; near zero: the outputs hardly notice it. "
+                "Drift has no sign. The grey band is the noise for that block "
+                f"({z} standard errors of the per-sample drift, never less than the rule's floor): a bar "
+                "inside the band counts as no change.",
+                "One dot per block: its ratio (horizontal) against how far the outputs move when it is "
+                "deleted (vertical, % of their size). If small branches were always safe to delete and "
+                "large ones were not, the dots would rise from left to right. Spearman's \u03c1 in the title "
+                "measures how well the ratio ranks blocks by their deletion cost: 1 is the same order, 0 no "
+                "relation. The blocks that cost most are named.")
+    if cost == "loss_increase":
+        unit = " (mean NLL per token, in nats)" if _per_token(df) else ""
+        return ("Each bar is the increase of the loss" + unit + " when that one block's branch is deleted "
+                "(its output replaced, the shortcut left intact) and everything else is kept. Above zero: "
+                "the block was doing useful work; below zero: the network is better without it. The grey "
+                f"band around zero is the noise for that block ({z} standard errors of the paired per-sample "
+                "loss difference): a bar inside the band is indistinguishable from no change on this many "
+                "samples.",
+                "One dot per block: its ratio (horizontal) against the loss increase when it is deleted "
+                "(vertical). If small branches were always safe to delete and large ones were not, the "
+                "dots would rise from left to right. Spearman's \u03c1 in the title measures how well the "
+                "ratio ranks blocks by their deletion cost: 1 is the same order, 0 no relation. The blocks "
+                "that cost most are named.")
+    return ("Each bar is the test accuracy lost, in percentage points, when that one block's "
+            "branch is deleted (its output replaced, the shortcut left intact) and everything "
+            "else is kept. Above zero: the block was doing useful work; below zero: the network "
+            "is better without it. The grey band around zero is the noise for that block "
+            f"({z} standard errors of the paired accuracy difference): a bar inside the band is "
+            "indistinguishable from no change on this many samples.",
+            "One dot per block: its ratio (horizontal) against the accuracy lost when it is "
+            "deleted (vertical, percentage points). If small branches were always safe to delete "
+            "and large ones were not, the dots would rise from left to right. Spearman's \u03c1 in "
+            "the title measures how well the ratio ranks blocks by their deletion cost: 1 is the "
+            "same order, 0 no relation. The blocks that cost most are named.")
+
+
+def _figures(table: pd.DataFrame, rule: VerdictRule, cost: str = "accuracy_drop") -> list[dict]:
     width = figures.block_figure_width(len(table))
     z = f"{rule.noise_z:g}"
+    bars, scatter = _cost_captions(cost, z, table)
     specs = [
         (figures.ratio_per_block, width, {"max_ratio": rule.max_ratio},
          "Branch size per block",
@@ -118,21 +221,10 @@ def _figures(table: pd.DataFrame, rule: VerdictRule) -> list[dict]:
          "unchanged; a bar near 1 means the branch is as large as the signal it is added to. "
          f"The dashed line is the rule's threshold ({rule.max_ratio:g}) for calling a branch "
          "small. Colours are the verdicts from the rule above."),
-        (figures.drop_per_block, width, {},
-         "What deleting each block costs",
-         "Each bar is the test accuracy lost, in percentage points, when that one block's "
-         "branch is deleted (its output replaced, the shortcut left intact) and everything "
-         "else is kept. Above zero: the block was doing useful work; below zero: the network "
-         "is better without it. The grey band around zero is the noise for that block "
-         f"({z} standard errors of the paired accuracy difference): a bar inside the band is "
-         "indistinguishable from no change on this many samples."),
-        (figures.ratio_vs_drop, figures.SCATTER_WIDTH, {"max_ratio": rule.max_ratio},
-         "Does branch size predict deletion cost?",
-         "One dot per block: its ratio (horizontal) against the accuracy lost when it is "
-         "deleted (vertical, percentage points). If small branches were always safe to delete "
-         "and large ones were not, the dots would rise from left to right. Spearman's \u03c1 in "
-         "the title measures how well the ratio ranks blocks by their deletion cost: 1 is the "
-         "same order, 0 no relation. The blocks that cost most are named."),
+        (figures.drop_per_block, width, {"cost": cost},
+         "What deleting each block costs", bars),
+        (figures.ratio_vs_drop, figures.SCATTER_WIDTH, {"max_ratio": rule.max_ratio, "cost": cost},
+         "Does branch size predict deletion cost?", scatter),
         (figures.cosine_per_block, width, {},
          "Direction of each branch",
          "Each bar is the mean cosine between a block's branch output F(x) and its shortcut "
@@ -149,14 +241,28 @@ def _figures(table: pd.DataFrame, rule: VerdictRule) -> list[dict]:
     return out
 
 
-def _answer(table: pd.DataFrame, summary: dict) -> dict:
-    by_name = table.set_index(table["block"].astype(str))
+# How the answer words a block's cost: (name of the cost, what deleting a helping block does,
+# the cost in a few words); each a format string of the formatted cost.
+_ANSWER_WORDS = {
+    "accuracy_drop": ("accuracy drop", "costs {} points of accuracy", "{} points"),
+    "loss_increase": ("loss increase", "changes the loss by {}{unit}", "loss {}"),
+    "drift": ("drift", "moves the outputs by {}% of their size", "drift {}%"),
+}
+_COST_FORMATS = {"accuracy_drop": "pp", "loss_increase": "+.4f", "drift": "pct"}
 
-    def entry(name: str) -> dict:
-        row = by_name.loc[name]
-        return {"block": name,
-                "drop": format_cell(row["accuracy_drop"], _FORMATS["accuracy_drop"]),
-                "noise": format_cell(row["noise"], _FORMATS["noise"]),
+
+def _answer(table: pd.DataFrame, summary: dict, cost: str = "accuracy_drop") -> dict:
+    by_name = table.set_index(table["block"].astype(str))
+    name, effect, short = _ANSWER_WORDS.get(cost, _ANSWER_WORDS["accuracy_drop"])
+    unit = " nats per token" if _per_token(table) else ""
+
+    def entry(block: str) -> dict:
+        row = by_name.loc[block]
+        value = format_cell(row[cost], _COST_FORMATS.get(cost, ".4g"))
+        return {"block": block,
+                "effect": effect.format(value, unit=unit),
+                "short": short.format(value),
+                "noise": format_cell(row["noise"], _format("noise", cost)) + ("%" if cost == "drift" else ""),
                 "ratio": format_cell(row["ratio"], ".4g")}
 
     rho = summary["spearman_rho"]
@@ -166,8 +272,29 @@ def _answer(table: pd.DataFrame, summary: dict) -> dict:
         "hurts": [entry(b) for b in summary["hurts"]],
         "counts": summary["counts"],
         "blocks": summary["blocks"],
+        "cost": name,
         "rho": "undefined (a column is constant)" if math.isnan(rho) else f"{rho:.2f}",
     }
+
+
+def _baseline(baseline: Mapping, cost: str, df: pd.DataFrame) -> dict:
+    """The intact model's numbers as the report's header shows them, for the table's task:
+    `kind` picks the sentence (classification, lm, drift, or a loss of the user's task)."""
+    if cost == "accuracy_drop":
+        required, kind = ("accuracy", "loss", "samples"), "classification"
+    elif cost == "drift":
+        required, kind = ("samples",), "drift"
+    elif "perplexity" in baseline or _per_token(df):
+        required, kind = ("loss", "perplexity", "token_accuracy", "tokens", "samples"), "lm"
+    else:
+        required, kind = ("loss", "samples"), "loss"
+    missing = [k for k in required if k not in baseline]
+    if missing:
+        raise ProbeError(f"baseline needs key(s) {missing}; got {sorted(baseline)}.")
+    formats = {"accuracy": _FORMATS["accuracy"], "loss": _FORMATS["loss"], "samples": _FORMATS["samples"],
+               "perplexity": ".4g", "token_accuracy": "pct", "tokens": ",.0f"}
+    shown = {key: format_cell(baseline[key], spec) for key, spec in formats.items() if key in baseline}
+    return {"kind": kind, "task": str(df.attrs.get("task", "")), **shown}
 
 
 def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
@@ -175,9 +302,14 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
                   sections: Sequence[Section] = (), warning: str | None = None) -> str:
     """The whole report as one HTML string (see module docstring).
 
-    df: per-block table (one row per block; columns as in docs/architecture.md and the README). baseline: {"accuracy",
-    "loss", "samples"} of the unablated model. config: run configuration shown in the header
-    (model, checkpoint, dataset, samples, mode, seed, date, versions, and any other keys).
+    df: per-block table (one row per block; columns as in docs/architecture.md and the README); its
+    cost column (`probe.verdict.cost_column`: accuracy_drop, loss_increase or drift) is what the
+    answer, the figures and the table show. baseline: the unablated model's numbers, as the
+    table's `attrs["baseline"]` holds them for its task: {"accuracy", "loss", "samples"} for
+    classification; {"loss", "perplexity", "token_accuracy", "tokens", "samples"} for a language
+    model; {"samples"} for drift; {"loss", "samples"} (and "accuracy") for a task of your own.
+    config: run configuration shown in the header (model, checkpoint, dataset, samples, mode,
+    seed, date, versions, and any other keys).
     rule: the verdict rule (default VerdictRule()); verdicts are recomputed with it.
     sections: one `reports.sections.Section` per analysis, shown after the per-block figures
     and listed in a table of contents.
@@ -186,9 +318,10 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     every block's verdict is "unsupported".
     """
     rule = VerdictRule() if rule is None else rule
-    missing = [k for k in ("accuracy", "loss", "samples") if k not in baseline]
-    if missing:
-        raise ProbeError(f"baseline needs key(s) {missing}; got {sorted(baseline)}.")
+    if not isinstance(baseline, Mapping):
+        raise ProbeError(f"baseline must be a dict of the intact model's numbers, got {type(baseline).__name__}.")
+    cost = cost_column(df) if isinstance(df, pd.DataFrame) else "accuracy_drop"
+    shown_baseline = _baseline(baseline, cost, df)
     if not isinstance(config, Mapping):
         raise ProbeError(f"config must be a dict of run settings, got {type(config).__name__}.")
     warning = warning or df.attrs.get("unsupported")
@@ -202,13 +335,12 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     return _ENV.get_template("report.html").render(
         title=title,
         config=_config_items(config),
-        baseline={"accuracy": format_cell(baseline["accuracy"], _FORMATS["accuracy"]),
-                  "loss": format_cell(baseline["loss"], _FORMATS["loss"]),
-                  "samples": format_cell(baseline["samples"], _FORMATS["samples"])},
-        rule=rule.describe(),
-        answer=_answer(table, summary),
-        figures=_figures(table, rule),
-        table=_table(table),
+        baseline=shown_baseline,
+        rule=rule.describe(cost=cost),
+        answer=_answer(table, summary, cost),
+        figures=_figures(table, rule, cost),
+        table=_table(table, cost),
+        table_note=_table_note(table, cost),
         ratio_words=_RATIO_WORDS,
         sections=list(sections),
         warning=warning,

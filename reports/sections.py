@@ -68,8 +68,9 @@ _MISSING = "\u2013"
 
 def format_cell(value, spec: str | None) -> str:
     """How every table of the report prints a value. spec: "pct" (a share, shown in %), "pp" (a
-    difference of shares, in signed percentage points), "pm" (a +- band, in points), a format
-    spec, or None (shown as is). Missing values (None, "", NaN) are a dash; booleans yes/no."""
+    difference of shares, in signed percentage points), "pm" (a +- band, in points), "pm" and a
+    format spec (a +- band as that spec prints it, e.g. "pm.4f"), a format spec, or None (shown
+    as is). Missing values (None, "", NaN) are a dash; booleans yes/no."""
     if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
     if not isinstance(value, numbers.Real) or spec is None:
@@ -83,6 +84,8 @@ def format_cell(value, spec: str | None) -> str:
         return f"{value * 100:+.2f}"
     if spec == "pm":
         return f"\u00b1{value * 100:.2f}"
+    if spec.startswith("pm"):
+        return "\u00b1" + format(value, spec[2:])
     if spec.endswith("d"):
         return format(int(round(value)), spec)  # counts: "d" and ",d" need an int
     return format(value, spec)
@@ -123,6 +126,53 @@ def _recalibrated(df: pd.DataFrame) -> bool:
     return bool(len(df)) and "bn_recalibrated" in df.columns and bool(df["bn_recalibrated"].iloc[0])
 
 
+# --- tasks ------------------------------------------------------------------------------------
+# An analysis of a task other than classification holds the task's columns (`probe.tasks`) in
+# place of accuracy: its cost is the loss increase or the drift of the outputs. Each builder
+# takes `cost=` (the per-block table's `probe.verdict.cost_column`), or finds it in its tables
+# (`reports.figures.cost_of`).
+
+# {column: (header, spec)} of every task's sweep columns, in display order.
+_TASK_COLUMNS = {
+    "loss": ("loss", ".4f"), "perplexity": ("perplexity", ".4g"), "token_accuracy": ("token accuracy (%)", "pct"),
+    "accuracy": ("accuracy (%)", "pct"), "loss_increase": ("loss increase", "+.4f"),
+    "loss_increase_se": ("its standard error", ".4f"), "perplexity_ratio": ("perplexity ratio", ".4f"),
+    "token_accuracy_drop": ("token accuracy drop (pp)", "pp"), "accuracy_drop": ("accuracy drop (pp)", "pp"),
+    "drift": ("drift (%)", "pct"), "drift_se": ("its standard error (%)", "pct"), "kl": ("KL (nats)", ".4g"),
+    "token_flip_rate": ("token flip rate (%)", "pct"), "flip_rate": ("flip rate (%)", "pct"),
+}
+# (the cost in words, header of its column, format spec, the same spec for one number in a sentence)
+_COST_WORDS = {
+    "accuracy_drop": ("accuracy drop", "accuracy drop (pp)", "pp"),
+    "loss_increase": ("loss increase", "loss increase", "+.4f"),
+    "drift": ("drift of the outputs", "drift (%)", "pct"),
+}
+
+
+def _present(columns: Mapping[str, tuple[str, str | None]], df: pd.DataFrame) -> dict:
+    """`columns` restricted to those `df` has, in the same order."""
+    return {c: spec for c, spec in columns.items() if c in df.columns}
+
+
+def _per_token(df: pd.DataFrame) -> bool:
+    return "perplexity_ratio" in df.columns or "token_accuracy" in df.columns or df.attrs.get("task") == "lm"
+
+
+def _amount(value, cost: str) -> str:
+    """One cost in a sentence: "+1.25 points", "+0.0123" (loss), "3.40%" (drift)."""
+    if cost == "accuracy_drop":
+        return f"{format_cell(value, 'pp')} points"
+    if cost == "drift":
+        return f"{format_cell(value, 'pct')}%"
+    return format_cell(value, "+.4f")
+
+
+def _cost_header(cost: str) -> tuple[str, str]:
+    """(header, spec) of a cost column in a section's table."""
+    _, header, spec = _COST_WORDS.get(cost, (cost, cost.replace("_", " "), ".4g"))
+    return header, spec
+
+
 # --- sections -------------------------------------------------------------------------------
 
 
@@ -154,37 +204,80 @@ def degradation_section(df: pd.DataFrame, *, lines: Sequence[str] = ()) -> Secti
                    figures=[fig], tables=[table])
 
 
-def skipping_section(result, *, calibration_samples: int | None = None) -> Section:
-    """From `analyses.skipping.skipping` (a SkippingResult)."""
+def _skipping_lead(summary: pd.DataFrame, cost: str) -> str:
+    """What deleting every skipped block together did, in one sentence."""
+    after = summary.iloc[-1]
+    removed = int(after["blocks_removed"])
+    names = ", ".join(str(after["removed"]).split())
+    if cost == "accuracy_drop" or ("accuracy" in summary.columns and cost not in summary.columns):
+        return (f"Deleting all {removed} skipped blocks at once ({names}) "
+                f"changes accuracy from {summary.iloc[0]['accuracy']:.2%} to {after['accuracy']:.2%} "
+                f"({-after['accuracy_drop'] * 100:+.2f} points).")
+    if cost == "drift":
+        return (f"Deleting all {removed} skipped blocks at once ({names}) moves the outputs by "
+                f"{after['drift']:.2%} of their size from the intact model's (the relative L2 change, averaged "
+                "over the samples).")
+    unit = " nats per token" if _per_token(summary) else ""
+    return (f"Deleting all {removed} skipped blocks at once ({names}) changes the loss from "
+            f"{summary.iloc[0]['loss']:.4f} to {after['loss']:.4f} ({after['loss'] - summary.iloc[0]['loss']:+.4f}"
+            f"{unit}).")
+
+
+def _curves_caption(curves: pd.DataFrame) -> str:
+    metric = figures.curve_metric(curves, None)
+    if metric == "accuracy":
+        measured, drop, good = ("accuracy on the evaluation data is measured", "whose deletion alone cost least",
+                                "stays high")
+    elif metric == "drift":
+        measured, drop, good = ("the drift of the outputs from the intact network's is measured (the relative L2 "
+                                "change, in % of their size)", "whose deletion alone moved the outputs least",
+                                "stays low")
+    else:
+        measured, drop, good = ("the loss on the evaluation data is measured", "whose deletion alone raised the "
+                                "loss least", "stays low")
+    return ("Blocks are deleted cumulatively: at k, the first k blocks of an order are all deleted at once "
+            f"(each branch F(x) replaced by zeros, the shortcut kept) and {measured}; k = 0 is the intact network. "
+            f"Green: blocks with the smallest branch/shortcut ratio go first; blue: blocks {drop} go first (this "
+            "order uses the measured single-block costs, so it is the best simple order); grey: random orders, "
+            f"the dotted line their mean and the shaded band their range. A curve that {good} for many "
+            "blocks means the network tolerates losing them together. Veit et al. 2016 (Fig. 5a) found "
+            "that residual networks degrade smoothly as random blocks are deleted, as an ensemble of many "
+            "shallower paths would, where a plain network would collapse after one deletion.")
+
+
+def skipping_section(result, *, calibration_samples: int | None = None, cost: str | None = None) -> Section:
+    """From `analyses.skipping.skipping` (a SkippingResult). cost: the per-block table's cost
+    column (`probe.verdict.cost_column`); found in the summary when None."""
     summary, curves, export = result.summary, result.curves, result.export
+    cost = figures.cost_of(summary, cost)
     recal = _recalibrated(summary)
     after = summary.iloc[-1]
     removed = int(after["blocks_removed"])
     lead = []
     if removed:
-        lead.append(f"Deleting all {removed} skipped blocks at once ({', '.join(str(after['removed']).split())}) "
-                    f"changes accuracy from {summary.iloc[0]['accuracy']:.2%} to {after['accuracy']:.2%} "
-                    f"({-after['accuracy_drop'] * 100:+.2f} points).")
+        lead.append(_skipping_lead(summary, cost))
     else:
         lead.append("The verdict rule calls no block skipped, so there is nothing to remove together; the deletion "
                     "curves below still show how the network degrades as blocks are deleted.")
     lead.append(_bn_note(recal, calibration_samples))
-    fig = _figure(figures.deletion_curves, curves, "Deletion curves",
-                  "Blocks are deleted cumulatively: at k, the first k blocks of an order are all deleted at once "
-                  "(each branch F(x) replaced by zeros, the shortcut kept) and accuracy on the evaluation data "
-                  "is measured; k = 0 is the intact network. Green: blocks with the smallest branch/shortcut "
-                  "ratio go first; blue: blocks whose deletion alone cost least go first (this order uses the "
-                  "measured single-block costs, so it is the best simple order); grey: random orders, the "
-                  "dotted line their mean and the shaded band their range. A curve that stays high for many "
-                  "blocks means the network tolerates losing them together. Veit et al. 2016 (Fig. 5a) found "
-                  "that residual networks degrade smoothly as random blocks are deleted, as an ensemble of many "
-                  "shallower paths would, where a plain network would collapse after one deletion.")
-    tables = [_table(summary, {"state": ("network", None), "blocks_removed": ("blocks deleted", "d"),
-                               "accuracy": ("accuracy (%)", "pct"), "loss": ("loss", ".4f"),
-                               "accuracy_drop": ("accuracy drop (pp)", "pp"), "flip_rate": ("flip rate (%)", "pct")},
-                     "The network before and after deleting every block the verdict rule calls skipped. Flip "
-                     "rate: share of samples whose predicted class changed.")]
+    fig = _figure(figures.deletion_curves, curves, "Deletion curves", _curves_caption(curves))
+    if cost == "accuracy_drop" and "accuracy" in summary.columns:
+        tables = [_table(summary, {"state": ("network", None), "blocks_removed": ("blocks deleted", "d"),
+                                   "accuracy": ("accuracy (%)", "pct"), "loss": ("loss", ".4f"),
+                                   "accuracy_drop": ("accuracy drop (pp)", "pp"),
+                                   "flip_rate": ("flip rate (%)", "pct")},
+                         "The network before and after deleting every block the verdict rule calls skipped. Flip "
+                         "rate: share of samples whose predicted class changed.")]
+    else:
+        columns = {"state": ("network", None), "blocks_removed": ("blocks deleted", "d"),
+                   **_present(_TASK_COLUMNS, summary)}
+        caption = "The network before and after deleting every block the verdict rule calls skipped"
+        caption += (", against the intact network: drift is how far the outputs move, in % of their size."
+                    if cost == "drift" else ", against the intact network" +
+                    (" (loss: mean NLL per token, in nats)." if _per_token(summary) else "."))
+        tables = [_table(summary, columns, caption)]
     if len(export):
+        compared = "the logits" if cost == "accuracy_drop" else "the outputs"
         tables.append(_table(export, {"model": ("model", None), "blocks": ("residual blocks", "d"),
                                       "parameters": ("parameters", ",d"), "bytes": ("bytes", ",d"),
                                       "seconds_per_batch": ("seconds per batch", ".4f"),
@@ -194,7 +287,7 @@ def skipping_section(result, *, calibration_samples: int | None = None) -> Secti
                              "The exported pruned model against the original. In the pruned copy each skipped "
                              "block computes only its shortcut: the layers of its branch are removed, not just "
                              "multiplied by zero. Its outputs were checked against the original with those "
-                             "blocks deleted (max |difference| of the logits over the evaluation data). Time "
+                             f"blocks deleted (max |difference| of {compared} over the evaluation data). Time "
                              "per batch is the fastest of several forward passes of one batch, the two models "
                              "alternating in the same process; ratios are pruned / original."))
         path = export.loc[export["model"] == "pruned", "path"]
@@ -207,52 +300,103 @@ def skipping_section(result, *, calibration_samples: int | None = None) -> Secti
                    tables=tables)
 
 
-def attribution_section(result) -> Section:
-    """From `analyses.attribution.attribution` (an AttributionResult)."""
+def attribution_section(result, *, cost: str | None = None) -> Section:
+    """From `analyses.attribution.attribution` (an AttributionResult): one `spearman_<truth>`
+    column per measured cost (classification: accuracy drop and loss increase; another task: its
+    cost). cost: the per-block table's cost column; found in the summary when None."""
     summary = result.summary
+    truths = [c for c in summary.columns if str(c).startswith("spearman_")]
+    cost = cost or (truths[0][len("spearman_"):] if truths else "accuracy_drop")
     recal = _recalibrated(summary)
-    proxies = summary[summary["spearman_accuracy_drop"].notna() | summary["spearman_loss_increase"].notna()]
+    proxies = summary[summary[truths].notna().any(axis=1)] if truths else summary.iloc[:0]
     lead = ["Deleting every block and re-evaluating measures each block's importance directly but costs a pass "
             "over the data per block. Cheaper signals can rank blocks without deleting anything; this section "
             "measures how well each one agrees with the measured cost, and what it costs to compute."]
     if len(proxies):
-        best = proxies.loc[proxies["spearman_loss_increase"].abs().fillna(-1).idxmax()]
-        lead.append(f"Best ranking of the loss increase: {best['proxy']} "
-                    f"(Spearman \u03c1 = {best['spearman_loss_increase']:.2f}, {best['seconds']:.2g} s).")
+        # The finest-grained truth: the loss increase where there is one (accuracy moves in whole samples).
+        key = "spearman_loss_increase" if "spearman_loss_increase" in truths else truths[0]
+        best = proxies.loc[proxies[key].abs().fillna(-1).idxmax()]
+        lead.append(f"Best ranking of the {key[len('spearman_'):].replace('_', ' ')}: {best['proxy']} "
+                    f"(Spearman \u03c1 = {best[key]:.2f}, {best['seconds']:.2g} s).")
     lead.append(_bn_note(recal))
-    fig = _figure(figures.proxy_correlations, summary, "Cheap proxies against the measured deletion cost",
-                  "Each pair of bars is one cheap signal computed for every block without deleting anything; "
-                  "under its name, the seconds it took over the evaluation data. Bar length is Spearman's rank "
-                  "correlation, over the blocks, between the signal and the measured cost of deleting the block "
-                  "alone: blue against the accuracy drop, orange against the increase in cross-entropy loss "
-                  "(finer-grained, since accuracy moves in whole samples). 1: the signal orders the blocks "
-                  "exactly as their deletion costs do; 0: no relation; negative: the reverse order. Signals: "
-                  "ratio = ||F(x)||/||s(x)|| (branch size against the shortcut it is added to); cosine = "
-                  "cos(F(x), s(x)); block_influence = 1 - cos(s(x), s(x) + F(x)), how much the block turns the "
-                  "signal passing through it (ShortGPT's block influence); gradient_x_activation = captum's "
-                  "gradient \u00d7 activation on the branch output, summed, i.e. the first-order estimate of the "
-                  "log-probability of the true class lost when the branch is set to zero.")
-    table = _table(summary, {"proxy": ("signal", None),
-                             "spearman_accuracy_drop": ("\u03c1 vs accuracy drop", "+.2f"),
-                             "spearman_loss_increase": ("\u03c1 vs loss increase", "+.2f"),
-                             "seconds": ("seconds", ".3g")},
+    if truths == ["spearman_accuracy_drop", "spearman_loss_increase"]:
+        caption = ("Each pair of bars is one cheap signal computed for every block without deleting anything; "
+                   "under its name, the seconds it took over the evaluation data. Bar length is Spearman's rank "
+                   "correlation, over the blocks, between the signal and the measured cost of deleting the block "
+                   "alone: blue against the accuracy drop, orange against the increase in cross-entropy loss "
+                   "(finer-grained, since accuracy moves in whole samples). 1: the signal orders the blocks "
+                   "exactly as their deletion costs do; 0: no relation; negative: the reverse order. Signals: "
+                   "ratio = ||F(x)||/||s(x)|| (branch size against the shortcut it is added to); cosine = "
+                   "cos(F(x), s(x)); block_influence = 1 - cos(s(x), s(x) + F(x)), how much the block turns the "
+                   "signal passing through it (ShortGPT's block influence); gradient_x_activation = captum's "
+                   "gradient \u00d7 activation on the branch output, summed, i.e. the first-order estimate of the "
+                   "log-probability of the true class lost when the branch is set to zero.")
+    else:
+        measured = " and ".join(c[len("spearman_"):].replace("_", " ") for c in truths)
+        gradient = ("gradient_x_activation = captum's gradient \u00d7 activation on the branch output, summed, "
+                    "with minus the task's per-sample loss as the output (per token for a language model), i.e. "
+                    "the first-order estimate of the loss increase when the branch is set to zero."
+                    if cost != "drift" else
+                    "gradient \u00d7 activation has no bars here: the drift is 0 at the intact model and smallest "
+                    "there, so its gradient is 0.")
+        caption = ("Each bar is one cheap signal computed for every block without deleting anything; under its "
+                   "name, the seconds it took over the evaluation data. Bar length is Spearman's rank correlation, "
+                   "over the blocks, between the signal and the measured cost of deleting the block alone (the "
+                   f"{measured}). 1: the signal orders the blocks exactly as their deletion costs do; 0: no "
+                   "relation; negative: the reverse order. Signals: ratio = ||F(x)||/||s(x)|| (branch size against "
+                   "the shortcut it is added to); cosine = cos(F(x), s(x)); block_influence = 1 - cos(s(x), s(x) + "
+                   "F(x)), how much the block turns the signal passing through it (ShortGPT's block influence); "
+                   + gradient)
+    fig = _figure(figures.proxy_correlations, summary, "Cheap proxies against the measured deletion cost", caption)
+    columns = {"proxy": ("signal", None),
+               **{c: (f"\u03c1 vs {c[len('spearman_'):].replace('_', ' ')}", "+.2f") for c in truths},
+               "seconds": ("seconds", ".3g")}
+    table = _table(summary, columns,
                    "Rank correlation of each signal with the measured single-block deletion cost, and its cost. "
                    "The last row is the measurement itself (every block deleted alone).")
+    notes = [f"No {proxy}: {why}" for proxy, why in (getattr(result, "notes", None) or {}).items()]
     return Section(id="attribution", title=TITLES["attribution"], lead=lead,
-                   figures=[fig], tables=[table])
+                   figures=[fig], tables=[table], notes=notes)
 
 
-def uncertainty_section(result) -> Section:
-    """From `analyses.uncertainty.uncertainty` (an UncertaintyResult)."""
+def _interval_caption(cost: str, level: str, resamples: int) -> str:
+    resampled = (f"the evaluation samples were redrawn with replacement {resamples} times, the same draw for the "
+                 "intact and the damaged network (a paired bootstrap), and the bar spans the middle of the redrawn "
+                 "costs.")
+    if cost == "drift":
+        return ("Each dot is how far the outputs move, in % of their size, when that one block is deleted; the "
+                f"vertical bar is its {level} bootstrap interval: " + resampled + " Drift has no sign, so the "
+                "decision compares the bar with the rule's drift floor (the largest move still counted as no "
+                "change): helps (the whole bar above the floor), skipped (the whole bar within the floor and the "
+                "branch is small), neutral (any other).")
+    if cost == "loss_increase":
+        return ("Each dot is the loss increase when that one block is deleted; the vertical bar is its "
+                f"{level} bootstrap interval: " + resampled + " A bar that crosses zero means this data cannot "
+                "tell the cost from no cost at all. Colours: helps (the whole bar above zero), hurts (below "
+                "zero), skipped (crosses zero and the branch is small), neutral (crosses zero, branch not small).")
+    return ("Each dot is the accuracy lost, in percentage points, when that one block is deleted; the "
+            f"vertical bar is its {level} bootstrap interval: the evaluation samples were redrawn with "
+            f"replacement {resamples} times, the same draw for the intact and the damaged network "
+            "(a paired bootstrap), and the bar spans the middle of the redrawn costs. A bar that "
+            "crosses zero means this data cannot tell the cost from no cost at all. Colours: helps (the "
+            "whole bar above zero), hurts (below zero), skipped (crosses zero and the branch is small), "
+            "neutral (crosses zero, branch not small).")
+
+
+def uncertainty_section(result, *, cost: str | None = None) -> Section:
+    """From `analyses.uncertainty.uncertainty` (an UncertaintyResult). cost: the per-block
+    table's cost column; found in the intervals table when None (`figures.interval_columns`)."""
     intervals, per_class = result.intervals, result.per_class
+    cost, low, high = figures.interval_columns(intervals, cost)
     recal = _recalibrated(intervals)
     level = f"{intervals['level'].iloc[0]:.0%}" if len(intervals) else "95%"
     resamples = int(intervals["resamples"].iloc[0]) if len(intervals) else 0
     skipped = intervals.loc[intervals["skipped"].astype(bool), "block"].astype(str).tolist()
+    contains = ("lies within the rule's drift floor" if cost == "drift" else "contains zero")
     lead = [f"Blocks skipped once noise is accounted for ({len(skipped)}): "
             + (", ".join(skipped) if skipped else "none") + ". A block counts as skipped here when its branch is "
             f"small (ratio below the rule's threshold) and the {level} bootstrap interval of its deletion cost "
-            "contains zero."]
+            f"{contains}."]
     if "verdict" in intervals.columns and intervals["verdict"].notna().all():
         differ = intervals[(intervals["verdict"] == "skipped") != intervals["skipped"].astype(bool)]
         lead.append("The bootstrap decision agrees with the noise-band rule above on every block."
@@ -261,41 +405,56 @@ def uncertainty_section(result) -> Section:
                     + ", ".join(differ["block"].astype(str)) + ".")
     lead.append(_bn_note(recal))
     fig_ci = _figure(figures.drop_intervals, intervals, "Deletion cost with bootstrap intervals",
-                     "Each dot is the accuracy lost, in percentage points, when that one block is deleted; the "
-                     f"vertical bar is its {level} bootstrap interval: the evaluation samples were redrawn with "
-                     f"replacement {resamples} times, the same draw for the intact and the damaged network "
-                     "(a paired bootstrap), and the bar spans the middle of the redrawn costs. A bar that "
-                     "crosses zero means this data cannot tell the cost from no cost at all. Colours: helps (the "
-                     "whole bar above zero), hurts (below zero), skipped (crosses zero and the branch is small), "
-                     "neutral (crosses zero, branch not small).",
+                     _interval_caption(cost, level, resamples), cost=cost,
                      width=figures.block_figure_width(len(intervals)))
-    fig_classes = _figure(figures.class_drop_heatmap, per_class, "Deletion cost per class",
-                          "Each row is one deleted block (in the order data flows through the network), each "
-                          "column one class; the colour is how many percentage points of that class's accuracy "
-                          "are lost when the block is deleted (red: lost, blue: gained, white: unchanged). A "
-                          "block with a small overall cost can still matter for one class: look for a single "
-                          "red cell in an otherwise white row.",
-                          **figures.heatmap_size(per_class))
-    table = _table(intervals, {"block": ("block", None), "ratio": ("ratio", ".3f"),
-                               "accuracy_drop": ("accuracy drop (pp)", "pp"), "drop_low": ("interval low (pp)", "pp"),
-                               "drop_high": ("interval high (pp)", "pp"), "verdict_ci": ("decision", None),
-                               "verdict": ("noise-band verdict", None)},
-                   f"Per block: the measured accuracy drop and its {level} paired bootstrap interval "
+    shown = [fig_ci]
+    notes = []
+    if len(per_class) and "accuracy_drop" in per_class.columns:
+        shown.append(_figure(
+            figures.class_drop_heatmap, per_class, "Deletion cost per class",
+            "Each row is one deleted block (in the order data flows through the network), each "
+            "column one class; the colour is how many percentage points of that class's accuracy "
+            "are lost when the block is deleted (red: lost, blue: gained, white: unchanged). A "
+            "block with a small overall cost can still matter for one class: look for a single "
+            "red cell in an otherwise white row.",
+            **figures.heatmap_size(per_class)))
+    else:
+        notes.append("No deletion cost per class: the task has no class labels.")
+    if cost == "accuracy_drop":
+        columns = {"block": ("block", None), "ratio": ("ratio", ".3f"),
+                   "accuracy_drop": ("accuracy drop (pp)", "pp"), "drop_low": ("interval low (pp)", "pp"),
+                   "drop_high": ("interval high (pp)", "pp"), "verdict_ci": ("decision", None),
+                   "verdict": ("noise-band verdict", None)}
+        measured = "accuracy drop"
+    else:
+        header, spec = _cost_header(cost)
+        unit = " (%)" if cost == "drift" else ""
+        columns = {"block": ("block", None), "ratio": ("ratio", ".3f"), cost: (header, spec),
+                   low: (f"interval low{unit}", spec), high: (f"interval high{unit}", spec),
+                   "verdict_ci": ("decision", None), "verdict": ("noise-band verdict", None)}
+        measured = _COST_WORDS[cost][0] if cost in _COST_WORDS else cost.replace("_", " ")
+    table = _table(intervals, _present(columns, intervals),
+                   f"Per block: the measured {measured} and its {level} paired bootstrap interval "
                    f"({resamples} resamples), with the decision they give and the verdict of the noise-band rule.")
     return Section(id="uncertainty", title=TITLES["uncertainty"], lead=lead,
-                   figures=[fig_ci, fig_classes], tables=[table])
+                   figures=shown, tables=[table], notes=notes)
 
 
-def representation_section(result, *, lines: Sequence[str] = ()) -> Section:
+def representation_section(result, *, lines: Sequence[str] = (), cost: str | None = None) -> Section:
     """From `analyses.representation.representation` (a RepresentationResult); `lines`: what
-    the numbers say (`analyses.representation.story`)."""
+    the numbers say (`analyses.representation.story`). Tables that do not apply to the task
+    (probes, lens and classes without class labels; refinement for drift) are empty, their
+    figures left out, and `result.notes` says why. cost: the per-block table's cost column;
+    found in the summary when None."""
     summary, lens = result.summary, result.lens
+    cost = figures.cost_of(summary, cost)
+    empty = {name: why for name, why in (getattr(result, "notes", None) or {}).items()}
     lead = ["Deleting a block says what the network loses without it; this section looks at what the block does "
             "to the representation it passes on. A block's output here is F(x) + s(x) right after its addition "
             "(before the activation the block applies after it), averaged over the spatial positions of each "
             "sample.", *lines, _bn_note(_recalibrated(summary))]
     width = figures.block_figure_width(len(summary))
-    fig_accuracy = _figure(
+    fig_accuracy = None if "probes" in empty else _figure(
         figures.representation_accuracy, summary, "Linear probes and the model's own head, block by block",
         "Each dot is one block: the accuracy on the evaluation data of a linear classifier (a logistic regression "
         "on the block's standardised output, averaged over spatial positions) fitted on the training data "
@@ -305,7 +464,7 @@ def representation_section(result, *, lines: Sequence[str] = ()) -> Section:
         "linear layer applied to the same output (a 'logit lens'), only where the widths fit; it needs no "
         "fitting, so it says whether the block already speaks the head's language. Dotted lines separate stages.",
         width=width)
-    fig_refinement = _figure(
+    fig_refinement = None if "refinement" in empty or not len(result.refinement) else _figure(
         figures.refinement_profile, result.refinement, "Iterative refinement",
         "Bars: for each block, the cosine between what its branch adds, F(h), and the gradient of the loss at "
         "the block's input h, averaged over the evaluation samples (error bars: standard deviation). A "
@@ -323,34 +482,51 @@ def representation_section(result, *, lines: Sequence[str] = ()) -> Section:
         "lines separate stages; bright squares along the diagonal mean blocks within a stage change the "
         "representation only a little at a time.",
         **figures.cka_size(result.cka))
-    fig_classes = _figure(
+    fig_classes = None if "classes" in empty or not len(result.classes) else _figure(
         figures.class_service_heatmap, result.classes, "Which classes each block serves",
         "Each row is one deleted block, each column one class; the colour is how many percentage points of that "
         "class's accuracy are lost when the block is deleted (red: lost, blue: gained). The boxed cell in each "
         "row is the class that block serves most: the one that loses most without it.",
         **figures.heatmap_size(result.classes))
-    table = _table(summary, {"block": ("block", None), "stage": ("stage", "d"), "ratio": ("ratio", ".3f"),
-                             "accuracy_drop": ("deletion cost (pp)", "pp"), "verdict": ("verdict", None),
-                             "probe_accuracy": ("probe accuracy (%)", "pct"), "probe_gain": ("probe gain (pp)", "pp"),
-                             "lens_accuracy": ("head accuracy (%)", "pct"), "grad_cosine": ("cos(F, dL/dh)", "+.3f"),
-                             "step_ratio": ("||F||/||h||", ".3f"), "cka_previous": ("CKA with previous", ".2f"),
-                             "cka_next": ("CKA with next", ".2f"), "top_class": ("serves most", None),
-                             "top_class_drop": ("its drop (pp)", "pp")},
+    cost_header, cost_spec = ("deletion cost (pp)", "pp") if cost == "accuracy_drop" else \
+        (f"deletion cost: {_cost_header(cost)[0]}", _cost_header(cost)[1])
+    columns = {"block": ("block", None), "stage": ("stage", "d"), "ratio": ("ratio", ".3f"),
+               cost: (cost_header, cost_spec), "verdict": ("verdict", None),
+               "probe_accuracy": ("probe accuracy (%)", "pct"), "probe_gain": ("probe gain (pp)", "pp"),
+               "lens_accuracy": ("head accuracy (%)", "pct"), "grad_cosine": ("cos(F, dL/dh)", "+.3f"),
+               "step_ratio": ("||F||/||h||", ".3f"), "cka_previous": ("CKA with previous", ".2f"),
+               "cka_next": ("CKA with next", ".2f"), "top_class": ("serves most", None),
+               "top_class_drop": ("its drop (pp)", "pp")}
+    # Columns of tables that do not apply to the task are left out (they would be all dashes).
+    dropped = {"probes": ("probe_accuracy", "probe_gain"), "lens": ("lens_accuracy",),
+               "refinement": ("grad_cosine", "step_ratio"), "classes": ("top_class", "top_class_drop")}
+    for name in empty:
+        for column in dropped.get(name, ()):
+            columns.pop(column, None)
+    table = _table(summary, _present(columns, summary),
                    "Per block: its size (ratio ||F(x)||/||s(x)||), what deleting it alone costs and the verdict, its "
                    "linear probe accuracy and the gain over the block before it, the accuracy of the model's head "
                    "on its output, its refinement cosine and step size, its CKA with its neighbours, and the class "
-                   "that loses most when it is deleted.")
-    notes = []
-    skipped = lens[~lens["applicable"].astype(bool)]
+                   "that loses most when it is deleted." if not empty else
+                   "Per block: its size (ratio ||F(x)||/||s(x)||), what deleting it alone costs and the verdict, "
+                   "and what of the rest applies to the task: its refinement cosine and step size, and its CKA "
+                   "with its neighbours.")
+    # Why a table is empty, unless the lines (`story`) say it already.
+    notes = [why[:1].upper() + why[1:] for why in empty.values() if not any(why in line for line in lines)]
+    skipped = lens[~lens["applicable"].astype(bool)] if len(lens) else lens
     for reason, rows in skipped.groupby("reason", sort=False):
         notes.append(f"The model's head cannot be applied to {', '.join(rows['block'])}: {reason}.")
     return Section(id="representation", title=TITLES["representation"], lead=lead,
-                   figures=[fig_accuracy, fig_refinement, fig_cka, fig_classes], tables=[table], notes=notes)
+                   figures=[f for f in (fig_accuracy, fig_refinement, fig_cka, fig_classes) if f is not None],
+                   tables=[table], notes=notes)
 
 
-def recalibration_section(df: pd.DataFrame, *, calibration_samples: int | None = None) -> Section:
-    """From `analyses.recalibration.recalibration`."""
-    wide = df.pivot_table(index="block", columns="bn_recalibrated", values="accuracy_drop", aggfunc="first")
+def recalibration_section(df: pd.DataFrame, *, calibration_samples: int | None = None,
+                          cost: str | None = None) -> Section:
+    """From `analyses.recalibration.recalibration`. cost: the per-block table's cost column
+    (accuracy_drop, loss_increase, drift); found in `df` when None."""
+    cost = figures.cost_of(df, cost)
+    wide = df.pivot_table(index="block", columns="bn_recalibrated", values=cost, aggfunc="first")
     order = df.drop_duplicates("block").sort_values("position")["block"]
     wide = wide.reindex(order)
     amount = f"{calibration_samples} " if calibration_samples else ""
@@ -361,34 +537,64 @@ def recalibration_section(df: pd.DataFrame, *, calibration_samples: int | None =
             "held-out samples (never among the evaluated ones) with the block deleted (BatchNorm layers in "
             "training mode, cumulative "
             "average, no gradients). The model's own statistics were restored exactly afterwards."]
-    if "baseline_accuracy" in df.columns:
+    words = {False: "with its trained statistics", True: "with statistics recalibrated the same way"}
+    if cost == "accuracy_drop" and "baseline_accuracy" in df.columns:
         baselines = df.groupby("bn_recalibrated")["baseline_accuracy"].first()
-        words = {False: "with its trained statistics", True: "with statistics recalibrated the same way"}
         lead.append("Each drop is measured against the intact model treated alike: "
                     + "; ".join(f"{format_cell(baselines[k], 'pct')}% accuracy {words[k]}"
                                 for k in (False, True) if k in baselines.index)
                     + ". Comparing recalibrated deletions with the trained model would count the refit itself "
                     "as the deletion's effect.")
-    if {False, True} <= set(wide.columns) and len(wide):
+    elif cost == "loss_increase" and "baseline_loss" in df.columns:
+        baselines = df.groupby("bn_recalibrated")["baseline_loss"].first()
+        lead.append("Each loss increase is measured against the intact model treated alike: "
+                    + "; ".join(f"loss {format_cell(baselines[k], '.4f')} {words[k]}"
+                                for k in (False, True) if k in baselines.index)
+                    + ". Comparing recalibrated deletions with the trained model would count the refit itself "
+                    "as the deletion's effect.")
+    elif cost == "drift":
+        lead.append("Each drift is measured against the outputs of the intact model treated alike (with its "
+                    "trained statistics, or recalibrated the same way): comparing recalibrated deletions with the "
+                    "trained model would count the refit itself as the deletion's effect.")
+    if {False, True} <= set(wide.columns) and len(wide) and cost == "accuracy_drop":
         change = (wide[False] - wide[True]) * 100
         biggest = change.abs().idxmax()
         lead.append(f"Mean deletion cost: {wide[False].mean() * 100:.2f} points with trained statistics, "
                     f"{wide[True].mean() * 100:.2f} points after recalibration; the largest change is at "
                     f"{biggest} ({wide.loc[biggest, False] * 100:+.2f} \u2192 {wide.loc[biggest, True] * 100:+.2f} "
                     "points).")
-    fig = _figure(figures.recalibration_effect, df, "Deletion cost with and without recalibration",
-                  "For each block (in forward order), the accuracy lost when it alone is deleted, in percentage "
-                  "points: vermilion with the BatchNorm statistics the network was trained with, blue after "
-                  "re-estimating them for the damaged network. Where the blue bar is much shorter, most of the "
-                  "damage came from stale normalisation statistics, not from lost computation; where both bars "
-                  "are tall, the network needs what the block computes.",
-                  width=figures.block_figure_width(len(wide)))
+    elif {False, True} <= set(wide.columns) and len(wide):
+        biggest = (wide[False] - wide[True]).abs().idxmax()
+        name = _COST_WORDS[cost][0] if cost in _COST_WORDS else cost
+        lead.append(f"Mean {name}: {_amount(wide[False].mean(), cost)} with trained statistics, "
+                    f"{_amount(wide[True].mean(), cost)} after recalibration; the largest change is at {biggest} "
+                    f"({_amount(wide.loc[biggest, False], cost)} \u2192 {_amount(wide.loc[biggest, True], cost)}).")
+    if cost == "accuracy_drop":
+        caption = ("For each block (in forward order), the accuracy lost when it alone is deleted, in percentage "
+                   "points: vermilion with the BatchNorm statistics the network was trained with, blue after "
+                   "re-estimating them for the damaged network. Where the blue bar is much shorter, most of the "
+                   "damage came from stale normalisation statistics, not from lost computation; where both bars "
+                   "are tall, the network needs what the block computes.")
+    else:
+        measured = ("how far the outputs move (in % of their size)" if cost == "drift"
+                    else "the loss increase")
+        caption = (f"For each block (in forward order), {measured} when it alone is deleted: vermilion with the "
+                   "BatchNorm statistics the network was trained with, blue after re-estimating them for the "
+                   "damaged network. Where the blue bar is much shorter, most of the damage came from stale "
+                   "normalisation statistics, not from lost computation; where both bars are tall, the network "
+                   "needs what the block computes.")
+    fig = _figure(figures.recalibration_effect, df, "Deletion cost with and without recalibration", caption,
+                  cost=cost, width=figures.block_figure_width(len(wide)))
     shown = wide.reset_index().rename(columns={False: "trained", True: "recalibrated"})
+    header, spec = _cost_header(cost)
+    short = "drop" if cost == "accuracy_drop" else header
+    unit = " (pp)" if cost == "accuracy_drop" else ""
     columns = {"block": ("block", None)}
     if "trained" in shown:
-        columns["trained"] = ("drop, trained statistics (pp)", "pp")
+        columns["trained"] = (f"{short}, trained statistics{unit}", spec)
     if "recalibrated" in shown:
-        columns["recalibrated"] = ("drop, recalibrated (pp)", "pp")
-    table = _table(shown, columns, "Accuracy drop per block deleted alone, without and with BatchNorm recalibration.")
+        columns["recalibrated"] = (f"{short}, recalibrated{unit}", spec)
+    name = "Accuracy drop" if cost == "accuracy_drop" else header[:1].upper() + header[1:]
+    table = _table(shown, columns, f"{name} per block deleted alone, without and with BatchNorm recalibration.")
     return Section(id="recalibration", title=TITLES["recalibration"], lead=lead,
                    figures=[fig], tables=[table])

@@ -122,3 +122,37 @@ def test_choose_sections(kwargs, run, why):
 def test_unknown_section_is_a_probe_error():
     with pytest.raises(probe.ProbeError, match="'figures'"):
         choose_sections(RunConfig(skip=("figures",)))
+
+
+# Each command with --task drift on a two-head model without labels (tests/task_fixtures.py): the
+# table that holds the cost, the cost's columns in it, and the figures written (and not written).
+DRIFT = {
+    "skipping": ("deletion_curves.csv", {"drift", "drift_se"}, ["deletion_curves.png"], []),
+    "attribution": ("proxies.csv", {"spearman_drift"}, ["proxies.png"], []),
+    "uncertainty": ("drop_intervals.csv", {"drift", "drift_low", "drift_high"}, ["drop_intervals.png"],
+                    ["class_drops.png"]),
+    "representation": ("representation.csv", {"drift"}, ["cka.png"],
+                       ["representation_accuracy.png", "refinement.png", "block_classes.png"]),
+    "recalibration": ("recalibration.csv", {"drift", "drift_se", "bn_recalibrated"}, ["recalibration.png"], []),
+}
+
+
+@pytest.mark.parametrize("name", DRIFT)
+def test_command_runs_the_drift_task(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / name
+    model = "task_fixtures:two_head_batchnorm_model" if name == "recalibration" else "task_fixtures:two_head_model"
+    argv = ["--model", model, "--dataset", "task_fixtures:unlabelled_images", "--task", "drift", "--out", str(out),
+            "--no-progress"]
+    argv += {"skipping": ["--random-draws", "1"], "uncertainty": ["--resamples", "20"]}.get(name, [])
+    assert importlib.import_module(f"analyses.{name}.__main__").main(argv) == 0
+    table, columns, written, absent = DRIFT[name]
+    frame = pd.read_csv(out / table)
+    assert columns <= set(frame.columns), frame.columns
+    assert not [c for c in frame.columns if "accuracy" in c and frame[c].notna().any()]
+    for png in written:
+        assert (out / png).read_bytes().startswith(b"\x89PNG"), png
+    for png in absent:
+        assert not (out / png).exists(), png
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "drift" in printed

@@ -56,15 +56,19 @@ def test_modes(mode):
     st.tuples(st.just(X.tolist()), st.just([0, 1, 1])),              # lists, not tensors
 ))
 def test_batch_shapes(batch):
+    """Measuring needs inputs alone; classifying needs one integer label per input (extra
+    items after the targets are allowed)."""
     model = TinyNet()
     before = snapshot(model)
-    good = isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], torch.Tensor) \
+    tensor_inputs = isinstance(batch, torch.Tensor) or isinstance(batch[0], torch.Tensor)
+    labelled = isinstance(batch, tuple) and len(batch) >= 2 and tensor_inputs and isinstance(batch[1], torch.Tensor) \
         and not batch[1].dtype.is_floating_point and len(batch[1]) == len(batch[0])
-    try:
-        probe.measure(model, [batch], progress=False)
-        assert good
-    except probe.ProbeError as error:
-        assert not good and "batch 1" in str(error)
+    for call, good in ((probe.measure, tensor_inputs), (probe.sweep, labelled)):
+        try:
+            call(model, [batch], progress=False)
+            assert good
+        except probe.ProbeError as error:
+            assert not good and "batch 1" in str(error)
     assert_unchanged(model, before)
 
 

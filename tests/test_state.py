@@ -56,8 +56,8 @@ def test_bad_batch_raises_probe_error_and_leaves_model_unchanged():
     model = resnet()
     before = snapshot(model)
     good = next(batches())
-    with pytest.raises(probe.ProbeError, match="batch 2 is a tuple of length 3"):
-        probe.sweep(model, [good, (good[0], good[1], good[1])], progress=False)
+    with pytest.raises(probe.ProbeError, match="batch 2 has targets of dtype torch.float32"):
+        probe.sweep(model, [good, (good[0], good[1].float())], progress=False)
     assert_unchanged(model, before)
 
 

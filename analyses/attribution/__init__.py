@@ -16,13 +16,19 @@ the blocks (Spearman's rank correlation with the measured drop) and what it cost
   log-probability as output. Deleting the branch sets F(x) to 0, so by a first-order Taylor
   expansion sum(dlogp/dF * F) is the log-probability the deletion would cost: a one-backward-pass
   estimate of each block's loss increase (Molchanov et al. 2017 prune with the same idea).
+
+Other tasks (`probe.tasks`): the truth is the task's cost (`probe.verdict.cost_column`: the loss
+increase, or the drift of the outputs), and gradient x activation differentiates minus the
+task's per-sample loss (the NLL of the next tokens for `lm`, your own loss), averaged per unit
+(token). Drift has no gradient proxy: it is 0 at the intact model and smallest there, so its
+gradient is 0 and a first-order estimate of any deletion is 0 (`AttributionResult.notes` says so).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -32,18 +38,29 @@ from torch import nn
 import probe
 from probe.evaluation import single_block_sweep
 from probe.table import check_table
-from probe.verdict import rank_correlation
-from probe.batches import batches, input_dtype, model_device
+from probe.tasks import Classification, CustomTask, Task, resolve_task
+from probe.verdict import cost_column, rank_correlation
+from probe.batches import Batch, batches, class_targets, explained_misfit, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.hooks import attached, model_preserved, tap_pairs
 
-__all__ = ["PROXIES", "AttributionResult", "attribution", "block_influence", "gradient_x_activation"]
+__all__ = ["PROXIES", "AttributionResult", "attribution", "block_influence", "differentiable_loss",
+           "gradient_x_activation", "truth_columns"]
 
 PROXIES = ("ratio", "cosine", "block_influence", "gradient_x_activation")
 SCORE_COLUMNS = ["block", "position", "proxy", "score", "accuracy_drop", "loss_increase", "bn_recalibrated"]
 SUMMARY_COLUMNS = ["proxy", "spearman_accuracy_drop", "spearman_loss_increase", "seconds", "bn_recalibrated"]
 TRUTH = "measured drop (sweep)"
+NO_DRIFT_GRADIENT = ("drift has no gradient proxy: the drift is 0 at the intact model and smallest there, so its "
+                     "gradient is 0 and a first-order (gradient x activation) estimate of any deletion is 0.")
+
+
+def truth_columns(cost: str = "accuracy_drop") -> list[str]:
+    """The truth columns for a table whose cost column is `cost` (`probe.verdict.cost_column`):
+    the cost, then loss_increase where the task has one. classification: accuracy_drop,
+    loss_increase; lm and your own loss: loss_increase; drift: drift."""
+    return [cost] if cost != "accuracy_drop" else ["accuracy_drop", "loss_increase"]
 
 
 @dataclass
@@ -55,10 +72,15 @@ class AttributionResult:
         of the proxy with each truth over the blocks; NaN when undefined), seconds (wall time
         to compute the proxy over the data; ratio and cosine come from one `probe.measure`
         pass, which both rows report), bn_recalibrated.
+    Other tasks: the truth columns are `truth_columns(task.cost)` (lm, your own loss:
+        loss_increase; drift: drift), in scores as they are and in summary as spearman_<column>.
+    notes: {proxy: why it has no score} for proxies that do not apply to the task (drift:
+        gradient_x_activation, whose scores and correlations are then NaN, seconds NaN).
     """
 
     scores: pd.DataFrame
     summary: pd.DataFrame
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 def block_influence(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
@@ -82,24 +104,33 @@ def block_influence(model: nn.Module, data: Iterable, *, blocks: Sequence[str | 
 
     with model_preserved(model), attached() as handles, torch.no_grad():
         tap_pairs(model, chosen, record, handles)
-        for inputs, _targets in batches(data, device, dtype=input_dtype(model), progress=progress,
-                                        desc="block influence"):
-            model(inputs)
-            count += len(inputs)
+        for batch in batches(data, device, dtype=input_dtype(model), progress=progress, desc="block influence"):
+            with explained_misfit(batch):
+                batch.run(model)
+            count += batch.size
     total = float(count)
     return pd.DataFrame([{"block": b.name, "position": b.position, "block_influence": float(sums[b.name]) / total,
                           "samples": int(total)} for b in chosen])
 
 
 def gradient_x_activation(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
-                          progress: bool = False) -> pd.DataFrame:
+                          task: str | Task | Callable | None = None, progress: bool = False) -> pd.DataFrame:
     """captum's LayerGradientXActivation on every block's branch output, one backward per batch.
 
     Columns: block, position, gradient_x_activation (mean over samples of
     sum over elements of d log p(target) / dF * F; NaN for a block whose branch is not a module
     output), samples. The model runs in eval mode; its parameters' `.grad` are left as they
     were (captum differentiates with torch.autograd.grad).
+
+    task: classification (the default) differentiates the target class's log-probability. Any
+    other task differentiates minus its per-sample loss (`probe.tasks.Task.score`; your own
+    function is called directly, so that its loss keeps its gradient), and the sum is divided by
+    the units scored (tokens for `lm`, samples otherwise): an estimate of the loss increase per
+    unit. Drift has none (ProbeError; see the module docstring).
     """
+    task = resolve_task(task)
+    if task.cost == "drift":
+        raise ProbeError(NO_DRIFT_GRADIENT)
     try:
         from captum.attr import LayerGradientXActivation
     except ImportError as error:  # a declared dependency, but a hand-made environment may lack it
@@ -112,31 +143,72 @@ def gradient_x_activation(model: nn.Module, data: Iterable, *, blocks: Sequence[
     chosen = [b for b in every if getattr(b, "strategy", "hooks") == "hooks"]
     modules = dict(model.named_modules())
     device = model_device(model)
+    classification = isinstance(task, Classification)
 
     def target_log_probability(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         log_p = F.log_softmax(model(inputs).float(), dim=1)  # (batch, classes)
         return log_p.gather(1, targets.unsqueeze(1)).squeeze(1)  # (batch,): one output per sample
 
-    method = LayerGradientXActivation(target_log_probability, [modules[b.branch] for b in chosen])
+    units: list[torch.Tensor] = []
+
+    def negative_loss(_placeholder: torch.Tensor, batch: Batch) -> torch.Tensor:
+        losses, weight = differentiable_loss(task, batch.run(model), batch)
+        units.append(weight)
+        return -losses  # (batch,): one output per sample
+
+    layers = [modules[b.branch] for b in chosen]
+    on_tensor = LayerGradientXActivation(target_log_probability, layers)
+    on_batch = LayerGradientXActivation(negative_loss, layers)
     sums = torch.zeros(len(chosen), dtype=torch.float64, device=device)
     count = 0
+    total_units = 0.0
     with model_preserved(model), torch.enable_grad():
-        for inputs, targets in batches(data, device, dtype=input_dtype(model), progress=progress,
-                                       desc="gradient x activation"):
+        for batch in batches(data, device, dtype=input_dtype(model), progress=progress,
+                             desc="gradient x activation"):
             if not chosen:
-                count += len(inputs)
+                count += batch.size
                 continue
-            # detach(): captum sets requires_grad on what it is given; not on the user's tensors.
-            attributions = method.attribute(inputs.detach(), additional_forward_args=(targets,))
+            with explained_misfit(batch):
+                if classification and isinstance(batch.inputs, torch.Tensor):
+                    # detach(): captum sets requires_grad on what it is given; not on the user's tensors.
+                    attributions = on_tensor.attribute(batch.inputs.detach(),
+                                                       additional_forward_args=(class_targets(batch),))
+                    total_units += batch.size
+                else:
+                    # The batch rides along as an extra argument; captum gets a placeholder with
+                    # one row per sample as its "inputs" (the inputs may be a dict, or integers).
+                    units.clear()
+                    placeholder = torch.zeros(batch.size, 1, device=device)
+                    attributions = on_batch.attribute(placeholder, additional_forward_args=(batch,))
+                    total_units += float(units[-1].sum())
             if isinstance(attributions, torch.Tensor):
                 attributions = [attributions]
             for i, layer in enumerate(attributions):
-                sums[i] += layer.detach().reshape(len(inputs), -1).double().sum()
-            count += len(inputs)
-    scores = {b.name: float(sums[i]) / count for i, b in enumerate(chosen)}
+                sums[i] += layer.detach().reshape(batch.size, -1).double().sum()
+            count += batch.size
+    scores = {b.name: float(sums[i]) / total_units for i, b in enumerate(chosen)}
     return pd.DataFrame([{"block": b.name, "position": b.position,
                           "gradient_x_activation": scores.get(b.name, float("nan")), "samples": count}
                          for b in every])
+
+
+def differentiable_loss(task: Task, outputs: object, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample loss with its gradient, per-sample units: tokens for `lm`, else 1) of `task`
+    on one forward's outputs; ProbeError when the loss carries no gradient."""
+    if isinstance(task, CustomTask):  # CustomTask.score detaches what the function returns: call it directly
+        returned = task.function(outputs, batch.raw)
+        losses = returned[0] if isinstance(returned, (tuple, list)) and len(returned) == 2 else returned
+        if not isinstance(losses, torch.Tensor) or losses.shape != (batch.size,):
+            task.score(outputs, batch)  # the task's own message for losses of the wrong form
+        weight = torch.ones(batch.size, dtype=torch.float64, device=losses.device)
+    else:
+        scores = task.score(outputs, batch)
+        losses = scores.loss
+        weight = scores.weight.double() if scores.weight is not None else torch.ones_like(losses, dtype=torch.float64)
+    if not losses.requires_grad:
+        raise ProbeError(f"the task {task.name!r} gives losses without a gradient (detached?); gradient x "
+                         "activation and refinement differentiate them.")
+    return losses, weight.detach()
 
 
 def _timed(compute):
@@ -147,28 +219,43 @@ def _timed(compute):
 
 def attribution(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None, *,
                 truth_seconds: float | None = None, mode: str = "zero", calibration: Iterable | None = None,
-                blocks: Sequence[str | Block] | None = None, progress: bool = True) -> AttributionResult:
+                blocks: Sequence[str | Block] | None = None, task: str | Task | Callable | None = None,
+                progress: bool = True) -> AttributionResult:
     """Every proxy in `PROXIES`, its cost, and its rank correlation with the measured drop.
 
     table: the per-block table with the truth (block, position, accuracy_drop, loss_increase),
     e.g. from `python -m probe.ablate`; when None the single-block sweep runs here and is timed.
     truth_seconds: how long that sweep took, when it ran elsewhere (NaN if unknown).
     blocks: the blocks the table covers (names or Blocks, e.g. from a spec); all discovered when None.
+    task: what the outputs mean (`probe.tasks`; classification by default); the truth is its
+    cost (`truth_columns`), and a table handed in must be of the same task.
     """
+    task = resolve_task(task)
     blocks = resolve_blocks(model, blocks)
     recal = calibration is not None
     if table is None:
         (table, _), truth_seconds = _timed(lambda: single_block_sweep(model, data, mode=mode, calibration=calibration,
-                                                                      blocks=blocks, progress=progress))
+                                                                      blocks=blocks, task=task, progress=progress))
     else:
         if "bn_recalibrated" in table.columns:
             recal = bool(table["bn_recalibrated"].iloc[0])
-    truth = check_table(table, ["block", "position", "accuracy_drop", "loss_increase"], "attribution", model,
-                        blocks)
-    truth = truth[["block", "position", "accuracy_drop", "loss_increase"]]
+    cost = cost_column(table)
+    if cost != task.cost:
+        raise ProbeError(f"attribution: the per-block table holds {cost} (a table of another task), but the task "
+                         f"{task.name!r} measures {task.cost}; pass the task the table was made with (task=).")
+    truths = truth_columns(cost)
+    truth = check_table(table, ["block", "position", *truths], "attribution", model, blocks)
+    truth = truth[["block", "position", *truths]]
     stats, measure_seconds = _timed(lambda: probe.measure(model, data, blocks=blocks, progress=progress))
     influence, influence_seconds = _timed(lambda: block_influence(model, data, blocks=blocks, progress=progress))
-    gxa, gxa_seconds = _timed(lambda: gradient_x_activation(model, data, blocks=blocks, progress=progress))
+    notes = {}
+    if task.cost == "drift":
+        notes["gradient_x_activation"] = NO_DRIFT_GRADIENT
+        gxa = pd.DataFrame({"block": [b.name for b in blocks], "gradient_x_activation": float("nan")})
+        gxa_seconds = float("nan")
+    else:
+        gxa, gxa_seconds = _timed(lambda: gradient_x_activation(model, data, blocks=blocks, task=task,
+                                                                progress=progress))
     proxies = {"ratio": (stats, measure_seconds), "cosine": (stats, measure_seconds),
                "block_influence": (influence, influence_seconds), "gradient_x_activation": (gxa, gxa_seconds)}
     score_tables, summary = [], []
@@ -176,10 +263,12 @@ def attribution(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
         scores = truth.merge(frame[["block", proxy]], on="block").rename(columns={proxy: "score"})
         scores["proxy"] = proxy
         score_tables.append(scores)
-        summary.append({"proxy": proxy, "spearman_accuracy_drop": rank_correlation(scores, "score", "accuracy_drop"),
-                        "spearman_loss_increase": rank_correlation(scores, "score", "loss_increase"),
-                        "seconds": seconds})
-    summary.append({"proxy": TRUTH, "spearman_accuracy_drop": float("nan"), "spearman_loss_increase": float("nan"),
+        summary.append({"proxy": proxy, **{f"spearman_{column}": rank_correlation(scores, "score", column)
+                                           for column in truths}, "seconds": seconds})
+    summary.append({"proxy": TRUTH, **{f"spearman_{column}": float("nan") for column in truths},
                     "seconds": float("nan") if truth_seconds is None else float(truth_seconds)})
-    scores = pd.concat(score_tables, ignore_index=True).assign(bn_recalibrated=recal)[SCORE_COLUMNS]
-    return AttributionResult(scores=scores, summary=pd.DataFrame(summary).assign(bn_recalibrated=recal)[SUMMARY_COLUMNS])
+    score_columns = ["block", "position", "proxy", "score", *truths, "bn_recalibrated"]
+    summary_columns = ["proxy", *(f"spearman_{column}" for column in truths), "seconds", "bn_recalibrated"]
+    scores = pd.concat(score_tables, ignore_index=True).assign(bn_recalibrated=recal)[score_columns]
+    summary = pd.DataFrame(summary).assign(bn_recalibrated=recal)[summary_columns]
+    return AttributionResult(scores=scores, summary=summary, notes=notes)

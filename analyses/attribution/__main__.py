@@ -10,6 +10,7 @@ from probe.cli import run_analysis_command
 from probe.config import RunConfig
 from probe.files import write_tables
 from probe.loading import load_inputs
+from probe.tasks import resolve_task
 from reports import figures
 from reports.embed import write_png
 
@@ -21,8 +22,10 @@ def main(argv: list[str] | None = None) -> int:
 def _write(config: RunConfig, out: Path, progress: bool) -> list[Path]:
     inputs = load_inputs(config, progress=progress)
     result = attribution(inputs.model, inputs.data, mode=config.mode, calibration=inputs.calibration,
-                         blocks=inputs.blocks, progress=progress)
+                         blocks=inputs.blocks, task=resolve_task(config.task), progress=progress)
     print(result.summary.to_string(index=False, float_format="{:.3f}".format))
+    for proxy, why in result.notes.items():
+        print(f"no {proxy}: {why}")
     written = write_tables(out, {"attribution": result.scores, "proxies": result.summary})
     written.append(write_png(out / "proxies.png", figures.proxy_correlations, result.summary))
     return written

@@ -9,11 +9,15 @@ look good. Here every block is deleted alone twice: with the trained statistics,
 statistics recalibrated on held-out training data for that deletion (`probe.recalibrate`). A
 block whose cost shrinks a lot was mostly hurting through stale statistics; one whose cost stays
 is doing computation the network needs.
+
+For another task (`probe.tasks`) the comparison is of its own cost (`probe.verdict.cost_column`):
+the loss increase, or the drift of the outputs from the intact model's (recalibrated rows: from
+the intact model recalibrated alike).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import pandas as pd
 from torch import nn
@@ -23,6 +27,8 @@ from probe.table import check_table
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.recalibrate import batchnorm_layers
+from probe.tasks import Classification, Task, resolve_task
+from probe.verdict import cost_column
 
 __all__ = ["COLUMNS", "recalibration"]
 
@@ -35,7 +41,7 @@ COLUMNS = ["block", "position", "accuracy", "loss", "accuracy_drop", "loss_incre
 
 def recalibration(model: nn.Module, data: Iterable, calibration: Iterable, *, table: pd.DataFrame | None = None,
                   mode: str = "zero", blocks: Sequence[str | Block] | None = None,
-                  progress: bool = True) -> pd.DataFrame:
+                  task: str | Task | Callable | None = None, progress: bool = True) -> pd.DataFrame:
     """Single-block deletions with and without BN recalibration, in one long table.
 
     Two rows per block (bn_recalibrated False, then True); columns `COLUMNS`, as in
@@ -45,30 +51,56 @@ def recalibration(model: nn.Module, data: Iterable, calibration: Iterable, *, ta
     table: an existing sweep table without recalibration (e.g. `python -m probe.ablate`'s),
     reused for the False rows instead of sweeping again. blocks: the blocks the table covers
     (names or Blocks, e.g. from a spec); all discovered when None.
+
+    task: what the outputs mean (`probe.tasks`; classification by default). For other tasks the
+    columns are block, position, the task's sweep columns (`probe.evaluation.sweep_table`: lm:
+    loss, perplexity, token_accuracy, loss_increase, loss_increase_se, perplexity_ratio,
+    token_accuracy_drop, token_flip_rate, tokens; drift: drift, drift_se, kl with logits; your
+    own: loss, loss_increase, loss_increase_se, accuracy and accuracy_drop with correctness),
+    samples, baseline_loss (only for tasks with a loss increase: the intact model's loss each
+    row is compared with), mode, bn_recalibrated; `probe.verdict.cost_column` names the cost
+    column (the standard error columns are kept).
     """
     if not batchnorm_layers(model):
         raise ProbeError(f"{type(model).__name__} has no BatchNorm layer with running statistics: there is "
                          "nothing to recalibrate.")
     if calibration is None:
         raise ProbeError("recalibration needs calibration batches (held-out data to refit BatchNorm statistics on).")
+    task = resolve_task(task)
     blocks = resolve_blocks(model, blocks)
     reusable = table is not None and not ("bn_recalibrated" in table and table["bn_recalibrated"].any())
-    if reusable:
-        plain = check_table(table, _SWEEP_COLUMNS, "recalibration", model, blocks).assign(bn_recalibrated=False)
+    if table is not None and cost_column(table) != task.cost:
+        raise ProbeError(f"recalibration: the per-block table holds {cost_column(table)} (a table of another task), "
+                         f"but the task {task.name!r} measures {task.cost}; pass the task the table was made "
+                         "with (task=).")
+    refit, _ = single_block_sweep(model, data, mode=mode, calibration=calibration, blocks=blocks, task=task,
+                                  progress=progress)
+    if isinstance(task, Classification):
+        columns, needed = COLUMNS, _SWEEP_COLUMNS
     else:
-        plain, _ = single_block_sweep(model, data, mode=mode, blocks=blocks, progress=progress)
-    refit, _ = single_block_sweep(model, data, mode=mode, calibration=calibration, blocks=blocks, progress=progress)
-    both = pd.concat([_with_baseline(plain, table if reusable else plain), _with_baseline(refit, refit)],
-                     ignore_index=True)
+        values = [c for c in refit.columns if c not in ("block", "position", "mode", "samples", "bn_recalibrated")]
+        baseline = ["baseline_loss"] if "loss_increase" in values else []
+        columns = ["block", "position", *values, "samples", *baseline, "mode", "bn_recalibrated"]
+        needed = ["block", "position", *values, "samples", "mode"]
+    if reusable:
+        plain = check_table(table, needed, "recalibration", model, blocks).assign(bn_recalibrated=False)
+    else:
+        plain, _ = single_block_sweep(model, data, mode=mode, blocks=blocks, task=task, progress=progress)
+    both = pd.concat([_with_baseline(plain, table if reusable else plain, columns),
+                      _with_baseline(refit, refit, columns)], ignore_index=True)
     both["bn_recalibrated"] = both["bn_recalibrated"].astype(bool)
     return both.sort_values(["position", "bn_recalibrated"], kind="stable").reset_index(drop=True)
 
 
-def _with_baseline(rows: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:
-    """`rows` in `COLUMNS`, with the baseline they were compared with (`source.attrs`); a table
+def _with_baseline(rows: pd.DataFrame, source: pd.DataFrame, columns: Sequence[str] = COLUMNS) -> pd.DataFrame:
+    """`rows` in `columns`, with the baseline they were compared with (`source.attrs`); a table
     read back from CSV has no attrs: its baseline is recovered from any row (accuracy + drop)."""
     baseline = source.attrs.get("baseline")
     if baseline is None:
-        baseline = {"accuracy": float((rows["accuracy"] + rows["accuracy_drop"]).iloc[0]),
-                    "loss": float((rows["loss"] - rows["loss_increase"]).iloc[0])}
-    return rows.assign(baseline_accuracy=baseline["accuracy"], baseline_loss=baseline["loss"])[COLUMNS]
+        baseline = {}
+        if "accuracy" in rows and "accuracy_drop" in rows:
+            baseline["accuracy"] = float((rows["accuracy"] + rows["accuracy_drop"]).iloc[0])
+        if "loss" in rows and "loss_increase" in rows:
+            baseline["loss"] = float((rows["loss"] - rows["loss_increase"]).iloc[0])
+    added = {f"baseline_{key}": baseline.get(key) for key in ("accuracy", "loss") if f"baseline_{key}" in columns}
+    return rows.assign(**added)[list(columns)]

@@ -7,7 +7,7 @@ any activation the block applies after the addition (a ResNet block's final ReLU
 tensor every residual architecture has at each block. Its *input* h is s(x) for an identity
 shortcut, and the block module's input where the shortcut is a projection. Outputs are pooled
 to one vector per sample (`pool`): images averaged over their spatial positions, sequences over
-their positions.
+their positions (only the real ones when the batch has an `attention_mask`).
 
 - Linear probes (Alain and Bengio 2016): a logistic regression on each block's standardised
   pooled output, fitted on training data and scored on the evaluation data: where class
@@ -29,12 +29,18 @@ their positions.
   HSIC estimates, which differs from the full-data value.)
 - Block by class: the accuracy each class loses when each block is deleted (from the sweep's
   per-class accuracies), and the classes each block serves most.
+
+Tasks (`probe.tasks`): linear probes, the logit lens and block by class need class labels, so
+only classification has them; for other tasks those tables are empty and
+`RepresentationResult.notes` says why. CKA needs no labels and works for every task.
+Refinement differentiates the task's own loss (the next-token NLL for `lm`, your own loss);
+drift has no loss to descend, so it has no refinement either.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -44,17 +50,20 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
+from torch.utils import _pytree as pytree
 
 import probe
-from analyses.uncertainty import per_class_drops
-from probe.batches import batches, explained_misfit, input_dtype, model_device
+from analyses.attribution import differentiable_loss
+from analyses.uncertainty import CLASS_COLUMNS, per_class_drops
+from probe.batches import Batch, batches, call_model, class_targets, explained_misfit, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.evaluation import single_block_sweep
 from probe.hooks import attached, model_preserved, tap_pairs
 from probe.results import Evaluation
 from probe.table import check_table, join_block_table
-from probe.verdict import VerdictRule
+from probe.tasks import Classification, Task, logits_of, resolve_task
+from probe.verdict import VerdictRule, cost_column
 
 __all__ = ["CkaAccumulator", "RepresentationResult", "block_classes", "cka", "linear_probes", "logit_lens", "pool",
            "refinement", "representation", "stages", "story", "summary"]
@@ -68,6 +77,9 @@ CKA_COLUMNS = ["block_a", "position_a", "stage_a", "block_b", "position_b", "sta
 SUMMARY_COLUMNS = ["block", "position", "stage", "ratio", "accuracy_drop", "verdict", "probe_accuracy", "probe_gain",
                    "lens_accuracy", "grad_cosine", "step_ratio", "cka_previous", "cka_next", "top_class",
                    "top_class_drop", "bn_recalibrated"]
+CLASSES_COLUMNS = [*CLASS_COLUMNS, "rank"]
+NO_DRIFT_REFINEMENT = ("refinement compares each branch with the gradient of the loss, and drift has no loss to "
+                       "descend: it is 0 at the intact model and smallest there, so its gradient is 0.")
 _MAX_ITER = 2000  # lbfgs iterations per probe; standardised features converge well before
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -100,6 +112,11 @@ class RepresentationResult:
         (test), probe_gain, lens_accuracy, grad_cosine, step_ratio, cka_previous and cka_next
         (CKA with the neighbouring blocks; NaN at the ends), top_class and top_class_drop (the
         class that loses most when the block is deleted, and how much), bn_recalibrated.
+        Other tasks: accuracy_drop is replaced by the task's cost column (loss_increase or
+        drift, `probe.verdict.cost_column`); the columns of tables that do not apply are NaN.
+    notes: {table: why it is empty} for the tables that do not apply to the task, keyed by
+        field name ("probes", "lens", "classes": no class labels outside classification;
+        "refinement": drift has no loss). Empty for classification.
     """
 
     probes: pd.DataFrame
@@ -108,6 +125,7 @@ class RepresentationResult:
     cka: pd.DataFrame
     classes: pd.DataFrame
     summary: pd.DataFrame
+    notes: dict[str, str] = field(default_factory=dict)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """{CSV name: table}, as the command and `probe.ablate` write them."""
@@ -118,17 +136,21 @@ class RepresentationResult:
 # --- block outputs ----------------------------------------------------------------------------
 
 
-def pool(output: torch.Tensor) -> torch.Tensor:
+def pool(output: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One float32 vector per sample: (batch, features).
 
     (batch, channels, *spatial) is averaged over the spatial positions (global average pooling),
     (batch, positions, features) over the positions (a transformer's layout), and (batch,
-    features) kept as it is.
+    features) kept as it is. mask: a (batch, positions) attention mask (1: a real token, 0:
+    padding); a sequence output is then averaged over its real positions only.
     """
     if output.dim() < 2:
         raise ProbeError(f"a block output of shape {tuple(output.shape)} has no features per sample to probe.")
     if output.dim() == 2:
         return output.float()
+    if output.dim() == 3 and mask is not None and tuple(mask.shape) == tuple(output.shape[:2]):
+        weights = mask.to(torch.float32).unsqueeze(2)  # (batch, positions, 1)
+        return (output.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
     dims = (1,) if output.dim() == 3 else tuple(range(2, output.dim()))
     return output.mean(dim=dims, dtype=torch.float32)
 
@@ -158,36 +180,41 @@ def _check_reiterable(data: Iterable, what: str) -> None:
                          "not a one-shot iterator or generator.")
 
 
-Visit = Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor], None]
+Visit = Callable[[torch.Tensor, list[torch.Tensor], object, Batch], None]
 
 
 def _walk(model: nn.Module, data: Iterable, blocks: Sequence[Block], visit: Visit, *, progress: bool,
           desc: str) -> None:
     """Run `data` through `model` (no gradients); per batch call visit(the first block's pooled
-    input, each block's pooled output in block order, logits, targets). The model is left as found."""
+    input, each block's pooled output in block order, the model's outputs, the `Batch`). The
+    model is left as found. Sequence outputs are pooled over the positions the batch's
+    `attention_mask` (keyword inputs) marks as real, when it has one."""
     modules = dict(model.named_modules())
     device = model_device(model)
     outputs: dict[str, torch.Tensor] = {}
     first_input: list[torch.Tensor] = []
+    mask: list[torch.Tensor | None] = [None]  # the current batch's attention mask
 
     def record(block: Block, branch: torch.Tensor, shortcut: torch.Tensor) -> None:
         if block.name in outputs:
             raise _ran_twice(block)
-        outputs[block.name] = pool(branch) + pool(shortcut)  # mean pooling is linear: the sum is never made
+        # mean pooling is linear: the sum is never made
+        outputs[block.name] = pool(branch, mask[0]) + pool(shortcut, mask[0])
 
     with model_preserved(model), attached() as handles, torch.no_grad():
         tap_pairs(model, blocks, record, handles)
         handles.append(modules[blocks[0].module].register_forward_pre_hook(
-            lambda _m, args: first_input.append(pool(_first_tensor(args)))))
-        for inputs, targets in batches(data, device, dtype=input_dtype(model), progress=progress, desc=desc):
+            lambda _m, args: first_input.append(pool(_first_tensor(args), mask[0]))))
+        for batch in batches(data, device, dtype=input_dtype(model), progress=progress, desc=desc):
             outputs.clear()
             first_input.clear()
-            with explained_misfit(inputs):
-                logits = model(inputs)
+            mask[0] = batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
+            with explained_misfit(batch):
+                model_outputs = batch.run(model)
             missing = [block.name for block in blocks if block.name not in outputs]
             if missing:
                 raise ProbeError(f"block(s) {missing} did not run in a forward of the model; probe the blocks it runs.")
-            visit(first_input[0], [outputs[block.name] for block in blocks], logits, targets)
+            visit(first_input[0], [outputs[block.name] for block in blocks], model_outputs, batch)
 
 
 # --- linear probes ----------------------------------------------------------------------------
@@ -236,7 +263,8 @@ def linear_probes(model: nn.Module, data: Iterable, *, train_data: Iterable,
     train = [_Rows() for _ in range(len(chosen) + 1)]  # the first block's input, then each output
     train_targets = _Rows()
 
-    def keep(first: torch.Tensor, outputs: list[torch.Tensor], _logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def keep(first: torch.Tensor, outputs: list[torch.Tensor], _model_outputs: object, batch: Batch) -> None:
+        targets = class_targets(batch)
         for store, features in zip(train, [first, *outputs]):
             store.add(features.cpu().numpy())
         train_targets.add(targets.cpu().numpy())
@@ -251,9 +279,9 @@ def linear_probes(model: nn.Module, data: Iterable, *, train_data: Iterable,
     correct = np.zeros(len(fitted), dtype=np.int64)
     count = 0
 
-    def score(first: torch.Tensor, outputs: list[torch.Tensor], _logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def score(first: torch.Tensor, outputs: list[torch.Tensor], _model_outputs: object, batch: Batch) -> None:
         nonlocal count
-        truth = targets.cpu().numpy()
+        truth = class_targets(batch).cpu().numpy()
         for i, (fitted_probe, x) in enumerate(zip(fitted, [first, *outputs])):
             correct[i] += int((fitted_probe.predict(x.cpu().numpy()) == truth).sum())
         count += len(truth)
@@ -288,8 +316,9 @@ def logit_lens(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block
     heads: list[tuple[str, nn.Linear] | None] = []  # found at the first batch, which tells the number of classes
     count = 0
 
-    def look(_first: torch.Tensor, outputs: list[torch.Tensor], logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def look(_first: torch.Tensor, outputs: list[torch.Tensor], model_outputs: object, batch: Batch) -> None:
         nonlocal count
+        logits, targets = logits_of(model_outputs), class_targets(batch)
         if not heads:
             heads.append(_head(model, logits.shape[-1]))
             widths.extend(x.shape[1] for x in outputs)
@@ -325,15 +354,20 @@ def logit_lens(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block
 
 
 def refinement(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
-               progress: bool = True) -> pd.DataFrame:
+               task: str | Task | Callable | None = None, progress: bool = True) -> pd.DataFrame:
     """Per block, cos(F(h), dL/dh) and ||F(h)|| / ||h|| averaged over samples (see
     `RepresentationResult.refinement`).
 
     L is each sample's cross-entropy; in eval mode samples do not interact, so the gradient of
     the batch's summed loss at h holds each sample's own dL/dh. It is taken with
     torch.autograd.grad with respect to the captured block inputs only: the parameters' `.grad`
-    stay as they were.
+    stay as they were. task: another task's per-sample loss takes the cross-entropy's place
+    (`analyses.attribution.differentiable_loss`: the next-token NLL for `lm`, your own loss);
+    drift has no loss to descend (ProbeError, `NO_DRIFT_REFINEMENT`).
     """
+    task = resolve_task(task)
+    if task.cost == "drift":
+        raise ProbeError(NO_DRIFT_REFINEMENT)
     chosen = resolve_blocks(model, blocks)
     modules = dict(model.named_modules())
     device = model_device(model)
@@ -359,18 +393,21 @@ def refinement(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block
             if block.shortcut is not None:  # h is the block's own input, not the projected shortcut
                 handles.append(modules[block.module].register_forward_pre_hook(
                     lambda _m, args, name=block.name: enter(args, name)))
-        for inputs, targets in batches(data, device, dtype=input_dtype(model), progress=progress, desc="refinement"):
+        for batch in batches(data, device, dtype=input_dtype(model), progress=progress, desc="refinement"):
             inputs_of.clear()
             branches.clear()
             # Inputs that require grad make every h differentiable, also with frozen parameters.
-            x = inputs.detach().requires_grad_(True) if inputs.is_floating_point() else inputs
-            with explained_misfit(inputs):
-                logits = model(x)
+            x = pytree.tree_map(_differentiable, batch.inputs)
+            with explained_misfit(batch):
+                outputs = call_model(model, x)
             hs = [inputs_of[block.name] for block in chosen]
             if not all(h.requires_grad for h in hs):
                 raise ProbeError("refinement needs gradients at the block inputs; the model computes them without "
                                  "autograd (integer inputs and frozen parameters?).")
-            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+            if isinstance(task, Classification):
+                loss = F.cross_entropy(logits_of(outputs).float(), class_targets(batch), reduction="sum")
+            else:
+                loss = differentiable_loss(task, outputs, batch)[0].sum()
             grads = torch.autograd.grad(loss, hs)
             for i, (block, h, grad) in enumerate(zip(chosen, hs, grads)):
                 branch = branches[block.name]
@@ -391,6 +428,12 @@ def refinement(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block
                          "stage": stages(chosen), "grad_cosine": cosine, "grad_cosine_std": cosine_std,
                          "step_ratio": ratio, "step_ratio_std": ratio_std, "samples": totals[:, 0].astype(np.int64)},
                         columns=REFINEMENT_COLUMNS)
+
+
+def _differentiable(leaf: object) -> object:
+    if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+        return leaf.detach().requires_grad_(True)
+    return leaf
 
 
 def _mean_std(count: np.ndarray, total: np.ndarray, squares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -452,7 +495,7 @@ def cka(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | Non
     (see `CkaAccumulator` and `RepresentationResult.cka`)."""
     chosen = resolve_blocks(model, blocks)
     accumulator = CkaAccumulator()
-    _walk(model, data, chosen, lambda _first, outputs, _logits, _targets: accumulator.add(outputs),
+    _walk(model, data, chosen, lambda _first, outputs, _model_outputs, _batch: accumulator.add(outputs),
           progress=progress, desc="CKA")
     values = accumulator.matrix()
     numbers = stages(chosen)
@@ -467,8 +510,11 @@ def cka(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | Non
 
 def block_classes(table: pd.DataFrame, evaluation: Evaluation, *, bn_recalibrated: bool = False) -> pd.DataFrame:
     """The accuracy drop per (block, class) (`analyses.uncertainty.per_class_drops`), with each
-    class's `rank` within its block (1: loses most; ties by class)."""
+    class's `rank` within its block (1: loses most; ties by class). An evaluation of a task
+    without classes gives an empty table with these columns."""
     drops = per_class_drops(table, evaluation, bn_recalibrated=bn_recalibrated)
+    if drops.empty:
+        return pd.DataFrame(columns=CLASSES_COLUMNS)
     drops["rank"] = drops.groupby("block", sort=False)["accuracy_drop"].rank(ascending=False, method="first") \
         .astype(np.int64)
     return drops
@@ -478,15 +524,21 @@ def summary(table: pd.DataFrame, probes: pd.DataFrame, lens: pd.DataFrame, refin
             cka: pd.DataFrame, classes: pd.DataFrame) -> pd.DataFrame:
     """One row per block: size, deletion cost, probe gain, refinement and neighbour similarity
     (see `RepresentationResult.summary`). `table` is the per-block table (block, position,
-    ratio, accuracy_drop; verdict and bn_recalibrated when present)."""
+    ratio, accuracy_drop or another task's cost column; verdict and bn_recalibrated when
+    present). Tables that do not apply to the task may be empty: their columns are NaN."""
+    cost = cost_column(table)
     out = table[["block", "position"]].copy()
-    for column in ("ratio", "accuracy_drop", "verdict"):
+    for column in ("ratio", cost, "verdict"):
         out[column] = table[column] if column in table.columns else np.nan
 
     def by_block(df: pd.DataFrame, column: str) -> pd.Series:
+        if column not in df.columns:
+            return pd.Series(np.nan, index=out.index)
         return out["block"].map(df.set_index("block")[column])
 
     out["stage"] = by_block(probes, "stage")
+    if len(probes) == 0 and "stage_a" in cka.columns:  # no probes (a task without labels): CKA knows the stages
+        out["stage"] = by_block(cka.drop_duplicates("block_a").rename(columns={"block_a": "block"}), "stage_a")
     out["probe_accuracy"] = by_block(probes, "test_accuracy")
     out["probe_gain"] = by_block(probes, "gain")
     out["lens_accuracy"] = by_block(lens, "accuracy")
@@ -500,13 +552,14 @@ def summary(table: pd.DataFrame, probes: pd.DataFrame, lens: pd.DataFrame, refin
     out["top_class"] = out["block"].map(top["class"]).astype("Int64")
     out["top_class_drop"] = out["block"].map(top["accuracy_drop"])
     out["bn_recalibrated"] = bool(table["bn_recalibrated"].iloc[0]) if "bn_recalibrated" in table.columns else False
-    return out[SUMMARY_COLUMNS]
+    return out[[cost if column == "accuracy_drop" else column for column in SUMMARY_COLUMNS]]
 
 
-def representation(model: nn.Module, data: Iterable, *, train_data: Iterable, table: pd.DataFrame | None = None,
-                   evaluation: Evaluation | None = None, blocks: Sequence[str | Block] | None = None,
-                   mode: str = "zero", calibration: Iterable | None = None, rule: VerdictRule | None = None,
-                   progress: bool = True) -> RepresentationResult:
+def representation(model: nn.Module, data: Iterable, *, train_data: Iterable | None = None,
+                   table: pd.DataFrame | None = None, evaluation: Evaluation | None = None,
+                   blocks: Sequence[str | Block] | None = None, mode: str = "zero",
+                   calibration: Iterable | None = None, rule: VerdictRule | None = None,
+                   task: str | Task | Callable | None = None, progress: bool = True) -> RepresentationResult:
     """Every probe of this module on `model`: linear probes (fitted on `train_data`), the logit
     lens, refinement, CKA, the drop per class, and the per-block summary.
 
@@ -515,7 +568,18 @@ def representation(model: nn.Module, data: Iterable, *, train_data: Iterable, ta
     when evaluation is None (deleting with `mode`, BatchNorm refitted on `calibration` when
     given). blocks: the blocks to probe (names or Blocks, e.g. from a spec); all when None.
     Every call leaves the model as it found it.
+
+    task: what the outputs mean (`probe.tasks`); None takes the evaluation's task when one is
+    given, else classification. Only classification has class labels: for another task the
+    probes, lens and classes tables are empty (`RepresentationResult.notes` says why), no
+    `train_data` is needed, and a table handed in needs no evaluation (it holds the task's cost).
     """
+    task = resolve_task(task if task is not None else getattr(evaluation, "task", None))
+    if not isinstance(task, Classification):
+        return _without_labels(model, data, task, table=table, evaluation=evaluation, blocks=blocks, mode=mode,
+                               calibration=calibration, rule=rule, progress=progress)
+    if train_data is None:
+        raise ProbeError("representation: the linear probes are fitted on train_data; pass it (training batches).")
     _check_reiterable(data, "representation")
     _check_reiterable(train_data, "representation")
     chosen = resolve_blocks(model, blocks)
@@ -526,6 +590,7 @@ def representation(model: nn.Module, data: Iterable, *, train_data: Iterable, ta
             table = join_block_table(probe.measure(model, data, blocks=chosen, progress=progress), sweep, rule)
     elif table is None:
         raise ProbeError("representation: pass the per-block table together with a precomputed evaluation.")
+    _check_cost(table, task)
     table = check_table(table, ["block", "position", "ratio", "accuracy_drop"], "representation", model, chosen)
     baseline, deletions = evaluation
     if len(deletions) != len(chosen) or "class_accuracy" not in baseline:
@@ -544,6 +609,49 @@ def representation(model: nn.Module, data: Iterable, *, train_data: Iterable, ta
                                                 similarity, classes))
 
 
+def _check_cost(table: pd.DataFrame, task: Task) -> None:
+    held = cost_column(table)
+    if held in table.columns and held != task.cost:
+        raise ProbeError(f"representation: the per-block table holds {held} (a table of another task), but the task "
+                         f"{task.name!r} measures {task.cost}; pass the task the table was made with (task=).")
+
+
+def _without_labels(model: nn.Module, data: Iterable, task: Task, *, table: pd.DataFrame | None,
+                    evaluation: Evaluation | None, blocks: Sequence[str | Block] | None, mode: str,
+                    calibration: Iterable | None, rule: VerdictRule | None, progress: bool) -> RepresentationResult:
+    """`representation` for a task without class labels: CKA, refinement (not for drift), and
+    empty probes, lens and classes tables with the reason in `notes`."""
+    _check_reiterable(data, "representation")
+    chosen = resolve_blocks(model, blocks)
+    if table is None:
+        if evaluation is not None:
+            raise ProbeError("representation: pass the per-block table together with a precomputed evaluation.")
+        sweep, _ = single_block_sweep(model, data, mode=mode, calibration=calibration, blocks=chosen, task=task,
+                                      progress=progress)
+        table = join_block_table(probe.measure(model, data, blocks=chosen, progress=progress), sweep, rule)
+    _check_cost(table, task)
+    table = check_table(table, ["block", "position", "ratio", task.cost], "representation", model, chosen)
+    recal = calibration is not None
+    if "bn_recalibrated" in table.columns:
+        recal = bool(table["bn_recalibrated"].iloc[0])
+    labels = f"the task {task.name!r} has no class labels"
+    notes = {"probes": f"linear probes predict class labels, and {labels}.",
+             "lens": f"the logit lens scores the model's head against class labels, and {labels}.",
+             "classes": f"the drop per class needs class labels, and {labels}."}
+    probes = pd.DataFrame(columns=PROBE_COLUMNS)
+    lens = pd.DataFrame(columns=LENS_COLUMNS)
+    classes = pd.DataFrame(columns=CLASSES_COLUMNS)
+    if task.cost == "drift":
+        steps = pd.DataFrame(columns=REFINEMENT_COLUMNS)
+        notes["refinement"] = NO_DRIFT_REFINEMENT
+    else:
+        steps = refinement(model, data, blocks=chosen, task=task, progress=progress)
+    similarity = cka(model, data, blocks=chosen, progress=progress)
+    return RepresentationResult(probes=probes, lens=lens, refinement=steps, cka=similarity, classes=classes,
+                                summary=summary(table.assign(bn_recalibrated=recal), probes, lens, steps,
+                                                similarity, classes), notes=notes)
+
+
 # --- what the numbers say ---------------------------------------------------------------------
 
 
@@ -552,16 +660,23 @@ def story(result: RepresentationResult) -> list[str]:
     s, cka_df = result.summary, result.cka
     lines = []
     probes = result.probes
-    first_input = probes["previous_test_accuracy"].iloc[0]
-    top_gains = probes.nlargest(3, "gain")
-    lines.append(
-        f"Linear probes read {first_input:.1%} of the evaluation labels from the first block's input, "
-        f"{probes['test_accuracy'].iloc[0]:.1%} after the first block and {probes['test_accuracy'].iloc[-1]:.1%} after "
-        f"the last (best {probes['test_accuracy'].max():.1%}, at {probes.loc[probes['test_accuracy'].idxmax(), 'block']}). "
-        "The largest gains: " + ", ".join(f"{r.block} ({r.gain * 100:+.1f} points)" for r in top_gains.itertuples())
-        + ".")
+    notes = getattr(result, "notes", {}) or {}
+    if len(probes):
+        first_input = probes["previous_test_accuracy"].iloc[0]
+        top_gains = probes.nlargest(3, "gain")
+        lines.append(
+            f"Linear probes read {first_input:.1%} of the evaluation labels from the first block's input, "
+            f"{probes['test_accuracy'].iloc[0]:.1%} after the first block and {probes['test_accuracy'].iloc[-1]:.1%} "
+            f"after the last (best {probes['test_accuracy'].max():.1%}, at "
+            f"{probes.loc[probes['test_accuracy'].idxmax(), 'block']}). "
+            "The largest gains: " + ", ".join(f"{r.block} ({r.gain * 100:+.1f} points)" for r in top_gains.itertuples())
+            + ".")
+    elif "probes" in notes:
+        lines.append("No linear probes, logit lens or drop per class: " + notes["probes"])
+    if "refinement" in notes:
+        lines.append("No refinement: " + notes["refinement"])
     skipped = s[s["verdict"] == "skipped"]
-    if len(skipped):
+    if len(skipped) and len(probes):
         gains = skipped["probe_gain"] * 100
         lines.append(f"The {len(skipped)} blocks the deletion rule calls skipped change probe accuracy by "
                      f"{gains.sum():+.1f} points together (from {gains.min():+.1f} to {gains.max():+.1f} each).")
@@ -588,26 +703,30 @@ def story(result: RepresentationResult) -> list[str]:
         lines.append(f"Linear CKA between neighbouring blocks of one stage averages {neighbours.mean():.2f} (all pairs "
                      f"within a stage: {within['cka'].mean():.2f}"
                      + (f"; pairs from different stages: {across['cka'].mean():.2f})." if len(across) else ")."))
-    lines.append(_verdict(s, probes, neighbours))
+    lines.append(_verdict(s, probes, neighbours, no_gradient="refinement" in notes))
     return lines
 
 
-def _verdict(s: pd.DataFrame, probes: pd.DataFrame, neighbours: pd.Series) -> str:
+def _verdict(s: pd.DataFrame, probes: pd.DataFrame, neighbours: pd.Series, no_gradient: bool = False) -> str:
     """Which story the numbers tell: iterative refinement (Greff et al. 2017, Jastrzebski et al.
     2018), when neighbours within a stage are alike and most branches point down the loss."""
     defined = s["grad_cosine"].dropna()
     downhill = len(defined) > 0 and (defined < 0).mean() > 0.5
     alike = len(neighbours) > 0 and neighbours.mean() >= 0.9
-    starts = probes["stage"] != probes["stage"].shift(1)  # the first block of each stage
-    net = probes["test_accuracy"].iloc[-1] - probes["previous_test_accuracy"].iloc[0]
-    arrival = (f"Of the {net * 100:+.1f} points the probes gain from the first block's input to the last "
-               f"block's output, {probes.loc[starts, 'gain'].sum() * 100:+.1f} come at the first block of a stage "
-               f"({', '.join(probes.loc[starts, 'block'])}).")
+    arrival = ""
+    if len(probes):
+        starts = probes["stage"] != probes["stage"].shift(1)  # the first block of each stage
+        net = probes["test_accuracy"].iloc[-1] - probes["previous_test_accuracy"].iloc[0]
+        arrival = (f" Of the {net * 100:+.1f} points the probes gain from the first block's input to the last "
+                   f"block's output, {probes.loc[starts, 'gain'].sum() * 100:+.1f} come at the first block of a "
+                   f"stage ({', '.join(probes.loc[starts, 'block'])}).")
     if downhill and alike:
         return ("Together: the iterative-refinement story. Within a stage each block changes the representation "
                 "only a little (neighbours' CKA at least 0.9 on average) and in a direction that lowers the loss: "
-                f"small steps of refinement. {arrival}")
-    missing = [text for ok, text in ((downhill, "most branches do not point down the loss"),
+                f"small steps of refinement.{arrival}")
+    downhill_text = "the task has no loss gradient to compare the branches with" if no_gradient else \
+        "most branches do not point down the loss"
+    missing = [text for ok, text in ((downhill, downhill_text),
                                      (alike, "neighbouring blocks within a stage are not alike (CKA below 0.9)"))
                if not ok]
-    return f"Together: not a clean iterative-refinement story ({'; '.join(missing)}). {arrival}"
+    return f"Together: not a clean iterative-refinement story ({'; '.join(missing)}).{arrival}"

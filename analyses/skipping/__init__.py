@@ -8,7 +8,9 @@
 2. **Deletion curves** (Veit et al. 2016, Fig. 5a): accuracy as k = 0..N blocks are deleted
    together, in three orders: ascending branch/shortcut ratio, ascending single-block accuracy
    drop (the "truth" order), and random (several seeded draws; the figure shows their mean and
-   range). Every point of every curve is evaluated in one data pass.
+   range). Every point of every curve is evaluated in one data pass. For another task
+   (`probe.tasks`) the curves follow its own numbers (the loss increase, or the drift of the
+   outputs) and the "drop" order is by its cost column (`probe.verdict.cost_column`).
 3. **Pruned export** (`probe.surgery`): a deep copy of the model in which each skipped block
    computes only its shortcut path (the branch's modules are gone), checked against
    `probe.ablated` on the data, saved with `torch.save`, and measured for size and speed
@@ -18,7 +20,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +32,11 @@ from probe.blocks import Block, resolve_blocks
 from probe.config import RunConfig
 from probe.errors import ProbeError
 from probe.evaluation import evaluate_ablations
+from probe.results import Outcome
 from probe.surgery import EXPORT_COLUMNS, export_pruned
 from probe.table import block_table, check_table
-from probe.verdict import VerdictRule
+from probe.tasks import Classification, Task, resolve_task
+from probe.verdict import VerdictRule, cost_column
 
 __all__ = ["ORDERS", "SkippingResult", "curve_ks", "deletion_orders", "skipping"]
 
@@ -54,6 +58,14 @@ class SkippingResult:
         always 0 for the two fixed orders), k (blocks deleted: the first k of the order), removed
         (the k-th block of the order; "" at k = 0), accuracy, loss, accuracy_drop (vs. k = 0),
         samples, mode, bn_recalibrated.
+    Other tasks: in both tables the task's sweep columns (`probe.tasks.Task.row`, as in
+        `probe.evaluation.sweep_table`) take the place of accuracy ... flip_rate, vs. the intact
+        model; the intact rows ("all blocks", k = 0) have 0 for the standard error and flip rate
+        columns (a state compared with itself). lm: loss, perplexity, token_accuracy,
+        loss_increase, loss_increase_se, perplexity_ratio, token_accuracy_drop,
+        token_flip_rate, tokens; drift: drift, drift_se (and kl with logits); your own: loss,
+        loss_increase, loss_increase_se (accuracy, accuracy_drop when it returns correctness).
+        The summary has no flip_rate column then, unless the task's row has one.
     export: two rows, `model` "original" and "pruned": blocks (blocks that still compute a branch), parameters,
         bytes (parameter and buffer storage), seconds_per_batch (fastest of several runs, the two
         models alternating in one process), batch_size, parameters_ratio / bytes_ratio / time_ratio (pruned / original),
@@ -75,14 +87,20 @@ def deletion_orders(table: pd.DataFrame, *, random_draws: int = RunConfig.random
 
     "ratio": smallest branch/shortcut ratio first. "drop": smallest single-block accuracy drop
     first, ties broken by the smaller loss increase (a finer measure of the same harm), then by
-    position. "random": `random_draws` permutations from numpy's generator seeded with `seed`.
+    position; for a table of another task (`probe.verdict.cost_column`: `loss_increase` or
+    `drift`), smallest cost first, ties by position. "random": `random_draws` permutations from
+    numpy's generator seeded with `seed`.
     """
     if not isinstance(random_draws, int) or random_draws < 0:
         raise ProbeError(f"random_draws must be a whole number >= 0, got {random_draws!r}.")
     forward = table.sort_values("position", kind="stable") if "position" in table else table
     names = forward["block"].astype(str).tolist()
     by_ratio = forward.sort_values("ratio", kind="stable")["block"].astype(str).tolist()
-    keys = ["accuracy_drop", "loss_increase"] if "loss_increase" in forward else ["accuracy_drop"]
+    cost = cost_column(forward)
+    if cost == "accuracy_drop":
+        keys = ["accuracy_drop", "loss_increase"] if "loss_increase" in forward else ["accuracy_drop"]
+    else:
+        keys = [cost]
     by_drop = forward.sort_values(keys, kind="stable")["block"].astype(str).tolist()
     rng = np.random.default_rng(seed)
     orders = [("ratio", 0, by_ratio), ("drop", 0, by_drop)]
@@ -105,7 +123,7 @@ def skipping(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None
              random_draws: int = RunConfig.random_draws, seed: int = 0,
              curve_points: int | None = RunConfig.curve_points,
              export_path: str | Path | None = None, export: bool = True, blocks: Sequence[str | Block] | None = None,
-             progress: bool = True) -> SkippingResult:
+             task: str | Task | Callable | None = None, progress: bool = True) -> SkippingResult:
     """Remove the skipped blocks together, draw deletion curves, and export the pruned model.
 
     table: the per-block table (`probe.block_table`, or `blocks.csv` of
@@ -115,14 +133,17 @@ def skipping(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None
     curve_points: evaluate each curve at about this many k (`curve_ks`) instead of every k:
     each point costs up to a forward pass, and a deep network has many blocks.
     blocks: the blocks the table covers (names or Blocks, e.g. from a spec); all discovered when None.
+    task: what the outputs mean (`probe.tasks`; classification by default). A table handed in
+    must be of the same task: its cost column (`probe.verdict.cost_column`) is the task's, with
+    its standard error (`loss_increase_se`, `drift_se`) in place of flip_rate.
     """
     rule = rule or VerdictRule()
+    task = resolve_task(task)
     every = resolve_blocks(model, blocks)
     if table is None:
-        table = block_table(model, data, mode=mode, calibration=calibration, rule=rule, blocks=every,
+        table = block_table(model, data, mode=mode, calibration=calibration, rule=rule, blocks=every, task=task,
                             progress=progress)
-    table = check_table(table, ["block", "position", "ratio", "accuracy_drop", "flip_rate", "samples"],
-                        "skipping", model, every, rule=rule)
+    table = check_table(table, _table_columns(table, task), "skipping", model, every, rule=rule)
     skipped = table.loc[table["verdict"] == "skipped", "block"].astype(str).tolist()
     orders = deletion_orders(table, random_draws=random_draws, seed=seed)
     # Block objects, not names: each set is then used as given, without finding the blocks again.
@@ -130,28 +151,15 @@ def skipping(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None
     ks = curve_ks(len(by_name), curve_points)
     # k = 0 is the baseline itself; each other k is a prefix of the order (nested sets).
     sets = [[by_name[n] for n in skipped]] + [[by_name[n] for n in names[:k]] for _, _, names in orders for k in ks]
-    baseline, results = evaluate_ablations(model, data, sets, mode=mode, calibration=calibration,
+    baseline, results = evaluate_ablations(model, data, sets, mode=mode, calibration=calibration, task=task,
                                            progress=progress)
     recal = calibration is not None
-    after = results[0]
-    summary = pd.DataFrame([
-        {"state": "all blocks", "blocks_removed": 0, "removed": "", "accuracy": baseline["accuracy"],
-         "loss": baseline["loss"], "accuracy_drop": 0.0, "flip_rate": 0.0, "samples": baseline["samples"]},
-        {"state": "skipped blocks removed", "blocks_removed": len(skipped), "removed": " ".join(skipped),
-         "accuracy": after["accuracy"], "loss": after["loss"],
-         "accuracy_drop": baseline["accuracy"] - after["accuracy"], "flip_rate": after["flip_rate"],
-         "samples": after["samples"]},
-    ]).assign(mode=mode, bn_recalibrated=recal)[SUMMARY_COLUMNS]
-    rows, next_result = [], iter(results[1:])
-    for order, draw, names in orders:
-        rows.append({"order": order, "draw": draw, "k": 0, "removed": "", "accuracy": baseline["accuracy"],
-                     "loss": baseline["loss"], "accuracy_drop": 0.0, "samples": baseline["samples"]})
-        for k in ks:
-            result = next(next_result)
-            rows.append({"order": order, "draw": draw, "k": k, "removed": names[k - 1],
-                         "accuracy": result["accuracy"], "loss": result["loss"],
-                         "accuracy_drop": baseline["accuracy"] - result["accuracy"], "samples": result["samples"]})
-    curves = pd.DataFrame(rows).assign(mode=mode, bn_recalibrated=recal)[CURVE_COLUMNS]
+    summary, curves = (_classification_tables if isinstance(task, Classification) else _task_tables)(
+        task, baseline, results, skipped, orders, ks)
+    summary = summary.assign(mode=mode, bn_recalibrated=recal)
+    curves = curves.assign(mode=mode, bn_recalibrated=recal)
+    if isinstance(task, Classification):
+        summary, curves = summary[SUMMARY_COLUMNS], curves[CURVE_COLUMNS]
     exported, note = pd.DataFrame(columns=EXPORT_COLUMNS), ""
     if export:
         try:
@@ -161,3 +169,64 @@ def skipping(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None
             note = str(error)
             warnings.warn(f"no pruned model exported: {note}", stacklevel=2)
     return SkippingResult(summary=summary, curves=curves, export=exported, export_note=note)
+
+
+def _table_columns(table: pd.DataFrame, task: Task) -> list[str]:
+    """The columns `skipping` needs in a per-block table of `task`; ProbeError when the table is
+    of another task."""
+    cost = cost_column(table)
+    if cost != task.cost:
+        raise ProbeError(f"skipping: the per-block table holds {cost} (a table of another task), but the task "
+                         f"{task.name!r} measures {task.cost}; pass the task the table was made with (task=).")
+    if cost == "accuracy_drop":
+        return ["block", "position", "ratio", "accuracy_drop", "flip_rate", "samples"]
+    return ["block", "position", "ratio", cost, f"{cost}_se", "samples"]
+
+
+def _classification_tables(task: Task, baseline: Outcome, results: list[Outcome], skipped: list[str],
+                           orders: list[tuple[str, int, list[str]]], ks: list[int]) -> tuple[pd.DataFrame, ...]:
+    after = results[0]
+    summary = pd.DataFrame([
+        {"state": "all blocks", "blocks_removed": 0, "removed": "", "accuracy": baseline["accuracy"],
+         "loss": baseline["loss"], "accuracy_drop": 0.0, "flip_rate": 0.0, "samples": baseline["samples"]},
+        {"state": "skipped blocks removed", "blocks_removed": len(skipped), "removed": " ".join(skipped),
+         "accuracy": after["accuracy"], "loss": after["loss"],
+         "accuracy_drop": baseline["accuracy"] - after["accuracy"], "flip_rate": after["flip_rate"],
+         "samples": after["samples"]},
+    ])
+    rows, next_result = [], iter(results[1:])
+    for order, draw, names in orders:
+        rows.append({"order": order, "draw": draw, "k": 0, "removed": "", "accuracy": baseline["accuracy"],
+                     "loss": baseline["loss"], "accuracy_drop": 0.0, "samples": baseline["samples"]})
+        for k in ks:
+            result = next(next_result)
+            rows.append({"order": order, "draw": draw, "k": k, "removed": names[k - 1],
+                         "accuracy": result["accuracy"], "loss": result["loss"],
+                         "accuracy_drop": baseline["accuracy"] - result["accuracy"], "samples": result["samples"]})
+    return summary, pd.DataFrame(rows)
+
+
+def _intact_row(task: Task, baseline: Outcome) -> dict:
+    """The task's columns of the intact model against itself: no standard error, no flips."""
+    return {key: 0.0 if value is None and (key.endswith("_se") or key.endswith("flip_rate")) else value
+            for key, value in task.row(baseline, baseline).items()}
+
+
+def _task_tables(task: Task, baseline: Outcome, results: list[Outcome], skipped: list[str],
+                 orders: list[tuple[str, int, list[str]]], ks: list[int]) -> tuple[pd.DataFrame, ...]:
+    intact = _intact_row(task, baseline)
+    columns = list(intact)
+    after = results[0]
+    summary = pd.DataFrame([
+        {"state": "all blocks", "blocks_removed": 0, "removed": "", **intact, "samples": baseline.samples},
+        {"state": "skipped blocks removed", "blocks_removed": len(skipped), "removed": " ".join(skipped),
+         **task.row(baseline, after), "samples": after.samples},
+    ], columns=["state", "blocks_removed", "removed", *columns, "samples"])
+    rows, next_result = [], iter(results[1:])
+    for order, draw, names in orders:
+        rows.append({"order": order, "draw": draw, "k": 0, "removed": "", **intact, "samples": baseline.samples})
+        for k in ks:
+            result = next(next_result)
+            rows.append({"order": order, "draw": draw, "k": k, "removed": names[k - 1],
+                         **task.row(baseline, result), "samples": result.samples})
+    return summary, pd.DataFrame(rows, columns=["order", "draw", "k", "removed", *columns, "samples"])

@@ -11,6 +11,7 @@ from probe.cli import run_analysis_command
 from probe.config import RunConfig
 from probe.files import write_tables
 from probe.loading import load_inputs
+from probe.tasks import resolve_task
 from reports import figures
 from reports.embed import write_png
 
@@ -24,11 +25,15 @@ def _write(config: RunConfig, out: Path, progress: bool) -> list[Path]:
     inputs = load_inputs(config, progress=progress)
     result = skipping(inputs.model, inputs.data, mode=config.mode, calibration=inputs.calibration,
                       random_draws=config.random_draws, seed=config.seed, curve_points=config.curve_points,
-                      export_path=out / "pruned_model.pt", blocks=inputs.blocks, progress=progress)
+                      export_path=out / "pruned_model.pt", blocks=inputs.blocks, task=resolve_task(config.task),
+                      progress=progress)
     written = write_tables(out, {"skipping": result.summary, "deletion_curves": result.curves,
                                  "pruned_export": result.export})
     written.append(write_png(out / "deletion_curves.png", figures.deletion_curves, result.curves))
-    print(result.summary[["state", "blocks_removed", "accuracy", "accuracy_drop"]].to_string(index=False))
+    # Accuracy for classification; another task's loss, loss increase or drift.
+    shown = [c for c in ("accuracy", "accuracy_drop") if c in result.summary.columns] or \
+        [c for c in ("loss", "loss_increase", "drift") if c in result.summary.columns]
+    print(result.summary[["state", "blocks_removed", *shown]].to_string(index=False))
     if result.export_note:
         print(f"pruned export: none ({result.export_note})")
         return written

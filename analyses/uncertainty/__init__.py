@@ -10,11 +10,15 @@ called skipped only when its branch is small *and* its interval is compatible wi
 
 A drop averaged over all classes can also hide a block that one class depends on; the per-class
 table and heatmap show the drop for every (block, class).
+
+Other tasks (`probe.tasks`) have a continuous cost: the loss increase (language models, your
+own loss) or the drift of the outputs. Its interval is a paired bootstrap over samples too
+(`cost_interval`), from the per-sample losses and units of the sweep; there are no classes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,16 +30,28 @@ import probe
 from probe.evaluation import single_block_sweep
 from probe.results import Evaluation
 from probe.table import check_table, join_block_table, unsupported_reason
-from probe.verdict import UNSUPPORTED, VerdictRule, classify
+from probe.tasks import Classification, Task, resolve_task
+from probe.verdict import UNSUPPORTED, VerdictRule, classify, cost_column
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 
-__all__ = ["UncertaintyResult", "bootstrap_interval", "drop_intervals", "per_class_drops", "uncertainty"]
+__all__ = ["UncertaintyResult", "bootstrap_interval", "cost_interval", "drop_intervals", "interval_columns",
+           "per_class_drops", "uncertainty"]
 
 INTERVAL_COLUMNS = ["block", "position", "ratio", "accuracy_drop", "drop_low", "drop_high", "level", "resamples",
                     "samples", "skipped", "verdict_ci", "verdict", "bn_recalibrated"]
 CLASS_COLUMNS = ["block", "position", "class", "samples", "baseline_accuracy", "accuracy", "accuracy_drop",
                  "bn_recalibrated"]
+
+
+def interval_columns(cost: str = "accuracy_drop") -> list[str]:
+    """The columns of the intervals table for a task whose cost column is `cost`
+    (`probe.tasks.Task.cost`): `INTERVAL_COLUMNS` for classification; for a continuous cost the
+    point estimate and its interval are named for it (`loss_increase`, `loss_increase_low`,
+    `loss_increase_high`; `drift`, `drift_low`, `drift_high`)."""
+    if cost == "accuracy_drop":
+        return list(INTERVAL_COLUMNS)
+    return ["block", "position", "ratio", cost, f"{cost}_low", f"{cost}_high", *INTERVAL_COLUMNS[6:]]
 
 
 @dataclass
@@ -46,9 +62,18 @@ class UncertaintyResult:
         verdict_ci ("helps": the whole interval above 0; "hurts": below 0; else "skipped" or
         "neutral" by the ratio), verdict (the noise-band rule of `probe.verdict`, for
         comparison), bn_recalibrated.
+        Other tasks (`interval_columns`): the cost and its interval are named for the task's
+        cost column: loss_increase, loss_increase_low, loss_increase_high (lm: mean NLL per
+        token; your own loss) or drift, drift_low, drift_high (`cost_interval`). verdict_ci for
+        loss_increase: "helps" when the interval lies above the rounding tolerance (a millionth
+        of the intact model's loss, as `probe.verdict.noise_band`), "hurts" below minus it, else
+        "skipped" or "neutral" by the ratio. For drift, which has no direction and no sign,
+        the tolerance is the rule's max_drift: "helps" when the whole interval lies above it,
+        "skipped" when the whole interval lies at or below it and the ratio is small, else
+        "neutral"; never "hurts".
     per_class: one row per (block, class) present in the data: block, position, class, samples
         (of that class), baseline_accuracy, accuracy (with the block deleted), accuracy_drop,
-        bn_recalibrated.
+        bn_recalibrated. Classification only: for other tasks an empty table with these columns.
     """
 
     intervals: pd.DataFrame
@@ -83,54 +108,155 @@ def bootstrap_interval(base_correct, ablated_correct, *, resamples: int = 1000, 
     return float(low), float(high)
 
 
-def _decide(ratio: float, low: float, high: float, max_ratio: float) -> str:
-    """helps / hurts when the interval excludes 0; otherwise it admits no cost, and the block is
-    skipped when its branch is also small."""
-    if low > 0:
+def cost_interval(base_loss, ablated_loss, weight=None, *, resamples: int = 1000, level: float = 0.95,
+                  seed: int | Sequence[int] = 0) -> tuple[float, float]:
+    """Paired percentile bootstrap interval of a continuous cost, sum(d) / sum(w) over samples.
+
+    d_i = ablated_loss_i - base_loss_i (a sample's loss summed over its units, with the block
+    deleted and intact; for `drift` the intact model's is 0, so d_i is the sample's drift), w_i
+    its units (tokens for `lm`; 1 each when `weight` is None). Resample r draws n sample indices
+    with replacement, `rng.integers(0, n, n)` from `numpy.random.default_rng(seed)`, one draw
+    per resample in order, and computes sum(d[idx]) / sum(w[idx]) (NaN when the drawn samples
+    hold no unit). Quantiles use numpy's default (linear) interpolation, ignoring NaN.
+    """
+    if not isinstance(resamples, int) or resamples < 1:
+        raise ProbeError(f"resamples must be a positive whole number, got {resamples!r}.")
+    if not 0 < level < 1:
+        raise ProbeError(f"level must lie strictly between 0 and 1 (e.g. 0.95), got {level!r}.")
+    base = np.asarray(torch.as_tensor(base_loss).cpu(), dtype=np.float64)
+    ablated = np.asarray(torch.as_tensor(ablated_loss).cpu(), dtype=np.float64)
+    w = np.ones_like(ablated) if weight is None else np.asarray(torch.as_tensor(weight).cpu(), dtype=np.float64)
+    if not (base.shape == ablated.shape == w.shape) or base.ndim != 1 or len(base) == 0:
+        raise ProbeError(f"cost_interval needs equally long, non-empty per-sample vectors; got shapes {base.shape}, "
+                         f"{ablated.shape} and {w.shape}.")
+    d = ablated - base
+    n = len(d)
+    rng = np.random.default_rng(seed)
+    costs = np.empty(resamples, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for r in range(resamples):  # one resample at a time: O(n) memory, whatever `resamples`
+            idx = rng.integers(0, n, n)
+            units = w[idx].sum()
+            costs[r] = d[idx].sum() / units if units > 0 else np.nan
+    if np.isnan(costs).all():
+        return float("nan"), float("nan")
+    low, high = np.nanquantile(costs, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def _decide(ratio: float, low: float, high: float, max_ratio: float, tolerance: float = 0.0) -> str:
+    """helps / hurts when the interval excludes 0 (by more than `tolerance`: float rounding of a
+    continuous loss); otherwise it admits no cost, and the block is skipped when its branch is
+    also small."""
+    if low > tolerance:
         return "helps"
-    if high < 0:
+    if high < -tolerance:
         return "hurts"
     return "skipped" if ratio < max_ratio else "neutral"
 
 
+def _decide_drift(ratio: float, low: float, high: float, max_ratio: float, max_drift: float) -> str:
+    """Drift has no sign: helps when the whole interval lies above max_drift; skipped when all
+    of it lies at or below max_drift and the branch is small; else neutral."""
+    if low > max_drift:
+        return "helps"
+    if high <= max_drift and ratio < max_ratio:
+        return "skipped"
+    return "neutral"
+
+
+def _task_of(evaluation, task: str | Task | Callable | None) -> Task:
+    """The task given, else the one that scored `evaluation`, else classification."""
+    if task is not None:
+        return resolve_task(task)
+    return resolve_task(getattr(evaluation, "task", None))
+
+
 def drop_intervals(table: pd.DataFrame, evaluation: Evaluation, *, rule: VerdictRule | None = None,
                    resamples: int = 1000, level: float = 0.95, seed: int = 0,
-                   bn_recalibrated: bool = False) -> pd.DataFrame:
+                   bn_recalibrated: bool = False, task: str | Task | Callable | None = None) -> pd.DataFrame:
     """Bootstrap interval and noise-aware decision per block (see `UncertaintyResult.intervals`).
 
     table: one row per block in forward order with block, position, ratio (and, for the
-    `verdict` column, accuracy_drop, flip_rate, samples); evaluation: (baseline, results) of
-    the single-block deletions in the same order, with per-sample `correct` outcomes. Each
-    block's resamples are seeded with (seed, position): independent of which blocks are asked.
+    `verdict` column, accuracy_drop, flip_rate, samples, or the task's cost and its standard
+    error); evaluation: (baseline, results) of the single-block deletions in the same order,
+    with per-sample outcomes (`correct` for classification, `sample_loss` and `sample_weight`
+    for other tasks). Each block's resamples are seeded with (seed, position): independent of
+    which blocks are asked. task: the task given, else the evaluation's (`Evaluation.task`),
+    else classification.
     """
     rule = rule or VerdictRule()
+    task = _task_of(evaluation, task)
     baseline, results = evaluation
-    if "correct" not in baseline or len(results) != len(table):
+    classification = isinstance(task, Classification)
+    needed = "correct" if classification else "sample_loss"
+    if needed not in baseline or len(results) != len(table) or any(needed not in result for result in results):
         raise ProbeError("drop_intervals needs per-sample outcomes for every block: evaluate with outcomes=True.")
+    noise_columns = {"flip_rate", "samples"} if classification else {task.cost, f"{task.cost}_se", "samples"}
     if "verdict" in table and (table["verdict"] == UNSUPPORTED).all():
         verdicts = [UNSUPPORTED] * len(table)  # the intact model is at chance: no decision either
-    elif {"flip_rate", "samples"} <= set(table.columns):
+    elif noise_columns <= set(table.columns) and (classification or cost_column(table) == task.cost):
         verdicts = classify(table, rule)["verdict"].tolist()
     else:
         verdicts = [None] * len(table)
+    cost = task.cost
+    tolerance = 0.0
+    if cost == "loss_increase":  # as probe.verdict's noise floor: below it, two float sums differ by rounding
+        tolerance = 1e-6 * abs(_value(baseline, "loss")) + 1e-12
     rows = []
     for (_, row), result, verdict in zip(table.iterrows(), results, verdicts):
-        low, high = bootstrap_interval(baseline["correct"], result["correct"], resamples=resamples, level=level,
-                                       seed=[seed, int(row["position"])])
-        decision = UNSUPPORTED if verdict == UNSUPPORTED else \
-            _decide(float(row["ratio"]), low, high, rule.max_ratio)
+        block_seed = [seed, int(row["position"])]
+        if classification:
+            low, high = bootstrap_interval(baseline["correct"], result["correct"], resamples=resamples, level=level,
+                                           seed=block_seed)
+            point = baseline["accuracy"] - result["accuracy"]
+        else:
+            low, high = cost_interval(baseline["sample_loss"], result["sample_loss"], _weights(baseline, result),
+                                      resamples=resamples, level=level, seed=block_seed)
+            point = _point(cost, baseline, result)
+        ratio = float(row["ratio"])
+        if verdict == UNSUPPORTED:
+            decision = UNSUPPORTED
+        elif cost == "drift":
+            decision = _decide_drift(ratio, low, high, rule.max_ratio, rule.max_drift)
+        else:
+            decision = _decide(ratio, low, high, rule.max_ratio, tolerance)
+        names = interval_columns(cost)
         rows.append({"block": row["block"], "position": row["position"], "ratio": row["ratio"],
-                     "accuracy_drop": baseline["accuracy"] - result["accuracy"], "drop_low": low, "drop_high": high,
+                     names[3]: point, names[4]: low, names[5]: high,
                      "level": level, "resamples": resamples, "samples": result["samples"],
                      "skipped": decision == "skipped", "verdict_ci": decision, "verdict": verdict,
                      "bn_recalibrated": bn_recalibrated})
-    return pd.DataFrame(rows, columns=INTERVAL_COLUMNS)
+    return pd.DataFrame(rows, columns=interval_columns(cost))
+
+
+def _value(outcome, key: str):
+    return outcome[key] if key in outcome else None
+
+
+def _weights(baseline, result):
+    """Per-sample units: the deleted state's (the same as the intact model's on the same samples)."""
+    for outcome in (result, baseline):
+        if "sample_weight" in outcome:
+            return outcome["sample_weight"]
+    return None
+
+
+def _point(cost: str, baseline, result) -> float:
+    """The point estimate of a continuous cost: the loss increase, or the drift itself."""
+    if cost == "drift":
+        return float(result["loss"])
+    return float(result["loss"] - baseline["loss"])
 
 
 def per_class_drops(table: pd.DataFrame, evaluation: Evaluation, *,
                     bn_recalibrated: bool = False) -> pd.DataFrame:
-    """Accuracy drop per (block, class) from an evaluation with per_class=True."""
+    """Accuracy drop per (block, class) from an evaluation with per_class=True (classification;
+    an evaluation of another task gives an empty table with the same columns)."""
     baseline, results = evaluation
+    task = getattr(evaluation, "task", None)
+    if task is not None and not task.per_class:
+        return pd.DataFrame(columns=CLASS_COLUMNS)
     if "class_accuracy" not in baseline:
         raise ProbeError("per_class_drops needs per-class accuracies: evaluate with per_class=True.")
     rows = []
@@ -149,31 +275,44 @@ def uncertainty(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
                 rule: VerdictRule | None = None, resamples: int = 1000, level: float = 0.95, seed: int = 0,
                 mode: str = "zero", calibration: Iterable | None = None,
                 evaluation: Evaluation | None = None, blocks: Sequence[str | Block] | None = None,
-                progress: bool = True) -> UncertaintyResult:
+                task: str | Task | Callable | None = None, progress: bool = True) -> UncertaintyResult:
     """Bootstrap intervals and per-class drops for every block deleted alone.
 
     table: per-block table with ratio (from `probe.measure`) and the verdict inputs, e.g.
     `python -m probe.ablate`'s; computed when None. evaluation: the single-block deletions
     with per_class=True and outcomes=True (`probe.evaluation.single_block_sweep`), to reuse
     a sweep already run; run here when None. blocks: the blocks the table covers (names or
-    Blocks, e.g. from a spec); all discovered when None.
+    Blocks, e.g. from a spec); all discovered when None. task: what the outputs mean
+    (`probe.tasks`); None takes the evaluation's task when one is given, else classification.
+    Other tasks get intervals of their cost (`interval_columns`) and no per-class table.
     """
     blocks = resolve_blocks(model, blocks)
+    task = _task_of(evaluation, task)
     if evaluation is None:
         sweep, evaluation = single_block_sweep(model, data, mode=mode, calibration=calibration, per_class=True,
-                                               outcomes=True, blocks=blocks, progress=progress)
+                                               outcomes=True, blocks=blocks, task=task, progress=progress)
         if table is None:
             table = join_block_table(probe.measure(model, data, blocks=blocks, progress=progress), sweep, rule,
                                      unsupported=unsupported_reason(evaluation, rule))
     elif table is None:
         raise ProbeError("uncertainty: pass the per-block table together with a precomputed evaluation.")
+    evaluation_task = getattr(evaluation, "task", None)
+    if evaluation_task is not None and evaluation_task.cost != task.cost:
+        raise ProbeError(f"uncertainty: the evaluation was scored by task {evaluation_task.name!r}, not "
+                         f"{task.name!r}; pass the task it was made with (task=).")
+    held = cost_column(table)
+    if held in table.columns and held != task.cost:
+        raise ProbeError(f"uncertainty: the per-block table holds {held} (a table of another task), but the task "
+                         f"{task.name!r} measures {task.cost}; pass the task the table was made with (task=).")
     table = check_table(table, ["block", "position", "ratio"], "uncertainty", model, blocks)
     if len(evaluation[1]) != len(blocks):
         raise ProbeError("uncertainty: the evaluation must hold one result per block, in forward order.")
     recal = calibration is not None
     if "bn_recalibrated" in table.columns:
         recal = bool(table["bn_recalibrated"].iloc[0])
+    classes = per_class_drops(table, evaluation, bn_recalibrated=recal) if task.per_class else \
+        pd.DataFrame(columns=CLASS_COLUMNS)
     return UncertaintyResult(
         intervals=drop_intervals(table, evaluation, rule=rule, resamples=resamples, level=level, seed=seed,
-                                 bn_recalibrated=recal),
-        per_class=per_class_drops(table, evaluation, bn_recalibrated=recal))
+                                 bn_recalibrated=recal, task=task),
+        per_class=classes)

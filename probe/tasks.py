@@ -1,0 +1,367 @@
+"""What a forward's outputs mean and how each sample is scored: the task.
+
+Every evaluating function takes `task=`: "classification" (the default), "lm", "drift", a
+`Task`, or a user's function. A task turns one forward's outputs on one batch into per-sample
+`Scores`; the evaluation engines (`probe.evaluation`, `probe.recalibrate`) sum them, so every
+metric is a ratio of sums over samples (which is also what `all_reduce` needs under torchrun):
+
+    loss      = sum of per-sample losses / sum of weights
+    accuracy  = sum of per-sample correct units / sum of weights
+    flip_rate = units whose prediction changed from the intact model's / sum of weights
+
+A sample's weight is how many units it scores: 1 for a classified image, the number of
+predicted tokens for a sequence (so `loss` is the mean NLL per token, and perplexity its exp).
+
+- `classification`: class logits `(batch, classes)`, one integer label per sample;
+  cross-entropy, accuracy, and the flip rate of the predicted class.
+- `lm`: causal language modeling on token ids `(batch, seq)`; next-token NLL over predicted
+  positions, padding excluded through the attention mask (and labels of -100), perplexity,
+  top-1 next-token accuracy, and the flip rate of the argmax token.
+- `drift`: no labels. Per sample, the relative L2 distance between the outputs with blocks
+  deleted and the intact model's outputs, over all output tensors; with logits (an output with
+  `.logits`, or `Drift(logits=True)`) also the KL divergence from the intact prediction.
+- your own: a function `(outputs, batch) -> losses` or `-> (losses, correct)`, one value per
+  sample, where `batch` is the batch as your data gave it (on the model's device).
+
+Outputs may come as a tensor, a tuple (Hugging Face's `return_dict=False`), a list (detection
+heads), a dict, or an object with `.logits` (Hugging Face). Which part holds the logits:
+`logits_of`; drift compares every output tensor (`output_tensors`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+
+from probe.batches import Batch, check_targets_fit, class_targets
+from probe.errors import ProbeError
+from probe.imports import import_attribute
+
+__all__ = ["TASKS", "Classification", "CustomTask", "Drift", "LanguageModeling", "Scores", "Task", "logits_of",
+           "output_tensors", "resolve_task"]
+
+TASKS = ("classification", "lm", "drift")
+
+
+@dataclass
+class Scores:
+    """One forward's per-sample scores on one batch; every tensor is `(batch,)` unless noted.
+
+    loss:       per-sample loss, summed over the sample's units (float64)
+    weight:     units per sample (tokens); None: 1 each
+    correct:    correct units per sample; None where the task has no notion of correct
+    prediction: what the flip rate compares with the intact model's, `(batch, ...)`; positions
+                that are not scored hold -1 in both. None: no flip rate
+    extra:      further per-sample values, averaged per sample in the outcome ({"kl": ...})
+    classes:    how many classes the model outputs (classification), for per-class tables
+    """
+
+    loss: torch.Tensor
+    weight: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    prediction: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    classes: int | None = None
+
+
+class Task:
+    """How one forward is scored. Subclasses set `name` and `cost` and implement `score`.
+
+    cost: the table column the verdict reads as the damage a deletion does ("accuracy_drop",
+    "loss_increase" or "drift"); see `probe.verdict`.
+    needs_reference: `score` is given the intact model's outputs on the same batch.
+    needs_targets: batches must carry targets.
+    per_class: outcomes can be split by class (integer class targets).
+    """
+
+    name = "task"
+    cost = "loss_increase"
+    needs_reference = False
+    needs_targets = True
+    per_class = False
+
+    def score(self, outputs: object, batch: Batch, reference: object | None = None) -> Scores:
+        raise NotImplementedError
+
+    # -- tables ---------------------------------------------------------------------------------
+
+    def metrics(self, outcome) -> dict:
+        """The columns of one outcome on its own (no comparison): what `attrs["baseline"]` holds."""
+        row = {"loss": outcome.loss}
+        if outcome.accuracy is not None:
+            row["accuracy"] = outcome.accuracy
+        return row | {"samples": outcome.samples}
+
+    def row(self, baseline, outcome) -> dict:
+        """The sweep-table columns of `outcome` (blocks deleted) against `baseline` (intact)."""
+        row = {"loss": outcome.loss, "loss_increase": outcome.loss - baseline.loss,
+               "loss_increase_se": outcome.loss_increase_se}
+        if outcome.accuracy is not None:
+            row |= {"accuracy": outcome.accuracy, "accuracy_drop": baseline.accuracy - outcome.accuracy}
+        return row
+
+    def describe(self) -> str:
+        return self.name
+
+
+def _per_sample(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over every dimension but the first: `(batch, ...)` -> `(batch,)`."""
+    values = values if mask is None else values * mask
+    return values.reshape(len(values), -1).sum(dim=1)
+
+
+class Classification(Task):
+    """Class logits and one integer label per sample: cross-entropy, accuracy, flip rate."""
+
+    name = "classification"
+    cost = "accuracy_drop"
+    per_class = True
+
+    def score(self, outputs: object, batch: Batch, reference: object | None = None) -> Scores:
+        logits = logits_of(outputs)
+        targets = class_targets(batch)
+        if logits.dim() != 2 or len(logits) != batch.size:
+            raise ProbeError(
+                f"the classification task needs class logits of shape (batch, classes); the model gave "
+                f"{tuple(logits.shape)} for {batch.size} samples. For token logits use task='lm'; for any other "
+                "output, task='drift' or your own task.")
+        check_targets_fit(logits, targets)
+        logits = logits.float()
+        prediction = logits.argmax(dim=1)
+        return Scores(loss=F.cross_entropy(logits, targets, reduction="none"), correct=prediction == targets,
+                      prediction=prediction, classes=logits.shape[1])
+
+    def metrics(self, outcome) -> dict:
+        return {"accuracy": outcome.accuracy, "loss": outcome.loss, "samples": outcome.samples}
+
+    def row(self, baseline, outcome) -> dict:
+        return {"accuracy": outcome.accuracy, "loss": outcome.loss,
+                "accuracy_drop": baseline.accuracy - outcome.accuracy,
+                "loss_increase": outcome.loss - baseline.loss, "flip_rate": outcome.flip_rate}
+
+
+class LanguageModeling(Task):
+    """Causal language modeling: position t's logits predict token t + 1.
+
+    Token ids come from the batch's `labels` (or targets) when given, else from its inputs
+    (`input_ids`, or the input tensor). A position is scored when the attention mask holds 1 at
+    both t and t + 1 and the label at t + 1 is not -100 (Hugging Face's "ignore").
+    """
+
+    name = "lm"
+
+    def score(self, outputs: object, batch: Batch, reference: object | None = None) -> Scores:
+        logits = logits_of(outputs)
+        tokens = self._tokens(batch)
+        if logits.dim() != 3 or logits.shape[:2] != tokens.shape:
+            raise ProbeError(
+                f"the lm task needs token logits of shape (batch, seq, vocab) for token ids {tuple(tokens.shape)}; "
+                f"the model gave {tuple(logits.shape)}. Is this a causal language model?")
+        valid = tokens[:, 1:] != -100
+        mask = batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
+        if mask is not None:
+            mask = mask.bool()
+            valid &= mask[:, 1:] & mask[:, :-1]
+        logits, targets = logits[:, :-1].float(), tokens[:, 1:]
+        safe = targets.clamp_min(0)  # -100 -> 0 (masked out below)
+        # (batch, seq - 1): NLL of each next token
+        nll = F.cross_entropy(logits.transpose(1, 2), safe, reduction="none")
+        prediction = logits.argmax(dim=2)
+        weight = valid.sum(dim=1)
+        return Scores(loss=_per_sample(nll.double(), valid), weight=weight,
+                      correct=_per_sample((prediction == targets) & valid),
+                      prediction=torch.where(valid, prediction, -1))
+
+    @staticmethod
+    def _tokens(batch: Batch) -> torch.Tensor:
+        tokens = batch.targets
+        if tokens is None:
+            tokens = batch.inputs.get("input_ids") if isinstance(batch.inputs, dict) else batch.inputs
+        if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.dim() != 2:
+            found = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ProbeError(f"the lm task needs integer token ids of shape (batch, seq) as the inputs, `input_ids` or "
+                             f"`labels`; the batch has {found}.")
+        return tokens.long()
+
+    def metrics(self, outcome) -> dict:
+        return {"loss": outcome.loss, "perplexity": _exp(outcome.loss), "token_accuracy": outcome.accuracy,
+                "tokens": outcome.units, "samples": outcome.samples}
+
+    def row(self, baseline, outcome) -> dict:
+        return {"loss": outcome.loss, "perplexity": _exp(outcome.loss), "token_accuracy": outcome.accuracy,
+                "loss_increase": outcome.loss - baseline.loss, "loss_increase_se": outcome.loss_increase_se,
+                "perplexity_ratio": _exp(outcome.loss - baseline.loss),
+                "token_accuracy_drop": baseline.accuracy - outcome.accuracy,
+                "token_flip_rate": outcome.flip_rate, "tokens": outcome.units}
+
+
+def _exp(value: float) -> float:
+    return math.exp(value) if value < 700 else math.inf
+
+
+class Drift(Task):
+    """How far the outputs move from the intact model's: per sample, ||out - ref|| / ||ref|| over
+    all output tensors (flattened and joined), and with logits the KL divergence
+    KL(softmax(ref) || softmax(out)), summed over the last dimension and averaged over the others.
+
+    logits: None finds the logits by themselves (an output with `.logits` or a "logits" key);
+    True treats the whole output (a tensor, or a tuple's first item) as logits; False: no KL.
+    """
+
+    name = "drift"
+    cost = "drift"
+    needs_reference = True
+    needs_targets = False
+
+    def __init__(self, logits: bool | None = None) -> None:
+        self.logits = logits
+
+    def score(self, outputs: object, batch: Batch, reference: object | None = None) -> Scores:
+        current = output_tensors(outputs)
+        if reference is None:  # the intact model itself: no drift
+            zero = torch.zeros(batch.size, dtype=torch.float64, device=current[0].device)
+            return Scores(loss=zero, extra={"kl": zero} if self._kl_logits(outputs) is not None else {})
+        before = output_tensors(reference)
+        for tensor in (*current, *before):
+            if tensor.dim() == 0 or len(tensor) != batch.size:
+                raise ProbeError(f"the drift task needs every output tensor to hold the samples along its first "
+                                 f"dimension; one has shape {tuple(tensor.shape)} for {batch.size} samples.")
+        difference = sum(_per_sample((a.double() - b.double()).square()) for a, b in zip(current, before))
+        size = sum(_per_sample(b.double().square()) for b in before)
+        drift = difference.sqrt() / size.sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+        extra = {}
+        logits, reference_logits = self._kl_logits(outputs), self._kl_logits(reference)
+        if logits is not None:
+            log_p = F.log_softmax(reference_logits.double(), dim=-1)
+            log_q = F.log_softmax(logits.double(), dim=-1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # (batch, ...)
+            extra["kl"] = kl.reshape(batch.size, -1).mean(dim=1)
+        return Scores(loss=drift, extra=extra)
+
+    def _kl_logits(self, outputs: object) -> torch.Tensor | None:
+        if self.logits is False:
+            return None
+        if self.logits:
+            return logits_of(outputs)
+        return _named_logits(outputs)
+
+    def metrics(self, outcome) -> dict:
+        return {"samples": outcome.samples}
+
+    def row(self, baseline, outcome) -> dict:
+        row = {"drift": outcome.loss, "drift_se": outcome.loss_increase_se}
+        if "kl" in outcome.extra:
+            row["kl"] = outcome.extra["kl"]
+        return row
+
+
+class CustomTask(Task):
+    """A user's scoring function: `function(outputs, batch)` returns per-sample losses, a
+    `(batch,)` tensor, or `(losses, correct)` with `correct` a `(batch,)` bool or 0/1 tensor.
+    `batch` is the batch as the data gave it, on the model's device."""
+
+    needs_targets = False
+
+    def __init__(self, function: Callable, name: str | None = None) -> None:
+        self.function = function
+        self.name = name or getattr(function, "__qualname__", type(function).__name__)
+
+    def score(self, outputs: object, batch: Batch, reference: object | None = None) -> Scores:
+        returned = self.function(outputs, batch.raw)
+        losses, correct = returned if isinstance(returned, (tuple, list)) and len(returned) == 2 else (returned, None)
+        losses = self._check(losses, batch, "losses")
+        if correct is None:
+            return Scores(loss=losses.double())
+        return Scores(loss=losses.double(), correct=self._check(correct, batch, "correct").double())
+
+    def _check(self, value: object, batch: Batch, what: str) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor) or value.shape != (batch.size,):
+            found = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ProbeError(f"task {self.name!r} returned {what} of {found} for a batch of {batch.size}; it must "
+                             f"return one value per sample, a tensor of shape ({batch.size},), or (losses, correct).")
+        return value
+
+    def describe(self) -> str:
+        return f"your task {self.name}"
+
+
+def resolve_task(task: str | Task | Callable | None) -> Task:
+    """A Task from what a user passed: None or "classification", "lm", "drift", a Task, a
+    function `(outputs, batch) -> losses`, or "package.module:function"."""
+    if task is None or task == "classification":
+        return Classification()
+    if isinstance(task, Task):
+        return task
+    if task == "lm":
+        return LanguageModeling()
+    if task == "drift":
+        return Drift()
+    if isinstance(task, str) and ":" in task:
+        found = _import_function(task)
+        return found if isinstance(found, Task) else CustomTask(found, name=task)
+    if callable(task) and not isinstance(task, type):
+        return CustomTask(task)
+    raise ProbeError(f"unknown task {task!r}; use 'classification', 'lm', 'drift', a function (outputs, batch) -> "
+                     "per-sample losses, or 'package.module:function'.")
+
+
+def _import_function(spec: str) -> Callable | Task:
+    found = import_attribute(spec, "task")
+    if isinstance(found, type) and issubclass(found, Task):
+        raise ProbeError(f"task {spec!r} is a Task class; name an instance or a function (outputs, batch) -> losses.")
+    if isinstance(found, Task):
+        return found
+    if not callable(found) or len(inspect.signature(found).parameters) < 2:
+        raise ProbeError(f"task {spec!r} is not a function (outputs, batch) -> per-sample losses.")
+    return found
+
+
+# -- outputs as they come ------------------------------------------------------------------------
+
+
+def _named_logits(outputs: object) -> torch.Tensor | None:
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, dict) and isinstance(outputs.get("logits"), torch.Tensor):
+        return outputs["logits"]
+    return None
+
+
+def logits_of(outputs: object) -> torch.Tensor:
+    """The logits in a forward's outputs: the tensor itself, `.logits` (Hugging Face), a dict's
+    "logits", or the first item of a tuple (Hugging Face with `return_dict=False`); a list of
+    tensors (detection heads) has none."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    named = _named_logits(outputs)
+    if named is not None:
+        return named
+    # A tuple's first item, as Hugging Face returns logits with return_dict=False. A list is
+    # taken for what detectors return: several heads, none of them "the" logits.
+    if isinstance(outputs, tuple) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    kind = type(outputs).__name__ + (f" with keys {list(outputs)}" if isinstance(outputs, dict) else "") + (
+        f" of {len(outputs)} items" if isinstance(outputs, list) else "")
+    raise ProbeError(f"the model returned a {kind}: probe cannot find class logits in it (a tensor, `.logits`, a "
+                     "'logits' key or a tuple's first item). Use task='drift', which compares whole outputs, or "
+                     "your own task.")
+
+
+def output_tensors(outputs: object) -> list[torch.Tensor]:
+    """Every tensor of a forward's outputs, in a fixed order; only the logits of an output that
+    has them by name (a Hugging Face output's other fields are caches and optional states)."""
+    named = _named_logits(outputs)
+    if named is not None:
+        return [named]
+    tensors = [leaf for leaf in pytree.tree_leaves(outputs) if isinstance(leaf, torch.Tensor)]
+    if not tensors:
+        raise ProbeError(f"the model returned a {type(outputs).__name__} holding no tensor; drift compares output "
+                         "tensors.")
+    return tensors
