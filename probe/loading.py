@@ -267,15 +267,16 @@ def named_parts(loader: Iterable, config: RunConfig) -> Iterable:
 
 def data_fingerprint(dataset, samples: int = 16) -> str:
     """A short digest of what `dataset` holds: its length and `samples` evenly spaced samples
-    (input and target bytes). Another folder, image size or normalization gives another digest,
+    (the bytes of every tensor and number in them). Another folder, image size or normalization gives another digest,
     so a resumed run never mixes numbers computed on other data."""
     digest = hashlib.sha256(str(len(dataset)).encode())
     for index in sorted({round(i * (len(dataset) - 1) / max(samples - 1, 1)) for i in range(samples)}):
-        item = dataset[index]
-        # An (input, target) pair as built-in data sets give it; any other item (a dict, a
-        # tuple with extras, a tensor) in full.
-        parts = item[:2] if isinstance(item, tuple) and len(item) == 2 else pytree.tree_leaves(item)
-        for part in parts:
+        # Every tensor and number of the item, whatever its form: an (input, target) pair, a dict,
+        # a tuple with extras (text in it counts by its repr).
+        for part in pytree.tree_leaves(dataset[index]):
+            if not isinstance(part, (torch.Tensor, int, float, bool)):
+                digest.update(repr(part).encode())
+                continue
             value = torch.as_tensor(part)
             digest.update(str((tuple(value.shape), value.dtype)).encode())
             digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

@@ -174,3 +174,78 @@ class NamedItems(Dataset):
 
 def named_items(split: str = "test") -> NamedItems:
     return NamedItems(split)
+
+
+class Output:
+    """A Hugging Face-like output: fields, logits among them."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+        self.hidden = logits * 2
+
+
+class Forms(nn.Module):
+    """The classifier with its logits wrapped as `kind` says."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.inner = Classifier()
+
+    def forward(self, x):
+        logits = self.inner(x)
+        return {"tensor": lambda: logits, "tuple": lambda: (logits, x.mean()),
+                "dict": lambda: {"logits": logits, "pooled": x.mean(dim=(1, 2, 3))},
+                "object": lambda: Output(logits), "list": lambda: [logits, x]}[self.kind]()
+
+
+def forms_tuple() -> Forms:
+    return Forms("tuple")
+
+
+def forms_dict() -> Forms:
+    return Forms("dict")
+
+
+def forms_object() -> Forms:
+    return Forms("object")
+
+
+# A second input, subtracted from the images: `model(images, shift)`.
+SHIFT = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Classifier()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.inner(a - b)
+
+
+def two_inputs() -> TwoInputs:
+    return TwoInputs()
+
+
+class _Reshaped(Dataset):
+    """labelled_images with each item made by `shape(image, label, index)`."""
+
+    def __init__(self, shape, split: str) -> None:
+        self.images, self.shape = labelled_images(split), shape
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.shape(*self.images[index], index)
+
+
+def images_with_extras(split: str = "test") -> Dataset:
+    """(image, label, index, note) items: extras after the targets."""
+    return _Reshaped(lambda image, label, index: (image, label, index, "note"), split)
+
+
+def two_input_images(split: str = "test") -> Dataset:
+    """((image, shift), label) items, for `TwoInputs`."""
+    return _Reshaped(lambda image, label, index: ((image, SHIFT[0]), label), split)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 import probe
 from probe.errors import ProbeError
-from task_models import Classifier, labelled_images
+from task_models import SHIFT, Classifier, Forms, TwoInputs, labelled_images
 
 HERE = Path(__file__).resolve().parent
 ANALYSES = ["degradation", "skipping", "attribution", "uncertainty", "representation", "recalibration"]
@@ -51,17 +51,9 @@ def test_batch_forms_give_the_pairs_numbers(form):
 def test_several_input_tensors():
     """((a, b), labels): the model takes two tensors; numbers equal a hand evaluation."""
 
-    class TwoInputs(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = Classifier()
-
-        def forward(self, a, b):
-            return self.inner(a - b)
-
     model = TwoInputs().eval()
     images, labels = labelled_images().tensors
-    shift = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
+    shift = SHIFT
     data = [((images, shift.expand_as(images)), labels)]
     table = probe.sweep(model, data, progress=False)
     with torch.no_grad():
@@ -85,29 +77,6 @@ def test_a_dict_probe_cannot_read_names_its_keys():
                       progress=False)
     with pytest.raises(ProbeError, match="no targets.*task='drift'"):
         probe.sweep(model, [x for x, _ in pairs()], progress=False)
-
-
-class Output:
-    """A Hugging Face-like output: fields, logits among them."""
-
-    def __init__(self, logits: torch.Tensor) -> None:
-        self.logits = logits
-        self.hidden = logits * 2
-
-
-class Forms(nn.Module):
-    """The classifier with its logits wrapped as `kind` says."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-        self.inner = Classifier()
-
-    def forward(self, x):
-        logits = self.inner(x)
-        return {"tensor": lambda: logits, "tuple": lambda: (logits, x.mean()),
-                "dict": lambda: {"logits": logits, "pooled": x.mean(dim=(1, 2, 3))},
-                "object": lambda: Output(logits), "list": lambda: [logits, x]}[self.kind]()
 
 
 @pytest.mark.parametrize("kind", ["tensor", "tuple", "dict", "object"])
@@ -171,3 +140,24 @@ def test_cli_lm_on_your_own_model_and_text(tmp_path):
     expected = probe.sweep(TinyLM().eval(), DataLoader(TokenWindows(SEQUENCES), batch_size=256), task="lm",
                            progress=False)
     pd.testing.assert_series_equal(written["loss"], expected["loss"], check_exact=False, rtol=1e-6)
+
+
+@pytest.mark.parametrize("model,dataset", [
+    ("forms_tuple", "labelled_images"), ("forms_dict", "labelled_images"), ("forms_object", "labelled_images"),
+    ("classifier", "images_with_extras"), ("two_inputs", "two_input_images"),
+])
+def test_cli_takes_every_output_and_batch_form(model, dataset, tmp_path):
+    """Through `python -m probe.ablate`: the numbers of the plain classifier on plain pairs."""
+    from probe import ablate
+
+    code = ablate.main(["--model", f"task_models:{model}", "--dataset", f"task_models:{dataset}", "--out",
+                        str(tmp_path / "out"), "--no-progress", "--skip", *ANALYSES])
+    assert code == 0
+    written = pd.read_csv(tmp_path / "out" / "blocks.csv")
+    net = {"classifier": Classifier, "two_inputs": TwoInputs}.get(model, lambda: Forms("tensor"))().eval()
+    data = [(x, y) for x, y in pairs()] if model != "two_inputs" else \
+        [((x, SHIFT.expand_as(x)), y) for x, y in pairs()]
+    expected = probe.sweep(net, data, progress=False)
+    assert list(written["block"]) == list(expected["block"])
+    for column in ("accuracy", "loss", "flip_rate"):
+        assert written[column].tolist() == pytest.approx(expected[column].tolist(), rel=1e-6)
