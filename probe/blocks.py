@@ -163,25 +163,27 @@ def blocks_in(recording: Recording) -> list[Block]:
     scopes = _scopes(graph)
     tensors = _tensor_valued(graph)
     additions_per_call: dict[str, int] = {}
-    found: dict[tuple[str, int], dict] = {}
-    # Residual addition node -> its block's name when a module has several ("vit...layer_0[0]"):
-    # the shortcut of a later addition is often the output of an earlier one.
-    residual_names: dict[fx.Node, str] = {}
+    # First the residual additions, then their names (which descriptions of later blocks use:
+    # the shortcut of a later addition is often the output of an earlier one), then the fields.
+    found: dict[tuple[str, int], tuple[fx.Node, str, int, tuple[fx.Node, fx.Node]]] = {}
     for node in graph.nodes:
         if not (is_addition(node) and len(node.args) >= 2 and all(a in tensors for a in node.args[:2])):
             continue
         key = _innermost_key(node)
         add_index = additions_per_call.get(key, 0)
         additions_per_call[key] = add_index + 1
-        operands = _residual_operands(node)
+        operands = _residual_operands(node, recording.learned)
         if operands is None:
             continue
         module = _qualified_name(node, key)
-        if (module, add_index) in found:
-            continue  # the same addition again, in a later call of a reused block module
-        found[module, add_index] = _classify(node, key, add_index, operands, recording, scopes, residual_names)
-        residual_names[node] = f"{module or '<model>'}[{sum(1 for m, _ in found if m == module) - 1}]"
-    return _name_blocks(list(found.values()))
+        if (module, add_index) not in found:  # not the same addition again, in a later call of a reused module
+            found[module, add_index] = (node, key, add_index, operands)
+    names = _block_names([(module, _branch_child(operands[0], key, recording.learned))
+                          for (module, _), (_, key, _, operands) in found.items()])
+    residual_names = {node: name for (node, *_), name in zip(found.values(), names)}
+    return [Block(name=name, position=position,
+                  **_classify(node, key, add_index, operands, recording, scopes, residual_names))
+            for position, ((node, key, add_index, operands), name) in enumerate(zip(found.values(), names))]
 
 
 def _classify(node: fx.Node, key: str, add_index: int, operands: tuple[fx.Node, fx.Node],
@@ -269,8 +271,14 @@ def _depends_on_data(ancestors: dict[fx.Node, int]) -> bool:
     return any(n.op == "placeholder" for n in ancestors)
 
 
-def _residual_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(branch, shortcut) when `node` adds a tensor to a function of that tensor, else None."""
+def _residual_operands(node: fx.Node, learned: set[str]) -> tuple[fx.Node, fx.Node] | None:
+    """(branch, shortcut) when `node` adds a tensor to a function of that tensor, else None.
+
+    With a projection shortcut (both operands computed from a common x) the branch must be a
+    learned function of x: some operation on the way from x to it uses a parameter. Rotary
+    position embeddings (`q * cos + rotate_half(q) * sin`) add two parameter-free functions of
+    q, and are no residual block.
+    """
     operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     if len(operands) != 2 or operands[0] is operands[1]:
         return None
@@ -292,7 +300,26 @@ def _residual_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         shortcut, branch, shortcut_length = b, a, ancestors_b[x]
     if shortcut_length > _MAX_PROJECTION_NODES or shortcut_length >= max(ancestors_a[x], ancestors_b[x]):
         return None  # two deep paths summed (an Inception-style merge), not a residual
+    if not _learned_path(x, branch, ancestors_b if branch is b else ancestors_a, learned):
+        return None
     return branch, shortcut
+
+
+def _learned_path(start: fx.Node, end: fx.Node, ancestors_of_end: dict[fx.Node, int], learned: set[str]) -> bool:
+    """Whether an operation on a path from `start` to `end` uses a parameter (or is a module
+    holding some)."""
+    on_path, frontier = {start}, [start]
+    while frontier:
+        following = [user for node in frontier for user in node.users
+                     if user in ancestors_of_end and user not in on_path]
+        on_path.update(following)
+        frontier = following
+    for node in on_path:
+        if node.op == "call_module" and node.target in learned:
+            return True
+        if any(parent.op == "get_attr" and parent.target in learned for parent in node.all_input_nodes):
+            return True
+    return False
 
 
 # -- module calls ----------------------------------------------------------------------------
@@ -381,16 +408,55 @@ def _describe(node: fx.Node, key: str, scopes: dict[str, set[fx.Node]], residual
     return f"{name}({', '.join(inputs)})"
 
 
-def _name_blocks(found: Sequence[dict]) -> list[Block]:
-    per_module: dict[str, int] = {}
-    for fields in found:
-        per_module[fields["module"]] = per_module.get(fields["module"], 0) + 1
+def _block_names(additions: Sequence[tuple[str, str | None]]) -> list[str]:
+    """Names for residual additions given as (module, branch child) in forward order.
+
+    A block is named by its module; a module with several additions names each by the child
+    module its branch comes from ("model.layers.0[self_attn]", "model.layers.0[mlp]": a
+    transformer layer's two sublayers) when those differ, else by its place ("...[0]", "[1]").
+    """
+    by_module: dict[str, list[str | None]] = {}
+    for module, child in additions:
+        by_module.setdefault(module, []).append(child)
     seen: dict[str, int] = {}
-    blocks = []
-    for position, fields in enumerate(found):
-        module = fields["module"]
+    names = []
+    for module, child in additions:
         index = seen.get(module, 0)
         seen[module] = index + 1
-        name = (module or "<model>") if per_module[module] == 1 else f"{module or '<model>'}[{index}]"
-        blocks.append(Block(name=name, position=position, **fields))
-    return blocks
+        children = by_module[module]
+        label = module or "<model>"
+        if len(children) > 1:
+            readable = all(children) and len(set(children)) == len(children)
+            label += f"[{child if readable else index}]"
+        names.append(label)
+    return names
+
+
+def _branch_child(branch: fx.Node, key: str, learned: set[str]) -> str | None:
+    """The child of the block's module whose learned computation the branch ends in
+    (`self_attn` for a branch computed in "model.layers.0.self_attn"), found by walking back
+    from the branch to its nearest operation that uses a parameter; None when there is none
+    inside the block, or it lies in no child. Normalization children are walked past."""
+    for node in sorted(_ancestors(branch).items(), key=lambda item: item[1]):
+        node = node[0]
+        uses_parameter = (node.op == "call_module" and node.target in learned) or any(
+            parent.op == "get_attr" and parent.target in learned for parent in node.all_input_nodes)
+        if not uses_parameter or not _computed_inside(node, key):
+            continue
+        inside = _keys_inside(node, key)
+        if not inside and node.op == "call_module":
+            # fx calls a leaf module as one node, with no stack entry of its own
+            inside = [node.target]
+        if not inside:
+            return None
+        child = _stack(node)[inside[0]][0] if inside[0] in _stack(node) else inside[0]
+        module = _qualified_name(node, key) if key else ""
+        child = child[len(module) + 1:].split(".")[0] if module else child.split(".")[0]
+        if not _is_norm(child):  # a post-norm branch (norm1(attn(x))) is named by its sublayer
+            return child
+    return None
+
+
+def _is_norm(name: str) -> bool:
+    lowered = name.lower()
+    return "norm" in lowered or lowered.startswith("ln")

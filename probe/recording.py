@@ -49,12 +49,15 @@ class Recording:
                  order ("" is the model itself: its inputs).
     calls:       module qualified name -> how many times one forward calls it.
     source:      how the graph was made, for messages ("its torch.fx trace", "one forward pass").
+    learned:     the names of the model's parameters, and of the modules that hold some (fx
+                 traces call leaf modules as one node): what tells a learned function apart.
     """
 
     graph: fx.Graph
     call_inputs: dict[str, list[fx.Node]] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     source: str = "its torch.fx trace"
+    learned: set[str] = field(default_factory=set)
 
 
 class _Tracer(fx.Tracer):
@@ -143,7 +146,7 @@ def trace(model: nn.Module) -> Recording:
     with fx_tracing(model):
         graph = traced(tracer, model)
     tracer.call_inputs[""] = [node for node in graph.nodes if node.op == "placeholder"]
-    return Recording(graph, tracer.call_inputs, dict(tracer.num_calls), "its torch.fx trace")
+    return Recording(graph, tracer.call_inputs, dict(tracer.num_calls), "its torch.fx trace", _learned(model))
 
 
 def record(model: nn.Module, example_input: object) -> Recording:
@@ -167,7 +170,14 @@ def record(model: nn.Module, example_input: object) -> Recording:
             handles.append(module.register_forward_hook(recorder.leave_call, always_call=True))
         with recorder:
             call_model(model, example_input)
-    return Recording(recorder.graph, recorder.call_inputs, recorder.calls, "one forward pass")
+    return Recording(recorder.graph, recorder.call_inputs, recorder.calls, "one forward pass", _learned(model))
+
+
+def _learned(model: nn.Module) -> set[str]:
+    """Parameter names, and names of the modules that hold parameters of their own."""
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return names | {name for name, module in model.named_modules()
+                    if any(True for _ in module.parameters(recurse=False))}
 
 
 class _Recorder(TorchFunctionMode):

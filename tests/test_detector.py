@@ -1,4 +1,4 @@
-"""The detector-shaped example (examples/darknet.py): a Darknet-53-style backbone with two heads
+"""The detector-shaped example (probe/examples/darknet.py): a Darknet-53-style backbone with two heads
 and no labels, probed with drift."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import probe
-from examples.darknet import ResidualUnit, darknet_tiny, random_images
+from probe.examples.darknet import ResidualUnit, darknet_tiny, random_images
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ["stages.0.1", "stages.1.1", "stages.1.2", "stages.2.1", "stages.2.2"]
@@ -69,8 +69,8 @@ def test_fast_drift_sweep_equals_naive_on_darknet():
 
 def test_darknet_from_the_command_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "probe.ablate", "--model", "examples.darknet:darknet_tiny", "--dataset",
-         "examples.darknet:random_images", "--task", "drift", "--out", str(tmp_path / "out"), "--no-progress",
+        [sys.executable, "-m", "probe.ablate", "--model", "probe.examples.darknet:darknet_tiny", "--dataset",
+         "probe.examples.darknet:random_images", "--task", "drift", "--out", str(tmp_path / "out"), "--no-progress",
          "--skip", "degradation", "skipping", "attribution", "uncertainty", "representation", "recalibration"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]

@@ -42,8 +42,9 @@ def residual_users(model: nn.Module, kind: type) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, kind) and m.use_res_connect]
 
 
-def doubled(names):
-    return [f"{n}[{i}]" for n in names for i in (0, 1)]
+def doubled(names, sublayers=("attn", "mlp")):
+    """A transformer layer's two residual additions, named by their sublayers."""
+    return [f"{n}[{sublayer}]" for n in names for sublayer in sublayers]
 
 
 # arch -> (expected count, expected names or a function of the model giving them)
@@ -65,7 +66,7 @@ FULL_SIZE = {
     "regnet_x_400mf": (22, [f"trunk_output.block{s}.block{s}-{i}" for s, n in zip(range(1, 5), [1, 2, 7, 12])
                             for i in range(n)]),
     "convnext_tiny": (18, stage_names("features.", [3, 3, 9, 3], [1, 3, 5, 7])),
-    "vit_b_16": (24, doubled([f"encoder.layers.encoder_layer_{i}" for i in range(12)])),
+    "vit_b_16": (24, doubled([f"encoder.layers.encoder_layer_{i}" for i in range(12)], ("self_attention", "mlp"))),
     "swin_t": (24, doubled(stage_names("features.", [2, 2, 6, 2], [1, 3, 5, 7]))),
     "swin_v2_t": (24, doubled(stage_names("features.", [2, 2, 6, 2], [1, 3, 5, 7]))),
 }
@@ -111,15 +112,15 @@ def test_branches_shortcuts_and_strategies():
 
     vit = probe.find_blocks(full_size("vit_b_16"))
     layer = "encoder.layers.encoder_layer_0"
-    assert vit[0] == probe.Block(f"{layer}[0]", layer, f"{layer}.dropout", None, 0, "hooks", 0, 0)
+    assert vit[0] == probe.Block(f"{layer}[self_attention]", layer, f"{layer}.dropout", None, 0, "hooks", 0, 0)
     # The MLP residual adds to the attention residual's sum: no module outputs that value.
-    assert vit[1] == probe.Block(f"{layer}[1]", layer, f"{layer}.mlp", f"{layer}[0]", 1, "intercept", 1, 1)
+    assert vit[1] == probe.Block(f"{layer}[mlp]", layer, f"{layer}.mlp", f"{layer}[self_attention]", 1, "intercept", 1, 1)
 
     swin = probe.find_blocks(full_size("swin_t"))
     # Swin runs one stochastic_depth module for both branches: a hook on it would fire twice.
     assert {b.strategy for b in swin} == {"intercept"}
     assert (swin[0].branch, swin[0].shortcut, swin[0].add_index) == ("features.1.0.stochastic_depth", None, 0)
-    assert (swin[1].shortcut, swin[1].add_index) == ("features.1.0[0]", 1)
+    assert (swin[1].shortcut, swin[1].add_index) == ("features.1.0[attn]", 1)
 
 
 def test_vit_positional_embedding_is_not_a_block():
@@ -409,14 +410,14 @@ CASES = {
                    lambda m, x: m.activation(m.proj(x))),
     "convnext": Case(tiny_convnext, (2, 3, 32, 32), "features.1.1",
                      lambda m, x: (m.stochastic_depth(m.layer_scale * m.block(x)), x), lambda m, x: x),
-    "vit_attention": Case(tiny_vit, (2, 3, 32, 32), "encoder.layers.encoder_layer_1[0]",
+    "vit_attention": Case(tiny_vit, (2, 3, 32, 32), "encoder.layers.encoder_layer_1[self_attention]",
                           lambda m, x: (vit_attention(m, x), x), lambda m, x: x + m.mlp(m.ln_2(x))),
-    "vit_mlp": Case(tiny_vit, (2, 3, 32, 32), "encoder.layers.encoder_layer_0[1]",
+    "vit_mlp": Case(tiny_vit, (2, 3, 32, 32), "encoder.layers.encoder_layer_0[mlp]",
                     lambda m, x: (m.mlp(m.ln_2(x + vit_attention(m, x))), x + vit_attention(m, x)),
                     lambda m, x: x + vit_attention(m, x)),
-    "swin_attention": Case(tiny_swin, (2, 3, 16, 16), "features.1.1[0]", lambda m, x: (swin_first(m, x), x),
+    "swin_attention": Case(tiny_swin, (2, 3, 16, 16), "features.1.1[attn]", lambda m, x: (swin_first(m, x), x),
                            lambda m, x: x + m.stochastic_depth(m.mlp(m.norm2(x)))),
-    "swin_mlp": Case(tiny_swin, (2, 3, 16, 16), "features.1.0[1]",
+    "swin_mlp": Case(tiny_swin, (2, 3, 16, 16), "features.1.0[mlp]",
                      lambda m, x: (m.stochastic_depth(m.mlp(m.norm2(x + swin_first(m, x)))), x + swin_first(m, x)),
                      lambda m, x: x + swin_first(m, x)),
     "preact_resnet": Case(PreActResNet, (2, 3, 8, 8), "layers.1", preact_pair,
@@ -628,9 +629,9 @@ def test_describe_blocks_lists_output_shapes_and_leaves_the_model_unchanged():
     assert_unchanged(model, before)
     assert list(table.columns) == ["name", "module", "branch", "shortcut", "output_shape"]
     layer = "encoder.layers.encoder_layer_0"
-    assert table.iloc[0].to_dict() == {"name": f"{layer}[0]", "module": layer, "branch": f"{layer}.dropout",
+    assert table.iloc[0].to_dict() == {"name": f"{layer}[self_attention]", "module": layer, "branch": f"{layer}.dropout",
                                        "shortcut": "identity", "output_shape": (1, 17, 16)}
-    assert table.iloc[1]["shortcut"] == f"{layer}[0]"
+    assert table.iloc[1]["shortcut"] == f"{layer}[self_attention]"
     assert list(table["output_shape"]) == [(1, 17, 16)] * 4  # 16 patches + the class token
 
 

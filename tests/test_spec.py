@@ -126,7 +126,9 @@ def test_spec_blocks_measure_like_discovered_ones():
     data = [(torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]))]
     given = probe.find_blocks(model, spec=f"{VIT_LAYER}=dropout;{VIT_LAYER}#1=right")
     by_spec = probe.measure(model, data, blocks=given, progress=False)
-    by_discovery = probe.measure(model, data, blocks=[b.name for b in given], progress=False)
+    # Discovery names the two additions by their sublayers; the spec, by their place.
+    assert [b.name for b in probe.find_blocks(model)][:2] == [f"{VIT_LAYER}[self_attention]", f"{VIT_LAYER}[mlp]"]
+    by_discovery = probe.measure(model, data, blocks=[b.name for b in probe.find_blocks(model)][:2], progress=False)
     assert by_spec["ratio"].tolist() == pytest.approx(by_discovery["ratio"].tolist(), rel=1e-6)
     assert by_spec["shortcut"].tolist() == ["identity", "left"]
 

@@ -7,7 +7,7 @@ heads (on the last two stages), each a 1x1 convolution to 3 anchors x (5 + class
 The forward returns the two heads' maps as a list. There are no labels: probe it with
 `task="drift"`, which asks how far each head's output moves when a unit is deleted.
 
-    python -m probe.ablate --model examples.darknet:darknet_tiny --dataset examples.darknet:random_images \\
+    python -m probe.ablate --model probe.examples.darknet:darknet_tiny --dataset probe.examples.darknet:random_images \\
         --task drift --skip degradation representation recalibration
 
 (random weights and images: a shape example; give --checkpoint and your own --dataset for a
