@@ -18,9 +18,9 @@ STRATEGIES = ("hooks", "intercept")
 class Block:
     """One residual addition `out = F(x) + s(x)` and where its operands come from.
 
-    name:     unique name; the block module's qualified name (`layer1.0`), with a `[i]` suffix
-              when one module performs several residual additions, the sublayer its branch comes from
-              (`encoder_layer_0[mlp]`) or its place (`[1]`).
+    name:     unique name; the block module's qualified name (`layer1.0`), with a suffix when
+              one module performs several residual additions: the sublayer its branch comes
+              from (`encoder_layer_0[mlp]`) or its place (`[1]`).
     module:   qualified name of the module whose forward performs the addition ("" for the
               model itself, whose block is named "<model>").
     branch:   with strategy "hooks", the qualified name of the module whose output is F(x);
