@@ -274,10 +274,10 @@ def _depends_on_data(ancestors: dict[fx.Node, int]) -> bool:
 def _residual_operands(node: fx.Node, learned: set[str]) -> tuple[fx.Node, fx.Node] | None:
     """(branch, shortcut) when `node` adds a tensor to a function of that tensor, else None.
 
-    With a projection shortcut (both operands computed from a common x) the branch must be a
-    learned function of x: some operation on the way from x to it uses a parameter. Rotary
-    position embeddings (`q * cos + rotate_half(q) * sin`) add two parameter-free functions of
-    q, and are no residual block.
+    The branch must be a learned function of the shortcut (or, with a projection shortcut, of
+    the x both are computed from): some operation on the way uses a parameter. Rotary position
+    embeddings (`q * cos + rotate_half(q) * sin`) and the tanh approximation of GELU
+    (`x + 0.044715 * x ** 3`) add parameter-free functions of a tensor, and are no residual blocks.
     """
     operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     if len(operands) != 2 or operands[0] is operands[1]:
@@ -287,10 +287,10 @@ def _residual_operands(node: fx.Node, learned: set[str]) -> tuple[fx.Node, fx.No
     # A parameter (ViT's positional embedding) is no function of the data: not a residual.
     if not (_depends_on_data(ancestors_a) and _depends_on_data(ancestors_b)):
         return None
-    if a in ancestors_b:
-        return b, a  # identity shortcut: b = F(a)
+    if a in ancestors_b:  # identity shortcut: b = F(a)
+        return (b, a) if _learned_path(a, b, ancestors_b, learned) else None
     if b in ancestors_a:
-        return a, b
+        return (a, b) if _learned_path(b, a, ancestors_a, learned) else None
     # Projection shortcut: both sides start from the nearest common x; the short side is s(x).
     common = [n for n in ancestors_a if n in ancestors_b]
     x = min(common, key=lambda n: ancestors_a[n] + ancestors_b[n])
