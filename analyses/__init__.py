@@ -13,6 +13,8 @@ writes them as CSV with PNG figures. `python -m probe.ablate` runs them all (thr
     analyses.representation representation(model, data,     linear probes, logit lens, refinement,
                             train_data=...)                 CKA between blocks, classes served
     analyses.recalibration  recalibration(model, data, cal) deletion cost with BN statistics refitted
+    analyses.lm             lm_layers(model, data, table)   a language model's layers: block influence,
+                                                            spans, greedy deletion, logit lens
 
 The analyses are not imported here, so importing one does not import them all. The verdict
 rule is in the core (`probe.verdict`); what may import what: docs/architecture.md.

@@ -20,6 +20,7 @@ from torch import nn
 
 from analyses.attribution import attribution
 from analyses.degradation import degradation
+from analyses.lm import lm_layers
 from analyses.recalibration import recalibration
 from analyses.representation import representation
 from analyses.skipping import skipping
@@ -30,7 +31,7 @@ from probe.files import write_tables
 from probe.recalibrate import batchnorm_layers
 from probe.loading import train_loader
 from probe.results import Evaluation
-from probe.tasks import Classification, Task, resolve_task
+from probe.tasks import Classification, LanguageModeling, Task, resolve_task
 
 __all__ = ["SECTIONS", "AnalysisOutputs", "choose_sections", "run_analyses"]
 
@@ -93,7 +94,17 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
         chosen.remove("degradation")
         outputs.reasons["degradation"] = (f"degradation trains plain and residual classifiers of its own on "
                                           f"{config.dataset}; it does not apply to the task {task.name!r}.")
+    if "lm" in chosen and not isinstance(task, LanguageModeling):
+        chosen.remove("lm")
+        outputs.reasons["lm"] = ("it deletes decoder layers of a causal language model; it applies to the task "
+                                 "'lm' only.")
     recal = calibration if config.bn_recalibrate else None
+
+    def run_lm() -> tuple[object, dict]:
+        result = lm_layers(model, data, table, blocks=blocks, spans=config.spans, greedy_steps=config.greedy_steps,
+                           resamples=config.bootstrap, level=config.level, seed=config.seed,
+                           fit=True, progress=progress)
+        return result, result.tables()
 
     def run_degradation() -> tuple[object, dict]:
         result = degradation(config.degradation_depths, dataset=config.dataset, epochs=config.epochs,
@@ -138,7 +149,7 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
 
     runners: dict[str, Callable[[], tuple[object, dict]]] = {
         "degradation": run_degradation, "skipping": run_skipping, "attribution": run_attribution,
-        "uncertainty": run_uncertainty, "representation": run_representation, "recalibration": run_recalibration}
+        "uncertainty": run_uncertainty, "representation": run_representation, "recalibration": run_recalibration, "lm": run_lm}
     for name in chosen:
         start = time.perf_counter()
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import dataclasses
 import sys
 import time
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default: runs/<model>-<dataset>)")
     parser.add_argument("--list-blocks", action="store_true",
                         help="print the discovered blocks (name, branch, shortcut, output shape) and exit")
-    return add_options(parser, "model", "ablation", "skipping", "uncertainty", "degradation", "report")
+    return add_options(parser, "model", "ablation", "skipping", "uncertainty", "degradation", "lm", "report")
 
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,7 +83,7 @@ def _autocast(config: RunConfig, device: torch.device):
 # the analyses after the sweep are rerun every time, so theirs need not match.
 _RECORDED = ("model", "checkpoint", "weights", "dataset", "data_root", "split", "limit", "seed", "epochs", "mode",
              "device", "batch_size", "bn_recalibrate", "calibration_root", "precision", "channels_last", "save_every",
-             "task", "inputs", "targets")
+             "task", "seq_len", "inputs", "targets")
 
 
 def _run_record(config: RunConfig, source: str, blocks: list, datasets: Datasets, shortcuts: dict[str, str], *,
@@ -152,7 +153,7 @@ def run(config: RunConfig, *, progress: bool = True,
     (the CLI prints its answer then).
     """
     chosen, _ = choose_sections(config)
-    out = prepare_out_dir(config.out or Path("runs") / f"{config.model.replace(':', '_')}-{config.dataset}")
+    out = prepare_out_dir(config.out or Path("runs") / re.sub(r"[^\w.-]+", "_", f"{config.model}-{config.dataset}"))
     _check_out(out)
     device = device_for(config.device)
     _autocast(config, device)  # refuse an impossible precision before any work
@@ -248,9 +249,13 @@ def _sections(outputs: AnalysisOutputs, calibration_samples: int | None, recalib
         "representation": lambda result: build.representation_section(result, lines=story(result), cost=cost),
         "recalibration": lambda result: build.recalibration_section(result, calibration_samples=calibration_samples,
                                                                     cost=cost),
+        "lm": build.lm_section,
     }
+    # A language model's layer analysis leads its report; other models' reports do not mention it.
+    order = ["lm", *[name for name in builders if name != "lm"]] if "lm" in outputs.results else \
+        [name for name in builders if name != "lm"]
     return [builders[name](outputs.results[name]) if name in outputs.results
-            else build.not_run_section(name, outputs.reasons[name]) for name in builders]
+            else build.not_run_section(name, outputs.reasons[name]) for name in order]
 
 
 def _samples(calibration) -> int | None:

@@ -255,6 +255,12 @@ def batches(data: Iterable, device: torch.device, *, dtype: torch.dtype | None =
         raise ProbeError("the data is empty: it yielded no batch. Pass a DataLoader with at least one sample.")
 
 
+def first_inputs(data: Iterable, model: nn.Module) -> object:
+    """The inputs of `data`'s first batch, on the model's device: what a model torch.fx cannot
+    trace is run on to find its blocks. Reads one batch (`data` must be re-iterable)."""
+    return next(iter(batches(data, model_device(model), dtype=input_dtype(model)))).inputs
+
+
 def class_targets(batch: Batch) -> torch.Tensor:
     """The batch's targets as int64 class labels, one per sample; ProbeError otherwise."""
     targets = batch.targets

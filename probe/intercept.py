@@ -21,12 +21,13 @@ last site, or `restore_mode_stack`, takes it off again.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import threading
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -79,8 +80,8 @@ class _Watch:
 
     def _leave(self, _module: nn.Module, _args: tuple, output: object) -> None:
         _MODE.leave()
-        if output is None:
-            return  # the forward raised: let that error through
+        if output is None or self.module in _replayed:
+            return  # the forward raised (let that error through), or its output was replayed
         missing = [site for index, sites in self.sites.items() if index >= self.additions for site in sites]
         if missing:
             raise ProbeError(
@@ -218,6 +219,22 @@ class SiteHandle:
                 _watches.pop(self._module, None)
         if not _watches:
             _MODE.reset()
+
+
+# Modules whose calls answer from a cache (`probe.replay`): they make no additions, and none is missing.
+_replayed: weakref.WeakSet = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def replaying(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Within the body, calls of `modules` are replays of cached outputs: their watched additions
+    are not expected to happen."""
+    _replayed.update(modules)
+    try:
+        yield
+    finally:
+        for module in modules:
+            _replayed.discard(module)
 
 
 def watch_addition(module: nn.Module, index: int, branch_operand: int, visitor: Visitor, handles: list,

@@ -21,9 +21,11 @@ from probe.cache import cached_model
 from probe.config import RunConfig
 from probe.data import dataset_info, load_dataset, make_loader, split_off, stratified_subset
 from probe.errors import ProbeError
+from probe.hf import is_hf_model, load_hf_model, load_tokenizer, model_source
 from probe.imports import import_attribute
 from probe.models import build_model, load_checkpoint
 from probe.recalibrate import batchnorm_layers
+from probe.text import TEXT_DATASETS, TEXT_WINDOWS, read_text, text_windows
 from probe.training import TrainConfig
 
 __all__ = ["Datasets", "Inputs", "data_fingerprint", "is_user_dataset", "load_datasets", "load_inputs", "load_model",
@@ -48,6 +50,12 @@ def load_model(config: RunConfig, device: torch.device, *, progress: bool,
     Without a checkpoint or weights the model is trained on the data set's training split
     (once; then it comes from the cache). `train=False`: untrained instead, for listing blocks.
     """
+    if is_hf_model(config.model):
+        folder, file = model_source(config.model)
+        return load_hf_model(config.model, device), str(folder / file) if file else str(folder)
+    if config.dataset in TEXT_DATASETS:
+        raise ProbeError(f"--dataset {config.dataset} is text: it needs a language model with a tokenizer, "
+                         "--model hf:PATH or --model smollm2.")
     if is_user_dataset(config.dataset):
         return _model_for_user_data(config, device)
     info = dataset_info(config.dataset, root=config.data_root, image_size=config.image_size,
@@ -161,6 +169,8 @@ def load_datasets(config: RunConfig, *, calibration: bool, model: nn.Module | No
     only with `bn_recalibrate`, set apart from the evaluated ones; otherwise none."""
     if is_user_dataset(config.dataset):
         return _user_datasets(config, calibration=calibration, model=model)
+    if config.dataset in TEXT_DATASETS:
+        return _text_datasets(config, model=model)
     options = {"root": config.data_root, "download": config.download, "seed": config.seed,
                "image_size": config.image_size, "normalize": config.normalize, "in_channels": config.in_channels}
     evaluation = load_dataset(config.dataset, split=config.split, **options)
@@ -192,6 +202,22 @@ def load_datasets(config: RunConfig, *, calibration: bool, model: nn.Module | No
     else:
         selection = f"all {total} samples"
     return Datasets(evaluation, held_out, selection, source)
+
+
+def _text_datasets(config: RunConfig, *, model: nn.Module | None) -> Datasets:
+    """Windows of `--seq-len` tokens of the text (see `probe.text`); `--limit N`: the first N."""
+    if not is_hf_model(config.model):
+        raise ProbeError(f"--dataset {config.dataset} is text: it needs --model hf:PATH or smollm2 (their tokenizer).")
+    if model is not None and not batchnorm_layers(model):
+        _refuse_recalibration_without_batchnorm(config, model)
+    windows = text_windows(load_tokenizer(config.model), read_text(config.dataset, config.data_root), config.seq_len)
+    total = len(windows)
+    # Every deletion costs a forward over all windows: a few keep a run in minutes on a CPU.
+    limit = config.limit if config.limit is not None else TEXT_WINDOWS
+    if limit < total:
+        return Datasets(Subset(windows, range(limit)), None,
+                        f"the first {limit} of {total} windows of {config.seq_len} tokens", "none")
+    return Datasets(windows, None, f"all {total} windows of {config.seq_len} tokens", "none")
 
 
 def _refuse_recalibration_without_batchnorm(config: RunConfig, model: nn.Module) -> None:

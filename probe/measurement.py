@@ -127,7 +127,7 @@ def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] |
     form `probe.batches.split_batch` knows (targets are not needed otherwise). Columns: see `COLUMNS` and the README. A block module run k
     times per forward counts k samples per input (see the module docstring).
     """
-    chosen = resolve_blocks(model, blocks)
+    chosen = resolve_blocks(model, blocks, data=data)
     device = model_device(model)
     moments = _Moments(len(chosen), device)
     row_of = {block.name: row for row, block in enumerate(chosen)}
@@ -214,7 +214,7 @@ def branch_means(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Blo
 
     The mean is over every call of the block's module (twice per input for a module run twice).
     """
-    chosen = resolve_blocks(model, blocks)
+    chosen = resolve_blocks(model, blocks, data=data)
     device = model_device(model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}  # branch outputs summed, per block

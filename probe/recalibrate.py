@@ -136,7 +136,7 @@ def evaluate_recalibrated(model: nn.Module, data: Iterable, ablation_sets: Seque
         if isinstance(given, Iterator):  # read once per set: a generator would be empty after the first
             raise ProbeError(f"BN recalibration reads the {name} once per deleted set, but it is a one-shot "
                              f"{type(given).__name__}; pass a DataLoader or a list of batches.")
-    sets = [resolve_blocks(model, s) if s else [] for s in ablation_sets]
+    sets = [resolve_blocks(model, s, data=data) if s else [] for s in ablation_sets]
     involved = list({block.name: block for s in sets for block in s}.values())
     if mode == "mean" and means is None and involved:
         means = branch_means(model, data, blocks=involved, progress=progress)

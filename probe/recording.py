@@ -51,6 +51,9 @@ class Recording:
     source:      how the graph was made, for messages ("its torch.fx trace", "one forward pass").
     learned:     the names of the model's parameters, and of the modules that hold some (fx
                  traces call leaf modules as one node): what tells a learned function apart.
+    not_tensor:  module call keys whose output is not one tensor (Hugging Face's GPT-2 attention
+                 returns (output, weights)): a forward hook on them sees no tensor to measure or
+                 replace. Recorded forwards only; empty for an fx trace.
     """
 
     graph: fx.Graph
@@ -58,6 +61,7 @@ class Recording:
     calls: dict[str, int] = field(default_factory=dict)
     source: str = "its torch.fx trace"
     learned: set[str] = field(default_factory=set)
+    not_tensor: set[str] = field(default_factory=set)
 
 
 class _Tracer(fx.Tracer):
@@ -170,7 +174,8 @@ def record(model: nn.Module, example_input: object) -> Recording:
             handles.append(module.register_forward_hook(recorder.leave_call, always_call=True))
         with recorder:
             call_model(model, example_input)
-    return Recording(recorder.graph, recorder.call_inputs, recorder.calls, "one forward pass", _learned(model))
+    return Recording(recorder.graph, recorder.call_inputs, recorder.calls, "one forward pass", _learned(model),
+                     recorder.not_tensor)
 
 
 def _learned(model: nn.Module) -> set[str]:
@@ -188,6 +193,7 @@ class _Recorder(TorchFunctionMode):
         self.graph = fx.Graph()
         self.call_inputs: dict[str, list[fx.Node]] = {}
         self.calls: dict[str, int] = {}
+        self.not_tensor: set[str] = set()
         self._module_names = {module: name for name, module in model.named_modules()}
         named_tensors = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
         self._tensor_names = {id(tensor): name for name, tensor in named_tensors}
@@ -235,9 +241,12 @@ class _Recorder(TorchFunctionMode):
         self._stack[key] = (name, type(module))
         self._keys.append(key)
 
-    def leave_call(self, _module: nn.Module, _args: tuple, _output: object) -> None:
+    def leave_call(self, _module: nn.Module, _args: tuple, output: object) -> None:
         if self._keys:
-            del self._stack[self._keys.pop()]
+            key = self._keys.pop()
+            if not isinstance(output, torch.Tensor):
+                self.not_tensor.add(key)
+            del self._stack[key]
 
     # -- torch functions ----------------------------------------------------------------------
 

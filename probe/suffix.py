@@ -111,6 +111,8 @@ class _Replacement:
 
 # model -> {(module tree, blocks, inlined or not): runner or None}, a few per model.
 _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> its module tree when torch.fx could not trace it
+_untraceable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _RUNNERS_PER_MODEL = 4
 
 
@@ -118,7 +120,10 @@ def runner_for(model: nn.Module, blocks: Sequence[Block],
                replacement: Callable[[Block, torch.Tensor], torch.Tensor] | None = None) -> SuffixRunner | None:
     """`build_runner`, reused while `model`'s module tree (the same module objects) and `blocks`
     are unchanged; set to `replacement` (see `SuffixRunner.use`)."""
-    key = (module_tree(model), tuple(blocks), replacement is not None)
+    tree = module_tree(model)
+    if _untraceable.get(model) == tree:
+        return None  # tracing failed for this model before: each try can cost seconds (a large LM)
+    key = (tree, tuple(blocks), replacement is not None)
     cached = _runners.setdefault(model, {})
     if key not in cached:
         if len(cached) >= _RUNNERS_PER_MODEL:
@@ -149,7 +154,8 @@ def _build_runner(model: nn.Module, blocks: Sequence[Block],
         return None  # the model itself performs the addition: there is nothing to cut
     try:
         graph = traced(ModulesAsLeaves(block_modules), model)
-    except Exception:  # an untraceable model still sweeps, with full forwards
+    except Exception:  # an untraceable model still sweeps (`probe.replay`, or full forwards)
+        _untraceable[model] = module_tree(model)
         return None
     if sum(n.op == "output" for n in graph.nodes) != 1:
         return None

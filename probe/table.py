@@ -58,7 +58,7 @@ def block_table(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Bloc
     samples). A classifier at chance gets no verdicts (see `join_block_table`'s
     `unsupported`). task: see `probe.tasks`; the sweep's columns and the verdict's cost follow it.
     """
-    blocks = resolve_blocks(model, blocks)
+    blocks = resolve_blocks(model, blocks, data=data)
     stats = measure(model, data, blocks=blocks, progress=progress)
     sweep, evaluation = single_block_sweep(model, data, mode=mode, calibration=calibration, per_class=True,
                                            blocks=blocks, task=task, progress=progress)

@@ -109,7 +109,7 @@ def test_single_block_sweep_equals_probe_sweep():
     ({"checkpoint": "m.pt"}, list(SECTIONS[1:]), {"degradation": "checkpoint"}),
     ({"checkpoint": "m.pt", "sections": ("degradation", "uncertainty")}, ["degradation", "uncertainty"],
      {"skipping": "--sections"}),
-    ({"skip": ("recalibration", "degradation")}, ["skipping", "attribution", "uncertainty", "representation"],
+    ({"skip": ("recalibration", "degradation")}, ["skipping", "attribution", "uncertainty", "representation", "lm"],
      {"recalibration": "--skip"}),
 ])
 def test_choose_sections(kwargs, run, why):

@@ -124,6 +124,21 @@ def test_streaming_equals_all_at_once():
             assert whole[i, j] == pytest.approx(hsic(a, b) / math.sqrt(hsic(a, a) * hsic(b, b)), rel=1e-10)
 
 
+def test_cka_with_fewer_samples_than_features_keeps_the_samples():
+    """A language model's blocks have more features than a run has windows: the accumulator then
+    keeps the samples (never a features x features matrix) and gives the same CKA."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 40, generator=g), torch.randn(6, 30, generator=g)
+    y[:, :10] += 2 * x[:, :10]
+    accumulator = CkaAccumulator()
+    for start in (0, 2, 4):
+        accumulator.add([x[start:start + 2], y[start:start + 2]])
+    assert accumulator.products is None  # 6 samples, 70 features: no (70, 70) sums
+    xc, yc = x.double() - x.double().mean(dim=0), y.double() - y.double().mean(dim=0)
+    expected = (xc.T @ yc).square().sum() / ((xc.T @ xc).square().sum() * (yc.T @ yc).square().sum()).sqrt()
+    assert accumulator.matrix()[0, 1] == pytest.approx(float(expected), rel=1e-10)
+
+
 def test_cka_of_a_constant_representation_is_undefined():
     values = cka_of(torch.ones(5, 2), torch.arange(5.0).view(5, 1))
     assert np.isnan(values[0, 1]) and values[1, 1] == 1.0

@@ -455,35 +455,52 @@ class CkaAccumulator:
     second-moment matrix of all feature sets side by side, Z^T Z - s s^T / n (s: column sums of
     Z), and Z^T Z, s and n are sums over samples: `add` updates them (float64) per batch, so the
     memory is O(D^2) for D features in all, whatever n, and `matrix` gives the all-at-once CKA.
+
+    While fewer samples than features have come (a language model's 60 blocks of 576 features
+    make D = 34560, and D^2 floats would take 9.5 GB), the samples themselves are kept instead,
+    and ||Xc^T Yc||_F^2 = <Kx, Ky> is taken from the centred Gram matrices (n x n): memory
+    min(n, D) x D, never more than the streamed form, the same numbers.
     """
 
     def __init__(self) -> None:
         self.widths: list[int] = []
         self.count = 0
         self.sums: torch.Tensor | None = None  # (D,)
-        self.products: torch.Tensor | None = None  # (D, D)
+        self.products: torch.Tensor | None = None  # (D, D), once there are more samples than features
+        self.rows: list[torch.Tensor] = []  # (batch, D) each, until then
 
     def add(self, features: Sequence[torch.Tensor]) -> None:
         """features: one (batch, width) tensor per feature set, the same samples in each."""
         z = torch.cat([x.double() for x in features], dim=1)  # (batch, D)
-        if self.products is None:
+        if self.sums is None:
             self.widths = [x.shape[1] for x in features]
             self.sums = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device)
-            self.products = torch.zeros(z.shape[1], z.shape[1], dtype=torch.float64, device=z.device)
-        self.products += z.T @ z
         self.sums += z.sum(dim=0)
         self.count += len(z)
+        if self.products is not None:
+            self.products += z.T @ z
+            return
+        self.rows.append(z)
+        if self.count > z.shape[1]:  # the (D, D) sums are now the smaller form
+            kept = torch.cat(self.rows)
+            self.products, self.rows = kept.T @ kept, []
 
     def matrix(self) -> np.ndarray:
         """(sets, sets) linear CKA; NaN for a set that does not vary over the samples."""
-        if self.products is None:
+        if self.sums is None:
             raise ProbeError("CKA needs at least one batch of features.")
-        centred = (self.products - torch.outer(self.sums, self.sums) / self.count).cpu()
         edges = np.cumsum([0, *self.widths])
         parts = range(len(self.widths))
-        # ||Xc^T Yc||_F^2 for every pair: (sets, sets)
-        squares = np.array([[float(centred[edges[a]:edges[a + 1], edges[b]:edges[b + 1]].square().sum())
-                             for b in parts] for a in parts])
+        if self.products is not None:
+            centred = (self.products - torch.outer(self.sums, self.sums) / self.count).cpu()
+            # ||Xc^T Yc||_F^2 for every pair: (sets, sets)
+            squares = np.array([[float(centred[edges[a]:edges[a + 1], edges[b]:edges[b + 1]].square().sum())
+                                 for b in parts] for a in parts])
+        else:
+            z = torch.cat(self.rows)
+            z = z - self.sums / self.count  # centred columns
+            grams = [z[:, edges[a]:edges[a + 1]] @ z[:, edges[a]:edges[a + 1]].T for a in parts]  # (n, n) each
+            squares = np.array([[float((grams[a] * grams[b]).sum()) for b in parts] for a in parts])
         norms = np.sqrt(np.diag(squares))
         with np.errstate(invalid="ignore", divide="ignore"):
             return squares / np.outer(norms, norms)
