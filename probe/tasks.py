@@ -111,8 +111,10 @@ class Task:
 
 
 def _per_sample(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum over every dimension but the first: `(batch, ...)` -> `(batch,)`."""
-    values = values if mask is None else values * mask
+    """Sum over every dimension but the first, of the positions `mask` keeps: `(batch, ...)` ->
+    `(batch,)`. Left-out positions count as 0 whatever they hold (a NaN at a padded position too)."""
+    if mask is not None:
+        values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
     return values.reshape(len(values), -1).sum(dim=1)
 
 
@@ -168,12 +170,15 @@ class LanguageModeling(Task):
         if mask is not None:
             mask = mask.bool()
             valid &= mask[:, 1:] & mask[:, :-1]
-        # float64: a float32 log-softmax over a large vocabulary (49,152 for SmolLM2) is off by ~1e-4 nats
-        logits, targets = logits[:, :-1].double(), tokens[:, 1:]
-        safe = targets.clamp_min(0)  # -100 -> 0 (masked out below)
-        # (batch, seq - 1): NLL of each next token
-        nll = F.cross_entropy(logits.transpose(1, 2), safe, reduction="none")
-        prediction = logits.argmax(dim=2)
+        # Every position's log-softmax over the vocabulary as rows of one contiguous (positions,
+        # vocab) view: over a large vocabulary (49,152 for SmolLM2) that is 10x more accurate in
+        # float32 than over a strided class dimension (1e-5 against 1e-4 nats), and 2x faster than
+        # float64. The last position predicts nothing: its target is a placeholder, dropped below.
+        following = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).clamp_min(0)  # -100 -> 0, masked out
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), following.reshape(-1),
+                              reduction="none").view(tokens.shape)[:, :-1]  # (batch, seq - 1)
+        prediction = logits[:, :-1].argmax(dim=2)
+        targets = tokens[:, 1:]
         weight = valid.sum(dim=1)
         return Scores(loss=_per_sample(nll.double(), valid), weight=weight,
                       correct=_per_sample((prediction == targets) & valid),
