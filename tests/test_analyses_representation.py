@@ -25,7 +25,7 @@ import probe  # noqa: E402
 from analyses.representation import (CkaAccumulator, RepresentationResult, _Rows, block_classes, cka,  # noqa: E402
                                      linear_probes, logit_lens, pool, refinement, representation, stages, story,
                                      summary)
-from conftest import TinyNet, assert_unchanged, snapshot  # noqa: E402
+from conftest import LinearBlock, TinyNet, assert_unchanged, snapshot  # noqa: E402
 from probe.models import cifar_resnet, save_checkpoint  # noqa: E402
 from probe.results import Evaluation, Outcome  # noqa: E402
 from reports import figures, sections  # noqa: E402
@@ -264,19 +264,6 @@ def test_logit_lens_without_a_head(tiny_net):
 
 
 # --- refinement ---------------------------------------------------------------------------------
-
-
-class LinearBlock(nn.Module):
-    """out = x + A x (no activation), A set by hand."""
-
-    def __init__(self, weight: list[list[float]]) -> None:
-        super().__init__()
-        self.branch = nn.Linear(2, 2, bias=False)
-        with torch.no_grad():
-            self.branch.weight.copy_(torch.tensor(weight))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.branch(x)
 
 
 class DownhillNet(nn.Module):

@@ -21,7 +21,7 @@ from analyses.recalibration import recalibration
 from analyses.representation import CLASSES_COLUMNS, LENS_COLUMNS, PROBE_COLUMNS, representation, story
 from analyses.skipping import deletion_orders, skipping
 from analyses.uncertainty import CLASS_COLUMNS, drop_intervals, interval_columns, uncertainty
-from conftest import TinyNet, assert_unchanged, snapshot
+from conftest import LinearBlock, TinyNet, assert_unchanged, snapshot
 from probe.config import RunConfig
 from probe.evaluation import single_block_sweep
 from probe.results import Evaluation, Outcome
@@ -251,19 +251,6 @@ def test_lm_gradient_x_activation_is_per_token():
 # --- a user's own loss ---------------------------------------------------------------------------
 
 
-class LinearResidual(nn.Module):
-    """x + A x, A set by hand."""
-
-    def __init__(self, weight: list[list[float]]) -> None:
-        super().__init__()
-        self.branch = nn.Linear(2, 2, bias=False)
-        with torch.no_grad():
-            self.branch.weight.copy_(torch.tensor(weight))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.branch(x)
-
-
 A = [[[0.5, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.3, 0.0]], [[0.0, -0.2], [0.0, 0.4]]]
 V = [1.0, 2.0]
 
@@ -273,7 +260,7 @@ class Chain(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.b0, self.b1, self.b2 = (LinearResidual(a) for a in A)
+        self.b0, self.b1, self.b2 = (LinearBlock(a) for a in A)
         self.out = nn.Linear(2, 1, bias=False)
         with torch.no_grad():
             self.out.weight.copy_(torch.tensor([V]))

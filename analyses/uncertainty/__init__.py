@@ -90,10 +90,7 @@ def bootstrap_interval(base_correct, ablated_correct, *, resamples: int = 1000, 
     same distribution as resampling indices, in O(resamples) instead of O(resamples * n).
     Quantiles use numpy's default (linear) interpolation; `seed` seeds numpy's generator.
     """
-    if not isinstance(resamples, int) or resamples < 1:
-        raise ProbeError(f"resamples must be a positive whole number, got {resamples!r}.")
-    if not 0 < level < 1:
-        raise ProbeError(f"level must lie strictly between 0 and 1 (e.g. 0.95), got {level!r}.")
+    _check_bootstrap(resamples, level)
     base = np.asarray(torch.as_tensor(base_correct).cpu(), dtype=np.int64)
     ablated = np.asarray(torch.as_tensor(ablated_correct).cpu(), dtype=np.int64)
     if base.shape != ablated.shape or base.ndim != 1 or len(base) == 0:
@@ -108,6 +105,13 @@ def bootstrap_interval(base_correct, ablated_correct, *, resamples: int = 1000, 
     return float(low), float(high)
 
 
+def _check_bootstrap(resamples: int, level: float) -> None:
+    if not isinstance(resamples, int) or resamples < 1:
+        raise ProbeError(f"resamples must be a positive whole number, got {resamples!r}.")
+    if not 0 < level < 1:
+        raise ProbeError(f"level must lie strictly between 0 and 1 (e.g. 0.95), got {level!r}.")
+
+
 def cost_interval(base_loss, ablated_loss, weight=None, *, resamples: int = 1000, level: float = 0.95,
                   seed: int | Sequence[int] = 0) -> tuple[float, float]:
     """Paired percentile bootstrap interval of a continuous cost, sum(d) / sum(w) over samples.
@@ -119,10 +123,7 @@ def cost_interval(base_loss, ablated_loss, weight=None, *, resamples: int = 1000
     per resample in order, and computes sum(d[idx]) / sum(w[idx]) (NaN when the drawn samples
     hold no unit). Quantiles use numpy's default (linear) interpolation, ignoring NaN.
     """
-    if not isinstance(resamples, int) or resamples < 1:
-        raise ProbeError(f"resamples must be a positive whole number, got {resamples!r}.")
-    if not 0 < level < 1:
-        raise ProbeError(f"level must lie strictly between 0 and 1 (e.g. 0.95), got {level!r}.")
+    _check_bootstrap(resamples, level)
     base = np.asarray(torch.as_tensor(base_loss).cpu(), dtype=np.float64)
     ablated = np.asarray(torch.as_tensor(ablated_loss).cpu(), dtype=np.float64)
     w = np.ones_like(ablated) if weight is None else np.asarray(torch.as_tensor(weight).cpu(), dtype=np.float64)
