@@ -131,7 +131,7 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     check_mode(mode)
     task = resolve_task(task)
     if calibration is not None:
-        return evaluate_recalibrated(model, data, ablation_sets, calibration, mode=mode, means=means,
+        return evaluate_recalibrated(model, data, ablation_sets, calibration, mode=mode, means=means, fast=fast,
                                      per_class=per_class, outcomes=outcomes, task=task, progress=progress)
     named = {b.name: b for b in resolve_blocks(model, [b for s in ablation_sets for b in s], data=data,
                                                unique=False)}  # one discovery; sets may share blocks
@@ -174,7 +174,7 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
                 ablated_outputs = None
                 if runner is not None and ablation_set:
                     try:
-                        ablated_outputs = runner.suffix(runner.first(ablation_set), cache)
+                        ablated_outputs = runner.suffix(runner.first(ablation_set), cache, ablation_set)
                     except InPlaceError:
                         runner = None  # as above: full forwards from here on
                 if ablated_outputs is None:

@@ -12,6 +12,11 @@ held-out training data through the network with the BatchNorm layers in train mo
     # here every BN buffer, momentum and training flag is bit-identical to before
 
 `evaluate_recalibrated` is `probe.evaluate_ablations` with a recalibration per ablation set.
+Where the model can be cut at its blocks (`probe.suffix`) it refits, per set, only the
+BatchNorm layers from the set's earliest block on: those before it see the same inputs as in
+the intact network, so their recalibrated statistics are the intact model's. One calibration
+pass then refits every set's suffix, each set's statistics swapped in while its suffix runs, and
+one evaluation pass scores every set, as the fast sweep does.
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from probe.ablation import ablated, check_mode
+from probe.ablation import ablated, branch_replacement, check_mode
 from probe.batches import batches, class_targets, explained_misfit, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.hooks import model_preserved, restoring
+from probe.hooks import attached, model_preserved, replace_branches, restoring
 from probe.measurement import branch_means
 from probe.results import Evaluation
+from probe.suffix import InPlaceError, SuffixRunner, runner_for
 from probe.tally import Tally
 from probe.tasks import Scores, Task, resolve_task
 
@@ -120,15 +126,18 @@ def evaluate_recalibrated(model: nn.Module, data: Iterable, ablation_sets: Seque
                           calibration: Iterable, *, mode: str = "zero",
                           means: Mapping[str, torch.Tensor] | None = None, per_class: bool = False,
                           outcomes: bool = False, task: str | Task | Callable | None = None,
-                          progress: bool = True) -> Evaluation:
+                          fast: bool = True, progress: bool = True) -> Evaluation:
     """As `probe.evaluate_ablations`, but each set is evaluated after BN recalibration.
 
     Every set gets its own recalibration on `calibration` (one calibration pass and one
     evaluation pass per set), and is compared with the intact model recalibrated on the same
     data: its `baseline`, the reference for drops and `flip_rate`. Comparing with the trained
     statistics instead would count the refit itself as the deletion's effect. The intact model
-    as given is the evaluation's `trained_baseline`. Tasks that compare outputs (`drift`) keep
-    the reference's outputs for the whole data on the CPU: O(samples x output size) memory.
+    as given is the evaluation's `trained_baseline`. fast: refit and rerun only each set's suffix
+    (see the module's docstring); `fast=False`, or a model that cannot be cut at its blocks, runs
+    one whole calibration pass and one whole evaluation pass per set (same numbers; there, tasks
+    that compare outputs (`drift`) keep the reference's outputs for the whole data on the CPU:
+    O(samples x output size) memory).
     """
     check_mode(mode)
     task = resolve_task(task)
@@ -144,6 +153,10 @@ def evaluate_recalibrated(model: nn.Module, data: Iterable, ablation_sets: Seque
     trained = Tally(1, device, task, per_class=per_class, outcomes=outcomes)
     _score_pass(model, data, task, trained, 0, None)
     tally = Tally(len(sets) + 1, device, task, per_class=per_class, outcomes=outcomes)
+    if fast and involved and _fast_recalibrated(model, data, sets, calibration, task, mode, means, tally, progress):
+        baseline, *results = tally.results()
+        return Evaluation(baseline, results, trained_baseline=trained.results()[0], task=task)
+    tally = Tally(len(sets) + 1, device, task, per_class=per_class, outcomes=outcomes)  # a fresh one
     with recalibrated(model, calibration, [], progress=False):
         reference = _score_pass(model, data, task, tally, 0, None)
     for row, ablation_set in enumerate(tqdm(sets, desc="sweep with BN recalibration", disable=not progress,
@@ -152,6 +165,133 @@ def evaluate_recalibrated(model: nn.Module, data: Iterable, ablation_sets: Seque
             _score_pass(model, data, task, tally, row, reference)
     baseline, *results = tally.results()
     return Evaluation(baseline, results, trained_baseline=trained.results()[0], task=task)
+
+
+def _fast_recalibrated(model: nn.Module, data: Iterable, sets: list[list[Block]], calibration: Iterable, task: Task,
+                       mode: str, means: Mapping[str, torch.Tensor] | None, tally: Tally, progress: bool) -> bool:
+    """Fill `tally` as the per-set passes would, running only each set's suffix; False (the
+    model as it was, `tally` to be discarded) when the model cannot be cut at its blocks."""
+    involved = list({block.name: block for s in sets for block in s}.values())
+    layers = batchnorm_layers(model)
+    statistics = _Statistics(layers)
+    active: set[str] = set()
+    with model_preserved(model), torch.no_grad(), attached() as handles, restoring(statistics.put_back):
+        replacement = branch_replacement(mode, means)
+        runner = runner_for(model, involved, replacement)
+        if runner is None:
+            return False
+        replace_branches(model, involved, replacement, handles, active=lambda block: block.name in active)
+        for name, module in layers:
+            handles.append(module.register_forward_pre_hook(lambda m, _args, name=name: statistics.enter(name, m)))
+        try:
+            device, dtype = model_device(model), input_dtype(model)
+            statistics.start_calibration()
+            for batch in batches(calibration, device, dtype=dtype, progress=progress,
+                                 desc=f"BN recalibration ({len(sets)} sets)"):
+                with explained_misfit(batch):
+                    _, cache = runner.baseline(batch.inputs)  # the intact model's statistics
+                    for row, ablation_set in enumerate(sets, start=1):
+                        if ablation_set:  # an empty set is the intact model
+                            _suffix(runner, statistics, row, ablation_set, cache, active)
+            statistics.start_evaluation()
+            for batch in batches(data, device, dtype=dtype, progress=progress,
+                                 desc=f"sweep with BN recalibration ({len(sets)} sets)"):
+                with explained_misfit(batch):
+                    outputs, cache = runner.baseline(batch.inputs)  # the intact model recalibrated
+                    labels = class_targets(batch) if tally.per_class else None
+                    reference = task.score(outputs, batch)
+                    tally.add(0, reference, None, labels)
+                    intact = outputs if task.needs_reference else None
+                    for row, ablation_set in enumerate(sets, start=1):
+                        ablated_outputs = (_suffix(runner, statistics, row, ablation_set, cache, active)
+                                           if ablation_set else outputs)
+                        tally.add(row, task.score(ablated_outputs, batch, intact), reference, labels)
+        except InPlaceError:
+            return False  # the cache cannot be trusted: the caller runs whole passes
+    return True
+
+
+def _suffix(runner: SuffixRunner, statistics: _Statistics, row: int, ablation_set: list[Block], cache: tuple,
+            active: set[str]) -> object:
+    """The set's suffix, with the set's deletions active and its BN statistics in place."""
+    active.update(block.name for block in ablation_set)
+    statistics.select(row)
+    try:
+        return runner.suffix(runner.first(ablation_set), cache, ablation_set)
+    finally:
+        statistics.select(None)
+        active.clear()
+
+
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class _Statistics:
+    """BatchNorm running statistics per ablation set, swapped into each BN layer the set's suffix
+    calls (a forward pre-hook: `enter`). Tensors are swapped, not copied: BN updates the set's
+    own tensors in place while it calibrates. `put_back` gives every layer its own tensors, with
+    the values they had, and its momentum (`model_preserved` restores the flags)."""
+
+    def __init__(self, layers: list[tuple[str, nn.modules.batchnorm._BatchNorm]]) -> None:
+        self._layers = dict(layers)
+        self._own = {name: {key: getattr(module, key) for key in _STATISTICS} for name, module in layers}
+        self._values = {name: {key: tensor.detach().clone() for key, tensor in own.items()}
+                        for name, own in self._own.items()}
+        self._momenta = {name: module.momentum for name, module in layers}
+        self._sets: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        self._row: int | None = None
+        self._entered: list[str] = []
+        self._calibrating = False
+
+    def start_calibration(self) -> None:
+        """Every layer from fresh statistics, a cumulative average (momentum None), train mode."""
+        for module in self._layers.values():
+            module.reset_running_stats()
+            module.momentum = None
+            module.train()
+        self._calibrating = True
+
+    def start_evaluation(self) -> None:
+        for name, module in self._layers.items():
+            module.momentum = self._momenta[name]
+            module.train(False)
+        self._calibrating = False
+
+    def select(self, row: int | None) -> None:
+        """Swap the statistics of set `row` in as its suffix runs; None: back to the intact model's."""
+        if row is None:
+            for name in self._entered:
+                self._swap(name, self._own[name])
+            self._entered.clear()
+        self._row = row
+
+    def enter(self, name: str, module: nn.modules.batchnorm._BatchNorm) -> None:
+        if self._row is None or name in self._entered:
+            return
+        own = self._sets.setdefault(self._row, {})
+        if name not in own:
+            if not self._calibrating:
+                return  # not refitted for this set (not in its suffix): the intact statistics hold
+            fresh = {key: torch.empty_like(tensor) for key, tensor in self._own[name].items()}
+            own[name] = fresh
+            self._swap(name, fresh)
+            module.reset_running_stats()  # on the fresh tensors, as in the intact model's
+        else:
+            self._swap(name, own[name])
+        self._entered.append(name)
+
+    def _swap(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        module = self._layers[name]
+        for key, tensor in tensors.items():
+            module._buffers[key] = tensor
+
+    def put_back(self) -> None:
+        # Safe to run again (`probe.hooks.restoring`): each step sets, never toggles.
+        for name, module in self._layers.items():
+            for key, tensor in self._own[name].items():
+                module._buffers[key] = tensor
+                tensor.copy_(self._values[name][key])
+            module.momentum = self._momenta[name]
 
 
 @dataclass

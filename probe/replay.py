@@ -59,7 +59,8 @@ class LayerRunner:
         """The block of `blocks` in the earliest layer: where the recomputation must start."""
         return min(blocks, key=lambda block: self._index[block.name])
 
-    def suffix(self, block: Block, cache: tuple) -> object:
+    def suffix(self, block: Block, cache: tuple, deleted: Sequence[Block] = ()) -> object:
+        """The output with the layers from `block`'s on run again (the hooks delete `deleted`)."""
         inputs, cached, versions = cache
         start = self._index[block.name]
         if any(_versions(output) != version for output, version in zip(cached[:start], versions[:start])):

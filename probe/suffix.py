@@ -41,16 +41,21 @@ class ModulesAsLeaves(fx.Tracer):
 
 
 class SuffixRunner:
-    """`baseline(x) -> (output, cache)`; `suffix(block, cache) -> output` from that block on.
+    """`baseline(x) -> (output, cache)`; `suffix(block, cache, deleted) -> output` from that block on.
 
     Cut points are keyed by block name. Where `surgery` holds a block's own forward with the
     branch replaced, its suffix starts with that code instead of the block call: the branch is
-    dead code, eliminated, so deleting a block costs less than running it.
+    dead code, eliminated, so deleting a block costs less than running it. Later calls of such
+    a block go through a switch that runs the same branchless code while the block is among
+    the `deleted` of the current `suffix` call, and the block itself otherwise: a set of many
+    deleted blocks (a deletion curve) costs only the blocks that still run.
     """
 
     def __init__(self, model: nn.Module, graph: fx.Graph, starts: dict[str, int],
-                 surgery: dict[str, fx.Graph], replacement: _Replacement | None = None) -> None:
+                 surgery: dict[str, fx.Graph], replacement: _Replacement | None = None,
+                 hosts: dict[str, str] | None = None) -> None:
         self._replacement = replacement
+        self._deleted = _Deleted()
         nodes = list(graph.nodes)
         order = {node: i for i, node in enumerate(nodes)}
         # The values each suffix needs: defined before its start, used at or after it.
@@ -59,7 +64,11 @@ class SuffixRunner:
         cached = list(dict.fromkeys(n for live in self._live.values() for n in live))
         self._slot = {node: i for i, node in enumerate(cached)}
         self._baseline = fx.GraphModule(model, _with_cache_output(graph, cached))
-        self._suffixes = {name: _compiled(model, _suffix_graph(nodes, start, self._live[name], surgery.get(name)))
+        # block module -> a function that runs it, or its branchless code while it is deleted
+        switches = {module: _switch(model, module, name, _compiled(model, _standalone(surgery[name])), self._deleted)
+                    for name, module in (hosts or {}).items() if name in surgery}
+        self._suffixes = {name: _compiled(model, _suffix_graph(nodes, start, self._live[name], surgery.get(name),
+                                                               switches))
                           for name, start in starts.items()}
         self._order = starts
 
@@ -86,8 +95,14 @@ class SuffixRunner:
         """The earliest of `blocks` in forward order: where a suffix must start."""
         return min(blocks, key=lambda block: self._order[block.name])
 
-    def suffix(self, block: Block, cache: tuple) -> torch.Tensor:
-        return self._suffixes[block.name](*(cache[self._slot[node]] for node in self._live[block.name]))
+    def suffix(self, block: Block, cache: tuple, deleted: Sequence[Block] = ()) -> torch.Tensor:
+        """The output with the network run from `block` on; `deleted`: every block of the
+        current set (the hooks delete those without a switch; those with one skip their branch)."""
+        self._deleted.names = frozenset(b.name for b in deleted if b.name != block.name)
+        try:
+            return self._suffixes[block.name](*(cache[self._slot[node]] for node in self._live[block.name]))
+        finally:
+            self._deleted.names = frozenset()
 
 
 class InPlaceError(RuntimeError):
@@ -96,6 +111,32 @@ class InPlaceError(RuntimeError):
 
 def _version_of(value: object) -> int:
     return value._version if isinstance(value, torch.Tensor) else -1
+
+
+class _Deleted:
+    """The blocks deleted in the suffix call under way, read by the switches."""
+
+    def __init__(self) -> None:
+        self.names: frozenset[str] = frozenset()
+
+
+def _switch(model: nn.Module, module: str, name: str, deleted_code: fx.GraphModule,
+            deleted: _Deleted) -> Callable:
+    block_module = model.get_submodule(module)
+
+    def run(*args: object) -> object:
+        return deleted_code(*args) if name in deleted.names else block_module(*args)
+
+    run.__name__ = "block_or_shortcut_" + "".join(c if c.isalnum() else "_" for c in name)
+    return run
+
+
+def _standalone(inner: fx.Graph) -> fx.Graph:
+    """A copy of a block's branchless code (`_deleted_branch_graph`, targets relative to the
+    model) to compile on its own: the graph itself is also spliced into suffixes."""
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(inner, {}))
+    return copy
 
 
 class _Replacement:
@@ -173,7 +214,7 @@ def _build_runner(model: nn.Module, blocks: Sequence[Block],
         call = nodes[starts[block.name]]
         if found is not None and not call.kwargs and len(call.args) == sum(n.op == "placeholder" for n in found.nodes):
             surgery[block.name] = found
-    return SuffixRunner(model, graph, starts, surgery, current)
+    return SuffixRunner(model, graph, starts, surgery, current, {block.name: block.module for block in blocks})
 
 
 def _call_starts(nodes: list[fx.Node], blocks: Sequence[Block]) -> dict[str, int] | None:
@@ -234,9 +275,12 @@ def _with_cache_output(graph: fx.Graph, cached: list[fx.Node]) -> fx.Graph:
     return copy
 
 
-def _suffix_graph(nodes: list[fx.Node], start: int, live: list[fx.Node], inner: fx.Graph | None) -> fx.Graph:
+def _suffix_graph(nodes: list[fx.Node], start: int, live: list[fx.Node], inner: fx.Graph | None,
+                  switches: dict[str, Callable] | None = None) -> fx.Graph:
     """The nodes from `start` on, with the live values before it as inputs; with `inner`, the
-    block call at `start` is replaced by that graph of the block's own forward."""
+    block call at `start` is replaced by that graph of the block's own forward; later calls of
+    a module in `switches` call its switch instead (same arguments)."""
+    switches = switches or {}
     graph = fx.Graph()
     env = {node: graph.placeholder(f"cached_{i}") for i, node in enumerate(live)}
     for node in nodes[start:]:
@@ -250,6 +294,8 @@ def _suffix_graph(nodes: list[fx.Node], start: int, live: list[fx.Node], inner: 
                     env[node] = local[inner_node.args[0]]
                 else:
                     local[inner_node] = graph.node_copy(inner_node, local.__getitem__)
+        elif node.op == "call_module" and node.target in switches and not node.kwargs:
+            env[node] = graph.call_function(switches[node.target], fx.node.map_arg(node.args, env.__getitem__))
         else:
             env[node] = graph.node_copy(node, env.__getitem__)
     return graph
