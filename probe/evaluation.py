@@ -145,6 +145,10 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     # given as Block objects, e.g. from a spec, then need no discovery at all.)
     replacement = branch_replacement(mode, means)
     active: set[str] = set()
+    names = [frozenset(block.name for block in s) for s in sets]
+    # Where a set holds the one before it (the points of a deletion curve), it runs on from the
+    # network of that set rather than from the intact one.
+    contained = [i + 1 < len(sets) and bool(names[i]) and names[i] <= names[i + 1] for i in range(len(sets))]
     tally = Tally(len(sets) + 1, device, task, per_class=per_class, outcomes=outcomes)
     with model_preserved(model), attached() as handles, torch.no_grad():
         # Set to this call's replacement only while the model is held: runners are shared.
@@ -168,13 +172,15 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
             reference = task.score(outputs, batch)
             tally.add(0, reference, None, labels)
             intact = outputs if task.needs_reference else None
+            previous = None  # the last set's (names, outputs, cache), when the next set contains it
             for row, ablation_set in enumerate(sets, start=1):
                 active.clear()
                 active.update(block.name for block in ablation_set)
                 ablated_outputs = None
                 if runner is not None and ablation_set:
                     try:
-                        ablated_outputs = runner.suffix(runner.first(ablation_set), cache, ablation_set)
+                        ablated_outputs, previous = _set_outputs(runner, ablation_set, cache, previous,
+                                                                 keep=contained[row - 1])
                     except InPlaceError:
                         runner = None  # as above: full forwards from here on
                 if ablated_outputs is None:
@@ -183,3 +189,22 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
                 tally.add(row, task.score(ablated_outputs, batch, intact), reference, labels)
     baseline, *results = tally.results()
     return Evaluation(baseline, results, task=task)
+
+
+def _set_outputs(runner, ablation_set: list[Block], cache: tuple, previous: tuple | None, *,
+                 keep: bool) -> tuple[object, tuple | None]:
+    """The outputs with `ablation_set` deleted, and (names, outputs, cache) of that network when
+    `keep` (the next set holds this one). Deleting a block changes nothing before it, so a set
+    that holds `previous`'s set runs from its earliest new block on, fed from `previous`'s cache."""
+    names = frozenset(block.name for block in ablation_set)
+    start = ablation_set
+    if previous is not None and previous[0] <= names:
+        start = [block for block in ablation_set if block.name not in previous[0]]
+        if not start:  # the same set again
+            return previous[1], previous if keep else None
+        cache = previous[2]
+    first = runner.first(start)
+    if keep and hasattr(runner, "chained_suffix"):
+        outputs, kept = runner.chained_suffix(first, cache, ablation_set)
+        return outputs, (names, outputs, kept)
+    return runner.suffix(first, cache, ablation_set), None

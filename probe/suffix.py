@@ -71,6 +71,9 @@ class SuffixRunner:
                                                                switches))
                           for name, start in starts.items()}
         self._order = starts
+        # Suffixes that also return the cached values they remake, built when first asked for.
+        self._chained: dict[str, tuple[fx.GraphModule, list[int]]] = {}
+        self._chain_parts = (model, nodes, cached, order, surgery, switches)
 
     def baseline(self, inputs: object) -> tuple[object, tuple]:
         """The model's output and the cached values; raises InPlaceError when a cached value
@@ -103,6 +106,30 @@ class SuffixRunner:
             return self._suffixes[block.name](*(cache[self._slot[node]] for node in self._live[block.name]))
         finally:
             self._deleted.names = frozenset()
+
+    def chained_suffix(self, block: Block, cache: tuple, deleted: Sequence[Block] = ()) -> tuple[object, tuple]:
+        """`suffix`, and the cache of this network: `cache` with the values from `block` on
+        remade. A set that adds blocks after `block` to `deleted` can start from it there, as
+        deleting a block changes nothing before it (a deletion curve's next point)."""
+        graph, slots = self._chained_graph(block.name)
+        self._deleted.names = frozenset(b.name for b in deleted if b.name != block.name)
+        try:
+            output, *remade = graph(*(cache[self._slot[node]] for node in self._live[block.name]))
+        finally:
+            self._deleted.names = frozenset()
+        new = list(cache)
+        for slot, value in zip(slots, remade):
+            new[slot] = value
+        return output, tuple(new)
+
+    def _chained_graph(self, name: str) -> tuple[fx.GraphModule, list[int]]:
+        if name not in self._chained:
+            model, nodes, cached, order, surgery, switches = self._chain_parts
+            start = self._order[name]
+            kept = [node for node in cached if order[node] >= start]
+            graph = _suffix_graph(nodes, start, self._live[name], surgery.get(name), switches, kept)
+            self._chained[name] = (_compiled(model, graph), [self._slot[node] for node in kept])
+        return self._chained[name]
 
 
 class InPlaceError(RuntimeError):
@@ -276,10 +303,11 @@ def _with_cache_output(graph: fx.Graph, cached: list[fx.Node]) -> fx.Graph:
 
 
 def _suffix_graph(nodes: list[fx.Node], start: int, live: list[fx.Node], inner: fx.Graph | None,
-                  switches: dict[str, Callable] | None = None) -> fx.Graph:
+                  switches: dict[str, Callable] | None = None, kept: list[fx.Node] | None = None) -> fx.Graph:
     """The nodes from `start` on, with the live values before it as inputs; with `inner`, the
     block call at `start` is replaced by that graph of the block's own forward; later calls of
-    a module in `switches` call its switch instead (same arguments)."""
+    a module in `switches` call its switch instead (same arguments). With `kept`, it returns
+    (output, *their values) instead of the output."""
     switches = switches or {}
     graph = fx.Graph()
     env = {node: graph.placeholder(f"cached_{i}") for i, node in enumerate(live)}
@@ -296,6 +324,8 @@ def _suffix_graph(nodes: list[fx.Node], start: int, live: list[fx.Node], inner: 
                     local[inner_node] = graph.node_copy(inner_node, local.__getitem__)
         elif node.op == "call_module" and node.target in switches and not node.kwargs:
             env[node] = graph.call_function(switches[node.target], fx.node.map_arg(node.args, env.__getitem__))
+        elif node.op == "output" and kept is not None:
+            graph.output((fx.node.map_arg(node.args[0], env.__getitem__), *(env[n] for n in kept)))
         else:
             env[node] = graph.node_copy(node, env.__getitem__)
     return graph

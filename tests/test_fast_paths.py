@@ -203,3 +203,26 @@ def test_recalibration_refits_only_what_follows_the_deleted_block():
         handle.remove()
     # Calibration: 3 batches in train mode; evaluation: the trained and the recalibrated intact model.
     assert calls.count(True) == 3 and calls.count(False) == 2
+
+
+def test_the_next_point_of_a_deletion_curve_runs_on_from_the_last_one():
+    """A set that holds the set before it runs only from its earliest new block on, fed from the
+    network of the set before (nothing before a deleted block changes)."""
+    model = _resnet20()
+    blocks = probe.find_blocks(model)
+    calls = {block.name: 0 for block in blocks}
+    handles = [model.get_submodule(block.branch).register_forward_hook(
+        lambda *_args, name=block.name: calls.__setitem__(name, calls[name] + 1)) for block in blocks]
+    data = _data((3, 12, 12), 1, seed=0)
+    sets = [[blocks[3]], [blocks[3], blocks[6]], [blocks[3], blocks[6]], [blocks[1]]]
+    try:
+        chained = probe.evaluate_ablations(model, data, sets, progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # blocks 4, 5: the baseline pass and the first set; not again for the second (it starts at
+    # block 6) nor the third (the same set); the fourth set starts from the intact network.
+    assert calls[blocks[4].name] == calls[blocks[5].name] == 3
+    assert calls[blocks[7].name] == 4  # baseline, sets 1, 2 and 4
+    assert calls[blocks[0].name] == 1
+    _assert_same(chained, probe.evaluate_ablations(model, data, sets, fast=False, progress=False))
