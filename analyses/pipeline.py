@@ -133,7 +133,7 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
 
     def run_representation() -> tuple[object, dict]:
         # Only the linear probes (classification) are fitted on training data.
-        train = train_loader(config) if isinstance(task, Classification) else None
+        train = train_loader(config, model=model) if isinstance(task, Classification) else None
         result = representation(model, data, train_data=train, table=table, evaluation=evaluation,
                                 blocks=blocks, task=task, progress=progress)
         return result, result.tables()

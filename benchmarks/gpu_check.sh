@@ -46,7 +46,7 @@ step correctness 150 $python benchmarks/gpu_correctness.py --device "$device"
 # The targets are stated for the default: ResNet-56 on the 360 digits test images.
 bench sweep-default 60 sweep_speed.py
 bench hooks-default 60 hook_overhead.py
-bench throughput-default 60 sweep_throughput.py
+bench throughput-default 60 sweep_throughput.py --stack 1 4 16
 
 # The main job end to end on the GPU: trains the default net, then measures, sweeps and runs
 # the analyses (but the degradation section's training) in bf16 autocast and channels_last.

@@ -8,7 +8,6 @@ and the instrumented forward replayed from a CUDA graph (one graph per batch sha
 plain forward replayed from a graph. Checks that every variant gives measure's numbers.
 """
 
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -20,9 +19,8 @@ import torch  # noqa: E402
 import probe  # noqa: E402
 from common import (autocast, best_times, default_setup, describe, paired_ratio, parser,  # noqa: E402
                     plain_inference, timed_rounds)
+from probe import measurement as measure_module  # noqa: E402
 from probe.hooks import tap_pairs  # noqa: E402
-
-measure_module = importlib.import_module("probe.measurement")  # the module, not the function probe exports
 
 COLUMNS = ["branch_norm", "shortcut_norm", "ratio", "cosine"]
 

@@ -2,7 +2,7 @@
 the samples must cost at most 1.1x the peak resident memory (statistics are streamed, activations
 never stored; the representation's CKA sums cross-covariances, O(features^2) whatever the samples).
 
-    python benchmarks/memory.py [--samples 2000] [--device cuda]
+    python benchmarks/memory.py [--samples 1000] [--device cuda]
 
 Each measurement runs in a fresh process (peak RSS only grows within a process). The data is
 random batches made afresh on every pass, so the data set itself occupies no memory either. On

@@ -40,13 +40,15 @@ from probe.describe import describe_blocks, shortcut_kinds
 from probe.errors import ProbeError
 from probe.evaluation import evaluate_ablations, sweep_table
 from probe.files import prepare_out_dir, write_csv
-from probe.loading import Datasets, data_fingerprint, load_datasets, load_model, named_parts
+from probe.threads import chosen
+from probe.loading import (Datasets, data_fingerprint, explained_channels, load_datasets, load_model,
+                           named_parts)
 from probe.measurement import measure
 from probe.results import Evaluation
 from probe.rundir import RunDirectory, file_digest
 from probe.table import join_block_table, unsupported_reason
 from probe.tasks import Task, resolve_task
-from probe.verdict import UNSUPPORTED, VerdictRule, cost_column, summarize
+from probe.verdict import UNSUPPORTED, VerdictRule, cost_column, per_token, summarize
 from reports import sections as build
 from reports.html import write_report
 
@@ -104,6 +106,7 @@ def _run_record(config: RunConfig, source: str, blocks: list, datasets: Datasets
         "blocks": [dataclasses.asdict(block) for block in blocks],
         "shortcuts": shortcuts,
         "versions": {"probe": probe.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
+        "threads": _threads_words(),  # not compared on a resume (probe.rundir.UNCOMPARED)
     }
 
 
@@ -125,6 +128,17 @@ def _example(dataset, config: RunConfig, model, device: torch.device) -> Batch:
     return next(iter(batches(loader, device, dtype=input_dtype(model))))
 
 
+def _more_outputs_than_classes(evaluation: Evaluation, classes: int | None) -> str | None:
+    """A warning when the model predicts more classes than the data has (a factory that ignores
+    num_classes, a checkpoint of another data set), else None."""
+    outputs = len(evaluation.baseline.class_samples or ())  # one per output (labels beyond are refused)
+    if not classes or outputs <= classes:
+        return None
+    return (f"the model predicts {outputs} classes but the data has {classes}: chance is judged on the data's "
+            f"{classes}, and a prediction of class {classes} or above always counts as wrong; was the model built "
+            "for another data set?")
+
+
 def _check_out(out: Path) -> None:
     """Refuse a folder that holds outputs probe did not record: they would be overwritten."""
     ours = ("blocks.csv", "report.html")
@@ -137,9 +151,10 @@ def list_blocks(config: RunConfig) -> str:
     """The `--list-blocks` table: every block with its branch, shortcut and output shape."""
     device = device_for(config.device)
     model, _ = load_model(config, device, progress=False, train=False)
-    example = _example(load_datasets(config, calibration=False).evaluation, config, model, device)
+    example = _example(load_datasets(config, calibration=False, model=model).evaluation, config, model, device)
     blocks = find_blocks(model, spec=config.blocks_spec) if config.blocks_spec else None
-    table = describe_blocks(model, example.inputs, blocks=blocks)
+    with explained_channels(model, example, config):
+        table = describe_blocks(model, example.inputs, blocks=blocks)
     return table.to_string(index=False)
 
 
@@ -167,23 +182,28 @@ def run(config: RunConfig, *, progress: bool = True,
     dataset = datasets.evaluation
     example = _example(dataset, config, model, device)
     # Discovery traces the model; one that torch.fx cannot trace is found from a forward on one sample.
-    blocks = (find_blocks(model, spec=config.blocks_spec) if config.blocks_spec
-              else find_blocks(model, example_input=example.inputs))
+    # Data the model cannot take (its channels, say) is one line saying so, not a traceback.
+    with explained_channels(model, example, config):
+        blocks = (find_blocks(model, spec=config.blocks_spec) if config.blocks_spec
+                  else find_blocks(model, example_input=example.inputs))
+        shortcuts = shortcut_kinds(model, example.inputs, blocks)
     loader = named_parts(make_loader(distributed.shard(dataset), batch_size=config.batch_size,
                                      pin_memory=device.type == "cuda"), config)
     calibration = (named_parts(make_loader(datasets.calibration, batch_size=config.batch_size), config)
                    if datasets.calibration is not None else None)
-    shortcuts = shortcut_kinds(model, example.inputs, blocks)
     record = _run_record(config, source, blocks, datasets, shortcuts, device=device, channels_last=channels_last)
     # The folder is locked while this run writes into it: a second run on it is refused.
     with RunDirectory(out, record, writer=distributed.rank() == 0) as run_dir:
-        seconds: dict[str, float] = {}
+        seconds: dict[str, float] = {}  # each stage's, filled in as they finish
         stats, sweep, evaluation = _measure_and_sweep(run_dir, config, model, loader, blocks, calibration, device,
                                                       task, seconds, progress)
-        warning = unsupported_reason(evaluation)
-        if warning and distributed.rank() == 0:
-            print(f"probe.ablate: warning: {warning}", file=sys.stderr)
+        classes = (record.get("data") or {}).get("num_classes")  # the data's classes: chance is theirs
+        warning = unsupported_reason(evaluation, num_classes=classes)
+        for line in (_more_outputs_than_classes(evaluation, classes), warning):
+            if line and distributed.rank() == 0:
+                print(f"probe.ablate: warning: {line}", file=sys.stderr)
         table = join_block_table(stats, sweep, unsupported=warning)
+        table.attrs["seconds"] = seconds
         baseline = table.attrs["baseline"]
         if distributed.rank() != 0:
             distributed.barrier()  # every process holds the totals; rank 0 alone writes and reports
@@ -284,11 +304,18 @@ def _write_outputs(config, model, loader, table, evaluation, record, calibration
                      "BN recalibration": (_recalibration_words(table, record['calibration']) if config.bn_recalibrate
                                           else "off (trained BatchNorm statistics)"),
                      "seconds": {name: f"{value:.1f}" for name, value in seconds.items()},
+                     "threads": _threads_words(),
                      "versions": {"torch": torch.__version__, "probe": probe.__version__},
                      "date": time.strftime("%Y-%m-%d %H:%M")}
     sections = _sections(analyses, _samples(calibration), config.bn_recalibrate, cost_column(table))
-    write_report(out / "report.html", table, baseline=baseline, config=report_config, rule=VerdictRule(),
+    write_report(out / "report.html", table, baseline=baseline, config=report_config,
                  sections=sections, warning=table.attrs.get("unsupported"))
+
+
+def _threads_words() -> str:
+    """How many CPU threads torch uses, and why (`probe.threads`)."""
+    choice = chosen()
+    return choice.reason if choice is not None else f"{torch.get_num_threads()}"
 
 
 def _metric_words(metrics: dict) -> str:
@@ -337,13 +364,18 @@ def _baseline_words(table: pd.DataFrame, cost: str) -> str:
     return f"baseline: {_metric_words(baseline)} on {baseline['samples']} samples{task}"
 
 
+def _cells(values: pd.Series, spec: str, unit: str = "") -> pd.Series:
+    """Each value as the report's tables print it (`reports.sections.format_cell`), with a unit."""
+    return values.map(lambda value: build.format_cell(value, spec) + unit)
+
+
 def _plus_minus(values: pd.Series, errors: pd.Series | None, spec: str, unit: str = "") -> pd.Series:
     """Each value with its standard error, "+0.1234 ± 0.0010 nats"; without the error where it is
     missing."""
     def one(value, error) -> str:
-        shown = format(value, spec)
+        shown = build.format_cell(value, spec)
         if error is not None and pd.notna(error):
-            shown += f" \u00b1 {format(abs(error), spec.lstrip('+'))}"
+            shown += f" \u00b1 {build.format_cell(abs(error), spec.lstrip('+'))}"
         return shown + unit
 
     errors = errors if errors is not None else pd.Series(None, index=values.index, dtype=object)
@@ -363,8 +395,8 @@ def _shown_columns(table: pd.DataFrame, cost: str) -> pd.DataFrame:
     if cost == "accuracy_drop":
         columns = ["block", "ratio", "cosine", "accuracy_drop", "flip_rate", "verdict"]
         shown = table[columns].copy()
-        shown["accuracy_drop"] = (shown["accuracy_drop"] * 100).map("{:+.1f} pts".format)
-        shown["flip_rate"] = (shown["flip_rate"] * 100).map("{:.1f}%".format)
+        shown["accuracy_drop"] = _cells(shown["accuracy_drop"] * 100, "+.1f", " pts")
+        shown["flip_rate"] = _cells(shown["flip_rate"] * 100, ".1f", "%")
         return shown
     extra = (["kl"] if cost == "drift" else ["perplexity_ratio", "token_flip_rate", "accuracy_drop"])
     columns = ["block", "ratio", "cosine", cost, *extra, "verdict"]
@@ -373,14 +405,14 @@ def _shown_columns(table: pd.DataFrame, cost: str) -> pd.DataFrame:
     if cost == "drift":
         shown["drift"] = _plus_minus(table["drift"] * 100, None if se is None else se * 100, ".1f", "%")
     else:
-        unit = " nats" if "perplexity_ratio" in table.columns or table.attrs.get("task") == "lm" else ""
+        unit = " nats" if per_token(table) else ""
         shown["loss_increase"] = _plus_minus(table["loss_increase"], se, "+.4f", unit)
     if "kl" in shown:
-        shown["kl"] = shown["kl"].map("{:.4g}".format)
+        shown["kl"] = _cells(shown["kl"], ".4g")
     if "token_flip_rate" in shown:
-        shown["token_flip_rate"] = (shown["token_flip_rate"] * 100).map("{:.1f}%".format)
+        shown["token_flip_rate"] = _cells(shown["token_flip_rate"] * 100, ".1f", "%")
     if "accuracy_drop" in shown:
-        shown["accuracy_drop"] = (shown["accuracy_drop"] * 100).map("{:+.1f} pts".format)
+        shown["accuracy_drop"] = _cells(shown["accuracy_drop"] * 100, "+.1f", " pts")
     return shown
 
 
@@ -418,10 +450,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         first = distributed.rank() == 0
         # The answer is printed as soon as the sweep is done; the analyses and the report follow.
-        _, _, out = run(config, progress=not args.no_progress and first,
-                        on_table=lambda table: print(format_summary(table) + "\n", flush=True) if first else None)
+        start = time.perf_counter()
+        table, _, out = run(config, progress=not args.no_progress and first,
+                            on_table=lambda table: print(format_summary(table) + "\n", flush=True) if first else None)
         if first:
             print(f"wrote {out / 'blocks.csv'} and {out / 'report.html'}")
+            stages = ", ".join(f"{name} {value:.1f}" for name, value in table.attrs["seconds"].items())
+            print(f"took {time.perf_counter() - start:.1f} s ({stages}); threads: {_threads_words()}")
         return 0
 
     return run_command(_parser(), body, argv, name="probe.ablate",

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from probe.config import RunConfig, add_options
 from probe.errors import ProbeError
 from probe.files import prepare_out_dir
-from probe.training import default_threads
+from probe.threads import use_threads
 
 __all__ = ["run_analysis_command", "run_command"]
 
@@ -31,8 +32,10 @@ def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namesp
     args = parser.parse_args(argv)
     name = name or parser.prog
     try:
-        default_threads()
-        return body(args)
+        use_threads(getattr(args, "threads", None))
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(name)
+            return body(args)
     except ProbeError as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         return 2
@@ -44,6 +47,15 @@ def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namesp
     except KeyboardInterrupt:
         print(f"{name}: interrupted.{' ' + interrupted if interrupted else ''}", file=sys.stderr)
         return 130
+
+
+def _one_line_warning(name: str) -> Callable[..., None]:
+    """A `warnings.showwarning` that prints "NAME: warning: MESSAGE" as one line on stderr, as
+    the commands print their own warnings (no source line, no file and line number)."""
+    def show(message, _category, _filename, _lineno, file=None, _line=None) -> None:
+        print(f"{name}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+    return show
 
 
 def run_analysis_command(name: str, about: str, groups: tuple[str, ...],

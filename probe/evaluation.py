@@ -24,10 +24,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import pandas as pd
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from probe.ablation import branch_replacement, check_mode
 from probe.batches import batches, class_targets, explained_misfit, input_dtype, model_device, read_again
 from probe.blocks import Block, resolve_blocks
+from probe.errors import ProbeError
 from probe.hooks import attached, model_preserved, replace_branches
 from probe.measurement import branch_means
 from probe.recalibrate import evaluate_recalibrated
@@ -46,19 +48,20 @@ COLUMNS = ["block", "position", "mode", "accuracy", "loss", "accuracy_drop", "lo
 
 def sweep(model: nn.Module, data: Iterable, *, mode: str = "zero", blocks: Sequence[str | Block] | None = None,
           means: Mapping[str, torch.Tensor] | None = None, task: str | Task | Callable | None = None,
-          fast: bool = True, progress: bool = True) -> pd.DataFrame:
+          fast: bool = True, stack: int = 1, progress: bool = True) -> pd.DataFrame:
     """Ablate every block alone (mode "zero" or "mean") and compare with the unablated model.
 
     Returns one row per block in forward order, with the task's columns (`sweep_table`);
     `df.attrs["baseline"]` holds the unablated model's numbers. For classification (the
     default): accuracies are fractions in [0, 1]; `loss` is the mean cross-entropy; `flip_rate`
     is the share of samples whose predicted class changes. task: see `probe.tasks`.
-    `fast=False` runs a full forward per ablation (same numbers, slower; for checking).
+    `fast=False` runs a full forward per ablation (same numbers, slower; for checking). stack:
+    ablations per forward (see `evaluate_ablations`).
     """
     check_mode(mode)
     chosen = resolve_blocks(model, blocks, data=data)
     evaluation = evaluate_ablations(model, data, [[block] for block in chosen], mode=mode, means=means,
-                                    task=task, fast=fast, progress=progress)
+                                    task=task, fast=fast, stack=stack, progress=progress)
     return sweep_table(chosen, evaluation, mode=mode)
 
 
@@ -114,7 +117,7 @@ def sweep_table(blocks: Sequence[Block], evaluation: Evaluation, *, mode: str,
 def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence[Sequence[str | Block]], *,
                        mode: str = "zero", means: Mapping[str, torch.Tensor] | None = None,
                        calibration: Iterable | None = None, fast: bool = True, per_class: bool = False,
-                       outcomes: bool = False, task: str | Task | Callable | None = None,
+                       outcomes: bool = False, task: str | Task | Callable | None = None, stack: int = 1,
                        progress: bool = True) -> Evaluation:
     """The task's numbers (classification: accuracy, loss, flip rate) with each set of blocks
     ablated together.
@@ -127,7 +130,14 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     set before it is evaluated, and the baseline is the intact model refitted on the same
     batches (the model as given is then the evaluation's `trained_baseline`). task: what the
     outputs mean and how samples are scored (`probe.tasks`; classification by default).
+    stack: evaluate up to this many sets in one forward, their copies of the batch stacked
+    (one suffix from the group's earliest block; each copy's deletions by hooks on its rows).
+    More arithmetic, fewer kernel launches: for a GPU whose small forwards are launch-bound
+    (`benchmarks/sweep_throughput.py --stack`); the same numbers. Models whose blocks cannot be
+    cut out (`probe.suffix`) evaluate one set at a time.
     """
+    if isinstance(stack, bool) or not isinstance(stack, int) or stack < 1:
+        raise ProbeError(f"stack must be a whole number >= 1 (sets per forward), got {stack!r}.")
     check_mode(mode)
     task = resolve_task(task)
     if calibration is not None:
@@ -144,6 +154,7 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     # Cut points are needed only where ablations start: the involved blocks' modules. (Blocks
     # given as Block objects, e.g. from a spec, then need no discovery at all.)
     replacement = branch_replacement(mode, means)
+    rows = _Rows(replacement)  # the hooks' replacement: whole outputs, or a stacked forward's rows
     active: set[str] = set()
     names = [frozenset(block.name for block in s) for s in sets]
     # Where a set holds the one before it (the points of a deletion curve), it runs on from the
@@ -155,8 +166,8 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
         runner = None
         if fast and involved:  # a traced graph's suffixes, else replayed layers, else full forwards
             runner = runner_for(model, involved, replacement) or layer_runner_for(model, involved)
-        replace_branches(model, involved, replacement, handles,
-                         active=lambda block: block.name in active)
+        replace_branches(model, involved, rows, handles, active=lambda block: block.name in active)
+        stacking = stack > 1 and hasattr(runner, "stacked_suffix")
         for batch in batches(data, device, dtype=input_dtype(model), progress=progress,
                              desc=f"sweep ({len(sets)} ablations)"):
             outputs = None
@@ -172,6 +183,11 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
             reference = task.score(outputs, batch)
             tally.add(0, reference, None, labels)
             intact = outputs if task.needs_reference else None
+            if stacking and runner is not None:
+                stacking = _score_stacked(runner, rows, sets, stack, cache, outputs, batch, task, tally, reference,
+                                          labels, active)
+                if stacking:
+                    continue
             previous = None  # the last set's (names, outputs, cache), when the next set contains it
             for row, ablation_set in enumerate(sets, start=1):
                 active.clear()
@@ -189,6 +205,80 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
                 tally.add(row, task.score(ablated_outputs, batch, intact), reference, labels)
     baseline, *results = tally.results()
     return Evaluation(baseline, results, task=task)
+
+
+class _Rows:
+    """The branch replacement of the hooks: `replacement(block, output)` on the whole output, or,
+    while `groups` is set (a stacked forward of `size`-sample copies), on the rows of the copies
+    whose set deletes the block; the other rows keep the branch."""
+
+    def __init__(self, replacement: Callable) -> None:
+        self.replacement = replacement
+        self.groups: dict[str, list[int]] | None = None
+        self.size = 0
+
+    def __call__(self, block: Block, output: torch.Tensor) -> torch.Tensor:
+        if self.groups is None:
+            return self.replacement(block, output)
+        replaced = output.clone()
+        for copy in self.groups.get(block.name, ()):
+            rows = slice(copy * self.size, (copy + 1) * self.size)
+            replaced[rows] = self.replacement(block, output[rows])
+        return replaced
+
+
+def _score_stacked(runner, rows: _Rows, sets: list[list[Block]], stack: int, cache: tuple, outputs: object,
+                   batch, task: Task, tally: Tally, reference, labels, active: set[str]) -> bool:
+    """Score every set into `tally`, `stack` sets per forward. False (nothing added) when the
+    first stacked copy does not reproduce its set run alone: a cached value that is no batch of
+    activations was stacked; the caller then evaluates one set at a time."""
+    intact = outputs if task.needs_reference else None
+    checked = False
+    for start in range(0, len(sets), stack):
+        group = [(row, s) for row, s in enumerate(sets[start:start + stack], start=start + 1) if s]
+        if not group:
+            continue
+        rows.groups, rows.size = {}, batch.size
+        for copy, (_, ablation_set) in enumerate(group):
+            for block in ablation_set:
+                rows.groups.setdefault(block.name, []).append(copy)
+        active.update(rows.groups)
+        try:
+            stacked = runner.stacked_suffix(runner.first([b for _, s in group for b in s]), cache, len(group),
+                                            batch.size)
+        finally:
+            rows.groups = None
+            active.clear()
+        copies = [_copy_of(stacked, copy, batch.size, len(group)) for copy in range(len(group))]
+        if not checked:
+            active.update(block.name for block in group[0][1])
+            try:
+                alone = runner.suffix(runner.first(group[0][1]), cache, group[0][1])
+            finally:
+                active.clear()
+            if not _same_outputs(alone, copies[0]):
+                return False
+            checked = True
+        for (row, _), copy in zip(group, copies):
+            tally.add(row, task.score(copy, batch, intact), reference, labels)
+    for row, ablation_set in enumerate(sets, start=1):
+        if not ablation_set:  # the intact model
+            tally.add(row, task.score(outputs, batch, intact), reference, labels)
+    return True
+
+
+def _copy_of(stacked: object, copy: int, size: int, copies: int) -> object:
+    rows = slice(copy * size, (copy + 1) * size)
+    return pytree.tree_map(lambda leaf: leaf[rows] if isinstance(leaf, torch.Tensor) and leaf.dim() > 0
+                           and leaf.shape[0] == size * copies else leaf, stacked)
+
+
+def _same_outputs(a: object, b: object) -> bool:
+    leaves_a, leaves_b = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    return len(leaves_a) == len(leaves_b) and all(
+        torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5) if isinstance(x, torch.Tensor)
+        and isinstance(y, torch.Tensor) and x.shape == y.shape else x is y or x == y
+        for x, y in zip(leaves_a, leaves_b))
 
 
 def _set_outputs(runner, ablation_set: list[Block], cache: tuple, previous: tuple | None, *,

@@ -3,8 +3,11 @@ data for BatchNorm recalibration, and the blocks of a `--blocks-spec`."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import inspect
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,14 +15,15 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Subset, TensorDataset
+from torchvision.datasets import CIFAR10, MNIST, DatasetFolder
 
 from probe import distributed
-from probe.batches import Data, device_for, explained_misfit
+from probe.batches import Batch, Data, device_for, explained_misfit
 from probe.blocks import Block, find_blocks
 from probe.cache import cached_model
 from probe.config import RunConfig
-from probe.data import dataset_info, load_dataset, make_loader, split_off, stratified_subset
+from probe.data import _LabelledTensors, dataset_info, load_dataset, make_loader, split_off, stratified_subset
 from probe.errors import ProbeError
 from probe.hf import is_hf_model, load_hf_model, load_tokenizer, model_source
 from probe.imports import import_attribute
@@ -28,8 +32,8 @@ from probe.recalibrate import batchnorm_layers
 from probe.text import TEXT_DATASETS, TEXT_WINDOWS, read_text, text_windows
 from probe.training import TrainConfig
 
-__all__ = ["Datasets", "Inputs", "data_fingerprint", "is_user_dataset", "load_datasets", "load_inputs", "load_model",
-           "train_loader", "user_dataset"]
+__all__ = ["Datasets", "Inputs", "data_fingerprint", "explained_channels", "first_convolution", "fit_channels",
+           "is_user_dataset", "load_datasets", "load_inputs", "load_model", "train_loader", "user_dataset"]
 
 
 @dataclass
@@ -79,9 +83,12 @@ def load_model(config: RunConfig, device: torch.device, *, progress: bool,
     # ... and so is one the data does not fit (channels, image size), before minutes of training.
     example = load_dataset(config.dataset, split="train", root=config.data_root, download=config.download,
                            seed=config.seed)[0][0].unsqueeze(0)
-    with torch.no_grad(), explained_misfit(example):
+    with torch.no_grad(), explained_channels(untrained, example, config, trained_here=True):
         untrained.eval()(example)
-    fields = {"epochs": config.epochs} if config.epochs else {}
+    # The trainer's own defaults (the cached models' keys) wherever the config leaves a setting open.
+    given = {"epochs": config.epochs, "batch_size": config.train_batch_size, "lr": config.lr,
+             "momentum": config.momentum, "weight_decay": config.weight_decay}
+    fields = {name: value for name, value in given.items() if value is not None}
     train_config = TrainConfig(model=config.model, dataset=config.dataset, seed=config.seed,
                                device=str(device), data_root=config.data_root, download=config.download,
                                **fields)
@@ -92,6 +99,72 @@ def load_model(config: RunConfig, device: torch.device, *, progress: bool,
     if distributed.rank() == 0:
         distributed.barrier()
     return model.to(device).eval(), str(path)
+
+
+def first_convolution(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(name, module) of the model's first convolution in module order whose input channels are
+    known (a lazy one's are not until its first forward), or None for a model without one."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and module.in_channels > 0:
+            return name, module
+    return None
+
+
+def fit_channels(config: RunConfig, model: nn.Module | None) -> RunConfig:
+    """`config` with `in_channels` set to what the model's first convolution takes, for an image
+    folder read without `--in-channels`: grey images become RGB for a 3-channel model, RGB
+    images grey for a 1-channel one. Unchanged for every other data set (their defaults stay)."""
+    if config.dataset != "imagefolder" or config.in_channels is not None or model is None:
+        return config
+    first = first_convolution(model)
+    if first is None or first[1].in_channels != 1:
+        return config  # 3 is the image folder's own default; other counts get explained_channels' error
+    if config.normalize is None:
+        raise ProbeError(f"the model's first convolution {first[0]!r} takes 1 channel, so the images of "
+                         f"{config.data_root!r} are read as grey, which the default normalization (imagenet: "
+                         "3 channels) does not fit; give --normalize MEAN,STD (e.g. mnist or none).")
+    return dataclasses.replace(config, in_channels=1)
+
+
+def _channel_misfit(model: nn.Module, inputs: object, config: RunConfig, trained_here: bool) -> str | None:
+    """Why the data's channels do not fit the model's first convolution, and what to do; None
+    when they fit (or cannot be told apart)."""
+    first = first_convolution(model)
+    if first is None or not isinstance(inputs, torch.Tensor) or inputs.dim() != first[1].weight.dim():
+        return None
+    name, wanted, have = first[0], first[1].in_channels, inputs.shape[1]
+    if wanted == have:
+        return None
+    head = (f"the model takes {wanted} input channel(s) (its first convolution {name!r}) but the "
+            f"{config.dataset} data has {have}")
+    if is_user_dataset(config.dataset):
+        return (f"{head}: --in-channels does not convert your own data set; give inputs of {wanted} channel(s), or a "
+                f"model for {have} (a --model factory that takes in_channels gets --in-channels {have}).")
+    if wanted not in (1, 3):
+        return (f"{head}: probe reads images as grey (--in-channels 1) or RGB (--in-channels 3); give a model "
+                "that takes 1 or 3 channels.")
+    if trained_here:
+        return (f"{head}: probe builds --model with in_channels={have} for this data, but its factory made a "
+                f"{wanted}-channel model; make it take in_channels, or give its weights with --checkpoint and "
+                f"--in-channels {wanted} to read the images with {wanted} channel(s).")
+    return f"{head}: give --in-channels {wanted} to read the images as {'grey' if wanted == 1 else 'RGB'}."
+
+
+@contextlib.contextmanager
+def explained_channels(model: nn.Module, batch: Batch | torch.Tensor, config: RunConfig, *,
+                       trained_here: bool = False):
+    """`probe.batches.explained_misfit`, and for data whose channels do not fit the model's first
+    convolution a ProbeError naming both counts and the `--in-channels` that fixes it.
+    trained_here: the model is being trained by probe (no --checkpoint or --weights)."""
+    inputs = batch.inputs if isinstance(batch, Batch) else batch
+    with explained_misfit(batch):
+        try:
+            yield
+        except RuntimeError as error:
+            message = _channel_misfit(model, inputs, config, trained_here)
+            if message is None or "channels" not in str(error):
+                raise
+            raise ProbeError(message) from error
 
 
 def is_user_dataset(name: str) -> bool:
@@ -166,14 +239,21 @@ def load_datasets(config: RunConfig, *, calibration: bool, model: nn.Module | No
     when `calibration` is true and `model` has BatchNorm statistics, `calibration_samples`
     calibration samples (at most `limit`, so quick runs stay quick). Data with one pool only
     (an image folder without `--calibration-root`, `--split train`) gives calibration samples
-    only with `bn_recalibrate`, set apart from the evaluated ones; otherwise none."""
+    only with `bn_recalibrate`, set apart from the evaluated ones; otherwise none. An image
+    folder without `in_channels` is read with the channels `model` takes (`fit_channels`)."""
     if is_user_dataset(config.dataset):
         return _user_datasets(config, calibration=calibration, model=model)
     if config.dataset in TEXT_DATASETS:
         return _text_datasets(config, model=model)
+    config = fit_channels(config, model)
     options = {"root": config.data_root, "download": config.download, "seed": config.seed,
                "image_size": config.image_size, "normalize": config.normalize, "in_channels": config.in_channels}
     evaluation = load_dataset(config.dataset, split=config.split, **options)
+    if getattr(evaluation, "mixed_sizes", False):
+        size = evaluation.info.image_size
+        print(f"probe: the images of {config.data_root} differ in size (or are not square): they are resized and "
+              f"centre-cropped to {size}x{size}; choose the size the model was trained on with --image-size N.",
+              file=sys.stderr)
     if model is not None and not batchnorm_layers(model):
         _refuse_recalibration_without_batchnorm(config, model)
         calibration = False  # nothing to refit: no sample needs to be set aside
@@ -291,28 +371,77 @@ def named_parts(loader: Iterable, config: RunConfig) -> Iterable:
     return Data(loader, inputs=keys[0] if len(keys) == 1 else keys, targets=targets)
 
 
-def data_fingerprint(dataset, samples: int = 16) -> str:
-    """A short digest of what `dataset` holds: its length and `samples` evenly spaced samples
-    (the bytes of every tensor and number in them). Another folder, image size or normalization gives another digest,
-    so a resumed run never mixes numbers computed on other data."""
+def data_fingerprint(dataset) -> str:
+    """A short digest of everything `dataset` holds, so a resumed run never mixes numbers computed
+    on other data: its length, the indices its `Subset`s keep of the data set below them, and the
+    content of every sample of that data set. Tensors in memory (the digits, text windows, a
+    TensorDataset): all their bytes. An image folder: every file's path (relative to the root),
+    class, size and bytes, and the transform (image size, channels, normalization). torchvision's
+    CIFAR and MNIST: their arrays, targets and transform. Any other data set: every item it gives
+    (the bytes of every tensor and number in it, the repr of anything else)."""
     digest = hashlib.sha256(str(len(dataset)).encode())
-    for index in sorted({round(i * (len(dataset) - 1) / max(samples - 1, 1)) for i in range(samples)}):
-        # Every tensor and number of the item, whatever its form: an (input, target) pair, a dict,
-        # a tuple with extras (text in it counts by its repr).
-        for part in pytree.tree_leaves(dataset[index]):
-            if not isinstance(part, (torch.Tensor, int, float, bool)):
-                digest.update(repr(part).encode())
-                continue
-            value = torch.as_tensor(part)
-            digest.update(str((tuple(value.shape), value.dtype)).encode())
-            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    base, indices = _below_subsets(dataset)
+    if indices is not None:
+        digest.update(b"indices")
+        digest.update(torch.as_tensor(indices, dtype=torch.int64).numpy().tobytes())
+    if isinstance(base, TensorDataset) and type(base).__getitem__ in _TENSOR_ITEMS:
+        for tensor in base.tensors:
+            _digest_value(digest, tensor)
+    elif isinstance(base, DatasetFolder) and type(base).__getitem__ is DatasetFolder.__getitem__:
+        _digest_files(digest, base)
+    elif isinstance(base, (MNIST, CIFAR10)) and type(base).__getitem__ in _ARRAY_ITEMS:  # CIFAR100 is a CIFAR10
+        digest.update(f"{type(base).__name__} {base.transform!r} {base.target_transform!r}".encode())
+        _digest_value(digest, torch.as_tensor(base.data))
+        _digest_value(digest, torch.as_tensor(base.targets))
+    else:  # every item, whatever its form: an (input, target) pair, a dict, a tuple with extras
+        for index in range(len(dataset)):
+            for part in pytree.tree_leaves(dataset[index]):
+                _digest_value(digest, part)
     return digest.hexdigest()[:16]
 
 
-def train_loader(config: RunConfig) -> Iterable:
+_TENSOR_ITEMS = (TensorDataset.__getitem__, _LabelledTensors.__getitem__)
+_ARRAY_ITEMS = (MNIST.__getitem__, CIFAR10.__getitem__)
+
+
+def _below_subsets(dataset) -> tuple[object, list[int] | None]:
+    """(the data set under any `Subset`s, the indices of it they keep; None without a Subset)."""
+    indices = None
+    while isinstance(dataset, Subset):
+        kept = [int(i) for i in dataset.indices]
+        indices = kept if indices is None else [kept[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def _digest_value(digest, part) -> None:
+    """The shape, dtype and bytes of a tensor or number; the repr of anything else."""
+    if not isinstance(part, (torch.Tensor, int, float, bool)):
+        digest.update(repr(part).encode())
+        return
+    value = torch.as_tensor(part)
+    digest.update(str((tuple(value.shape), value.dtype)).encode())
+    digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _digest_files(digest, folder: DatasetFolder) -> None:
+    """An image folder: the transform, then each file's path below the root, class, size and bytes."""
+    digest.update(f"{folder.transform!r} {folder.target_transform!r} {getattr(folder.loader, '__qualname__', folder.loader)!r}"
+                  .encode())
+    root = Path(folder.root)
+    for path, target in folder.samples:
+        with open(path, "rb") as handle:
+            content = handle.read()
+        digest.update(f"\0{Path(path).relative_to(root)}\0{target}\0{len(content)}\0".encode())
+        digest.update(content)
+
+
+def train_loader(config: RunConfig, *, model: nn.Module | None = None) -> Iterable:
     """Batches of the training split (a seeded, class-stratified sample of `limit` samples when
     asked), for what is fitted on training data (linear probes). An image folder has no training
-    split of its own: `--calibration-root` names one, else this is refused."""
+    split of its own: `--calibration-root` names one, else this is refused; with `model`, it is
+    read with the channels the model takes (`fit_channels`)."""
+    config = fit_channels(config, model)
     if is_user_dataset(config.dataset):
         train = user_dataset(config, "train")
         return make_loader(Subset(train, range(min(config.limit, len(train)))) if config.limit else train,

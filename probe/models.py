@@ -14,7 +14,6 @@ import pickle
 import pickletools
 import re
 import sys
-import tempfile
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -23,9 +22,11 @@ from pathlib import Path
 
 import torch
 import torchvision
+from safetensors.torch import load_file
 from torch import nn
 
 from probe.errors import ProbeError, unknown_name
+from probe.files import atomic_write
 from probe.imports import import_attribute
 
 __all__ = [
@@ -420,13 +421,6 @@ def _is_safetensors(head: bytes, size: int) -> bool:
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        from safetensors.torch import load_file
-    except ImportError as error:
-        raise ProbeError(
-            f"checkpoint {str(path)!r} is a safetensors file; reading it needs the safetensors "
-            "package (pip install safetensors)."
-        ) from error
-    try:
         return load_file(path, device="cpu")
     except Exception as error:  # safetensors raises its own error types
         raise ProbeError(
@@ -690,21 +684,18 @@ def _check_fits(
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata) -> Path:
     """Save `{"state_dict": ..., "metadata": metadata}` to `path` atomically; return the path.
 
-    Writes a temp file in the same directory, then `os.replace`s it, so a reader never sees a
-    partial file. `metadata` should hold plain values (str, numbers, lists, dicts) so that
-    `torch.load(weights_only=True)` can read it back.
+    Written through `probe.files.atomic_write` (a temp file in the same directory, synced to
+    disk, then renamed), so a reader never sees a partial file. `metadata` should hold plain
+    values (str, numbers, lists, dicts) so that `torch.load(weights_only=True)` can read it back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             torch.save({"state_dict": state, "metadata": dict(metadata)}, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)

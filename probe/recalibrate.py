@@ -7,7 +7,7 @@ deletion does can therefore be a stale-statistics artefact rather than lost comp
 held-out training data through the network with the BatchNorm layers in train mode and
 `momentum=None` (a cumulative average over batches), under `torch.no_grad`, then evaluate.
 
-    with recalibrated(model, calibration_loader, ["layer2.1"]):
+    with recalibrated(model, calibration_loader, blocks=["layer2.1"]):
         ...  # model has layer2.1 deleted *and* BN statistics fitted to that network
     # here every BN buffer, momentum and training flag is bit-identical to before
 
@@ -51,7 +51,7 @@ def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._
             and module.running_mean is not None]
 
 
-def recalibrate_batchnorm(model: nn.Module, data: Iterable, blocks: Sequence[str | Block] = (), *,
+def recalibrate_batchnorm(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] = (),
                           mode: str = "zero", means: Mapping[str, torch.Tensor] | None = None,
                           progress: bool = False) -> int:
     """Replace the BN running statistics of `model` by those of `data`, with `blocks` ablated.
@@ -89,7 +89,7 @@ def recalibrate_batchnorm(model: nn.Module, data: Iterable, blocks: Sequence[str
 
 
 @contextlib.contextmanager
-def recalibrated(model: nn.Module, data: Iterable, blocks: Sequence[str | Block] = (), *,
+def recalibrated(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] = (),
                  mode: str = "zero", means: Mapping[str, torch.Tensor] | None = None,
                  progress: bool = False) -> Iterator[nn.Module]:
     """Within the body, `model` has `blocks` ablated and BN statistics recalibrated on `data`.
@@ -111,7 +111,7 @@ def recalibrated(model: nn.Module, data: Iterable, blocks: Sequence[str | Block]
                 getattr(modules[name], key).copy_(value)
 
     with restoring(put_statistics_back):
-        recalibrate_batchnorm(model, data, chosen, mode=mode, means=means, progress=progress)
+        recalibrate_batchnorm(model, data, blocks=chosen, mode=mode, means=means, progress=progress)
         with _ablated(model, chosen, mode, means):
             yield model
 
@@ -157,11 +157,11 @@ def evaluate_recalibrated(model: nn.Module, data: Iterable, ablation_sets: Seque
         baseline, *results = tally.results()
         return Evaluation(baseline, results, trained_baseline=trained.results()[0], task=task)
     tally = Tally(len(sets) + 1, device, task, per_class=per_class, outcomes=outcomes)  # a fresh one
-    with recalibrated(model, calibration, [], progress=False):
+    with recalibrated(model, calibration, blocks=[], progress=False):
         reference = _score_pass(model, data, task, tally, 0, None)
     for row, ablation_set in enumerate(tqdm(sets, desc="sweep with BN recalibration", disable=not progress,
                                             leave=False), start=1):
-        with recalibrated(model, calibration, ablation_set, mode=mode, means=means, progress=False):
+        with recalibrated(model, calibration, blocks=ablation_set, mode=mode, means=means, progress=False):
             _score_pass(model, data, task, tally, row, reference)
     baseline, *results = tally.results()
     return Evaluation(baseline, results, trained_baseline=trained.results()[0], task=task)

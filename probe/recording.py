@@ -15,7 +15,8 @@ block's input" only when it is the value the block was called with.
 
 While it traces, torch.fx patches `nn.Module.__call__` (and more) for the whole process, and
 undoes that in a `finally` that a Ctrl-C can cut short: every probe trace runs inside
-`fx_tracing`, one at a time, and checks afterwards that the patches are gone.
+`fx_tracing`, one at a time in the process (a lock), and checks afterwards that the patches are
+gone. Module calls of other threads that reach the patches meanwhile run untraced.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def traced(tracer: fx.Tracer, root: nn.Module) -> fx.Graph:
     """`tracer.trace(root)`, inside `fx_tracing`. fx's cleanup can fail on state a Ctrl-C left
     half set, turning the Ctrl-C into an AssertionError that callers would take for an
     untraceable model: that Ctrl-C is raised instead."""
+    _this_thread_only(tracer)
     try:
         return tracer.trace(root)
     except Exception as error:
@@ -142,6 +144,27 @@ def traced(tracer: fx.Tracer, root: nn.Module) -> fx.Graph:
         while cause is not None and not isinstance(cause, KeyboardInterrupt):
             cause = cause.__context__
         raise cause or error
+
+
+def _this_thread_only(tracer: fx.Tracer) -> None:
+    """Let fx's process-wide patches trace this thread's calls only: while it traces, another
+    thread's forward (probe's own, on another model) also goes through the patched
+    `nn.Module.__call__` and `__getattr__`, and would reach this tracer (fx raises "module is not
+    installed as a submodule"); such calls run the original code instead."""
+    owner = threading.get_ident()
+    call_module, module_getattr = tracer.call_module, tracer.getattr
+
+    def call_module_here(module, forward, args, kwargs):
+        if threading.get_ident() != owner:
+            return forward(*args, **kwargs)
+        return call_module(module, forward, args, kwargs)
+
+    def getattr_here(attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != owner:
+            return attr_val
+        return module_getattr(attr, attr_val, parameter_proxy_cache)
+
+    tracer.call_module, tracer.getattr = call_module_here, getattr_here
 
 
 def trace(model: nn.Module) -> Recording:

@@ -78,13 +78,16 @@ class RunDirectory:
     def _bind_config(self, config: Mapping) -> None:
         self.config = json.loads(json.dumps(dict(config), sort_keys=True, default=str))
         self._partial = self.path / "partial"
+        if self.writer and self._partial.exists() and not self._partial.is_dir():
+            raise ProbeError(f"{str(self._partial)!r} is a file, where probe keeps the finished pieces of a run; "
+                             "remove or rename that file, or choose another --out.")
         recorded = self.path / "run.json"
         if recorded.exists():
             try:
                 previous = json.loads(recorded.read_text())
             except (OSError, json.JSONDecodeError):
                 previous = None
-            if previous != self.config:
+            if _compared(previous) != _compared(self.config):
                 raise ProbeError(self._mismatch(previous))
         elif self.writer:
             write_text(recorded, json.dumps(self.config, indent=2, sort_keys=True) + "\n")
@@ -93,7 +96,7 @@ class RunDirectory:
         if not isinstance(previous, Mapping):
             return (f"--out {str(self.path)!r} holds an unreadable run.json; "
                     "choose another --out or delete that folder.")
-        keys = sorted(set(previous) | set(self.config))
+        keys = sorted((set(previous) | set(self.config)) - set(UNCOMPARED))
         differing = [f"{k}: {previous.get(k)!r} there, {self.config.get(k)!r} now" for k in keys
                      if previous.get(k) != self.config.get(k)]
         return (f"--out {str(self.path)!r} holds a run of another configuration ({'; '.join(differing[:3])}); "
@@ -127,6 +130,14 @@ class RunDirectory:
             return
         self._partial.mkdir(exist_ok=True)
         atomic_write(self._partial / f"{name}.pt", lambda tmp: torch.save(value, tmp))
+
+
+# Recorded, but no reason to refuse a resume: how many CPU threads ran (the numbers do not depend on it).
+UNCOMPARED = ("threads",)
+
+
+def _compared(record: object) -> object:
+    return {k: v for k, v in record.items() if k not in UNCOMPARED} if isinstance(record, Mapping) else record
 
 
 def _names(kind: type | tuple[type, ...]) -> str:

@@ -154,11 +154,25 @@ def blocks_from_spec(model: nn.Module, spec: str | Sequence[BlockSpec | Block | 
         seen[module] = index + 1
         default_name = (module or ROOT) if per_module[module] == 1 else f"{module or ROOT}[{index}]"
         blocks.append(check_operands(_resolve(item, module, item.name or default_name, position, modules)))
+    _refuse_repeats(blocks)
     names = [b.name for b in blocks]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ProbeError(f"the block spec names {repeated} more than once; give each block a unique name.")
     return blocks
+
+
+def _refuse_repeats(blocks: Sequence[Block]) -> None:
+    """Two entries for one block (the same addition of a module, or the same branch module hooked
+    twice) would be measured and deleted twice, as two identical rows."""
+    first: dict[tuple, Block] = {}
+    for block in blocks:
+        key = ((block.module, "addition", block.add_index or 0) if block.strategy == "intercept"
+               else (block.module, "branch", block.branch))
+        if key in first:
+            raise ProbeError(f"the block spec names block {block.module or ROOT!r} (branch {block.branch!r}) twice, "
+                             f"as {first[key].name!r} and {block.name!r}; name each block once.")
+        first[key] = block
 
 
 def check_operands(block: Block) -> Block:

@@ -73,6 +73,7 @@ class SuffixRunner:
         self._order = starts
         # Suffixes that also return the cached values they remake, built when first asked for.
         self._chained: dict[str, tuple[fx.GraphModule, list[int]]] = {}
+        self._plain: dict[str, fx.GraphModule] = {}  # suffixes without inlined deletions, for stacking
         self._chain_parts = (model, nodes, cached, order, surgery, switches)
 
     def baseline(self, inputs: object) -> tuple[object, tuple]:
@@ -122,6 +123,18 @@ class SuffixRunner:
             new[slot] = value
         return output, tuple(new)
 
+    def stacked_suffix(self, block: Block, cache: tuple, copies: int, batch_size: int) -> object:
+        """The network from `block` on, every block called as it is (deletions are the hooks'
+        business), on `copies` copies of the batch stacked along the first dimension: several
+        ablations in one forward (`probe.evaluation`, `stack=`). Cached tensors whose first
+        dimension is `batch_size` are stacked; others (constants) are passed as they are."""
+        if block.name not in self._plain:
+            model, nodes, *_ = self._chain_parts
+            self._plain[block.name] = _compiled(model, _suffix_graph(nodes, self._order[block.name],
+                                                                     self._live[block.name], None))
+        inputs = (cache[self._slot[node]] for node in self._live[block.name])
+        return self._plain[block.name](*(_stacked(value, copies, batch_size) for value in inputs))
+
     def _chained_graph(self, name: str) -> tuple[fx.GraphModule, list[int]]:
         if name not in self._chained:
             model, nodes, cached, order, surgery, switches = self._chain_parts
@@ -130,6 +143,12 @@ class SuffixRunner:
             graph = _suffix_graph(nodes, start, self._live[name], surgery.get(name), switches, kept)
             self._chained[name] = (_compiled(model, graph), [self._slot[node] for node in kept])
         return self._chained[name]
+
+
+def _stacked(value: object, copies: int, batch_size: int) -> object:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
+        return value.repeat(copies, *[1] * (value.dim() - 1))
+    return value
 
 
 class InPlaceError(RuntimeError):

@@ -69,7 +69,7 @@ def prune(model: nn.Module, blocks: Sequence[str | Block], *, calibration: Itera
                          "so there is no module to cut out; only blocks found with strategy 'hooks' can be pruned.")
     pruned = copy.deepcopy(model)
     if calibration is not None and chosen:
-        recalibrate_batchnorm(pruned, calibration, chosen, progress=progress)
+        recalibrate_batchnorm(pruned, calibration, blocks=chosen, progress=progress)
     per_module: dict[str, list[Block]] = {}
     for block in chosen:
         per_module.setdefault(block.module, []).append(block)
@@ -221,7 +221,7 @@ def _reference(model: nn.Module, blocks: list[Block], calibration: Iterable | No
     if not blocks:
         return contextlib.nullcontext(model)
     if calibration is not None:
-        return recalibrated(model, calibration, blocks)
+        return recalibrated(model, calibration, blocks=blocks)
     return ablated(model, blocks)
 
 

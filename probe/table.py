@@ -22,7 +22,7 @@ from probe.verdict import UNSUPPORTED, VerdictRule, chance_warning, classify
 __all__ = ["block_table", "check_table", "join_block_table", "unsupported_reason"]
 
 
-def join_block_table(stats: pd.DataFrame, sweep: pd.DataFrame, rule: VerdictRule | None = None, *,
+def join_block_table(stats: pd.DataFrame, sweep: pd.DataFrame, *, rule: VerdictRule | None = None,
                      unsupported: str | None = None) -> pd.DataFrame:
     """`stats` (from `probe.measure`) joined with `sweep` (one row per deleted block), with the
     `noise` and `verdict` columns of `rule`; `attrs["baseline"]` is the sweep's.
@@ -38,7 +38,7 @@ def join_block_table(stats: pd.DataFrame, sweep: pd.DataFrame, rule: VerdictRule
     joined["samples"] = joined["block"].map(sweep.set_index("block")["samples"]).astype(measured.dtype)
     if not measured.equals(joined["samples"]):
         joined.insert(joined.columns.get_loc("samples") + 1, "measured_samples", measured)
-    table = classify(joined, rule or VerdictRule())
+    table = classify(joined, rule=rule)
     if unsupported:
         table["verdict"] = UNSUPPORTED
         table.attrs["unsupported"] = unsupported
@@ -62,21 +62,26 @@ def block_table(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Bloc
     stats = measure(model, data, blocks=blocks, progress=progress)
     sweep, evaluation = single_block_sweep(model, data, mode=mode, calibration=calibration, per_class=True,
                                            blocks=blocks, task=task, progress=progress)
-    return join_block_table(stats, sweep, rule, unsupported=unsupported_reason(evaluation, rule))
+    return join_block_table(stats, sweep, rule=rule, unsupported=unsupported_reason(evaluation, rule))
 
 
-def unsupported_reason(evaluation: Evaluation, rule: VerdictRule | None = None) -> str | None:
+def unsupported_reason(evaluation: Evaluation, rule: VerdictRule | None = None, *,
+                       num_classes: int | None = None) -> str | None:
     """Why `evaluation` cannot support block verdicts (its intact model is at chance), or None.
     Needs the per-class counts (`per_class=True`) to know the most frequent class. Only a
-    classifier has a chance level: other tasks get None."""
+    classifier has a chance level: other tasks get None. Chance is the data's: `num_classes`
+    classes (default: those with samples), not the model's outputs, which may be more."""
     baseline = evaluation.baseline
     if evaluation.task is not None and not isinstance(evaluation.task, Classification):
         return None
-    return chance_warning(baseline.accuracy, baseline.samples, baseline.class_samples, rule=rule)
+    counts = baseline.class_samples
+    present = sum(1 for count in counts if count) if counts else 0
+    classes = num_classes or (present if present >= 2 else None)  # one class alone: chance is 100%
+    return chance_warning(baseline.accuracy, baseline.samples, counts, num_classes=classes, rule=rule)
 
 
-def check_table(table: pd.DataFrame, columns: Sequence[str], what: str, model: nn.Module,
-                blocks: Sequence[str | Block] | None = None, *, rule: VerdictRule | None = None) -> pd.DataFrame:
+def check_table(table: pd.DataFrame, columns: Sequence[str], what: str, model: nn.Module, *,
+                blocks: Sequence[str | Block] | None = None, rule: VerdictRule | None = None) -> pd.DataFrame:
     """`table` in forward order, validated: the needed columns, one row per block of `model`
     (per block of `blocks`, when the table covers chosen blocks or blocks from a spec).
 
@@ -101,4 +106,4 @@ def check_table(table: pd.DataFrame, columns: Sequence[str], what: str, model: n
         .reset_index(drop=True)
     if rule is None or ("verdict" in ordered and (ordered["verdict"] == UNSUPPORTED).all()):
         return ordered
-    return classify(ordered, rule)
+    return classify(ordered, rule=rule)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from pydoc_data.topics import topics
 from torch.utils.data import TensorDataset
 
 from probe.errors import ProbeError
@@ -27,8 +28,6 @@ TEXT_WINDOWS = 4
 
 def pydoc_text() -> str:
     """CPython's `pydoc_data.topics`, topics sorted by key, joined by blank lines."""
-    from pydoc_data.topics import topics
-
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 

@@ -12,7 +12,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from probe.batches import device_for
 from probe.cli import run_command
+from probe.config import RunConfig, add_options
 from probe.models import save_checkpoint
 from probe.training import TrainConfig, default_checkpoint_path, train_model
 
@@ -20,53 +22,34 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python -m probe.train",
         description="Train a model on a data set and save its checkpoint.",
     )
-    p.add_argument("--model", default=d.model,
-                   help=f"model name, e.g. resnet20, resnet56, plain56, resnet18, or "
-                        f"package.module:factory (default: {d.model})")
-    p.add_argument("--dataset", default=d.dataset, help=f"data set name (default: {d.dataset})")
-    p.add_argument("--data-root", default=None,
-                   help="directory holding (or receiving) the data set files")
-    p.add_argument("--download", action="store_true",
-                   help="download the data set if it is not under --data-root")
-    p.add_argument("--epochs", type=int, default=d.epochs,
-                   help=f"passes over the training set (default: {d.epochs})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"training batch size (default: {d.batch_size})")
-    p.add_argument("--lr", type=float, default=d.lr,
-                   help=f"peak learning rate, decayed to 0 by a cosine (default: {d.lr})")
-    p.add_argument("--momentum", type=float, default=d.momentum,
-                   help=f"SGD momentum (default: {d.momentum})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help=f"L2 weight decay (default: {d.weight_decay})")
-    p.add_argument("--limit", type=int, default=None,
-                   help="use only the first N samples of each split (quick runs)")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help=f"seed for weights and data order (default: {d.seed})")
-    p.add_argument("--device", default=d.device, help=f"torch device (default: {d.device})")
-    p.add_argument("--out", default=None,
-                   help="checkpoint path (default: runs/<model>-<dataset>-seed<seed>.pt)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+    parser.add_argument("--out", help="checkpoint path (default: runs/<model>-<dataset>-seed<seed>.pt)")
+    return add_options(parser, "training")
+
+
+def _train_config(config: RunConfig) -> TrainConfig:
+    """What `config` trains: the trainer's own defaults for the settings it leaves at None, so
+    the default settings are the default model's (and its cache key's) that `probe.ablate` trains."""
+    chosen = {"epochs": config.epochs, "batch_size": config.train_batch_size, "lr": config.lr,
+              "momentum": config.momentum, "weight_decay": config.weight_decay}
+    return TrainConfig(
+        model=config.model, dataset=config.dataset, seed=config.seed, device=str(device_for(config.device)),
+        limit=config.limit, data_root=config.data_root, download=config.download,
+        **{name: value for name, value in chosen.items() if value is not None},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on a user error, printed as one line)."""
 
     def body(args: argparse.Namespace) -> int:
-        config = TrainConfig(
-            model=args.model, dataset=args.dataset, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-            weight_decay=args.weight_decay, seed=args.seed, device=args.device,
-            limit=args.limit, data_root=args.data_root, download=args.download,
-        )
+        config = _train_config(RunConfig.from_args(args))
         out = Path(args.out) if args.out else default_checkpoint_path(config)
         start = time.perf_counter()
-        model, history = train_model(config, progress=not args.quiet)
+        model, history = train_model(config, progress=not args.no_progress)
         seconds = time.perf_counter() - start
         final = history.iloc[-1]
         save_checkpoint(model, out, config=asdict(config), history=history.to_dict(orient="list"),

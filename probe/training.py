@@ -9,7 +9,6 @@ data set in about a minute on 2 CPU cores.
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from probe.errors import ProbeError
 from probe.models import build_model
 
 __all__ = [
-    "HISTORY_COLUMNS", "TrainConfig", "build_for", "default_checkpoint_path", "default_threads",
+    "HISTORY_COLUMNS", "TrainConfig", "build_for", "default_checkpoint_path",
     "evaluate", "train", "train_model",
 ]
 
@@ -72,16 +71,6 @@ class TrainConfig:
             raise ProbeError(f"momentum must be in [0, 1), got {self.momentum!r}.")
         if self.weight_decay < 0:
             raise ProbeError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
-
-
-def default_threads() -> None:
-    """Use at most 2 CPU threads unless the user chose a count via OMP/MKL_NUM_THREADS.
-
-    On a small shared machine more threads than cores slow training down.
-    """
-    if "OMP_NUM_THREADS" in os.environ or "MKL_NUM_THREADS" in os.environ:
-        return
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -224,7 +213,6 @@ def train_model(config: TrainConfig, *, progress: bool = True) -> tuple[nn.Modul
     Seeds torch with `config.seed` before building the model, so runs repeat bit for bit on CPU.
     `history.attrs["config"]` holds the config as a dict.
     """
-    default_threads()
     dev = _device(config.device)
     torch.manual_seed(config.seed)
     model = build_for(config)

@@ -41,6 +41,7 @@ __all__ = [
     "classify",
     "cost_column",
     "noise_band",
+    "per_token",
     "rank_correlation",
     "summarize",
 ]
@@ -64,6 +65,17 @@ def cost_column(df: pd.DataFrame) -> str:
         if cost in df.columns and se in df.columns:
             return cost
     return "accuracy_drop"
+
+
+# Columns only the lm task's tables have (`probe.tasks.LanguageModeling.row`).
+_LM_COLUMNS = ("perplexity_ratio", "token_accuracy")
+
+
+def per_token(df: pd.DataFrame | None) -> bool:
+    """A language model's table: its loss is the mean NLL per token, in nats. Read from the lm
+    task's own output columns (`perplexity_ratio`, `token_accuracy`), which every table of that
+    task has, also read back from a CSV; the task's name is `attrs["task"]`."""
+    return isinstance(df, pd.DataFrame) and any(column in df.columns for column in _LM_COLUMNS)
 
 
 def _columns_for(df: pd.DataFrame) -> tuple[str, ...]:
@@ -196,7 +208,7 @@ def _continuous_noise(df: pd.DataFrame, cost: str, rule: VerdictRule) -> pd.Seri
     return pd.Series(np.maximum(rule.noise_z * se, floor), index=df.index, name="noise", dtype=float)
 
 
-def classify(df: pd.DataFrame, rule: VerdictRule | None = None) -> pd.DataFrame:
+def classify(df: pd.DataFrame, *, rule: VerdictRule | None = None) -> pd.DataFrame:
     """A copy of ``df`` with a ``noise`` column (see ``noise_band``) and a ``verdict`` column.
 
     verdict, checked in this order (cost: `cost_column`, accuracy_drop for classification):
@@ -242,7 +254,7 @@ def rank_correlation(df: pd.DataFrame, x: str = "ratio", y: str = "accuracy_drop
     return float(rho)
 
 
-def summarize(df: pd.DataFrame, n: int = 5, rule: VerdictRule | None = None) -> dict:
+def summarize(df: pd.DataFrame, *, n: int = 5, rule: VerdictRule | None = None) -> dict:
     """The answer in a few lists, for the terminal table and the report.
 
     Returns a dict:
@@ -261,7 +273,7 @@ def summarize(df: pd.DataFrame, n: int = 5, rule: VerdictRule | None = None) -> 
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ProbeError(f"n={n!r} must be a whole number >= 0 (how many helping blocks to list).")
     _require(df, _VERDICT_COLUMNS if not isinstance(df, pd.DataFrame) else _columns_for(df), "summarize")
-    table = df if "verdict" in df.columns else classify(df, rule)
+    table = df if "verdict" in df.columns else classify(df, rule=rule)
     cost = cost_column(table)
     if "position" in table.columns:
         table = table.sort_values("position", kind="stable")

@@ -13,6 +13,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from probe.files import atomic_write
+from reports.figures import SCATTER_WIDTH
 
 __all__ = ["data_uri", "render_png", "write_png"]
 
@@ -20,7 +21,7 @@ HEIGHT = 4.2  # inches; wide enough figures read at the report's 1100 px column 
 DPI = 110
 
 
-def render_png(draw: Callable, df: pd.DataFrame, *, width: float = 8.0, height: float = HEIGHT,
+def render_png(draw: Callable, df: pd.DataFrame, *, width: float = SCATTER_WIDTH, height: float = HEIGHT,
                **kwargs) -> bytes:
     """PNG bytes of `draw(df, ax=<fresh axes>, **kwargs)`; the figure is closed afterwards.
 

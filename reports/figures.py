@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from probe.verdict import UNSUPPORTED, VERDICTS, cost_column, rank_correlation
+from probe.verdict import UNSUPPORTED, VERDICTS, cost_column, per_token, rank_correlation
 from probe.errors import ProbeError
 
 __all__ = [
@@ -86,12 +86,6 @@ def cost_of(df: pd.DataFrame, cost: str | None = None) -> str:
     return next((c for c in COSTS if c in df.columns), "accuracy_drop")
 
 
-def _per_token(df: pd.DataFrame | None) -> bool:
-    """A language model's table: its loss is the mean NLL per token, in nats."""
-    return isinstance(df, pd.DataFrame) and (df.attrs.get("task") == "lm" or "perplexity_ratio" in df.columns
-                                              or "token_accuracy" in df.columns)
-
-
 def cost_axis(cost: str, df: pd.DataFrame | None = None) -> tuple[str, float]:
     """(axis label, factor from the column to the plotted number) of a cost column:
     accuracy_drop in percentage points, drift in % of the outputs' size, loss_increase as is
@@ -105,7 +99,7 @@ def _cost_unit(cost: str, df: pd.DataFrame | None = None, short: bool = False) -
     if cost == "drift":
         return "output drift", "%" if short else "% of the outputs' size", 100.0
     if cost == "loss_increase":
-        return "loss increase", "nats per token" if _per_token(df) else "the task's loss", 1.0
+        return "loss increase", "nats per token" if per_token(df) else "the task's loss", 1.0
     return "accuracy drop", "points" if short else "percentage points", 100.0
 
 
@@ -315,7 +309,8 @@ _ORDER_STYLES = {
 
 
 def block_figure_width(n: int) -> float:
-    """Width in inches of a figure with one slot per block (as the per-block figures use)."""
+    """Width in inches of a figure with one slot per block, or per layer: the one width rule of
+    figures that grow with the model (the others are SCATTER_WIDTH wide)."""
     return float(min(16.0, max(6.0, 2.0 + 0.3 * n)))
 
 
@@ -403,7 +398,7 @@ def deletion_curves(df: pd.DataFrame, *, ax: Axes | None = None, metric: str | N
         ax.set_title("How far the outputs move as more and more blocks are deleted")
     else:
         name = metric.replace("_", " ")
-        ax.set_ylabel(name + (" (nats per token)" if _per_token(df) else ""))
+        ax.set_ylabel(name + (" (nats per token)" if per_token(df) else ""))
         ax.set_title(f"{name[:1].upper()}{name[1:]} as more and more blocks are deleted")
     ax.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return ax
@@ -678,7 +673,7 @@ def class_service_heatmap(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
 
 # --- the lm analysis (analyses.lm): layers and sublayers of a language model ---------------------
 
-__all__ += ["agreement_intervals", "greedy_curves", "layer_figure_width", "layer_similarity_plot", "logit_lens_plot",
+__all__ += ["agreement_intervals", "greedy_curves", "layer_similarity_plot", "logit_lens_plot",
             "span_plot"]
 
 _LM_LAYER = _PALETTE[0]  # blue: whole layers
@@ -690,11 +685,6 @@ _GREEDY_STYLES = {
                     "label": "one shot: smallest single-layer loss increase first"},
     "block_influence": {"color": _PALETTE[3], "marker": "^", "label": "one shot: lowest block influence first (ShortGPT)"},
 }
-
-
-def layer_figure_width(n: int) -> float:
-    """Width in inches of a figure with one point per layer."""
-    return float(min(16.0, max(SCATTER_WIDTH, 3.0 + 0.3 * n)))
 
 
 def _layer_axis(ax: Axes, indices: np.ndarray, label: str = "layer (0-based, forward order)") -> None:
@@ -713,7 +703,7 @@ def layer_similarity_plot(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     """
     _require(df, ("kind", "layer_index", "block_influence"), "layer_similarity_plot")
     layers = df[df["kind"] == "layer"].sort_values("layer_index")
-    ax = _axes(ax, layer_figure_width(len(layers)))
+    ax = _axes(ax, block_figure_width(len(layers)))
     x = layers["layer_index"].to_numpy(float)
     handles = ax.plot(x, layers["block_influence"].to_numpy(float), color=_LM_LAYER, marker="o", markersize=4,
                       linewidth=1.6, label="whole layer")
@@ -739,6 +729,16 @@ def layer_similarity_plot(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     return ax
 
 
+def _layers_deleted_axes(ax: Axes, xlabel: str, ylabel: str, title: str) -> Axes:
+    """Labels of a plot against a number of layers deleted (whole numbers), its legend outside."""
+    ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _outside_legend(ax)
+    return ax
+
+
 def span_plot(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     """For each span length n: the loss after deleting the span of n layers with the smallest
     angular distance (Gromov et al.'s pick) and after deleting the best span by measured loss,
@@ -757,12 +757,8 @@ def span_plot(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     if "baseline_loss" in df.columns and df["baseline_loss"].notna().any():
         ax.axhline(float(df["baseline_loss"].iloc[0]), color="#555555", linewidth=1.0, linestyle=":",
                    label="intact model")
-    ax.set_xlabel("consecutive layers deleted together (n)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("loss after the deletion\n(nats per token)")
-    ax.set_title("Deleting a span of n consecutive layers")
-    _outside_legend(ax)
-    return ax
+    return _layers_deleted_axes(ax, "consecutive layers deleted together (n)",
+                                "loss after the deletion\n(nats per token)", "Deleting a span of n consecutive layers")
 
 
 def greedy_curves(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
@@ -781,12 +777,8 @@ def greedy_curves(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     values = pd.to_numeric(df["perplexity"], errors="coerce")
     if (values > 0).all() and np.isfinite(values).all() and values.max() / values.min() > 3:
         ax.set_yscale("log")
-    ax.set_xlabel("layers deleted together (k)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("perplexity")
-    ax.set_title("Perplexity as more and more layers are deleted")
-    _outside_legend(ax)
-    return ax
+    return _layers_deleted_axes(ax, "layers deleted together (k)", "perplexity",
+                                "Perplexity as more and more layers are deleted")
 
 
 def logit_lens_plot(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
@@ -797,7 +789,7 @@ def logit_lens_plot(df: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
     """
     _require(df, ("layer_index", "loss", "agreement"), "logit_lens_plot")
     df = df.sort_values("layer_index")
-    ax = _axes(ax, layer_figure_width(len(df)))
+    ax = _axes(ax, block_figure_width(len(df)))
     x = df["layer_index"].to_numpy(float)
     handles = ax.plot(x, df["loss"].to_numpy(float), color=_LM_LAYER, marker="o", markersize=4,
                       label="lens loss (next-token NLL)")

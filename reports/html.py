@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from probe.verdict import UNSUPPORTED, VerdictRule, classify, cost_column, summarize
+from probe.verdict import UNSUPPORTED, VerdictRule, classify, cost_column, per_token, summarize
 from probe.errors import ProbeError
 from probe.files import write_text
 from reports import figures
@@ -134,8 +134,8 @@ _TABLE_NOTES = {
 
 def _table_note(table: pd.DataFrame, cost: str) -> str:
     """What the per-block table's columns mean ("" for classification: the template says it)."""
-    note = _TABLE_NOTES.get(cost, "").format(unit=" (nats per token)" if _per_token(table) else "")
-    if cost == "loss_increase" and _per_token(table):
+    note = _TABLE_NOTES.get(cost, "").format(unit=" (nats per token)" if per_token(table) else "")
+    if cost == "loss_increase" and per_token(table):
         note += (" Token accuracy and token flip rate (share of predicted tokens that changed) are in %, the token "
                  "accuracy drop in percentage points (pp); the perplexity ratio is the perplexity with the block "
                  "deleted over the intact model's.")
@@ -162,11 +162,6 @@ def _png(draw: Callable, df: pd.DataFrame, width: float, **kwargs) -> str:
     return data_uri(render_png(draw, df, width=width, **kwargs))
 
 
-def _per_token(df: pd.DataFrame) -> bool:
-    """A language model's table (loss in nats per token)."""
-    return df.attrs.get("task") == "lm" or "perplexity_ratio" in df.columns
-
-
 def _cost_captions(cost: str, z: str, df: pd.DataFrame) -> tuple[str, str]:
     """The captions of the deletion-cost bars and of the ratio-vs-cost scatter, for `cost`."""
     if cost == "drift":
@@ -183,7 +178,7 @@ def _cost_captions(cost: str, z: str, df: pd.DataFrame) -> tuple[str, str]:
                 "measures how well the ratio ranks blocks by their deletion cost: 1 is the same order, 0 no "
                 "relation. The blocks that cost most are named.")
     if cost == "loss_increase":
-        unit = " (mean NLL per token, in nats)" if _per_token(df) else ""
+        unit = " (mean NLL per token, in nats)" if per_token(df) else ""
         return ("Each bar is the increase of the loss" + unit + " when that one block's branch is deleted "
                 "(its output replaced, the shortcut left intact) and everything else is kept. Above zero: "
                 "the block was doing useful work; below zero: the network is better without it. The grey "
@@ -254,7 +249,7 @@ _COST_FORMATS = {"accuracy_drop": "pp", "loss_increase": "+.4f", "drift": "pct"}
 def _answer(table: pd.DataFrame, summary: dict, cost: str = "accuracy_drop") -> dict:
     by_name = table.set_index(table["block"].astype(str))
     name, effect, short = _ANSWER_WORDS.get(cost, _ANSWER_WORDS["accuracy_drop"])
-    unit = " nats per token" if _per_token(table) else ""
+    unit = " nats per token" if per_token(table) else ""
 
     def entry(block: str) -> dict:
         row = by_name.loc[block]
@@ -284,7 +279,7 @@ def _baseline(baseline: Mapping, cost: str, df: pd.DataFrame) -> dict:
         required, kind = ("accuracy", "loss", "samples"), "classification"
     elif cost == "drift":
         required, kind = ("samples",), "drift"
-    elif "perplexity" in baseline or _per_token(df):
+    elif "perplexity" in baseline or per_token(df):
         required, kind = ("loss", "perplexity", "token_accuracy", "tokens", "samples"), "lm"
     else:
         required, kind = ("loss", "samples"), "loss"
@@ -310,14 +305,16 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     model; {"samples"} for drift; {"loss", "samples"} (and "accuracy") for a task of your own.
     config: run configuration shown in the header (model, checkpoint, dataset, samples, mode,
     seed, date, versions, and any other keys).
-    rule: the verdict rule (default VerdictRule()); verdicts are recomputed with it.
+    rule: the verdict rule the report describes (default VerdictRule()); given, the verdicts are
+    recomputed with it; else the table's own `verdict` column is shown (classified where the table
+    was built, `probe.block_table`), and only a table without one is classified here.
     sections: one `reports.sections.Section` per analysis, shown after the per-block figures
     and listed in a table of contents.
     warning: why the data cannot support verdicts (`probe.verdict.chance_warning`; default the
     table's `attrs["unsupported"]`): the report then opens with it instead of the answer, and
     every block's verdict is "unsupported".
     """
-    rule = VerdictRule() if rule is None else rule
+    given_rule, rule = rule, VerdictRule() if rule is None else rule
     if not isinstance(baseline, Mapping):
         raise ProbeError(f"baseline must be a dict of the intact model's numbers, got {type(baseline).__name__}.")
     cost = cost_column(df) if isinstance(df, pd.DataFrame) else "accuracy_drop"
@@ -325,13 +322,14 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     if not isinstance(config, Mapping):
         raise ProbeError(f"config must be a dict of run settings, got {type(config).__name__}.")
     warning = warning or df.attrs.get("unsupported")
-    table = classify(df, rule)
+    classified = given_rule is None and {"noise", "verdict"} <= set(df.columns)
+    table = df.copy() if classified else classify(df, rule=rule)
     if warning:
         table["verdict"] = UNSUPPORTED
     if "position" in table.columns:
         table = table.sort_values("position", kind="stable")
     table = table.reset_index(drop=True)
-    summary = summarize(table, n=5, rule=rule)
+    summary = summarize(table, n=5)
     return _ENV.get_template("report.html").render(
         title=title,
         config=_config_items(config),

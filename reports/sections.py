@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from probe.verdict import per_token
 from reports import figures
 from reports.embed import data_uri, render_png
 
@@ -154,10 +155,6 @@ def _present(columns: Mapping[str, tuple[str, str | None]], df: pd.DataFrame) ->
     return {c: spec for c, spec in columns.items() if c in df.columns}
 
 
-def _per_token(df: pd.DataFrame) -> bool:
-    return "perplexity_ratio" in df.columns or "token_accuracy" in df.columns or df.attrs.get("task") == "lm"
-
-
 def _amount(value, cost: str) -> str:
     """One cost in a sentence: "+1.25 points", "+0.0123" (loss), "3.40%" (drift)."""
     if cost == "accuracy_drop":
@@ -217,7 +214,7 @@ def _skipping_lead(summary: pd.DataFrame, cost: str) -> str:
         return (f"Deleting all {removed} skipped blocks at once ({names}) moves the outputs by "
                 f"{after['drift']:.2%} of their size from the intact model's (the relative L2 change, averaged "
                 "over the samples).")
-    unit = " nats per token" if _per_token(summary) else ""
+    unit = " nats per token" if per_token(summary) else ""
     return (f"Deleting all {removed} skipped blocks at once ({names}) changes the loss from "
             f"{summary.iloc[0]['loss']:.4f} to {after['loss']:.4f} ({after['loss'] - summary.iloc[0]['loss']:+.4f}"
             f"{unit}).")
@@ -274,7 +271,7 @@ def skipping_section(result, *, calibration_samples: int | None = None, cost: st
         caption = "The network before and after deleting every block the verdict rule calls skipped"
         caption += (", against the intact network: drift is how far the outputs move, in % of their size."
                     if cost == "drift" else ", against the intact network" +
-                    (" (loss: mean NLL per token, in nats)." if _per_token(summary) else "."))
+                    (" (loss: mean NLL per token, in nats)." if per_token(summary) else "."))
         tables = [_table(summary, columns, caption)]
     if len(export):
         compared = "the logits" if cost == "accuracy_drop" else "the outputs"
@@ -538,18 +535,14 @@ def recalibration_section(df: pd.DataFrame, *, calibration_samples: int | None =
             "training mode, cumulative "
             "average, no gradients). The model's own statistics were restored exactly afterwards."]
     words = {False: "with its trained statistics", True: "with statistics recalibrated the same way"}
-    if cost == "accuracy_drop" and "baseline_accuracy" in df.columns:
-        baselines = df.groupby("bn_recalibrated")["baseline_accuracy"].first()
-        lead.append("Each drop is measured against the intact model treated alike: "
-                    + "; ".join(f"{format_cell(baselines[k], 'pct')}% accuracy {words[k]}"
-                                for k in (False, True) if k in baselines.index)
-                    + ". Comparing recalibrated deletions with the trained model would count the refit itself "
-                    "as the deletion's effect.")
-    elif cost == "loss_increase" and "baseline_loss" in df.columns:
-        baselines = df.groupby("bn_recalibrated")["baseline_loss"].first()
-        lead.append("Each loss increase is measured against the intact model treated alike: "
-                    + "; ".join(f"loss {format_cell(baselines[k], '.4f')} {words[k]}"
-                                for k in (False, True) if k in baselines.index)
+    # Per cost: the column of the intact model each row is compared with, and how one of its values reads.
+    compared = {"accuracy_drop": ("baseline_accuracy", "Each drop", lambda v: f"{format_cell(v, 'pct')}% accuracy"),
+                "loss_increase": ("baseline_loss", "Each loss increase", lambda v: f"loss {format_cell(v, '.4f')}")}
+    if cost in compared and compared[cost][0] in df.columns:
+        column, subject, reads = compared[cost]
+        baselines = df.groupby("bn_recalibrated")[column].first()
+        lead.append(f"{subject} is measured against the intact model treated alike: "
+                    + "; ".join(f"{reads(baselines[k])} {words[k]}" for k in (False, True) if k in baselines.index)
                     + ". Comparing recalibrated deletions with the trained model would count the refit itself "
                     "as the deletion's effect.")
     elif cost == "drift":
@@ -652,7 +645,7 @@ def lm_section(result) -> Section:
     if "loss" in baseline:
         lead.append(f"The intact model: loss {baseline['loss']:.4f}, perplexity {baseline['perplexity']:.4g}.")
     shown = []
-    width = figures.layer_figure_width(count)
+    width = figures.block_figure_width(count)
     shown.append(_figure(
         figures.layer_similarity_plot, layers, "Block influence of every layer and sublayer",
         "Blue dots: for each layer, its block influence 1 - cos(h_in, h_out), the cosine between the residual "
@@ -662,41 +655,37 @@ def lm_section(result) -> Section:
         "F(x) at its residual addition. Dotted black line (right axis): the loss increase when the layer alone is "
         "deleted. ShortGPT deletes the layers with the lowest block influence; that works when the two curves "
         "rise and fall together.", width=width))
-    if len(spans):
-        shown.append(_figure(
-            figures.span_plot, spans, "Deleting n consecutive layers",
-            "For each span length n: vermilion, the loss after deleting the n consecutive layers whose input and "
-            "output streams are closest, by the angular distance arccos(cos) / pi between the stream entering the "
-            "span and the stream leaving it, averaged over tokens (Gromov et al. 2024 delete that span, then "
-            "fine-tune); blue, the loss after deleting the span of n layers that really costs least (every span "
-            "was deleted and evaluated). Dotted: the intact model. Where the two curves meet, the angle found the "
-            "best span without deleting anything."))
-    if len(greedy):
-        shown.append(_figure(
-            figures.greedy_curves, greedy, "Greedy against one-shot layer deletion",
-            "Perplexity as k layers are deleted together. Blue: greedy deletion (SLEB): at each step every "
-            "remaining layer is deleted together with those already removed, and the one whose removal gives the "
-            "lowest loss goes; the choice is re-scored after each removal. Green: the layers ranked once by the "
-            "loss increase of deleting each alone, cheapest first. Vermilion: ranked once by block influence, "
-            "lowest first (ShortGPT). Greedy lies lowest when deletions interact: a layer that is cheap alone can "
-            "be expensive once its neighbours are gone."))
-    if len(agreement):
-        shown.append(_figure(
-            figures.agreement_intervals, agreement, "Cheap scores against the measured deletion cost",
-            "Each dot is Spearman's rank correlation, over the layers (blue) or sublayers (orange), between a score "
-            "computed without deleting anything and the measured loss increase of deleting that unit alone; the bar "
-            "is its bootstrap interval (units resampled with replacement). block_influence: 1 - cos(stream in, "
-            "stream out); angular_distance: arccos of the same cosine / pi; ratio: ||F(x)|| / ||s(x)||, the "
-            "branch's size against the shortcut it is added to. A score that ranks well correlates positively: "
-            "units that turn the stream more cost more to delete."))
-    if len(lens):
-        shown.append(_figure(
-            figures.logit_lens_plot, lens, "Logit lens",
-            "The model's own final norm and unembedding applied to the residual stream after each layer (and to "
-            "the embeddings), as if the model stopped there (the logit lens). Blue: the next-token loss of that "
-            "prediction; orange (right axis): the share of tokens whose top-1 prediction is already the model's "
-            "final one. After the last layer the lens is the model itself (100%). Layers after which the curves "
-            "barely move add little to the prediction.", width=figures.layer_figure_width(len(lens))))
+    # Each figure of a table that is not empty: (table, figure, title, caption, width).
+    optional = [
+        (spans, figures.span_plot, "Deleting n consecutive layers",
+         "For each span length n: vermilion, the loss after deleting the n consecutive layers whose input and "
+         "output streams are closest, by the angular distance arccos(cos) / pi between the stream entering the "
+         "span and the stream leaving it, averaged over tokens (Gromov et al. 2024 delete that span, then "
+         "fine-tune); blue, the loss after deleting the span of n layers that really costs least (every span "
+         "was deleted and evaluated). Dotted: the intact model. Where the two curves meet, the angle found the "
+         "best span without deleting anything.", figures.SCATTER_WIDTH),
+        (greedy, figures.greedy_curves, "Greedy against one-shot layer deletion",
+         "Perplexity as k layers are deleted together. Blue: greedy deletion (SLEB): at each step every "
+         "remaining layer is deleted together with those already removed, and the one whose removal gives the "
+         "lowest loss goes; the choice is re-scored after each removal. Green: the layers ranked once by the "
+         "loss increase of deleting each alone, cheapest first. Vermilion: ranked once by block influence, "
+         "lowest first (ShortGPT). Greedy lies lowest when deletions interact: a layer that is cheap alone can "
+         "be expensive once its neighbours are gone.", figures.SCATTER_WIDTH),
+        (agreement, figures.agreement_intervals, "Cheap scores against the measured deletion cost",
+         "Each dot is Spearman's rank correlation, over the layers (blue) or sublayers (orange), between a score "
+         "computed without deleting anything and the measured loss increase of deleting that unit alone; the bar "
+         "is its bootstrap interval (units resampled with replacement). block_influence: 1 - cos(stream in, "
+         "stream out); angular_distance: arccos of the same cosine / pi; ratio: ||F(x)|| / ||s(x)||, the "
+         "branch's size against the shortcut it is added to. A score that ranks well correlates positively: "
+         "units that turn the stream more cost more to delete.", figures.SCATTER_WIDTH),
+        (lens, figures.logit_lens_plot, "Logit lens",
+         "The model's own final norm and unembedding applied to the residual stream after each layer (and to "
+         "the embeddings), as if the model stopped there (the logit lens). Blue: the next-token loss of that "
+         "prediction; orange (right axis): the share of tokens whose top-1 prediction is already the model's "
+         "final one. After the last layer the lens is the model itself (100%). Layers after which the curves "
+         "barely move add little to the prediction.", figures.block_figure_width(len(lens))),
+    ]
+    shown += [_figure(draw, df, title, caption, width=wide) for df, draw, title, caption, wide in optional if len(df)]
     tables = []
     if len(agreement):
         tables.append(_table(agreement, {"kind": ("units", None), "score": ("score", None),

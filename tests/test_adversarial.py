@@ -1,7 +1,8 @@
 """Adversarial use: Ctrl-C at any point, threads, odd inputs, damaged run folders.
 
 Each test's docstring names the promise it checks: "ProbeError naming the value"; "model,
-flags, hooks and global torch state exactly as before"; or "no stale or mixed numbers".
+flags, hooks and global torch state exactly as before"; or "no stale or mixed numbers" (the CLI's
+"one-line error with exit 2": tests/test_cli_promises.py).
 """
 
 import copy
@@ -554,8 +555,8 @@ def test_two_runs_cannot_share_an_out_folder(tmp_path):
 
 
 def test_ctrl_c_at_any_line_of_bn_recalibration_leaves_no_trace():
-    """model (BN statistics and momenta included), flags, hooks and global torch state exactly as
-    before, wherever a Ctrl-C lands in a sweep with BatchNorm recalibration."""
+    """model, flags, hooks and global torch state exactly as before (BN statistics and momenta
+    included), wherever a Ctrl-C lands in a sweep with BatchNorm recalibration."""
     from probe.models import cifar_resnet
 
     torch.manual_seed(0)
@@ -598,7 +599,8 @@ def test_the_noise_band_counts_the_samples_each_deletion_was_evaluated_on():
 
 
 def test_block_table_of_a_model_at_chance_has_no_verdicts():
-    """No verdict the data cannot support: probe.block_table marks every block unsupported."""
+    """No stale or mixed numbers: no verdict the data cannot support; probe.block_table marks every
+    block of a model at chance unsupported."""
     from probe.models import cifar_resnet
 
     torch.manual_seed(0)
@@ -608,3 +610,289 @@ def test_block_table_of_a_model_at_chance_has_no_verdicts():
     assert baseline <= 0.25 + 2 * (0.25 * 0.75 / 40) ** 0.5  # random weights: at chance
     table = probe.block_table(model, data, progress=False)
     assert set(table["verdict"]) == {"unsupported"} and "chance" in table.attrs["unsupported"]
+
+
+# -- threads on different models: fx's process-wide patches ----------------------------------
+
+
+def test_threads_sweeping_different_models_get_the_single_threaded_numbers():
+    """no stale or mixed numbers: torch.fx patches nn.Module for the whole process while a fast
+    sweep traces; sweeps of other models in other threads meanwhile neither raise (fx's
+    "module is not installed as a submodule") nor see the patches, and get the numbers of one
+    thread alone; torch's global state is as before afterwards."""
+    data = trip_data()
+    expected = probe.sweep(trip_net(train=False), data, progress=False)
+    models = [[trip_net(train=False) for _ in range(5)] for _ in range(8)]  # fresh: each is traced
+    world = global_state()
+    tables, errors = [], []
+
+    def work(own: list) -> None:
+        try:
+            tables.extend(probe.sweep(model, data, progress=False) for model in own)
+        except BaseException as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(own,)) for own in models]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads take turns often: traces and forwards interleave
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and len(tables) == 40
+    for table in tables:
+        pd.testing.assert_frame_equal(table, expected)
+        assert table.attrs["baseline"] == expected.attrs["baseline"]
+    assert global_state() == world
+
+
+class _Pause(nn.Module):
+    """Identity; while torch.fx traces it, it holds the trace until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracing, self.release = threading.Event(), threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            self.tracing.set()
+            self.release.wait(timeout=20)
+        return x
+
+
+def test_a_probe_call_while_another_thread_traces_is_not_traced():
+    """no stale or mixed numbers: a measure and a sweep of one model, run while another thread's
+    find_blocks holds torch.fx's patches on nn.Module, give the numbers they give alone."""
+    data = trip_data()
+    other = trip_net(train=False)
+    blocks = probe.find_blocks(other)
+    expected = (probe.measure(other, data, blocks=blocks, progress=False),
+                probe.sweep(other, data, blocks=blocks, fast=False, progress=False))
+    traced = trip_net(train=False)
+    pause = _Pause()
+    traced.blocks.insert(1, pause)
+    found = {}
+    thread = threading.Thread(target=lambda: found.update(blocks=probe.find_blocks(traced)))
+    thread.start()
+    try:
+        assert pause.tracing.wait(timeout=20)  # the other thread is inside its trace now
+        during = (probe.measure(other, data, blocks=blocks, progress=False),
+                  probe.sweep(other, data, blocks=blocks, fast=False, progress=False))
+    finally:
+        pause.release.set()
+        thread.join(timeout=20)
+    pd.testing.assert_frame_equal(during[0], expected[0])
+    pd.testing.assert_frame_equal(during[1], expected[1])
+    assert [block.name for block in found["blocks"]] == ["blocks.0", "blocks.2"]
+
+
+# -- specs, modes and block names that are not there ---------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["block1=branch;block1=branch", "block1=branch;block1#0=branch",
+                                  "block1#0=left;block1#0=right"])
+def test_a_spec_naming_one_block_twice_is_refused(tiny_net, spec):
+    """ProbeError naming the value: one block given twice would be two identical rows
+    (block1[0] and block1[1]), each deleted alone."""
+    with pytest.raises(probe.ProbeError, match=r"names block 'block1' .*twice.*'block1\[0\]' and 'block1\[1\]'"):
+        probe.find_blocks(tiny_net, spec=spec)
+    assert [b.name for b in probe.find_blocks(tiny_net, spec="block1=branch;block2=branch")] == ["block1", "block2"]
+
+
+def test_an_unknown_ablation_mode_is_refused(tiny_net):
+    """ProbeError naming the value: a mode other than zero or mean, in sweep and in ablated."""
+    with pytest.raises(probe.ProbeError, match="unknown ablation mode 'bogus'"):
+        probe.sweep(tiny_net, _tiny_data(), mode="bogus", progress=False)
+    with pytest.raises(probe.ProbeError, match="unknown ablation mode 'bogus'"):
+        with probe.ablated(tiny_net, ["block1"], mode="bogus"):
+            pass
+
+
+def test_an_unknown_block_name_is_refused(tiny_net):
+    """ProbeError naming the value: a block the model does not have, with the ones it has."""
+    before = snapshot(tiny_net)
+    for call in (lambda: probe.sweep(tiny_net, _tiny_data(), blocks=["nope"], progress=False),
+                 lambda: probe.measure(tiny_net, _tiny_data(), blocks=["nope"], progress=False)):
+        with pytest.raises(probe.ProbeError, match="unknown block 'nope'.*block1, block2"):
+            call()
+    with pytest.raises(probe.ProbeError, match="unknown block 'nope'"):
+        with probe.ablated(tiny_net, ["nope"]):
+            pass
+    assert_unchanged(tiny_net, before)
+
+
+def test_a_data_set_of_zero_samples_is_refused(tiny_net):
+    """ProbeError naming the value: a DataLoader over an empty data set yields no batch."""
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 2),
+                                                                       torch.zeros(0, dtype=torch.long)))
+    for run in (probe.measure, probe.sweep, probe.branch_means):
+        with pytest.raises(probe.ProbeError, match="the data is empty: it yielded no batch"):
+            run(tiny_net, empty, progress=False)
+
+
+# -- dtypes, and the user's own settings -----------------------------------------------------
+
+
+def test_a_half_precision_model_on_the_cpu_takes_fp32_data():
+    """no stale or mixed numbers: an fp16 model on the CPU gets its fp32 data cast to fp16, with
+    the numbers of fp16 data, and stays fp16."""
+    model = TinyNet().half()
+    data, cast = _tiny_data(), _tiny_data(torch.float16)
+    pd.testing.assert_frame_equal(probe.measure(model, data, progress=False),
+                                  probe.measure(model, cast, progress=False))
+    pd.testing.assert_frame_equal(probe.sweep(model, data, progress=False),
+                                  probe.sweep(model, cast, progress=False))
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+
+
+def test_frozen_parameters_stay_frozen():
+    """model, flags, hooks and global torch state exactly as before: parameters the user froze
+    (requires_grad False, some of them) keep their flags, and the numbers are those of the
+    unfrozen model."""
+    model, frozen = TinyNet(), TinyNet()
+    frozen.block1.requires_grad_(False)
+    frozen.head.bias.requires_grad_(False)
+    before, world = snapshot(frozen), global_state()
+    for call in ("measure", "sweep", "sweep_mean", "branch_means"):
+        result, reference = CALLS[call](frozen, _tiny_data()), CALLS[call](model, _tiny_data())
+        if call == "branch_means":
+            assert all(torch.equal(result[k], reference[k]) for k in reference)
+        else:
+            pd.testing.assert_frame_equal(result, reference)
+    assert_all_as_before(frozen, before, world)
+    assert [p.requires_grad for p in frozen.parameters()] == [False, True, True, False]
+
+
+def test_a_train_mode_model_is_left_in_train_mode():
+    """model, flags, hooks and global torch state exactly as before: measure, branch_means and
+    sweep run in eval mode but hand back a model in train mode (with one submodule in eval, as
+    the user left it), its BatchNorm statistics untouched."""
+    model = trip_net(train=True)
+    before, world = snapshot(model), global_state()
+    for call in ("measure", "branch_means", "sweep"):
+        CALLS[call](model, trip_data())
+        assert model.training and model.blocks[0].training and not model.blocks[1].training
+    assert_all_as_before(model, before, world)
+
+
+def test_a_users_forward_hook_stays_attached_and_fires_after():
+    """model, flags, hooks and global torch state exactly as before: the user's own hooks stay
+    attached through measure and sweep and fire on the user's next forward."""
+    model = trip_net(train=False)
+    calls = []
+    model.blocks[0].register_forward_hook(lambda _m, _a, _o: calls.append("hook"))
+    model.register_forward_pre_hook(lambda _m, _a: calls.append("pre"))
+    before, world = snapshot(model), global_state()
+    for call in ("measure", "sweep", "sweep_mean"):
+        CALLS[call](model, trip_data())
+    assert_all_as_before(model, before, world)
+    calls.clear()
+    with torch.no_grad():
+        model(trip_data()[0][0])
+    assert calls == ["pre", "hook"]
+
+
+def test_the_users_default_dtype_is_kept():
+    """model, flags, hooks and global torch state exactly as before: torch.get_default_dtype()
+    set by the user (float64) is float64 after every call."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = trip_net(train=False).float()
+        data = [(x.float(), y) for x, y in trip_data()]
+        world = global_state()
+        for call in ("measure", "sweep", "sweep_mean", "find_blocks"):
+            CALLS[call](model, data)
+            assert torch.get_default_dtype() == torch.float64
+        assert global_state() == world
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_grad_mode_chosen_by_the_user_is_kept(enabled):
+    """model, flags, hooks and global torch state exactly as before: grad mode disabled (or
+    enabled) by the user is the same after each call, and the numbers do not depend on it."""
+    model = trip_net(train=False)
+    expected = probe.sweep(model, trip_data(), progress=False)
+    with torch.set_grad_enabled(enabled):
+        for call in ("measure", "branch_means", "sweep", "find_blocks"):
+            CALLS[call](model, trip_data())
+            assert torch.is_grad_enabled() is enabled
+        pd.testing.assert_frame_equal(probe.sweep(model, trip_data(), progress=False), expected)
+
+
+def test_the_deterministic_algorithms_flag_is_kept():
+    """model, flags, hooks and global torch state exactly as before: the user's
+    torch.use_deterministic_algorithms setting (and its warn_only) is untouched."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        for setting in ((True, True), (False, False)):
+            torch.use_deterministic_algorithms(setting[0], warn_only=setting[1])
+            model = trip_net(train=False)
+            for call in ("measure", "sweep", "sweep_full"):
+                CALLS[call](model, trip_data())
+                assert (torch.are_deterministic_algorithms_enabled(),
+                        torch.is_deterministic_algorithms_warn_only_enabled()) == setting
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+# -- the run record's identity of the data -----------------------------------------------------
+
+
+class _Items(torch.utils.data.Dataset):
+    """A data set of plain items (a dict per sample): fingerprinted item by item."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "label": index % 2, "name": f"item{index}"}
+
+
+def test_the_data_fingerprint_notices_every_changed_sample(tmp_path):
+    """no stale or mixed numbers: the run record's data_sha256 changes when any one sample
+    changes (not only some evenly spaced ones): tensors in memory, items of any form, through a
+    Subset, and an image folder's files even at the same size and mtime."""
+    from PIL import Image
+
+    from probe.data import load_dataset, stratified_subset
+    from probe.loading import data_fingerprint
+
+    images = torch.zeros(40, 1, 4, 4)
+    labels = torch.arange(40) % 2
+    plain = data_fingerprint(torch.utils.data.TensorDataset(images, labels))
+    for index in range(40):
+        changed = images.clone()
+        changed[index, 0, 3, 3] = 1e-6
+        assert data_fingerprint(torch.utils.data.TensorDataset(changed, labels)) != plain, index
+        assert data_fingerprint(_Items(changed)) != data_fingerprint(_Items(images)), index
+        subset = torch.utils.data.Subset(torch.utils.data.TensorDataset(changed, labels), range(index, 40))
+        assert data_fingerprint(subset) != data_fingerprint(torch.utils.data.Subset(
+            torch.utils.data.TensorDataset(images, labels), range(index, 40))), index
+
+    for klass in ("a", "b"):
+        (tmp_path / klass).mkdir()
+        for i in range(20):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / klass / f"{i:02d}.png")
+    folder = load_dataset("imagefolder", root=tmp_path)
+    before = data_fingerprint(folder)
+    sampled = data_fingerprint(stratified_subset(folder, 10, seed=0))
+    for name in ("a/01.png", "b/17.png"):  # files the old 16 evenly spaced samples skipped
+        path = tmp_path / name
+        stat, content = path.stat(), path.read_bytes()
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(path)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert data_fingerprint(load_dataset("imagefolder", root=tmp_path)) != before, name
+        path.write_bytes(content)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data_fingerprint(load_dataset("imagefolder", root=tmp_path)) == before
+    assert data_fingerprint(stratified_subset(load_dataset("imagefolder", root=tmp_path), 10, seed=0)) == sampled
+    assert sampled != before

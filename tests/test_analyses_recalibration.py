@@ -63,7 +63,7 @@ def cumulative(batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
 
 def test_statistics_equal_hand_computation_with_the_block_deleted():
     model = BNNet().eval()
-    with recalibrated(model, CAL, ["block"]):
+    with recalibrated(model, CAL, blocks=["block"]):
         # Deleted branch: the block outputs relu(x), which is what `norm` sees.
         mean, var = cumulative([torch.relu(x) for x, _ in CAL])
         torch.testing.assert_close(model.norm.running_mean, mean)
@@ -106,12 +106,12 @@ def test_every_buffer_flag_and_momentum_is_restored_bit_for_bit(error):
     before = snapshot(model)
     buffers = {name: tensor for name, tensor in model.named_buffers()}
     if error is None:
-        with recalibrated(model, CAL, ["block"]):
+        with recalibrated(model, CAL, blocks=["block"]):
             assert not torch.equal(model.norm.running_mean, before["tensors"]["norm.running_mean"])
             assert model.norm.num_batches_tracked.item() == 2
     else:
         with pytest.raises(error):
-            with recalibrated(model, CAL, ["block"]):
+            with recalibrated(model, CAL, blocks=["block"]):
                 raise error("body failed")
     assert_unchanged(model, before)
     assert model.norm.momentum == 0.3 and model.block.branch[1].momentum == 0.1
@@ -127,14 +127,14 @@ def test_failing_calibration_data_restores_everything():
         raise RuntimeError("loader broke")
 
     with pytest.raises(RuntimeError, match="loader broke"):
-        with recalibrated(model, broken(), ["block"]):
+        with recalibrated(model, broken(), blocks=["block"]):
             pass
     assert_unchanged(model, before)
 
 
 def test_recalibrate_batchnorm_changes_the_model_for_good():
     model = BNNet().eval()
-    assert recalibrate_batchnorm(model, CAL, ["block"]) == 8
+    assert recalibrate_batchnorm(model, CAL, blocks=["block"]) == 8
     mean, _ = cumulative([torch.relu(x) for x, _ in CAL])
     torch.testing.assert_close(model.norm.running_mean, mean)
     assert model.norm.momentum == 0.1 and not model.training
@@ -154,9 +154,9 @@ def test_evaluate_recalibrated_equals_manual_evaluation():
     baseline, (result,) = evaluation
     with torch.no_grad():
         as_given = model(EVAL_X).argmax(1)
-        with recalibrated(model, CAL, []):  # drops are against the intact model, recalibrated alike
+        with recalibrated(model, CAL, blocks=[]):  # drops are against the intact model, recalibrated alike
             reference = model(EVAL_X).argmax(1)
-        with recalibrated(model, CAL, ["block"]):
+        with recalibrated(model, CAL, blocks=["block"]):
             logits = model(EVAL_X)
     assert_unchanged(model, before)
     correct = logits.argmax(1) == EVAL_Y

@@ -382,6 +382,23 @@ def test_summary_joins_every_probe_per_block():
     assert out["verdict"].tolist() == ["helps", "skipped"] and not out["bn_recalibrated"].any()
 
 
+def test_a_block_that_costs_no_class_serves_none_in_the_summary_as_in_the_heatmap():
+    table, evaluation = synthetic_evaluation()
+    free = Outcome(accuracy=1.0, loss=0.1, samples=12, flip_rate=0.0, class_accuracy=[1.0, 1.0, 1.0],
+                   class_samples=[4, 4, 4])  # deleting b costs no class anything
+    evaluation = Evaluation(evaluation.baseline, [evaluation.sets[0], free])
+    table["accuracy_drop"] = [0.25, 0.0]
+    classes = block_classes(table, evaluation)
+    empty = pd.DataFrame({"block": [], "block_a": [], "block_b": [], "cka": []})
+    out = summary(table, empty, empty, empty, empty, classes).set_index("block")
+    assert out.loc["a", "top_class"] == 2 and out.loc["a", "top_class_drop"] == 0.5
+    assert out.loc["b", "top_class"] is pd.NA and np.isnan(out.loc["b", "top_class_drop"])
+    ax = figures.class_service_heatmap(classes)
+    boxes = [p for p in ax.patches if isinstance(p, Rectangle) and not p.get_fill()]
+    assert sorted((p.get_x(), p.get_y()) for p in boxes) == [(2, 0)]  # a: class 2; b: no box
+    plt.close(ax.figure)
+
+
 def test_representation_of_tiny_net_reuses_the_table_and_evaluation(tiny_net):
     train, test = separable()
     table, evaluation = synthetic_evaluation()

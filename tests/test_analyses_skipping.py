@@ -153,7 +153,7 @@ def test_prune_with_recalibration_matches_recalibrated_ablation():
     before = snapshot(model)
     pruned, table = export_pruned(model, data, ["layer2.0"], calibration=data, repeats=1)
     assert_unchanged(model, before)
-    with torch.no_grad(), recalibrated(model, data, ["layer2.0"]):
+    with torch.no_grad(), recalibrated(model, data, blocks=["layer2.0"]):
         torch.testing.assert_close(pruned(x), model(x), rtol=0, atol=1e-5)
     assert table["bn_recalibrated"].all()
 

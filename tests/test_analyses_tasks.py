@@ -428,9 +428,9 @@ def test_recalibration_compares_the_drift_with_and_without_refitted_statistics()
         intact = model(EVAL_X)
         with probe.ablated(model, ["block"]):
             deleted = model(EVAL_X)
-        with recalibrated(model, CAL, []):
+        with recalibrated(model, CAL, blocks=[]):
             refit_intact = model(EVAL_X)
-        with recalibrated(model, CAL, ["block"]):
+        with recalibrated(model, CAL, blocks=["block"]):
             refit_deleted = model(EVAL_X)
     assert table["bn_recalibrated"].tolist() == [False, True]
     assert table["drift"].tolist() == pytest.approx([drift(deleted, intact), drift(refit_deleted, refit_intact)],

@@ -10,7 +10,14 @@ import torch
 import probe
 from analyses.uncertainty import bootstrap_interval, drop_intervals, per_class_drops, uncertainty
 from conftest import assert_unchanged, snapshot
+from probe.results import Outcome
+from probe.verdict import VerdictRule
 from test_measure import data
+
+
+def outcome(accuracy: float, correct: torch.Tensor) -> Outcome:
+    """One state's outcome on 20 samples, with per-sample correctness (the loss is not used)."""
+    return Outcome(accuracy=accuracy, loss=0.0, samples=20, correct=correct)
 
 
 def test_two_samples_one_lost():
@@ -57,10 +64,8 @@ def synthetic():
     base_d = base.clone()
     a = base.clone()
     a[:10] = False
-    results = [{"accuracy": a.float().mean().item(), "samples": 20, "correct": a},
-               {"accuracy": 1.0, "samples": 20, "correct": base.clone()},
-               {"accuracy": 1.0, "samples": 20, "correct": base.clone()}]
-    baseline = {"accuracy": 1.0, "samples": 20, "correct": base_d}
+    results = [outcome(a.float().mean().item(), a), outcome(1.0, base.clone()), outcome(1.0, base.clone())]
+    baseline = outcome(1.0, base_d)
     table = pd.DataFrame({"block": ["a", "b", "c"], "position": [0, 1, 2], "ratio": [0.9, 0.1, 0.8]})
     return table, (baseline, results)
 
@@ -76,13 +81,21 @@ def test_decisions_from_intervals():
     assert intervals["verdict"].isna().all()  # no flip_rate in the table: no noise-band verdict
 
 
+def test_the_tables_verdicts_are_read_unless_a_rule_is_given():
+    table, evaluation = synthetic()
+    table = table.assign(accuracy_drop=[0.5, 0.0, 0.0], flip_rate=[0.5, 0.0, 0.0], samples=20)
+    given = table.assign(verdict=["neutral"] * 3)  # as another rule classified it
+    assert drop_intervals(given, evaluation, resamples=50)["verdict"].tolist() == ["neutral"] * 3
+    again = drop_intervals(given, evaluation, resamples=50, rule=VerdictRule())["verdict"].tolist()
+    assert again == ["helps", "skipped", "neutral"]
+
+
 def test_hurting_block_and_per_block_seeds():
     base = torch.zeros(20, dtype=torch.bool)
     better = base.clone()
     better[:8] = True
     table = pd.DataFrame({"block": ["x", "y"], "position": [0, 1], "ratio": [0.2, 0.2]})
-    evaluation = ({"accuracy": 0.0, "samples": 20, "correct": base},
-                  [{"accuracy": 0.4, "samples": 20, "correct": better}] * 2)
+    evaluation = (outcome(0.0, base), [outcome(0.4, better)] * 2)
     intervals = drop_intervals(table, evaluation, seed=4)
     assert intervals["verdict_ci"].tolist() == ["hurts", "hurts"] and (intervals["drop_high"] < 0).all()
     # Each block's resamples depend on (seed, position) only, not on the other blocks asked for.

@@ -18,6 +18,7 @@ def gray_model():
     lambda m, d: probe.sweep(m, d, progress=False),
 ])
 def test_channels_that_do_not_fit(call):
+    """ProbeError naming the value: inputs whose channels the model cannot take; the model as before."""
     model = gray_model()
     before = snapshot(model)
     data = [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))]
@@ -27,6 +28,7 @@ def test_channels_that_do_not_fit(call):
 
 
 def test_class_labels_that_do_not_fit():
+    """ProbeError naming the value: a class label beyond the model's outputs."""
     model = gray_model()
     data = [(torch.randn(2, 1, 16, 16), torch.tensor([0, 7]))]
     with pytest.raises(probe.ProbeError, match="class label 7, but the model outputs 4 classes"):
@@ -34,11 +36,13 @@ def test_class_labels_that_do_not_fit():
 
 
 def test_empty_data():
+    """ProbeError naming the value: data that yields no batch."""
     with pytest.raises(probe.ProbeError, match="empty"):
         probe.measure(gray_model(), [], progress=False)
 
 
 def test_checkpoint_of_another_architecture(tmp_path):
+    """ProbeError naming the value: the keys that do not fit; the model as before."""
     path = tmp_path / "r32.pt"
     save_checkpoint(cifar_resnet(32, num_classes=4, in_channels=1), path)
     model = build_model("resnet20", num_classes=4, in_channels=1)
@@ -49,6 +53,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
 
 
 def test_nonfinite_activations_are_reported_per_block():
+    """no stale or mixed numbers: a sample with an Inf is left out of every block's statistics and counted."""
     model = gray_model()
     inputs = torch.randn(3, 1, 16, 16)
     inputs[1, 0, 0, 0] = float("inf")

@@ -38,13 +38,26 @@ def test_hook_overhead_and_throughput_on_synthetic_channels_last_bf16():
     output = run(sys.executable, "benchmarks/hook_overhead.py", *options)
     assert "24 synthetic images 3x16x16, batch 8, cpu, bf16, channels_last" in output
     assert ratio(output, "ratio measure / plain") > 0
-    output = run(sys.executable, "benchmarks/sweep_throughput.py", *options)
+    output = run(sys.executable, "benchmarks/sweep_throughput.py", *options, "--stack", "1", "3")
     assert ratio(output, "ratio sweep / inference images/s") > 0
+    assert re.search(r"stacked x3: +[0-9]+ images/s .* ratio sweep / inference images/s: [0-9.]+", output)
 
 
-def test_memory_benchmark_reports_both_operations():
+def test_job_speed_reports_each_stage_against_the_sweep():
+    output = run(sys.executable, "benchmarks/job_speed.py", "--workload", "resnet56-32px", "--images", "40",
+                 "--sections", "skipping", "recalibration", "--threads", "1")
+    assert "resnet56-32px: whole job" in output and "threads: 1 (--threads)" in output
+    for stage in ("measure", "sweep", "skipping", "recalibration"):
+        assert re.search(rf"  {stage} +[0-9.]+ s +[0-9.]+x the sweep", output), output
+    assert ratio(output, "after the sweep \\(skipping, recalibration\\)") > 0
+    assert ratio(output, "whole warm job") > 1
+
+
+def test_memory_benchmark_reports_every_operation():
     output = run(sys.executable, "benchmarks/memory.py", "--samples", "40", "--batch-size", "20")
     assert re.search(r"measure\s+resident .* ratio [0-9.]+", output) and re.search(r"sweep\s+resident", output)
+    # The representation analysis has its row too (its memory is measured, no target is asserted here).
+    assert re.search(r"representation\s+resident\s+40 samples: .* 400 samples: .* ratio [0-9.]+", output)
 
 
 def test_gpu_correctness_checks_pass_on_the_cpu():

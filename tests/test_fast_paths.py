@@ -102,6 +102,14 @@ def _curve_sets(names: list[str]) -> list[list[str]]:
             + [backwards[:k] for k in (2, 3)] + [[name] for name in names] + [[]])
 
 
+def _workload(architecture: str, seed: int) -> tuple:
+    """(model, data, task, block names, curve sets) of one architecture."""
+    factory, shape, task = ARCHITECTURES[architecture]
+    model = factory()
+    names = [block.name for block in probe.find_blocks(model)]
+    return model, _data(shape, 2, seed=seed), task, names, _curve_sets(names)
+
+
 def _numbers(evaluation) -> list[tuple]:
     return [(o.accuracy, o.loss, o.flip_rate, o.samples, tuple(sorted((o.extra or {}).items())))
             for o in [evaluation.baseline, *evaluation.sets]]
@@ -123,11 +131,7 @@ def _assert_same(fast, slow) -> None:
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_sets_of_blocks_equal_whole_forwards(architecture, mode):
     """Deletion-curve sets through the fast sweep equal one whole forward per set."""
-    factory, shape, task = ARCHITECTURES[architecture]
-    model = factory()
-    data = _data(shape, 2, seed=1)
-    names = [block.name for block in probe.find_blocks(model)]
-    sets = _curve_sets(names)
+    model, data, task, names, sets = _workload(architecture, seed=1)
     before = snapshot(model)
     fast = probe.evaluate_ablations(model, data, sets, mode=mode, task=task, progress=False)
     slow = probe.evaluate_ablations(model, data, sets, mode=mode, task=task, fast=False, progress=False)
@@ -142,11 +146,8 @@ def test_sets_of_blocks_equal_whole_forwards(architecture, mode):
 def test_suffix_only_recalibration_equals_whole_passes(architecture, mode):
     """BN recalibration refitting only each set's suffix equals a whole calibration and a whole
     evaluation pass per set; the model is left exactly as it was."""
-    factory, shape, task = ARCHITECTURES[architecture]
-    model = factory()
-    data, calibration = _data(shape, 2, seed=1), _data(shape, 2, seed=2)
-    names = [block.name for block in probe.find_blocks(model)]
-    sets = _curve_sets(names)
+    model, data, task, names, sets = _workload(architecture, seed=1)
+    calibration = _data(ARCHITECTURES[architecture][1], 2, seed=2)
     before = snapshot(model)
     fast = probe.evaluate_ablations(model, data, sets, mode=mode, calibration=calibration, task=task,
                                     per_class=task is None, outcomes=True, progress=False)
@@ -226,3 +227,52 @@ def test_the_next_point_of_a_deletion_curve_runs_on_from_the_last_one():
     assert calls[blocks[7].name] == 4  # baseline, sets 1, 2 and 4
     assert calls[blocks[0].name] == 1
     _assert_same(chained, probe.evaluate_ablations(model, data, sets, fast=False, progress=False))
+
+
+@pytest.mark.parametrize("architecture", ["cifar-resnet20", "torchvision-resnet18", "intercepted-blocks",
+                                          "darknet-drift"])
+def test_stacked_ablations_equal_one_set_at_a_time(architecture):
+    """Several sets in one forward (their copies of the batch stacked, each copy's deletions on
+    its own rows) give the numbers of one set at a time, for single blocks and curve sets."""
+    model, data, task, _, sets = _workload(architecture, seed=4)
+    before = snapshot(model)
+    for mode in ("zero", "mean"):
+        stacked = probe.evaluate_ablations(model, data, sets, mode=mode, task=task, stack=3, outcomes=True,
+                                           progress=False)
+        alone = probe.evaluate_ablations(model, data, sets, mode=mode, task=task, outcomes=True, progress=False)
+        _assert_same(stacked, alone)
+        for got, want in zip(stacked.sets, alone.sets):
+            assert torch.allclose(torch.as_tensor(got.sample_loss), torch.as_tensor(want.sample_loss),
+                                  rtol=1e-5, atol=1e-6)
+    assert_unchanged(model, before)
+    with pytest.raises(probe.ProbeError, match="stack must be a whole number >= 1"):
+        probe.evaluate_ablations(model, data, sets, stack=0, progress=False)
+
+
+def test_stacking_a_value_that_is_no_batch_falls_back_to_one_set_at_a_time(monkeypatch):
+    """A cached constant whose first dimension happens to equal the batch size would be stacked
+    by mistake: the first copy's check catches it and every set is evaluated alone."""
+
+    class WithTable(nn.Module):  # an (8, 6) table crosses both blocks: not a batch, but 8 rows
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Linear(6, 6)
+            self.blocks = nn.Sequential(ScaledBlock(), ScaledBlock())
+            self.head = nn.Linear(6, 3)
+            self.register_buffer("table", torch.randn(8, 6))
+
+        def forward(self, x):
+            table = self.table + 0.0 * x.sum()  # made from the input: traced, a value the cache holds
+            return self.head(self.blocks(self.stem(x)) + table.sum(0))
+
+    torch.manual_seed(0)
+    model = _with_statistics(WithTable(), (6,))
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,)))]
+    sets = [["blocks.0"], ["blocks.1"], ["blocks.0", "blocks.1"]]
+    answers = []
+    stacked_sets = probe.evaluation._score_stacked
+    monkeypatch.setattr(probe.evaluation, "_score_stacked",
+                        lambda *args, **kwargs: answers.append(stacked_sets(*args, **kwargs)) or answers[-1])
+    stacked = probe.evaluate_ablations(model, data, sets, stack=3, progress=False)
+    assert answers == [False]  # tried once, refused, never again
+    _assert_same(stacked, probe.evaluate_ablations(model, data, sets, fast=False, progress=False))

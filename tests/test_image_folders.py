@@ -188,6 +188,23 @@ def test_root_one_level_too_high_above_a_split(tmp_path):
     assert _message(dataset_info, "imagefolder", root=root) == expected
 
 
+def test_root_two_levels_too_high_above_the_classes(tmp_path):
+    # datasets/{cifar,svhn}/{test,train}/<classes>: the "classes" cifar and svhn hold no images.
+    for name in ("cifar", "svhn"):
+        for split in ("test", "train"):
+            _cifar_like(tmp_path / name / split)
+    expected = (
+        f"imagefolder root '{tmp_path}' is more than one level above the classes: its subfolders hold no "
+        "images, only more subfolders (cifar/test, svhn/test); point --data-root at the folder whose "
+        f"subfolders hold the images, e.g. '{tmp_path / 'cifar' / 'test'}'."
+    )
+    assert _message(load_dataset, "imagefolder", root=tmp_path) == expected
+    assert _message(dataset_info, "imagefolder", root=tmp_path) == expected
+    # Images in one class's own folder next to sub-folders: a class folder, read as before.
+    Image.new("RGB", (32, 32)).save(tmp_path / "cifar" / "x.png")
+    assert load_dataset("imagefolder", root=tmp_path).info.num_classes == 2
+
+
 @pytest.mark.parametrize("splits", [("test", "train"), ("Val", "train"), ("valid",),
                                     ("validation", "train")])
 def test_split_named_folders(tmp_path, splits):

@@ -116,3 +116,33 @@ def test_the_checker_sees_an_upward_import_and_a_cycle(tmp_path):
     assert imports_of("probe.fake", core, {"analyses.skipping", "probe.fake"}) == {"analyses.skipping"}
     assert layer("analyses.skipping") not in ALLOWED[layer("probe.fake")]
     assert layer("analyses.skipping.__main__") == "entry" and layer("probe.ablate") == "entry"
+
+
+# Imports inside functions only for optional dependencies (docs/architecture.md): the rest are at module level.
+OPTIONAL = {"captum", "transformers"}
+
+
+def function_level_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level package) of every import inside a function of `path`'s source."""
+    found = []
+    for function in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.Import):
+                found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                found.append((node.lineno, "." if node.level else (node.module or "").split(".")[0]))
+    return sorted(set(found))
+
+
+def test_imports_inside_functions_are_of_optional_dependencies_only():
+    misplaced = [f"{path.relative_to(ROOT)}:{line} imports {name}" for path in project_modules().values()
+                 for line, name in function_level_imports(path) if name not in OPTIONAL]
+    assert not misplaced, "move these imports to module level: " + "; ".join(misplaced)
+
+
+def test_the_checker_sees_an_import_inside_a_function(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("import os\n\ndef f():\n    from sklearn.datasets import load_digits\n    import transformers\n")
+    assert function_level_imports(source) == [(4, "sklearn"), (5, "transformers")]

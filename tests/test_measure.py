@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import probe
+import probe.measurement as measure_module
 from conftest import assert_unchanged, snapshot
+from probe.models import cifar_resnet
 
 X = torch.tensor([[3.0, 4.0], [1.0, 1.0], [0.3, 1.0]])
 Y = torch.tensor([0, 1, 1])
@@ -98,11 +100,6 @@ def test_measure_memory_does_not_hold_activations(tiny_net):
 
 
 def test_channels_last_and_bf16_are_measured_without_copies_and_alike():
-    import importlib
-
-    from probe.models import cifar_resnet
-
-    measure_module = importlib.import_module("probe.measurement")
     torch.manual_seed(0)
     model = cifar_resnet(20, num_classes=4).eval()
     batches = [(torch.randn(6, 3, 16, 16), torch.randint(0, 4, (6,)))]
@@ -134,8 +131,6 @@ def assert_frame_close(actual, expected, rtol):
 
 
 def test_float64_model_is_measured_like_float32():
-    from probe.models import cifar_resnet
-
     torch.manual_seed(0)
     model = cifar_resnet(20, num_classes=4).eval()
     batches = [(torch.randn(4, 3, 16, 16), torch.randint(0, 4, (4,)))]

@@ -209,6 +209,16 @@ def test_render_report_escapes_user_text() -> None:
     assert "&lt;script&gt;" in text and "<title>a &lt; b</title>" in text
 
 
+def test_render_report_shows_the_tables_own_verdicts(monkeypatch) -> None:
+    # Classified once, where the table was built: without a rule the report classifies nothing again.
+    import reports.html
+
+    df = classify(table(), rule=VerdictRule(max_ratio=0.25, noise_z=100.0))
+    monkeypatch.setattr(reports.html, "classify", lambda *args, **kwargs: pytest.fail("classified again"))
+    rows = re.findall(r'<tr class="(\w+)">', render_report(df, baseline=BASELINE, config={}))
+    assert rows == ["neutral", "skipped", "neutral", "neutral", "skipped", "neutral"]
+
+
 def test_render_report_uses_the_given_rule() -> None:
     rule = VerdictRule(max_ratio=0.25, noise_z=100.0)  # everything within noise
     text = render_report(table(), baseline=BASELINE, config={}, rule=rule)

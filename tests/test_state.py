@@ -36,6 +36,7 @@ CALLS = {
 
 @pytest.mark.parametrize("call", CALLS)
 def test_call_leaves_model_unchanged(call):
+    """model, flags, hooks and global torch state exactly as before: after each public call."""
     model = resnet()
     before = snapshot(model)
     CALLS[call](model, list(batches()))
@@ -45,6 +46,7 @@ def test_call_leaves_model_unchanged(call):
 @pytest.mark.parametrize("call", [c for c in CALLS if c != "find_blocks"])
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_loader_raising_midway_leaves_model_unchanged(call, error):
+    """model, flags, hooks and global torch state exactly as before: when the data raises (or Ctrl-C) midway."""
     model = resnet()
     before = snapshot(model)
     with pytest.raises(error):
@@ -53,6 +55,7 @@ def test_loader_raising_midway_leaves_model_unchanged(call, error):
 
 
 def test_bad_batch_raises_probe_error_and_leaves_model_unchanged():
+    """ProbeError naming the value (the batch and its targets' dtype), the model as before."""
     model = resnet()
     before = snapshot(model)
     good = next(batches())
@@ -63,6 +66,7 @@ def test_bad_batch_raises_probe_error_and_leaves_model_unchanged():
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_exception_inside_ablated_removes_hooks(error):
+    """model, flags, hooks and global torch state exactly as before: an error inside `ablated` removes its hooks."""
     model = resnet().eval()  # the body's own forward must not move BN statistics
     before = snapshot(model)
     with pytest.raises(error):
@@ -73,6 +77,7 @@ def test_exception_inside_ablated_removes_hooks(error):
 
 
 def test_ablated_leaves_model_unchanged_after_normal_exit():
+    """model, flags, hooks and global torch state exactly as before: after `ablated` ends normally."""
     model = resnet()
     before = snapshot(model)
     with probe.ablated(model, ["layer3.1"]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -10,11 +11,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import probe.cache
+import probe.models
 from probe.cache import cache_dir, cached_model
 from probe.data import make_loader
 from probe.errors import ProbeError
 from probe.models import build_model, load_checkpoint
-from probe.train import main
+from probe.config import RunConfig
+from probe.train import _parser, _train_config, main
 from probe.training import HISTORY_COLUMNS, TrainConfig, evaluate, train
 
 # A few hundred samples' worth of CIFAR-style training: enough to exercise every path, fast.
@@ -140,8 +143,8 @@ def test_cached_model_trains_once_then_loads(monkeypatch, tmp_path, capsys):
 
 def test_cli_writes_checkpoint(tmp_path, capsys):
     out = tmp_path / "ck.pt"
-    argv = ["--model", "resnet20", "--epochs", "1", "--batch-size", "16", "--limit", "32",
-            "--quiet", "--out", str(out)]
+    argv = ["--model", "resnet20", "--epochs", "1", "--train-batch-size", "16", "--limit", "32",
+            "--no-progress", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "test accuracy" in printed and str(out) in printed
@@ -153,7 +156,38 @@ def test_cli_writes_checkpoint(tmp_path, capsys):
 
 
 def test_cli_user_error_is_one_line(capsys):
-    assert main(["--model", "resnet57", "--quiet"]) == 2
+    assert main(["--model", "resnet57", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("probe.train: error: unknown model 'resnet57'")
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_options_are_the_run_configs_and_train_the_cached_default(monkeypatch, tmp_path):
+    # One option set: every option of probe.train is a RunConfig field, with RunConfig's default ...
+    args = _parser().parse_args([])
+    defaults = RunConfig()
+    for name, value in vars(args).items():
+        if name not in ("out", "no_progress"):
+            assert value == getattr(defaults, name), name
+    # ... and the training defaults are the trainer's, so the default model is the one the cache holds.
+    config = _train_config(RunConfig.from_args(args, device="cpu"))
+    assert config == TrainConfig()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert probe.cache.checkpoint_path(config).name == "resnet56-digits-d311df5d181e.pt"
+
+
+def test_cli_training_options_are_validated_once(capsys):
+    assert main(["--lr", "0", "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("probe.train: error: --lr must be positive")
+    with pytest.raises(ProbeError, match="--train-batch-size"):
+        RunConfig(train_batch_size=0)
+
+
+def test_checkpoints_are_written_whole_and_readable(tmp_path):
+    # Through probe.files' atomic writer: no temp file left, and the permissions of any new file.
+    path = probe.models.save_checkpoint(nn.Linear(2, 2), tmp_path / "c.pt", note="x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    assert torch.load(path, weights_only=True)["metadata"] == {"note": "x"}

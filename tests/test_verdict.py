@@ -81,10 +81,10 @@ def test_boundaries_are_inclusive_of_noise_and_exclusive_of_ratio() -> None:
     # a drop of exactly the noise is within noise; ratio exactly max_ratio is not "small".
     assert out["verdict"].tolist() == ["skipped", "skipped", "neutral", "skipped"]
     # With z = 1 the noise is 0.125: 3/16 = 0.1875 now helps, -0.25 hurts.
-    out = classify(df, VerdictRule(noise_z=1.0))
+    out = classify(df, rule=VerdictRule(noise_z=1.0))
     assert out["verdict"].tolist() == ["helps", "hurts", "neutral", "helps"]
     # A larger max_ratio makes c's 0.5 branch small.
-    out = classify(df, VerdictRule(max_ratio=0.6))
+    out = classify(df, rule=VerdictRule(max_ratio=0.6))
     assert out["verdict"].tolist() == ["skipped", "skipped", "skipped", "skipped"]
 
 
@@ -110,7 +110,7 @@ def test_summarize_lists_and_spearman() -> None:
 
 
 def test_summarize_uses_existing_verdicts_and_forward_order() -> None:
-    df = classify(table(), VerdictRule(noise_z=100.0)).iloc[::-1]  # everything within noise
+    df = classify(table(), rule=VerdictRule(noise_z=100.0)).iloc[::-1]  # everything within noise
     summary = summarize(df)
     assert summary["helps_most"] == [] and summary["hurts"] == []
     assert summary["skipped"] == ["layer3.0", "layer1.1", "layer3.1"]

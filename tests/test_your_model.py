@@ -10,8 +10,10 @@ in class sub-folders. blocks.csv must equal a hand-written forward of the same m
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -340,3 +342,140 @@ def test_shortcut_kinds_of_three_families():
     smoothed = nn.Sequential(Smoothed()).eval()
     blocks = probe.find_blocks(smoothed, spec="0=branch,shortcut")  # discovery takes it for two towers
     assert shortcut_kinds(smoothed, torch.randn(2, 2, 5, 5), blocks) == {"0": "function"}
+
+
+# --- data that does not fit the model: channels, classes, sizes, folders --------------------------
+
+GREY_MODEL = textwrap.dedent('''
+    from probe.models import cifar_resnet
+
+
+    def grey(**_):  # ignores num_classes and in_channels: a 1-channel, 4-class model
+        return cifar_resnet(8, num_classes=4, in_channels=1)
+''')
+
+
+def _cli(capsys, *args) -> tuple[int, list[str]]:
+    code = ablate.main([*map(str, args), "--no-progress"])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture
+def grey_checkpoint(user, tmp_path):
+    """A 1-channel model (its factory ignores in_channels) and its state_dict."""
+    (tmp_path / "grey_models.py").write_text(GREY_MODEL)
+    sys.modules.pop("grey_models", None)
+    import grey_models
+
+    torch.manual_seed(0)
+    path = tmp_path / "grey.pt"
+    torch.save(grey_models.grey().state_dict(), path)
+    return path
+
+
+def test_a_three_channel_checkpoint_on_grey_digits_is_one_line_naming_the_channels(user, tmp_path, capsys):
+    _, checkpoint, _ = user
+    code, err = _cli(capsys, "--model", "user_models:resnet_option_a", "--checkpoint", checkpoint,
+                     "--out", tmp_path / "o", "--limit", "20")
+    assert code == 2 and len(err) == 1, err
+    assert "takes 3 input channel(s)" in err[0] and "digits data has 1" in err[0] and "--in-channels 3" in err[0]
+
+
+def test_a_one_channel_checkpoint_on_rgb_images_read_as_rgb_is_one_line(user, grey_checkpoint, tmp_path, capsys):
+    _, _, folder = user
+    code, err = _cli(capsys, "--model", "grey_models:grey", "--checkpoint", grey_checkpoint, "--dataset",
+                     "imagefolder", "--data-root", folder, "--in-channels", "3", "--out", tmp_path / "o")
+    assert code == 2 and len(err) == 1, err
+    assert "takes 1 input channel(s)" in err[0] and "has 3" in err[0] and "--in-channels 1" in err[0]
+
+
+def test_a_model_trained_here_that_ignores_in_channels_is_told_about_in_channels(user, tmp_path, capsys):
+    code, err = _cli(capsys, "--model", "user_models:resnet_option_a", "--out", tmp_path / "o")
+    assert code == 2 and len(err) == 1, err
+    assert "takes 3 input channel(s)" in err[0] and "--in-channels 3" in err[0] and "--checkpoint" in err[0]
+
+
+def test_rgb_images_are_read_grey_for_a_one_channel_model(user, grey_checkpoint, tmp_path, capsys):
+    _, _, folder = user
+    out = tmp_path / "run"
+    code, err = _cli(capsys, "--model", "grey_models:grey", "--checkpoint", grey_checkpoint, "--dataset",
+                     "imagefolder", "--data-root", folder, "--normalize", "0.5,0.25", "--out", out,
+                     "--sections", "skipping")
+    assert code == 0, err
+    record = json.loads((out / "run.json").read_text())
+    assert record["data"]["in_channels"] == 1 and record["data"]["normalize"] == "0.5,0.25"
+    assert "32x32, 1 channel(s)" in (out / "report.html").read_text()
+    # The grey images are what the run measured: the intact accuracy of a forward on them.
+    grey = load_dataset("imagefolder", root=folder, in_channels=1, normalize="0.5,0.25")
+    import grey_models
+
+    model = grey_models.grey()
+    model.load_state_dict(torch.load(grey_checkpoint))
+    x = torch.stack([grey[i][0] for i in range(len(grey))])
+    with torch.no_grad():
+        accuracy = (model.eval()(x).argmax(1) == dataset_targets(grey)).double().mean().item()
+    assert x.shape[1] == 1 and record["samples"] == "all 24 samples"
+    table = pd.read_csv(out / "blocks.csv")
+    assert ((table["accuracy"] + table["accuracy_drop"]) - accuracy).abs().max() < 1e-9
+    # Without --normalize, ImageNet's three-channel statistics cannot apply to grey images: one line.
+    code, err = _cli(capsys, "--model", "grey_models:grey", "--checkpoint", grey_checkpoint, "--dataset",
+                     "imagefolder", "--data-root", folder, "--out", tmp_path / "o2")
+    assert code == 2 and len(err) == 1 and "--normalize" in err[0] and "grey" in err[0]
+
+
+def test_mixed_image_sizes_say_what_size_was_chosen(tmp_path, capsys):
+    for name, size in {"a": 32, "b": 40}.items():
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (size, size), (0, 128, 255)).save(tmp_path / name / "x.png")
+    datasets = load_datasets(RunConfig(dataset="imagefolder", data_root=str(tmp_path)), calibration=False)
+    assert datasets.evaluation.info.image_size == 224
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "224x224" in err[0] and "--image-size N" in err[0]
+    load_datasets(RunConfig(dataset="imagefolder", data_root=str(tmp_path), image_size=40), calibration=False)
+    assert capsys.readouterr().err == ""  # a size asked for needs no note
+
+
+def test_help_names_every_checkpoint_form():
+    text = " ".join(ablate._parser().format_help().split())
+    for form in ("state_dict", "model_state_dict", "net", "module.", "DataParallel", "_orig_mod.", "torch.compile",
+                 "pickled module", ".safetensors"):
+        assert form in text, form
+
+
+def test_a_model_with_more_classes_than_the_folder_is_warned_and_chance_is_the_datas(user, tmp_path, capsys):
+    _, checkpoint, folder = user
+    two = tmp_path / "two"
+    for name in CLASSES[:2]:
+        shutil.copytree(folder / name, two / name)
+    code, err = _cli(capsys, "--model", "user_models:resnet_option_a", "--checkpoint", checkpoint, "--dataset",
+                     "imagefolder", "--data-root", two, "--out", tmp_path / "o", "--sections", "skipping")
+    assert code == 0, err
+    assert [line for line in err if "predicts" in line] == [
+        "probe.ablate: warning: the model predicts 4 classes but the data has 2: chance is judged on the data's 2, "
+        "and a prediction of class 2 or above always counts as wrong; was the model built for another data set?"]
+    assert any("(50.0%: 2 classes" in line for line in err if "chance" in line), err
+
+
+def test_a_folder_two_levels_too_high_is_refused(user, tmp_path, capsys):
+    _, checkpoint, folder = user
+    above = tmp_path / "datasets"
+    for name in ("cifar", "cinic"):
+        shutil.copytree(folder, above / name / "test")
+    code, err = _cli(capsys, "--model", "user_models:resnet_option_a", "--checkpoint", checkpoint, "--dataset",
+                     "imagefolder", "--data-root", above, "--out", tmp_path / "o")
+    assert code == 2 and len(err) == 1 and str(above) in err[0], err
+    assert repr(str(above / "cifar" / "test")) in err[0]
+
+
+def test_the_readme_python_example_runs_as_shown(user, tmp_path):
+    _, checkpoint, folder = user
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Your own model and data", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    for shown, here in (("mypkg.models:resnet56", "user_models:resnet_option_a"), ("resnet56.th", str(checkpoint)),
+                        ("cifar10/test", str(folder))):
+        assert shown in code
+        code = code.replace(shown, here)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert list(namespace["table"]["block"]) == ["layer1.0", "layer1.1", "layer2.0", "layer3.0"]

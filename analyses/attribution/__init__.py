@@ -49,7 +49,6 @@ __all__ = ["PROXIES", "AttributionResult", "attribution", "block_influence", "di
            "gradient_x_activation", "truth_columns"]
 
 PROXIES = ("ratio", "cosine", "block_influence", "gradient_x_activation")
-SCORE_COLUMNS = ["block", "position", "proxy", "score", "accuracy_drop", "loss_increase", "bn_recalibrated"]
 SUMMARY_COLUMNS = ["proxy", "spearman_accuracy_drop", "spearman_loss_increase", "seconds", "bn_recalibrated"]
 TRUTH = "measured drop (sweep)"
 NO_DRIFT_GRADIENT = ("drift has no gradient proxy: the drift is 0 at the intact model and smallest there, so its "
@@ -244,7 +243,7 @@ def attribution(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
         raise ProbeError(f"attribution: the per-block table holds {cost} (a table of another task), but the task "
                          f"{task.name!r} measures {task.cost}; pass the task the table was made with (task=).")
     truths = truth_columns(cost)
-    truth = check_table(table, ["block", "position", *truths], "attribution", model, blocks)
+    truth = check_table(table, ["block", "position", *truths], "attribution", model, blocks=blocks)
     truth = truth[["block", "position", *truths]]
     stats, measure_seconds = _timed(lambda: probe.measure(model, data, blocks=blocks, progress=progress))
     influence, influence_seconds = _timed(lambda: block_influence(model, data, blocks=blocks, progress=progress))

@@ -51,6 +51,7 @@ from scipy import stats
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from analyses.uncertainty import check_bootstrap
 from probe.batches import Batch, batches, explained_misfit, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
@@ -60,7 +61,7 @@ from probe.layers import group_layers, layer_stack
 from probe.results import Outcome
 from probe.table import check_table
 from probe.tasks import LanguageModeling
-from probe.verdict import cost_column, rank_correlation
+from probe.verdict import cost_column, per_token, rank_correlation
 
 __all__ = ["LMResult", "best_spans", "depth_finding", "final_norm", "greedy_deletion", "layer_similarity",
            "lens_parts", "lm_layers", "logit_lens", "residual_angles", "score_agreement", "single_deletions",
@@ -430,13 +431,11 @@ class _Deletions:
 
 
 def _check_lm_table(table: pd.DataFrame, model: nn.Module, stack: _Stack) -> pd.DataFrame:
-    if isinstance(table, pd.DataFrame) and (
-            cost_column(table) != "loss_increase"
-            or not ({"perplexity", "token_accuracy"} & set(table.columns) or table.attrs.get("task") == "lm")):
+    if isinstance(table, pd.DataFrame) and (cost_column(table) != "loss_increase" or not per_token(table)):
         raise ProbeError("the lm analysis needs a per-block table of the lm task (loss, perplexity, loss_increase); "
                          f"this one has {list(table.columns)}. Build it with probe.block_table(..., task='lm').")
     return check_table(table, ["block", "position", "loss", "loss_increase"], "the lm analysis", model,
-                       stack.every_block)
+                       blocks=stack.every_block)
 
 
 def _single_deletions(deletions: _Deletions, stack: _Stack, table: pd.DataFrame | None) -> pd.DataFrame:
@@ -531,7 +530,8 @@ def span_summary(spans: pd.DataFrame) -> pd.DataFrame:
     span with the smallest angular distance), angle (its distance), loss_by_angle,
     perplexity_by_angle (deleting it), start_by_loss (the span whose deletion costs least),
     angle_by_loss (its distance), loss_by_loss, perplexity_by_loss, same_span (both picks agree),
-    baseline_loss, baseline_perplexity (the intact model, from `attrs["baseline"]`; NaN without).
+    baseline_loss, baseline_perplexity (the intact model, from `attrs["baseline"]`; NaN without:
+    output columns, so the CSV keeps them). `attrs["baseline"]` is the spans table's.
     """
     baseline = spans.attrs.get("baseline", {})
     rows = []
@@ -545,7 +545,9 @@ def span_summary(spans: pd.DataFrame) -> pd.DataFrame:
                      "perplexity_by_loss": loss["perplexity"], "same_span": int(angle["start"]) == int(loss["start"]),
                      "baseline_loss": baseline.get("loss", float("nan")),
                      "baseline_perplexity": baseline.get("perplexity", float("nan"))})
-    return pd.DataFrame(rows, columns=SPAN_COLUMNS)
+    summary = pd.DataFrame(rows, columns=SPAN_COLUMNS)
+    summary.attrs["baseline"] = dict(baseline)
+    return summary
 
 
 def best_spans(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
@@ -655,10 +657,7 @@ def score_agreement(layers: pd.DataFrame, *, resamples: int = 1000, level: float
     Columns: kind, score, spearman, low, high (the interval; NaN when no resample is defined),
     level, resamples, units.
     """
-    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 1:
-        raise ProbeError(f"resamples must be a positive integer, got {resamples!r}.")
-    if not 0 < level < 1:
-        raise ProbeError(f"level must be between 0 and 1 (e.g. 0.95), got {level!r}.")
+    check_bootstrap(resamples, level)
     rows = []
     for kind in ("layer", "sublayer"):
         units = layers[layers["kind"] == kind].reset_index(drop=True)

@@ -41,7 +41,7 @@ def _write(config: RunConfig, out: Path, progress: bool) -> list[Path]:
     for part, why in result.notes.items():
         print(f"{part}: {why}")
     written = write_tables(out, result.tables())
-    width = figures.layer_figure_width(len(layers))
+    width = figures.block_figure_width(len(layers))
     written.append(write_png(out / "lm_similarity.png", figures.layer_similarity_plot, result.layers, width=width))
     if len(result.spans):
         written.append(write_png(out / "lm_spans.png", figures.span_plot, result.spans))
@@ -49,7 +49,7 @@ def _write(config: RunConfig, out: Path, progress: bool) -> list[Path]:
     written.append(write_png(out / "lm_agreement.png", figures.agreement_intervals, result.agreement))
     if len(result.lens):
         written.append(write_png(out / "lm_logit_lens.png", figures.logit_lens_plot, result.lens,
-                                 width=figures.layer_figure_width(len(result.lens))))
+                                 width=figures.block_figure_width(len(result.lens))))
     return written
 
 

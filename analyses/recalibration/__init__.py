@@ -83,7 +83,7 @@ def recalibration(model: nn.Module, data: Iterable, calibration: Iterable, *, ta
         columns = ["block", "position", *values, "samples", *baseline, "mode", "bn_recalibrated"]
         needed = ["block", "position", *values, "samples", "mode"]
     if reusable:
-        plain = check_table(table, needed, "recalibration", model, blocks).assign(bn_recalibrated=False)
+        plain = check_table(table, needed, "recalibration", model, blocks=blocks).assign(bn_recalibrated=False)
     else:
         plain, _ = single_block_sweep(model, data, mode=mode, blocks=blocks, task=task, progress=progress)
     both = pd.concat([_with_baseline(plain, table if reusable else plain, columns),

@@ -111,7 +111,8 @@ class RepresentationResult:
         stage, ratio (||F(x)||/||s(x)||), accuracy_drop (deleted alone), verdict, probe_accuracy
         (test), probe_gain, lens_accuracy, grad_cosine, step_ratio, cka_previous and cka_next
         (CKA with the neighbouring blocks; NaN at the ends), top_class and top_class_drop (the
-        class that loses most when the block is deleted, and how much), bn_recalibrated.
+        class that loses most when the block is deleted, and how much; <NA> and NaN when no
+        class loses anything), bn_recalibrated.
         Other tasks: accuracy_drop is replaced by the task's cost column (loss_increase or
         drift, `probe.verdict.cost_column`); the columns of tables that do not apply are NaN.
     notes: {table: why it is empty} for the tables that do not apply to the task, keyed by
@@ -565,7 +566,9 @@ def summary(table: pd.DataFrame, probes: pd.DataFrame, lens: pd.DataFrame, refin
     names = out["block"].tolist()
     out["cka_previous"] = [pairs.get((b, a), np.nan) for a, b in zip([None, *names[:-1]], names)]
     out["cka_next"] = [pairs.get((a, b), np.nan) for a, b in zip(names, [*names[1:], None])]
-    top = classes[classes["rank"] == 1].set_index("block")
+    # The class a block serves most: its rank-1 class when that loses accuracy without it; a block
+    # whose deletion costs no class anything serves none (as the heatmap, which boxes nothing there).
+    top = classes[(classes["rank"] == 1) & (classes["accuracy_drop"] > 0)].set_index("block")
     out["top_class"] = out["block"].map(top["class"]).astype("Int64")
     out["top_class_drop"] = out["block"].map(top["accuracy_drop"])
     out["bn_recalibrated"] = bool(table["bn_recalibrated"].iloc[0]) if "bn_recalibrated" in table.columns else False
@@ -604,11 +607,11 @@ def representation(model: nn.Module, data: Iterable, *, train_data: Iterable | N
         sweep, evaluation = single_block_sweep(model, data, mode=mode, calibration=calibration, per_class=True,
                                                blocks=chosen, progress=progress)
         if table is None:
-            table = join_block_table(probe.measure(model, data, blocks=chosen, progress=progress), sweep, rule)
+            table = join_block_table(probe.measure(model, data, blocks=chosen, progress=progress), sweep, rule=rule)
     elif table is None:
         raise ProbeError("representation: pass the per-block table together with a precomputed evaluation.")
     _check_cost(table, task)
-    table = check_table(table, ["block", "position", "ratio", "accuracy_drop"], "representation", model, chosen)
+    table = check_table(table, ["block", "position", "ratio", "accuracy_drop"], "representation", model, blocks=chosen)
     baseline, deletions = evaluation
     if len(deletions) != len(chosen) or "class_accuracy" not in baseline:
         raise ProbeError("representation: the evaluation must hold one single-block deletion per block, in forward "
@@ -645,9 +648,9 @@ def _without_labels(model: nn.Module, data: Iterable, task: Task, *, table: pd.D
             raise ProbeError("representation: pass the per-block table together with a precomputed evaluation.")
         sweep, _ = single_block_sweep(model, data, mode=mode, calibration=calibration, blocks=chosen, task=task,
                                       progress=progress)
-        table = join_block_table(probe.measure(model, data, blocks=chosen, progress=progress), sweep, rule)
+        table = join_block_table(probe.measure(model, data, blocks=chosen, progress=progress), sweep, rule=rule)
     _check_cost(table, task)
-    table = check_table(table, ["block", "position", "ratio", task.cost], "representation", model, chosen)
+    table = check_table(table, ["block", "position", "ratio", task.cost], "representation", model, blocks=chosen)
     recal = calibration is not None
     if "bn_recalibrated" in table.columns:
         recal = bool(table["bn_recalibrated"].iloc[0])

@@ -27,7 +27,7 @@ def _write(config: RunConfig, out: Path, progress: bool) -> list[Path]:
     inputs = load_inputs(config, progress=progress)
     task = resolve_task(config.task)
     # Only the linear probes (classification) are fitted on training data.
-    train = train_loader(config) if isinstance(task, Classification) else None
+    train = train_loader(config, model=inputs.model) if isinstance(task, Classification) else None
     result = representation(inputs.model, inputs.data, train_data=train, mode=config.mode,
                             calibration=inputs.calibration, blocks=inputs.blocks, task=task, progress=progress)
     columns = ["block", "ratio", task.cost, "probe_accuracy", "probe_gain", "lens_accuracy", "grad_cosine",

@@ -143,7 +143,7 @@ def skipping(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None
     if table is None:
         table = block_table(model, data, mode=mode, calibration=calibration, rule=rule, blocks=every, task=task,
                             progress=progress)
-    table = check_table(table, _table_columns(table, task), "skipping", model, every, rule=rule)
+    table = check_table(table, _table_columns(table, task), "skipping", model, blocks=every, rule=rule)
     skipped = table.loc[table["verdict"] == "skipped", "block"].astype(str).tolist()
     orders = deletion_orders(table, random_draws=random_draws, seed=seed)
     # Block objects, not names: each set is then used as given, without finding the blocks again.
@@ -187,22 +187,22 @@ def _classification_tables(task: Task, baseline: Outcome, results: list[Outcome]
                            orders: list[tuple[str, int, list[str]]], ks: list[int]) -> tuple[pd.DataFrame, ...]:
     after = results[0]
     summary = pd.DataFrame([
-        {"state": "all blocks", "blocks_removed": 0, "removed": "", "accuracy": baseline["accuracy"],
-         "loss": baseline["loss"], "accuracy_drop": 0.0, "flip_rate": 0.0, "samples": baseline["samples"]},
+        {"state": "all blocks", "blocks_removed": 0, "removed": "", "accuracy": baseline.accuracy,
+         "loss": baseline.loss, "accuracy_drop": 0.0, "flip_rate": 0.0, "samples": baseline.samples},
         {"state": "skipped blocks removed", "blocks_removed": len(skipped), "removed": " ".join(skipped),
-         "accuracy": after["accuracy"], "loss": after["loss"],
-         "accuracy_drop": baseline["accuracy"] - after["accuracy"], "flip_rate": after["flip_rate"],
-         "samples": after["samples"]},
+         "accuracy": after.accuracy, "loss": after.loss,
+         "accuracy_drop": baseline.accuracy - after.accuracy, "flip_rate": after.flip_rate,
+         "samples": after.samples},
     ])
     rows, next_result = [], iter(results[1:])
     for order, draw, names in orders:
-        rows.append({"order": order, "draw": draw, "k": 0, "removed": "", "accuracy": baseline["accuracy"],
-                     "loss": baseline["loss"], "accuracy_drop": 0.0, "samples": baseline["samples"]})
+        rows.append({"order": order, "draw": draw, "k": 0, "removed": "", "accuracy": baseline.accuracy,
+                     "loss": baseline.loss, "accuracy_drop": 0.0, "samples": baseline.samples})
         for k in ks:
             result = next(next_result)
             rows.append({"order": order, "draw": draw, "k": k, "removed": names[k - 1],
-                         "accuracy": result["accuracy"], "loss": result["loss"],
-                         "accuracy_drop": baseline["accuracy"] - result["accuracy"], "samples": result["samples"]})
+                         "accuracy": result.accuracy, "loss": result.loss,
+                         "accuracy_drop": baseline.accuracy - result.accuracy, "samples": result.samples})
     return summary, pd.DataFrame(rows)
 
 

@@ -28,15 +28,15 @@ from torch import nn
 
 import probe
 from probe.evaluation import single_block_sweep
-from probe.results import Evaluation
+from probe.results import Evaluation, Outcome
 from probe.table import check_table, join_block_table, unsupported_reason
 from probe.tasks import Classification, Task, resolve_task
 from probe.verdict import UNSUPPORTED, VerdictRule, classify, cost_column
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
 
-__all__ = ["UncertaintyResult", "bootstrap_interval", "cost_interval", "drop_intervals", "interval_columns",
-           "per_class_drops", "uncertainty"]
+__all__ = ["UncertaintyResult", "bootstrap_interval", "check_bootstrap", "cost_interval", "drop_intervals",
+           "interval_columns", "per_class_drops", "uncertainty"]
 
 INTERVAL_COLUMNS = ["block", "position", "ratio", "accuracy_drop", "drop_low", "drop_high", "level", "resamples",
                     "samples", "skipped", "verdict_ci", "verdict", "bn_recalibrated"]
@@ -90,7 +90,7 @@ def bootstrap_interval(base_correct, ablated_correct, *, resamples: int = 1000, 
     same distribution as resampling indices, in O(resamples) instead of O(resamples * n).
     Quantiles use numpy's default (linear) interpolation; `seed` seeds numpy's generator.
     """
-    _check_bootstrap(resamples, level)
+    check_bootstrap(resamples, level)
     base = np.asarray(torch.as_tensor(base_correct).cpu(), dtype=np.int64)
     ablated = np.asarray(torch.as_tensor(ablated_correct).cpu(), dtype=np.int64)
     if base.shape != ablated.shape or base.ndim != 1 or len(base) == 0:
@@ -105,8 +105,10 @@ def bootstrap_interval(base_correct, ablated_correct, *, resamples: int = 1000, 
     return float(low), float(high)
 
 
-def _check_bootstrap(resamples: int, level: float) -> None:
-    if not isinstance(resamples, int) or resamples < 1:
+def check_bootstrap(resamples: int, level: float) -> None:
+    """A ProbeError unless `resamples` is a positive whole number and 0 < `level` < 1 (every
+    bootstrap's arguments: the intervals here, the lm analysis's score agreement)."""
+    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 1:
         raise ProbeError(f"resamples must be a positive whole number, got {resamples!r}.")
     if not 0 < level < 1:
         raise ProbeError(f"level must lie strictly between 0 and 1 (e.g. 0.95), got {level!r}.")
@@ -123,7 +125,7 @@ def cost_interval(base_loss, ablated_loss, weight=None, *, resamples: int = 1000
     per resample in order, and computes sum(d[idx]) / sum(w[idx]) (NaN when the drawn samples
     hold no unit). Quantiles use numpy's default (linear) interpolation, ignoring NaN.
     """
-    _check_bootstrap(resamples, level)
+    check_bootstrap(resamples, level)
     base = np.asarray(torch.as_tensor(base_loss).cpu(), dtype=np.float64)
     ablated = np.asarray(torch.as_tensor(ablated_loss).cpu(), dtype=np.float64)
     w = np.ones_like(ablated) if weight is None else np.asarray(torch.as_tensor(weight).cpu(), dtype=np.float64)
@@ -184,35 +186,37 @@ def drop_intervals(table: pd.DataFrame, evaluation: Evaluation, *, rule: Verdict
     with per-sample outcomes (`correct` for classification, `sample_loss` and `sample_weight`
     for other tasks). Each block's resamples are seeded with (seed, position): independent of
     which blocks are asked. task: the task given, else the evaluation's (`Evaluation.task`),
-    else classification.
+    else classification. The `verdict` column is the table's own (classified once, where the
+    table was built); with `rule` given, or for a table without verdicts, it is recomputed.
     """
-    rule = rule or VerdictRule()
+    given_rule, rule = rule, rule or VerdictRule()
     task = _task_of(evaluation, task)
     baseline, results = evaluation
     classification = isinstance(task, Classification)
     needed = "correct" if classification else "sample_loss"
-    if needed not in baseline or len(results) != len(table) or any(needed not in result for result in results):
+    if getattr(baseline, needed) is None or len(results) != len(table) or \
+            any(getattr(result, needed) is None for result in results):
         raise ProbeError("drop_intervals needs per-sample outcomes for every block: evaluate with outcomes=True.")
     noise_columns = {"flip_rate", "samples"} if classification else {task.cost, f"{task.cost}_se", "samples"}
-    if "verdict" in table and (table["verdict"] == UNSUPPORTED).all():
-        verdicts = [UNSUPPORTED] * len(table)  # the intact model is at chance: no decision either
+    if "verdict" in table and (given_rule is None or (table["verdict"] == UNSUPPORTED).all()):
+        verdicts = table["verdict"].tolist()  # unsupported: the intact model is at chance, no decision either
     elif noise_columns <= set(table.columns) and (classification or cost_column(table) == task.cost):
-        verdicts = classify(table, rule)["verdict"].tolist()
+        verdicts = classify(table, rule=rule)["verdict"].tolist()
     else:
         verdicts = [None] * len(table)
     cost = task.cost
     tolerance = 0.0
     if cost == "loss_increase":  # as probe.verdict's noise floor: below it, two float sums differ by rounding
-        tolerance = 1e-6 * abs(_value(baseline, "loss")) + 1e-12
+        tolerance = 1e-6 * abs(baseline.loss) + 1e-12
     rows = []
     for (_, row), result, verdict in zip(table.iterrows(), results, verdicts):
         block_seed = [seed, int(row["position"])]
         if classification:
-            low, high = bootstrap_interval(baseline["correct"], result["correct"], resamples=resamples, level=level,
+            low, high = bootstrap_interval(baseline.correct, result.correct, resamples=resamples, level=level,
                                            seed=block_seed)
-            point = baseline["accuracy"] - result["accuracy"]
+            point = baseline.accuracy - result.accuracy
         else:
-            low, high = cost_interval(baseline["sample_loss"], result["sample_loss"], _weights(baseline, result),
+            low, high = cost_interval(baseline.sample_loss, result.sample_loss, _weights(baseline, result),
                                       resamples=resamples, level=level, seed=block_seed)
             point = _point(cost, baseline, result)
         ratio = float(row["ratio"])
@@ -225,29 +229,22 @@ def drop_intervals(table: pd.DataFrame, evaluation: Evaluation, *, rule: Verdict
         names = interval_columns(cost)
         rows.append({"block": row["block"], "position": row["position"], "ratio": row["ratio"],
                      names[3]: point, names[4]: low, names[5]: high,
-                     "level": level, "resamples": resamples, "samples": result["samples"],
+                     "level": level, "resamples": resamples, "samples": result.samples,
                      "skipped": decision == "skipped", "verdict_ci": decision, "verdict": verdict,
                      "bn_recalibrated": bn_recalibrated})
     return pd.DataFrame(rows, columns=interval_columns(cost))
 
 
-def _value(outcome, key: str):
-    return outcome[key] if key in outcome else None
-
-
-def _weights(baseline, result):
+def _weights(baseline: Outcome, result: Outcome):
     """Per-sample units: the deleted state's (the same as the intact model's on the same samples)."""
-    for outcome in (result, baseline):
-        if "sample_weight" in outcome:
-            return outcome["sample_weight"]
-    return None
+    return result.sample_weight if result.sample_weight is not None else baseline.sample_weight
 
 
-def _point(cost: str, baseline, result) -> float:
+def _point(cost: str, baseline: Outcome, result: Outcome) -> float:
     """The point estimate of a continuous cost: the loss increase, or the drift itself."""
     if cost == "drift":
-        return float(result["loss"])
-    return float(result["loss"] - baseline["loss"])
+        return float(result.loss)
+    return float(result.loss - baseline.loss)
 
 
 def per_class_drops(table: pd.DataFrame, evaluation: Evaluation, *,
@@ -258,12 +255,12 @@ def per_class_drops(table: pd.DataFrame, evaluation: Evaluation, *,
     task = getattr(evaluation, "task", None)
     if task is not None and not task.per_class:
         return pd.DataFrame(columns=CLASS_COLUMNS)
-    if "class_accuracy" not in baseline:
+    if baseline.class_accuracy is None:
         raise ProbeError("per_class_drops needs per-class accuracies: evaluate with per_class=True.")
     rows = []
     for (_, row), result in zip(table.iterrows(), results):
-        for cls, (count, before, after) in enumerate(zip(baseline["class_samples"], baseline["class_accuracy"],
-                                                         result["class_accuracy"])):
+        for cls, (count, before, after) in enumerate(zip(baseline.class_samples, baseline.class_accuracy,
+                                                         result.class_accuracy)):
             if count == 0:
                 continue  # a class absent from the data has no accuracy
             rows.append({"block": row["block"], "position": row["position"], "class": cls, "samples": count,
@@ -293,7 +290,7 @@ def uncertainty(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
         sweep, evaluation = single_block_sweep(model, data, mode=mode, calibration=calibration, per_class=True,
                                                outcomes=True, blocks=blocks, task=task, progress=progress)
         if table is None:
-            table = join_block_table(probe.measure(model, data, blocks=blocks, progress=progress), sweep, rule,
+            table = join_block_table(probe.measure(model, data, blocks=blocks, progress=progress), sweep, rule=rule,
                                      unsupported=unsupported_reason(evaluation, rule))
     elif table is None:
         raise ProbeError("uncertainty: pass the per-block table together with a precomputed evaluation.")
@@ -305,7 +302,7 @@ def uncertainty(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
     if held in table.columns and held != task.cost:
         raise ProbeError(f"uncertainty: the per-block table holds {held} (a table of another task), but the task "
                          f"{task.name!r} measures {task.cost}; pass the task the table was made with (task=).")
-    table = check_table(table, ["block", "position", "ratio"], "uncertainty", model, blocks)
+    table = check_table(table, ["block", "position", "ratio"], "uncertainty", model, blocks=blocks)
     if len(evaluation[1]) != len(blocks):
         raise ProbeError("uncertainty: the evaluation must hold one result per block, in forward order.")
     recal = calibration is not None

@@ -1,0 +1,125 @@
+"""The whole `python -m probe.ablate` job against its own sweep, stage by stage.
+
+    python benchmarks/job_speed.py [--workload default resnet56-32px] [--device cpu] [--threads N]
+
+The default runs once to warm the model cache (not timed); each workload then runs once timed,
+as a separate process (start-up included). The CLI's last line ("took ...") gives each stage's
+seconds; the ratios are taken to the sweep of the same run. Targets: everything after the sweep (skipping, attribution,
+uncertainty, recalibration) at most 1.5x the sweep; the whole warm job at most 3x.
+
+Workloads:
+  default         the built-in default: ResNet-56 trained on digits, 360 test images (16x16, grey).
+  resnet56-32px   a ResNet-56 with random weights (BN statistics from a few random batches) on
+                  a folder of 1000 random 32x32 RGB images in 10 classes, BN recalibrated on
+                  another folder of 256 (`--calibration-root`). Made in a temporary folder.
+                  Random weights put it at chance (no verdicts); the work and its timing are
+                  those of a trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+POST_SWEEP = ("skipping", "attribution", "uncertainty", "recalibration")
+
+
+def image_folder(root: Path, images: int, seed: int) -> Path:
+    """`images` random 32x32 RGB PNGs in 10 class folders."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(images):
+        folder = root / f"class{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+    return root
+
+
+def random_resnet56(path: Path) -> Path:
+    import torch
+
+    from probe.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("resnet56", num_classes=10, in_channels=3)
+    with torch.no_grad():  # BN statistics of a few random batches, as after a little training
+        for _ in range(4):
+            model(torch.rand(64, 3, 32, 32))
+    save_checkpoint(model.eval(), path)
+    return path
+
+
+def workload_arguments(name: str, scratch: Path, images: int = 1000) -> list[str]:
+    if name == "default":
+        return []
+    if name == "resnet56-32px":
+        data = image_folder(scratch / "images", images, seed=0)
+        calibration = image_folder(scratch / "calibration", 256, seed=1)
+        checkpoint = random_resnet56(scratch / "resnet56-random.pt")
+        return ["--model", "resnet56", "--checkpoint", str(checkpoint), "--dataset", "imagefolder",
+                "--data-root", str(data),
+                "--calibration-root", str(calibration), "--image-size", "32", "--in-channels", "3"]
+    raise SystemExit(f"unknown workload {name!r}")
+
+
+def run_job(arguments: list[str], out: Path, extra: list[str]) -> tuple[float, dict[str, float], str]:
+    """(wall seconds, stage seconds, thread choice) of one `python -m probe.ablate` run."""
+    command = [sys.executable, "-m", "probe.ablate", "--no-progress", "--out", str(out), *arguments, *extra]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"probe.ablate failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    last = [line for line in done.stdout.splitlines() if line.startswith("took ")][-1]
+    timings, threads = last.split(" s (", 1)[1].rsplit("); threads: ", 1)
+    stages = {name: float(value) for name, value in re.findall(r"(\w+) ([\d.]+)", timings)}
+    return wall, stages, threads
+
+
+def report(name: str, wall: float, stages: dict[str, float], threads: str) -> None:
+    sweep = stages["sweep"]
+    post = sum(stages.get(stage, 0.0) for stage in POST_SWEEP)
+    print(f"{name}: whole job {wall:.1f} s wall (start-up included); threads: {threads}")
+    for stage, seconds in stages.items():
+        print(f"  {stage:<15} {seconds:7.1f} s   {seconds / sweep:5.2f}x the sweep")
+    other = wall - sum(stages.values())
+    print(f"  {'the rest':<15} {other:7.1f} s   {other / sweep:5.2f}x the sweep   (start-up, loading, writing)")
+    print(f"  after the sweep ({', '.join(s for s in POST_SWEEP if s in stages)}): {post / sweep:.2f}x the sweep "
+          f"(target <= 1.5)")
+    print(f"  whole warm job: {wall / sweep:.2f}x the sweep (target <= 3)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", nargs="+", default=["default", "resnet56-32px"],
+                        choices=["default", "resnet56-32px"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="passed on to probe.ablate (default: its choice)")
+    parser.add_argument("--sections", nargs="+", default=None,
+                        help="passed on to probe.ablate (default: every section that applies)")
+    parser.add_argument("--images", type=int, default=1000, help="resnet56-32px: images to evaluate on (default: 1000)")
+    args = parser.parse_args()
+    extra = ["--device", args.device]
+    extra += ["--threads", str(args.threads)] if args.threads else []
+    extra += ["--sections", *args.sections] if args.sections else []
+    with tempfile.TemporaryDirectory(prefix="probe-job-speed-") as scratch:
+        for name in args.workload:
+            arguments = workload_arguments(name, Path(scratch), args.images)
+            if name == "default":  # trains the model or loads it from the cache, which is then warm
+                run_job(arguments, Path(scratch) / f"{name}-warm", extra)
+            wall, stages, threads = run_job(arguments, Path(scratch) / f"{name}-timed", extra)
+            report(name, wall, stages, threads)
+
+
+if __name__ == "__main__":
+    main()
