@@ -125,7 +125,7 @@ def _shortcut_only(module: nn.Module, module_name: str, blocks: Sequence[Block])
 
 
 def export_pruned(model: nn.Module, data: Iterable, blocks: Sequence[str | Block], *,
-                  path: str | Path | None = None, calibration: Iterable | None = None, repeats: int = 7,
+                  path: str | Path | None = None, calibration: Iterable | None = None, repeats: int = 3,
                   total_blocks: int | None = None, progress: bool = False) -> tuple[nn.Module, pd.DataFrame]:
     """(pruned copy, table comparing it with `model`): see `prune` and `SkippingResult.export`.
 
