@@ -234,6 +234,59 @@ def test_a_lambda_shortcut_model_exports_as_weights_and_blocks(user, tmp_path):
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+def test_a_model_that_fits_its_data_exports_without_its_skipped_block_through_the_cli(user, tmp_path, capsys):
+    """Past chance, through the documented CLI: the near-zero block is skipped, the pruned export
+    (weights + blocks: the shortcut is a lambda) leaves it out, loads back into the user's class
+    and computes the hand-written forward without it."""
+    model, _, _ = user
+    with torch.no_grad():  # layer1.1's branch a thousandth of its size: a block the network skips
+        model.layer1[1].bn2.weight.mul_(1e-3)
+        model.layer1[1].bn2.bias.mul_(1e-3)
+    legacy = {k: v for k, v in nn.DataParallel(model).state_dict().items() if not k.endswith("num_batches_tracked")}
+    checkpoint = tmp_path / "skippable.th"
+    torch.save({"state_dict": legacy}, checkpoint)
+    # Images labelled with the model's own predictions (the bias centred so every class occurs).
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (400, 32, 32, 3), dtype=np.uint8)
+    x = (torch.from_numpy(pixels).float().permute(0, 3, 1, 2) / 255.0 - torch.tensor(MEAN)[:, None, None]) \
+        / torch.tensor(STD)[:, None, None]
+    with torch.no_grad():
+        logits, _ = hand_forward(model, x)
+        model.linear.bias.sub_(logits.mean(0))
+        predicted = hand_forward(model, x)[0].argmax(1)
+    torch.save({"state_dict": {k: v for k, v in nn.DataParallel(model).state_dict().items()
+                               if not k.endswith("num_batches_tracked")}}, checkpoint)
+    folder, kept = tmp_path / "own", []
+    for label, name in enumerate(CLASSES):
+        (folder / name).mkdir(parents=True)
+        chosen = (predicted == label).nonzero().flatten()[:8].tolist()
+        assert len(chosen) >= 3, f"class {name}: only {len(chosen)} images predicted"
+        for i in chosen:
+            Image.fromarray(pixels[i]).save(folder / name / f"{i:03d}.png")
+            kept.append(i)
+    out = tmp_path / "run"
+    normalize = ",".join(map(str, (*MEAN, *STD)))
+    code = ablate.main(["--model", "user_models:resnet_option_a", "--checkpoint", str(checkpoint),
+                        "--dataset", "imagefolder", "--data-root", str(folder), "--image-size", "32",
+                        "--normalize", normalize, "--out", str(out), "--no-progress", "--sections", "skipping"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "chance" not in printed.err
+    table = pd.read_csv(out / "blocks.csv").set_index("block")
+    assert table.loc["layer1.1", "verdict"] == "skipped"
+    assert table.loc["layer1.1", "ratio"] < 0.01 and table.loc["layer1.1", "accuracy"] == 1.0
+    removed = pd.read_csv(out / "skipping.csv").set_index("state").loc["skipped blocks removed", "removed"].split()
+    assert "layer1.1" in removed
+    import user_models
+
+    pruned = load_pruned(out / "pruned_model.pt", user_models.resnet_option_a())
+    images = x[sorted(kept)]
+    with torch.no_grad():
+        expected, _ = hand_forward(model, images, deleted=set(removed))
+        assert torch.allclose(pruned(images), expected, atol=1e-5)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
 def test_samples_and_calibration_never_overlap(user, tmp_path):
     """--limit draws a stratified sample; calibration samples are set apart from the evaluated ones."""
     _, _, folder = user
