@@ -8,9 +8,12 @@ data set in about a minute on 2 CPU cores.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -210,19 +213,48 @@ def build_for(config: TrainConfig) -> nn.Module:
 def train_model(config: TrainConfig, *, progress: bool = True) -> tuple[nn.Module, pd.DataFrame]:
     """Build the model and data `config` names, train, and return (model in eval mode, history).
 
-    Seeds torch with `config.seed` before building the model, so runs repeat bit for bit on CPU.
+    Seeds torch with `config.seed` before building the model, and trains with a fixed number of
+    CPU threads (`training_threads`), so runs repeat bit for bit on CPU: the backward pass sums
+    in another order with another thread count, and the trained-model cache is keyed by
+    `config` alone. torch's thread count is put back afterwards.
     `history.attrs["config"]` holds the config as a dict.
     """
     dev = _device(config.device)
     torch.manual_seed(config.seed)
     model = build_for(config)
     train_loader, test_loader = _loaders(config)
-    history = train(
+    with _threads(training_threads()):
+        history = _train(config, model, train_loader, test_loader, dev, progress)
+    history.attrs["config"] = asdict(config)
+    return model, history
+
+
+def training_threads() -> int:
+    """The CPU threads training uses: 2 (1 on a one-core machine), or what OMP_NUM_THREADS or
+    MKL_NUM_THREADS says. Not the free cores `probe.threads` picks for evaluation: the weights
+    must not depend on how busy the machine was."""
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(variable, "").isdigit() and int(os.environ[variable]) > 0:
+            return int(os.environ[variable])
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(config: TrainConfig, model: nn.Module, train_loader, test_loader, dev: torch.device,
+           progress: bool) -> pd.DataFrame:
+    return train(
         model, train_loader, epochs=config.epochs, lr=config.lr, momentum=config.momentum,
         weight_decay=config.weight_decay, device=dev, progress=progress, test_loader=test_loader,
     )
-    history.attrs["config"] = asdict(config)
-    return model, history
 
 
 def default_checkpoint_path(config: TrainConfig) -> Path:

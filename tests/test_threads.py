@@ -86,3 +86,23 @@ def test_a_resume_with_another_thread_count_is_not_refused(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["threads"] == "2 of 2 usable cores"
     with pytest.raises(probe.ProbeError, match="another configuration"):
         RunDirectory(tmp_path, {"model": "other", "threads": "2 of 2 usable cores"})
+
+
+def test_training_gives_the_same_weights_whatever_threads_the_caller_set():
+    """Trained weights must not depend on how busy the machine was when the commands chose their
+    threads: training uses its own fixed count, and puts torch's back."""
+    from probe.training import TrainConfig, train_model
+
+    config = TrainConfig(model="resnet8", epochs=1, limit=64, batch_size=16)
+    weights = []
+    before = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            model, _ = train_model(config, progress=False)
+            assert torch.get_num_threads() == count
+            weights.append(model.state_dict())
+    finally:
+        torch.set_num_threads(before)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
