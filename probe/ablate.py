@@ -40,7 +40,6 @@ from probe.describe import describe_blocks, shortcut_kinds
 from probe.errors import ProbeError
 from probe.evaluation import evaluate_ablations, sweep_table
 from probe.files import prepare_out_dir, write_csv
-from probe.threads import chosen
 from probe.loading import (Datasets, data_fingerprint, explained_channels, load_datasets, load_model,
                            named_parts)
 from probe.measurement import measure
@@ -48,6 +47,7 @@ from probe.results import Evaluation
 from probe.rundir import RunDirectory, file_digest
 from probe.table import join_block_table, unsupported_reason
 from probe.tasks import Task, resolve_task
+from probe.threads import chosen
 from probe.verdict import UNSUPPORTED, VerdictRule, cost_column, per_token, summarize
 from reports import sections as build
 from reports.html import write_report

@@ -74,7 +74,7 @@ class SuffixRunner:
         # Suffixes that also return the cached values they remake, built when first asked for.
         self._chained: dict[str, tuple[fx.GraphModule, list[int]]] = {}
         self._plain: dict[str, fx.GraphModule] = {}  # suffixes without inlined deletions, for stacking
-        self._chain_parts = (model, nodes, cached, order, surgery, switches)
+        self._parts = (model, nodes, cached, order, surgery, switches)  # what those two are built from
 
     def baseline(self, inputs: object) -> tuple[object, tuple]:
         """The model's output and the cached values; raises InPlaceError when a cached value
@@ -129,7 +129,7 @@ class SuffixRunner:
         ablations in one forward (`probe.evaluation`, `stack=`). Cached tensors whose first
         dimension is `batch_size` are stacked; others (constants) are passed as they are."""
         if block.name not in self._plain:
-            model, nodes, *_ = self._chain_parts
+            model, nodes, *_ = self._parts
             self._plain[block.name] = _compiled(model, _suffix_graph(nodes, self._order[block.name],
                                                                      self._live[block.name], None))
         inputs = (cache[self._slot[node]] for node in self._live[block.name])
@@ -137,7 +137,7 @@ class SuffixRunner:
 
     def _chained_graph(self, name: str) -> tuple[fx.GraphModule, list[int]]:
         if name not in self._chained:
-            model, nodes, cached, order, surgery, switches = self._chain_parts
+            model, nodes, cached, order, surgery, switches = self._parts
             start = self._order[name]
             kept = [node for node in cached if order[node] >= start]
             graph = _suffix_graph(nodes, start, self._live[name], surgery.get(name), switches, kept)
