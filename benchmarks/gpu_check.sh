@@ -46,6 +46,8 @@ step correctness 150 $python benchmarks/gpu_correctness.py --device "$device"
 # The targets are stated for the default: ResNet-56 on the 360 digits test images.
 bench sweep-default 60 sweep_speed.py
 bench hooks-default 60 hook_overhead.py
+# The same 360 images in 12 batches of 32: launch-bound, and measure replays CUDA graphs from the third.
+bench hooks-default-batch32 60 hook_overhead.py --batch-size 32
 bench throughput-default 60 sweep_throughput.py --stack 1 4 16
 
 # The main job end to end on the GPU: trains the default net, then measures, sweeps and runs

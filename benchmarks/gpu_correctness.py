@@ -3,7 +3,8 @@
     python benchmarks/gpu_correctness.py [--device cuda]
 
 For a few architectures (untrained, seeded, so the CPU and GPU copies are identical), checks:
-measure and sweep on the device against the CPU in fp32 with TF32 off; the fast sweep against
+measure and sweep on the device against the CPU in fp32 with TF32 off; measure replayed from CUDA
+graphs against its eager forward (fp32 and autocast); the fast sweep against
 the naive loop on the device; channels_last against the default layout; bf16 and fp16 autocast
 against fp32 (loose: half precision); and that the model is left exactly as it was.
 Prints one line per check and exits 1 if any failed.
@@ -73,8 +74,15 @@ def case(name: str, channels: int, side: int, batch: int, count: int, device: to
     before = snapshot(model)
 
     stats_cpu = probe.measure(cpu_model, cpu_data, progress=False)
-    stats = probe.measure(model, data, progress=False)
+    stats = probe.measure(model, data, progress=False, graphs=False)
     check("measure, device vs cpu (fp32)", relative(stats, stats_cpu, STAT_COLUMNS), 1e-3)
+    # Replayed from CUDA graphs (the default on a GPU; asked for here: no fallback). A shape is
+    # replayed from its third batch on: the data three times over gives every case replays.
+    thrice = data * 3
+    if device.type == "cuda":
+        check("measure, CUDA graph replays vs eager",
+              relative(probe.measure(model, thrice, progress=False, graphs=True),
+                       probe.measure(model, thrice, progress=False, graphs=False), STAT_COLUMNS), 1e-5)
     sweep_cpu = probe.sweep(cpu_model, cpu_data, progress=False)
     fast = probe.sweep(model, data, progress=False)
     naive = probe.sweep(model, data, fast=False, progress=False)
@@ -99,6 +107,10 @@ def case(name: str, channels: int, side: int, batch: int, count: int, device: to
         label = str(dtype).removeprefix("torch.")
         with torch.autocast(device.type, dtype=dtype):
             low = probe.measure(model, data, progress=False)
+            if device.type == "cuda":
+                check(f"measure, {label} autocast, CUDA graph replays vs eager",
+                      relative(probe.measure(model, thrice, progress=False, graphs=True),
+                               probe.measure(model, thrice, progress=False), STAT_COLUMNS), 1e-3)
             low_fast = probe.sweep(model, data, progress=False)
             low_naive = probe.sweep(model, data, fast=False, progress=False)
         # Untrained nets such as mobilenet_v2 shrink activations towards zero block by block, below

@@ -11,16 +11,20 @@ each a residual addition on its own input.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from probe import distributed
-from probe.batches import batches, class_targets, explained_misfit, input_dtype, model_device
+from probe.batches import Batch, batches, class_targets, explained_misfit, input_dtype, model_device
 from probe.blocks import Block, resolve_blocks
 from probe.errors import ProbeError
+from probe.graphs import Captured, capture
 from probe.hooks import attached, model_preserved, tap_pairs
 
 # Per-sample quantities, in accumulator column order after the count.
@@ -119,13 +123,20 @@ def _quantities(reductions: torch.Tensor) -> torch.Tensor:
 
 
 def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
-            per_class: bool = False, progress: bool = True) -> pd.DataFrame:
+            per_class: bool = False, progress: bool = True, graphs: bool | None = None) -> pd.DataFrame:
     """Branch and shortcut statistics of every residual block over `data`.
 
     Returns one row per block in forward order (with `per_class=True`, one row per block and
     class, with a `class` column; that needs integer class labels). Batches may come in any
     form `probe.batches.split_batch` knows (targets are not needed otherwise). Columns: see `COLUMNS` and the README. A block module run k
     times per forward counts k samples per input (see the module docstring).
+
+    graphs: replay the instrumented forward from a captured graph (`probe.graphs`) for batches of
+    a shape seen before. None (default): on a CUDA device outside autocast, where a forward is
+    bound by launching kernels; a model that cannot be captured, or whose replay differs from its
+    eager forward, is measured eagerly (with a warning). True: also on a CPU (replayed as fx
+    code: no faster, the same path as on a GPU) and in autocast; ProbeError when it cannot be
+    used. False: never. The numbers are the eager forward's either way.
     """
     chosen = resolve_blocks(model, blocks, data=data)
     device = model_device(model)
@@ -138,24 +149,106 @@ def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] |
         _check_operands(block, branch, shortcut)
         seen.setdefault(row_of[block.name], []).append(_reduction_parts(branch, shortcut))
 
+    def eager(batch: Batch) -> list[tuple[list[int], int, torch.Tensor]]:
+        """(rows, calls, (rows, 3, calls * batch) reductions) of one forward, per calls group."""
+        seen.clear()
+        batch.run(model)
+        # One stack per group of blocks (not one per block).
+        return [(rows, calls, torch.stack([part for r in rows for part in _joined(seen[r])]).view(len(rows), 3, -1))
+                for calls, rows in _rows_by_calls(seen).items()]
+
     with model_preserved(model), attached() as handles, torch.no_grad():
         tap_pairs(model, chosen, record, handles)
+        replays = _Replays(eager, _graphs_wanted(graphs, device))
         num_classes = 1
         for batch in batches(data, device, dtype=input_dtype(model), progress=progress, desc="measure"):
-            seen.clear()
             labels = class_targets(batch) if per_class else None
-            with explained_misfit(batch):
-                batch.run(model)
-            if per_class and seen:
+            groups = replays.reductions(batch)
+            if per_class and groups:
                 num_classes = max(num_classes, int(labels.max()) + 1)
             classes = labels if per_class else torch.zeros(batch.size, dtype=torch.long, device=device)
-            for calls, rows in _rows_by_calls(seen).items():
-                # One stack for these blocks (not one per block): (blocks, 3, calls * batch) -> (.., 3).
-                reductions = torch.stack([part for r in rows for part in _joined(seen[r])]).view(len(rows), 3, -1)
+            for rows, calls, reductions in groups:  # (blocks, 3, calls * batch) -> (.., 3)
                 moments.add(torch.tensor(rows, device=device), _quantities(reductions.transpose(1, 2)),
                             classes.repeat(calls) if calls > 1 else classes, num_classes)
     moments.reduce_across_processes()
     return _table(chosen, moments, per_class)
+
+
+def _graphs_wanted(graphs: bool | None, device: torch.device) -> bool | None:
+    """True (asked for), None (use them if they work), False (not here, or not asked for)."""
+    if graphs not in (None, True, False):
+        raise ProbeError(f"graphs must be True, False or None (on a GPU outside autocast), got {graphs!r}.")
+    if graphs is None:  # autocast's weight cache and a capture do not mix: only when asked for
+        return None if device.type == "cuda" and not torch.is_autocast_enabled("cuda") else False
+    return graphs
+
+
+class _Replays:
+    """Per batch shape: the eager forward for its first two batches, a replay from then on.
+
+    The second batch of a shape is also captured, and its replay checked against its eager
+    numbers; a shape whose replay differs (or cannot be captured) turns graphs off for the
+    rest of the call: with a warning when they were only wanted, a ProbeError when asked for.
+    Only batches whose inputs are tensors, in a model whose blocks each run once per forward.
+    """
+
+    def __init__(self, eager: Callable[[Batch], list], wanted: bool | None) -> None:
+        self.eager, self.wanted = eager, wanted
+        self.seen_shapes: dict[tuple, int] = {}
+        self.captured: dict[tuple, tuple[Captured, list[int]]] = {}
+
+    def reductions(self, batch: Batch) -> list[tuple[list[int], int, torch.Tensor]]:
+        if self.wanted is False:
+            return self._eager(batch)
+        leaves, spec = pytree.tree_flatten(batch.inputs)
+        if not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+            self._off(f"batch {batch.number}'s inputs are not all tensors ({batch.describe()})")
+            return self._eager(batch)
+        key = (spec, *((tuple(leaf.shape), leaf.stride(), leaf.dtype) for leaf in leaves))
+        if key in self.captured:
+            captured, rows = self.captured[key]
+            return [(rows, 1, captured.run(*leaves))]
+        groups = self._eager(batch)
+        self.seen_shapes[key] = self.seen_shapes.get(key, 0) + 1
+        if self.seen_shapes[key] == 2:  # a shape that comes back: worth a capture
+            self._capture(key, batch, spec, leaves, groups)
+        return groups
+
+    def _eager(self, batch: Batch) -> list:
+        with explained_misfit(batch):  # data the model cannot take: one line saying so
+            return self.eager(batch)
+
+    def _capture(self, key: tuple, batch: Batch, spec, leaves: list, groups: list) -> None:
+        if len(groups) != 1 or groups[0][1] != 1:
+            self._off("a block module runs more than once per forward")
+            return
+        rows, _, expected = groups[0]
+
+        def forward(*values: torch.Tensor) -> torch.Tensor:
+            (_, _, stacked), = self.eager(dataclasses.replace(batch, inputs=pytree.tree_unflatten(list(values), spec)))
+            return stacked
+
+        try:
+            captured = capture(forward, *leaves)
+            replayed = captured.run(*leaves)
+        except ProbeError:
+            raise
+        except Exception as error:  # a forward that syncs with the host, an op capture does not allow
+            text = (str(error).strip().splitlines() or [""])[0][:200]
+            self._off(f"its forward cannot be captured ({type(error).__name__}: {text})")
+            return
+        if replayed.shape != expected.shape or not torch.allclose(replayed, expected, rtol=1e-4, atol=1e-6):
+            self._off("a replay of its forward differs from the forward itself (Python code that depends "
+                      "on more than the input shapes?)")
+            return
+        self.captured[key] = (captured, rows)
+
+    def _off(self, reason: str) -> None:
+        if self.wanted:
+            raise ProbeError(f"measure: graphs=True, but {reason}; use graphs=None or False.")
+        if self.wanted is None:
+            warnings.warn(f"measure: no graph replay for this model: {reason}; measured eagerly.", stacklevel=4)
+        self.wanted, self.captured = False, {}
 
 
 def _rows_by_calls(seen: dict[int, list[tuple]]) -> dict[int, list[int]]:

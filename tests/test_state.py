@@ -28,6 +28,7 @@ CALLS = {
     "find_blocks": lambda m, d: probe.find_blocks(m),
     "measure": lambda m, d: probe.measure(m, d, progress=False),
     "measure_per_class": lambda m, d: probe.measure(m, d, per_class=True, progress=False),
+    "measure_graphs": lambda m, d: probe.measure(m, d, progress=False, graphs=True),
     "branch_means": lambda m, d: probe.branch_means(m, d, progress=False),
     "sweep": lambda m, d: probe.sweep(m, d, progress=False),
     "sweep_mean": lambda m, d: probe.sweep(m, d, mode="mean", progress=False),
