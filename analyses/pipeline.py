@@ -70,7 +70,7 @@ def choose_sections(config: RunConfig) -> tuple[list[str], dict[str, str]]:
 
 def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluation: Evaluation, *,
                  config: RunConfig, out: Path, device: str, calibration: Iterable | None, sweep_seconds: float,
-                 blocks: Sequence | None = None, task: str | Task | Callable | None = None,
+                 measure_seconds: float | None = None, blocks: Sequence | None = None, task: str | Task | Callable | None = None,
                  progress: bool = True) -> AnalysisOutputs:
     """Run the chosen analyses on a probe.ablate run's results; write their CSVs into `out`.
 
@@ -78,6 +78,9 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
     accuracies and per-sample outcomes; calibration: held-out training batches (needed by the
     recalibration section, and used everywhere when `config.bn_recalibrate`); blocks: the
     table's blocks (those of `--blocks-spec`; discovered when None), handed to every analysis.
+    sweep_seconds, measure_seconds: how long the sweep and measure behind `table` took (NaN when
+    unknown), the cost the attribution section gives the truth and the table's ratio and cosine;
+    without measure_seconds, attribution measures again to time it.
     A table whose verdicts are "unsupported" (the intact model is at chance) keeps them: the
     analyses measure, but call no block skipped.
     task: what the outputs mean (`probe.tasks`), handed to every analysis; None takes the
@@ -122,7 +125,8 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
                         "pruned_export": result.export}
 
     def run_attribution() -> tuple[object, dict]:
-        result = attribution(model, data, table, truth_seconds=sweep_seconds, mode=config.mode, blocks=blocks,
+        result = attribution(model, data, table, truth_seconds=sweep_seconds, measure_seconds=measure_seconds,
+                             mode=config.mode, blocks=blocks,
                              task=task, progress=progress)
         return result, {"attribution": result.scores, "proxies": result.summary}
 

@@ -195,8 +195,9 @@ def run(config: RunConfig, *, progress: bool = True,
     # The folder is locked while this run writes into it: a second run on it is refused.
     with RunDirectory(out, record, writer=distributed.rank() == 0) as run_dir:
         seconds: dict[str, float] = {}  # each stage's, filled in as they finish
+        costs: dict[str, float] = {}  # what measure and the sweep cost when computed (resumed: back then)
         stats, sweep, evaluation = _measure_and_sweep(run_dir, config, model, loader, blocks, calibration, device,
-                                                      task, seconds, progress)
+                                                      task, seconds, costs, progress)
         classes = (record.get("data") or {}).get("num_classes")  # the data's classes: chance is theirs
         warning = unsupported_reason(evaluation, num_classes=classes)
         for line in (_more_outputs_than_classes(evaluation, classes), warning):
@@ -215,23 +216,25 @@ def run(config: RunConfig, *, progress: bool = True,
             loader = named_parts(make_loader(dataset, batch_size=config.batch_size,
                                              pin_memory=device.type == "cuda"), config)
             _write_outputs(config, model, loader, table, evaluation, record, calibration, device, out, seconds,
-                           progress, blocks)
+                           costs, progress, blocks)
     distributed.barrier()
     return table, baseline, out
 
 
 def _measure_and_sweep(run_dir: RunDirectory, config: RunConfig, model, loader, blocks, calibration, device,
-                       task: Task, seconds: dict[str, float],
+                       task: Task, seconds: dict[str, float], costs: dict[str, float],
                        progress: bool) -> tuple[pd.DataFrame, pd.DataFrame, Evaluation]:
     """(measure's table, the sweep's table, the sweep's evaluation), resumed from `run_dir`'s
-    pieces where they exist; `seconds` gets the time each took."""
+    pieces where they exist. `seconds` gets the time each took in this run; `costs` how long
+    computing it took (in the run that did, for resumed pieces; NaN if that was not recorded)."""
     start = time.perf_counter()
     stats = run_dir.load("measure", pd.DataFrame)
     if stats is None:
         with _autocast(config, device):
             stats = measure(model, loader, blocks=blocks, progress=progress)
-        run_dir.save("measure", stats)
+        _save_timed(run_dir, "measure", stats, time.perf_counter() - start)
     seconds["measure"] = time.perf_counter() - start
+    costs["measure"] = _recorded_seconds(run_dir, ["measure"])
     start = time.perf_counter()
     # One sweep serves the table and the uncertainty section (per-class and per-sample outcomes),
     # saved every `save_every` blocks: an interrupted run resumes from the last saved piece.
@@ -241,19 +244,35 @@ def _measure_and_sweep(run_dir: RunDirectory, config: RunConfig, model, loader, 
     for index, piece in enumerate(tqdm(pieces, desc=f"sweep ({len(blocks)} blocks)", unit="piece", disable=not outer)):
         evaluation = run_dir.load(f"sweep-{index}", Evaluation)
         if evaluation is None:
+            piece_start = time.perf_counter()
             with _autocast(config, device):
                 evaluation = evaluate_ablations(model, loader, [[block] for block in piece], mode=config.mode,
                                                 calibration=calibration if config.bn_recalibrate else None,
                                                 per_class=True, outcomes=True, task=task,
                                                 progress=progress and not outer)
             # Without the task: a user's task function need not pickle (the record names it).
-            run_dir.save(f"sweep-{index}", dataclasses.replace(evaluation, task=None))
+            _save_timed(run_dir, f"sweep-{index}", dataclasses.replace(evaluation, task=None),
+                        time.perf_counter() - piece_start)
         baseline = evaluation.baseline
         results += evaluation.sets
     evaluation = Evaluation(baseline, results, trained_baseline=evaluation.trained_baseline, task=task)
     sweep = sweep_table(blocks, evaluation, mode=config.mode, recalibrated=config.bn_recalibrate)
     seconds["sweep"] = time.perf_counter() - start
+    costs["sweep"] = _recorded_seconds(run_dir, [f"sweep-{index}" for index in range(len(pieces))])
     return stats, sweep, evaluation
+
+
+def _save_timed(run_dir: RunDirectory, name: str, value: object, seconds: float) -> None:
+    """Save a piece and how long computing it took (a resumed run reports the time it cost then);
+    the time first, so that a piece on disk always has its time (a time alone is overwritten)."""
+    run_dir.save(f"seconds-{name}", float(seconds))
+    run_dir.save(name, value)
+
+
+def _recorded_seconds(run_dir: RunDirectory, names: list[str]) -> float:
+    """How long computing these pieces took, summed; NaN when a piece's time was not recorded."""
+    recorded = [run_dir.load(f"seconds-{name}", float) for name in names]
+    return float("nan") if any(value is None for value in recorded) else float(sum(recorded))
 
 
 def _sections(outputs: AnalysisOutputs, calibration_samples: int | None, recalibrated: bool,
@@ -285,12 +304,13 @@ def _samples(calibration) -> int | None:
         return None
 
 
-def _write_outputs(config, model, loader, table, evaluation, record, calibration, device, out, seconds, progress,
-                   blocks) -> None:
+def _write_outputs(config, model, loader, table, evaluation, record, calibration, device, out, seconds, costs,
+                   progress, blocks) -> None:
     """blocks.csv, the analyses' tables and figures, and report.html."""
     write_csv(out / "blocks.csv", table)
     analyses = run_analyses(model, loader, table, evaluation, config=config, out=out, device=str(device),
-                            calibration=calibration, sweep_seconds=seconds["sweep"], blocks=blocks,
+                            calibration=calibration, sweep_seconds=costs["sweep"],
+                            measure_seconds=costs["measure"], blocks=blocks,
                             task=evaluation.task, progress=progress)
     seconds.update(analyses.seconds)
     baseline = table.attrs["baseline"]

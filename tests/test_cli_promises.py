@@ -399,7 +399,7 @@ def test_ctrl_c_mid_run_then_rerun_gives_the_uninterrupted_table(checkpoint, tmp
     assert err == ["probe.ablate: interrupted. Finished pieces are kept in the out folder: rerun the same command "
                    "to resume."]
     assert not (out / "blocks.csv").exists() and sorted(p.name for p in (out / "partial").iterdir()) == [
-        "measure.pt", "sweep-0.pt"]
+        "measure.pt", "seconds-measure.pt", "seconds-sweep-0.pt", "sweep-0.pt"]  # each piece, and what it cost
     monkeypatch.setattr(RunDirectory, "save", save)
     assert ablate.main(argv(checkpoint, out, "--save-every", "1")) == 0
     assert (out / "blocks.csv").read_text() == (clean / "blocks.csv").read_text()

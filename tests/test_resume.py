@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
+from analyses.attribution import TRUTH
 from probe import ablate
 from probe.models import cifar_resnet, save_checkpoint
 
@@ -113,3 +115,22 @@ def test_run_records_its_configuration(checkpoint, uninterrupted, tmp_path):
     assert len(record["checkpoint_sha256"]) == 16 and record["dataset"] == "digits"
     assert set(record["versions"]) == {"probe", "torch", "torchvision"}
     assert (out / "blocks.csv").read_text() == uninterrupted  # determinism across runs
+
+
+def test_a_resumed_run_reports_what_its_sweep_cost_when_it_ran(checkpoint, tmp_path, capsys):
+    """The attribution section's cost of the truth (the sweep) and of ratio and cosine (measure)
+    is the time they took when computed, also after a resume that only loads them."""
+    out = tmp_path / "run"
+    with_attribution = [a for a in SKIP_ANALYSES if a != "attribution"]
+    run = ["--model", "resnet20", "--checkpoint", str(checkpoint), "--batch-size", "8", "--save-every", "1",
+           "--out", str(out), "--no-progress", *with_attribution]
+    assert ablate.main(run) == 0
+    first = pd.read_csv(out / "proxies.csv").set_index("proxy")["seconds"]
+    recorded = {name: torch.load(out / "partial" / f"seconds-{name}.pt", weights_only=False)
+                for name in ["measure", *(f"sweep-{i}" for i in range(9))]}
+    assert first["ratio"] == first["cosine"] == pytest.approx(recorded["measure"])
+    assert first[TRUTH] == pytest.approx(sum(recorded[f"sweep-{i}"] for i in range(9)))
+    assert ablate.main(run) == 0  # everything up to the sweep is loaded
+    again = pd.read_csv(out / "proxies.csv").set_index("proxy")["seconds"]
+    assert again["ratio"] == pytest.approx(first["ratio"])
+    assert again[TRUTH] == pytest.approx(first[TRUTH])

@@ -217,7 +217,8 @@ def _timed(compute):
 
 
 def attribution(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None, *,
-                truth_seconds: float | None = None, mode: str = "zero", calibration: Iterable | None = None,
+                truth_seconds: float | None = None, measure_seconds: float | None = None, mode: str = "zero",
+                calibration: Iterable | None = None,
                 blocks: Sequence[str | Block] | None = None, task: str | Task | Callable | None = None,
                 progress: bool = True) -> AttributionResult:
     """Every proxy in `PROXIES`, its cost, and its rank correlation with the measured drop.
@@ -225,6 +226,8 @@ def attribution(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
     table: the per-block table with the truth (block, position, accuracy_drop, loss_increase),
     e.g. from `python -m probe.ablate`; when None the single-block sweep runs here and is timed.
     truth_seconds: how long that sweep took, when it ran elsewhere (NaN if unknown).
+    measure_seconds: how long `probe.measure` took when `table` holds its ratio and cosine (NaN if
+    unknown): those columns are then the ratio and cosine proxies; when None, measure runs here, timed.
     blocks: the blocks the table covers (names or Blocks, e.g. from a spec); all discovered when None.
     task: what the outputs mean (`probe.tasks`; classification by default); the truth is its
     cost (`truth_columns`), and a table handed in must be of the same task.
@@ -245,7 +248,10 @@ def attribution(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
     truths = truth_columns(cost)
     truth = check_table(table, ["block", "position", *truths], "attribution", model, blocks=blocks)
     truth = truth[["block", "position", *truths]]
-    stats, measure_seconds = _timed(lambda: probe.measure(model, data, blocks=blocks, progress=progress))
+    if measure_seconds is not None and {"ratio", "cosine"} <= set(table.columns):
+        stats = table[["block", "ratio", "cosine"]]  # measure's own columns, from the same model and data
+    else:
+        stats, measure_seconds = _timed(lambda: probe.measure(model, data, blocks=blocks, progress=progress))
     influence, influence_seconds = _timed(lambda: block_influence(model, data, blocks=blocks, progress=progress))
     notes = {}
     if task.cost == "drift":
