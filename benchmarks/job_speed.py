@@ -1,11 +1,16 @@
 """The whole `python -m probe.ablate` job against its own sweep, stage by stage.
 
     python benchmarks/job_speed.py [--workload default resnet56-32px] [--device cpu] [--threads N]
+                                   [--allocator-too]
 
 The default runs once to warm the model cache (not timed); each workload then runs once timed,
 as a separate process (start-up included). The CLI's last line ("took ...") gives each stage's
 seconds; the ratios are taken to the sweep of the same run. Targets: everything after the sweep (skipping, attribution,
 uncertainty, recalibration) at most 1.5x the sweep; the whole warm job at most 3x.
+
+--allocator-too runs each workload again with glibc's malloc as it comes (the commands otherwise
+keep freed memory for reuse, `probe.allocator`) and prints both runs' sweep, whole job and page
+faults.
 
 Workloads:
   default         the built-in default: ResNet-56 trained on digits, 360 test images (16x16, grey).
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -71,19 +77,26 @@ def workload_arguments(name: str, scratch: Path, images: int = 1000) -> list[str
     raise SystemExit(f"unknown workload {name!r}")
 
 
-def run_job(arguments: list[str], out: Path, extra: list[str]) -> tuple[float, dict[str, float], str]:
-    """(wall seconds, stage seconds, thread choice) of one `python -m probe.ablate` run."""
+# A glibc tunable that changes nothing: set, it tells probe.allocator that the user chose malloc's settings.
+AS_IT_COMES = {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}
+
+
+def run_job(arguments: list[str], out: Path, extra: list[str],
+            environment: dict | None = None) -> tuple[float, dict[str, float], str, int]:
+    """(wall seconds, stage seconds, thread choice, minor page faults) of one `python -m probe.ablate` run."""
     command = [sys.executable, "-m", "probe.ablate", "--no-progress", "--out", str(out), *arguments, *extra]
+    faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(environment or {})})
     wall = time.perf_counter() - start
+    faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults
     if done.returncode != 0:
         raise SystemExit(f"probe.ablate failed ({done.returncode}):\n{done.stderr[-3000:]}")
     last = [line for line in done.stdout.splitlines() if line.startswith("took ")][-1]
     timings, threads = last.split(" s (", 1)[1].rsplit("); threads: ", 1)
     stages = {name: float(value) for name, value in re.findall(r"(\w+) ([\d.]+)", timings)}
-    return wall, stages, threads
+    return wall, stages, threads, faults
 
 
 def report(name: str, wall: float, stages: dict[str, float], threads: str) -> None:
@@ -108,6 +121,8 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=None,
                         help="passed on to probe.ablate (default: every section that applies)")
     parser.add_argument("--images", type=int, default=1000, help="resnet56-32px: images to evaluate on (default: 1000)")
+    parser.add_argument("--allocator-too", action="store_true",
+                        help="also run each workload with glibc's malloc as it comes, and compare")
     args = parser.parse_args()
     extra = ["--device", args.device]
     extra += ["--threads", str(args.threads)] if args.threads else []
@@ -117,8 +132,15 @@ def main() -> None:
             arguments = workload_arguments(name, Path(scratch), args.images)
             if name == "default":  # trains the model or loads it from the cache, which is then warm
                 run_job(arguments, Path(scratch) / f"{name}-warm", extra)
-            wall, stages, threads = run_job(arguments, Path(scratch) / f"{name}-timed", extra)
+            wall, stages, threads, faults = run_job(arguments, Path(scratch) / f"{name}-timed", extra)
             report(name, wall, stages, threads)
+            if args.allocator_too:
+                plain = run_job(arguments, Path(scratch) / f"{name}-malloc", extra, AS_IT_COMES)
+                print(f"  freed memory kept for reuse: sweep {stages['sweep']:.1f} s, whole job {wall:.1f} s, "
+                      f"{faults:,} page faults")
+                print(f"  malloc as it comes:          sweep {plain[1]['sweep']:.1f} s, whole job {plain[0]:.1f} s, "
+                      f"{plain[3]:,} page faults   (sweep ratio kept / as it comes: "
+                      f"{stages['sweep'] / plain[1]['sweep']:.2f})")
 
 
 if __name__ == "__main__":

@@ -36,14 +36,14 @@ def main() -> None:
     cores = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="probe-shared-") as scratch:
         run_job([], Path(scratch) / "warm", extra)
-        quiet, _, quiet_threads = run_job([], Path(scratch) / "quiet", extra)
+        quiet, _, quiet_threads, _ = run_job([], Path(scratch) / "quiet", extra)
         competitor = subprocess.Popen([sys.executable, "-c", BUSY])
         try:
             os.sched_setaffinity(competitor.pid, cores)
-            shared, _, shared_threads = run_job([], Path(scratch) / "shared", extra)
+            shared, _, shared_threads, _ = run_job([], Path(scratch) / "shared", extra)
             forced = None
             if args.threads_too:
-                forced, _, _ = run_job([], Path(scratch) / "forced", [*extra, "--threads", str(len(cores))])
+                forced, _, _, _ = run_job([], Path(scratch) / "forced", [*extra, "--threads", str(len(cores))])
         finally:
             competitor.kill()
             competitor.wait()
