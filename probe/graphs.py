@@ -63,7 +63,9 @@ def _cuda_graph(function: Callable[..., torch.Tensor], static: tuple[torch.Tenso
         function(*static)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # "thread_local": a DataLoader's pin-memory thread may allocate pinned memory meanwhile; in
+    # the default "global" mode that call would fail in its thread, and the data with it.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         output = function(*static)
     return Captured(static, graph.replay, output)
 
