@@ -6,10 +6,10 @@ that size is fresh memory again, and the kernel faults in and zeroes every 4 KiB
 first touch. A sweep frees and makes the same activations thousands of times: on the default job
 the process took 1.7-1.9 million page faults, and on a virtual machine each costs microseconds.
 With blocks up to 32 MiB served from the heap and up to 1 GiB of freed heap kept, it takes
-0.27 million, and the sweep ran about a third faster (README, "Benchmarks").
+0.27 million, and the sweep ran in 0.79x the time (README, "Benchmarks").
 
-The commands (`probe.cli.run_command`) do this for their own process, once; library calls never
-change the allocator of a user's process. Where the user has set glibc's malloc tunables
+The commands (`probe.cli.run_command`) do this for their own process, and so does a command's
+`main()` called from Python; the library's functions never change the allocator. Where the user has set glibc's malloc tunables
 (GLIBC_TUNABLES with `glibc.malloc`, or MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), or the C
 library is not glibc, nothing is changed.
 """
@@ -17,7 +17,6 @@ library is not glibc, nothing is changed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 __all__ = ["keep_freed_memory"]
@@ -31,14 +30,17 @@ TRIM_THRESHOLD = 2**30  # freed heap at the top kept up to this much before it g
 
 def keep_freed_memory(environ: dict | None = None) -> bool:
     """Ask glibc's malloc to keep freed blocks for reuse (see the module docstring). True when
-    it was changed; False where the user set malloc's tunables or there is no glibc."""
+    both settings took; False where the user set malloc's tunables, there is no glibc, or glibc
+    refused one."""
     environ = os.environ if environ is None else environ
     if "glibc.malloc" in environ.get("GLIBC_TUNABLES", "") or any(
             environ.get(name) for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already has
     except (OSError, AttributeError):  # another C library (macOS, musl without mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    # Both, whatever the first says (mallopt returns 0 for a value it refuses).
+    results = [mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD), mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
+    return all(results)

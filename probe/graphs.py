@@ -63,10 +63,14 @@ def _cuda_graph(function: Callable[..., torch.Tensor], static: tuple[torch.Tenso
         function(*static)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    # "thread_local": a DataLoader's pin-memory thread may allocate pinned memory meanwhile; in
-    # the default "global" mode that call would fail in its thread, and the data with it.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        output = function(*static)
+    previous = torch.cuda.current_stream()
+    try:
+        # "thread_local": a DataLoader's pin-memory thread may allocate pinned memory meanwhile;
+        # in the default "global" mode that call would fail in its thread, and the data with it.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            output = function(*static)
+    finally:  # a capture that fails (a sync with the host) ends without putting the stream back
+        torch.cuda.set_stream(previous)
     return Captured(static, graph.replay, output)
 
 

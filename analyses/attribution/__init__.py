@@ -228,6 +228,7 @@ def attribution(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
     truth_seconds: how long that sweep took, when it ran elsewhere (NaN if unknown).
     measure_seconds: how long `probe.measure` took when `table` holds its ratio and cosine (NaN if
     unknown): those columns are then the ratio and cosine proxies; when None, measure runs here, timed.
+    (Under torchrun the job's measure ran on one process's shard: its seconds are that share.)
     blocks: the blocks the table covers (names or Blocks, e.g. from a spec); all discovered when None.
     task: what the outputs mean (`probe.tasks`; classification by default); the truth is its
     cost (`truth_columns`), and a table handed in must be of the same task.
