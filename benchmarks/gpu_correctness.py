@@ -123,6 +123,31 @@ def case(name: str, channels: int, side: int, batch: int, count: int, device: to
     check("model left unchanged (parameters, buffers, modes, hooks)", 0.0 if unchanged(model, before) else 1.0, 0.0)
 
 
+class _Syncing(torch.nn.Module):
+    """A block that reads a tensor's value into Python: a CUDA graph cannot capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (2.0 if float(x.mean()) > 0 else 0.5) * self.conv(x)
+
+
+def graph_fallback(device: torch.device) -> None:
+    """A model whose capture fails is measured eagerly, and leaves the default stream current."""
+    print("a model that cannot be captured", flush=True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), _Syncing(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 8 * 8, 10)).to(device).eval()
+    data = [(torch.randn(8, 3, 8, 8, device=device), torch.randint(0, 10, (8,), device=device)) for _ in range(4)]
+    eager = probe.measure(model, data, progress=False, graphs=False)
+    fallback = probe.measure(model, data, progress=False)  # graphs=None: tries, fails, goes on eagerly
+    check("measure after a failed capture vs eager", relative(fallback, eager, STAT_COLUMNS), 1e-6)
+    check("the default stream is current after a failed capture",
+          0.0 if torch.cuda.current_stream(device) == torch.cuda.default_stream(device) else 1.0, 0.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -141,6 +166,12 @@ def main() -> None:
         except Exception as error:  # report and go on: one run should show every problem
             print(f"  FAIL {name}: {type(error).__name__}: {error}", flush=True)
             failures.append(name)
+    if args.device.startswith("cuda"):
+        try:
+            graph_fallback(torch.device(args.device))
+        except Exception as error:
+            print(f"  FAIL graph fallback: {type(error).__name__}: {error}", flush=True)
+            failures.append("graph fallback")
     print(f"{len(failures)} failed" + (f": {', '.join(failures)}" if failures else ""))
     sys.exit(1 if failures else 0)
 
