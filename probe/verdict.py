@@ -74,7 +74,7 @@ _LM_COLUMNS = ("perplexity_ratio", "token_accuracy")
 def per_token(df: pd.DataFrame | None) -> bool:
     """A language model's table: its loss is the mean NLL per token, in nats. Read from the lm
     task's own output columns (`perplexity_ratio`, `token_accuracy`), which every table of that
-    task has, also read back from a CSV; the task's name is `attrs["task"]`."""
+    task has, also read back from a CSV."""
     return isinstance(df, pd.DataFrame) and any(column in df.columns for column in _LM_COLUMNS)
 
 
@@ -216,7 +216,8 @@ def classify(df: pd.DataFrame, *, rule: VerdictRule | None = None) -> pd.DataFra
       "hurts"   cost < -noise (deleting the block improves the model beyond noise)
       "skipped" within noise and ratio <  max_ratio
       "neutral" within noise and ratio >= max_ratio, or ratio unknown (NaN)
-    Rows keep their order and index; an existing noise/verdict column is recomputed.
+    Rows keep their order and index; an existing noise/verdict column is recomputed. The rule
+    goes into `attrs["rule"]`: what describes these verdicts (the report, `drop_intervals`).
     """
     rule = VerdictRule() if rule is None else rule
     _require(df, _VERDICT_COLUMNS if not isinstance(df, pd.DataFrame) else _columns_for(df), "classify")
@@ -235,6 +236,7 @@ def classify(df: pd.DataFrame, *, rule: VerdictRule | None = None) -> pd.DataFra
     )
     out["noise"] = noise
     out["verdict"] = pd.Series(verdict, index=out.index, dtype=object)
+    out.attrs["rule"] = rule
     return out
 
 

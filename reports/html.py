@@ -305,16 +305,16 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     model; {"samples"} for drift; {"loss", "samples"} (and "accuracy") for a task of your own.
     config: run configuration shown in the header (model, checkpoint, dataset, samples, mode,
     seed, date, versions, and any other keys).
-    rule: the verdict rule the report describes (default VerdictRule()); given, the verdicts are
-    recomputed with it; else the table's own `verdict` column is shown (classified where the table
-    was built, `probe.block_table`), and only a table without one is classified here.
+    rule: the verdict rule the report describes; given, the verdicts are recomputed with it; else
+    the table's own `verdict` column is shown with the rule that made it (`attrs["rule"]`, set by
+    `probe.verdict.classify`; VerdictRule() for a table read back from a CSV), and only a table
+    without verdicts is classified here, by VerdictRule().
     sections: one `reports.sections.Section` per analysis, shown after the per-block figures
     and listed in a table of contents.
     warning: why the data cannot support verdicts (`probe.verdict.chance_warning`; default the
     table's `attrs["unsupported"]`): the report then opens with it instead of the answer, and
     every block's verdict is "unsupported".
     """
-    given_rule, rule = rule, VerdictRule() if rule is None else rule
     if not isinstance(baseline, Mapping):
         raise ProbeError(f"baseline must be a dict of the intact model's numbers, got {type(baseline).__name__}.")
     cost = cost_column(df) if isinstance(df, pd.DataFrame) else "accuracy_drop"
@@ -322,8 +322,9 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     if not isinstance(config, Mapping):
         raise ProbeError(f"config must be a dict of run settings, got {type(config).__name__}.")
     warning = warning or df.attrs.get("unsupported")
-    classified = given_rule is None and {"noise", "verdict"} <= set(df.columns)
+    classified = rule is None and {"noise", "verdict"} <= set(df.columns)
     table = df.copy() if classified else classify(df, rule=rule)
+    rule = table.attrs.get("rule") or VerdictRule()  # the rule of the verdicts shown
     if warning:
         table["verdict"] = UNSUPPORTED
     if "position" in table.columns:

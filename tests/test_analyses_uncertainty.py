@@ -11,7 +11,7 @@ import probe
 from analyses.uncertainty import bootstrap_interval, drop_intervals, per_class_drops, uncertainty
 from conftest import assert_unchanged, snapshot
 from probe.results import Outcome
-from probe.verdict import VerdictRule
+from probe.verdict import VerdictRule, classify
 from test_measure import data
 
 
@@ -88,6 +88,18 @@ def test_the_tables_verdicts_are_read_unless_a_rule_is_given():
     assert drop_intervals(given, evaluation, resamples=50)["verdict"].tolist() == ["neutral"] * 3
     again = drop_intervals(given, evaluation, resamples=50, rule=VerdictRule())["verdict"].tolist()
     assert again == ["helps", "skipped", "neutral"]
+
+
+def test_intervals_decide_by_the_rule_that_classified_the_table():
+    """verdict_ci uses the rule behind the table's verdicts (attrs["rule"]), not the default:
+    block c's branch (ratio 0.8) is small under max_ratio 0.9."""
+    table, evaluation = synthetic()
+    table = table.assign(accuracy_drop=[0.5, 0.0, 0.0], flip_rate=[0.5, 0.0, 0.0], samples=20)
+    classified = classify(table, rule=VerdictRule(max_ratio=0.9))
+    intervals = drop_intervals(classified, evaluation, resamples=50).set_index("block")
+    assert intervals.loc["c", "verdict"] == "skipped" and intervals.loc["c", "verdict_ci"] == "skipped"
+    default = drop_intervals(table, evaluation, resamples=50).set_index("block")
+    assert default.loc["c", "verdict_ci"] == "neutral"
 
 
 def test_hurting_block_and_per_block_seeds():

@@ -219,6 +219,16 @@ def test_render_report_shows_the_tables_own_verdicts(monkeypatch) -> None:
     assert rows == ["neutral", "skipped", "neutral", "neutral", "skipped", "neutral"]
 
 
+def test_a_classified_table_is_described_by_the_rule_that_classified_it() -> None:
+    """Without a rule, the verdicts shown and the rule described (its words, the dashed line)
+    are those of the rule that classified the table, not the default's."""
+    rule = VerdictRule(max_ratio=0.25, noise_z=100.0)
+    text = render_report(classify(table(), rule=rule), baseline=BASELINE, config={})
+    assert html.escape(rule.describe()) in text
+    assert html.escape(VerdictRule().describe()) not in text
+    assert "threshold (0.25)" in text
+
+
 def test_render_report_uses_the_given_rule() -> None:
     rule = VerdictRule(max_ratio=0.25, noise_z=100.0)  # everything within noise
     text = render_report(table(), baseline=BASELINE, config={}, rule=rule)

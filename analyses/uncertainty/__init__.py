@@ -187,9 +187,11 @@ def drop_intervals(table: pd.DataFrame, evaluation: Evaluation, *, rule: Verdict
     for other tasks). Each block's resamples are seeded with (seed, position): independent of
     which blocks are asked. task: the task given, else the evaluation's (`Evaluation.task`),
     else classification. The `verdict` column is the table's own (classified once, where the
-    table was built); with `rule` given, or for a table without verdicts, it is recomputed.
+    table was built), and `verdict_ci` uses the rule that made it (`attrs["rule"]`, VerdictRule()
+    for a table read back from a CSV); with `rule` given, or for a table without verdicts, both
+    are by `rule`.
     """
-    given_rule, rule = rule, rule or VerdictRule()
+    given_rule, rule = rule, rule or table.attrs.get("rule") or VerdictRule()
     task = _task_of(evaluation, task)
     baseline, results = evaluation
     classification = isinstance(task, Classification)
