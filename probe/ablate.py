@@ -228,51 +228,53 @@ def _measure_and_sweep(run_dir: RunDirectory, config: RunConfig, model, loader, 
     pieces where they exist. `seconds` gets the time each took in this run; `costs` how long
     computing it took (in the run that did, for resumed pieces; NaN if that was not recorded)."""
     start = time.perf_counter()
-    stats = run_dir.load("measure", pd.DataFrame)
-    if stats is None:
+
+    def measured() -> pd.DataFrame:
         with _autocast(config, device):
-            stats = measure(model, loader, blocks=blocks, progress=progress)
-        _save_timed(run_dir, "measure", stats, time.perf_counter() - start)
+            return measure(model, loader, blocks=blocks, progress=progress)
+
+    stats, costs["measure"] = _piece(run_dir, "measure", pd.DataFrame, measured)
     seconds["measure"] = time.perf_counter() - start
-    costs["measure"] = _recorded_seconds(run_dir, ["measure"])
     start = time.perf_counter()
     # One sweep serves the table and the uncertainty section (per-class and per-sample outcomes),
     # saved every `save_every` blocks: an interrupted run resumes from the last saved piece.
-    baseline, results = None, []
+    results, costs["sweep"] = [], 0.0
     pieces = [blocks[i:i + config.save_every] for i in range(0, len(blocks), config.save_every)]
     outer = progress and len(pieces) > 1  # one bar over the pieces, or the sweep's own bar
+
+    def swept(piece: list) -> Evaluation:
+        with _autocast(config, device):
+            evaluation = evaluate_ablations(model, loader, [[block] for block in piece], mode=config.mode,
+                                            calibration=calibration if config.bn_recalibrate else None,
+                                            per_class=True, outcomes=True, task=task,
+                                            progress=progress and not outer)
+        # Without the task: a user's task function need not pickle (the record names it).
+        return dataclasses.replace(evaluation, task=None)
+
     for index, piece in enumerate(tqdm(pieces, desc=f"sweep ({len(blocks)} blocks)", unit="piece", disable=not outer)):
-        evaluation = run_dir.load(f"sweep-{index}", Evaluation)
-        if evaluation is None:
-            piece_start = time.perf_counter()
-            with _autocast(config, device):
-                evaluation = evaluate_ablations(model, loader, [[block] for block in piece], mode=config.mode,
-                                                calibration=calibration if config.bn_recalibrate else None,
-                                                per_class=True, outcomes=True, task=task,
-                                                progress=progress and not outer)
-            # Without the task: a user's task function need not pickle (the record names it).
-            _save_timed(run_dir, f"sweep-{index}", dataclasses.replace(evaluation, task=None),
-                        time.perf_counter() - piece_start)
-        baseline = evaluation.baseline
+        evaluation, cost = _piece(run_dir, f"sweep-{index}", Evaluation, lambda: swept(piece))
+        costs["sweep"] += cost
         results += evaluation.sets
-    evaluation = Evaluation(baseline, results, trained_baseline=evaluation.trained_baseline, task=task)
+    evaluation = Evaluation(evaluation.baseline, results, trained_baseline=evaluation.trained_baseline, task=task)
     sweep = sweep_table(blocks, evaluation, mode=config.mode, recalibrated=config.bn_recalibrate)
     seconds["sweep"] = time.perf_counter() - start
-    costs["sweep"] = _recorded_seconds(run_dir, [f"sweep-{index}" for index in range(len(pieces))])
     return stats, sweep, evaluation
 
 
-def _save_timed(run_dir: RunDirectory, name: str, value: object, seconds: float) -> None:
-    """Save a piece and how long computing it took (a resumed run reports the time it cost then);
-    the time first, so that a piece on disk always has its time (a time alone is overwritten)."""
-    run_dir.save(f"seconds-{name}", float(seconds))
+def _piece(run_dir: RunDirectory, name: str, kind: type, compute: Callable[[], object]) -> tuple[object, float]:
+    """(a piece of work, what computing it cost): read back from `run_dir` with the seconds
+    recorded when it was computed (NaN where none were), else computed, timed and saved; its
+    time first, so that a piece on disk always has one (a time alone is overwritten)."""
+    value = run_dir.load(name, kind)
+    if value is not None:
+        recorded = run_dir.load(f"seconds-{name}", float)
+        return value, float("nan") if recorded is None else recorded
+    start = time.perf_counter()
+    value = compute()
+    cost = time.perf_counter() - start
+    run_dir.save(f"seconds-{name}", cost)
     run_dir.save(name, value)
-
-
-def _recorded_seconds(run_dir: RunDirectory, names: list[str]) -> float:
-    """How long computing these pieces took, summed; NaN when a piece's time was not recorded."""
-    recorded = [run_dir.load(f"seconds-{name}", float) for name in names]
-    return float("nan") if any(value is None for value in recorded) else float(sum(recorded))
+    return value, cost
 
 
 def _sections(outputs: AnalysisOutputs, calibration_samples: int | None, recalibrated: bool,
