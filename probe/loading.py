@@ -374,9 +374,10 @@ def named_parts(loader: Iterable, config: RunConfig) -> Iterable:
 def data_fingerprint(dataset) -> str:
     """A short digest of everything `dataset` holds, so a resumed run never mixes numbers computed
     on other data: its length, the indices its `Subset`s keep of the data set below them, and the
-    content of every sample of that data set. Tensors in memory (the digits, text windows, a
-    TensorDataset): all their bytes. An image folder: every file's path (relative to the root),
-    class, size and bytes, and the transform (image size, channels, normalization). torchvision's
+    content of that data set's samples. Tensors in memory (the digits, text windows, a
+    TensorDataset): all their bytes. An image folder: the path (relative to the root), class,
+    size and bytes of every file kept (all of them without a Subset: a `--limit` sample of a large
+    folder reads only its own files), and the transform (image size, channels, normalization). torchvision's
     CIFAR and MNIST: their arrays, targets and transform. Any other data set: every item it gives
     (the bytes of every tensor and number in it, the repr of anything else)."""
     digest = hashlib.sha256(str(len(dataset)).encode())
@@ -388,7 +389,7 @@ def data_fingerprint(dataset) -> str:
         for tensor in base.tensors:
             _digest_value(digest, tensor)
     elif isinstance(base, DatasetFolder) and type(base).__getitem__ is DatasetFolder.__getitem__:
-        _digest_files(digest, base)
+        _digest_files(digest, base, indices)
     elif isinstance(base, (MNIST, CIFAR10)) and type(base).__getitem__ in _ARRAY_ITEMS:  # CIFAR100 is a CIFAR10
         digest.update(f"{type(base).__name__} {base.transform!r} {base.target_transform!r}".encode())
         _digest_value(digest, torch.as_tensor(base.data))
@@ -424,12 +425,13 @@ def _digest_value(digest, part) -> None:
     digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
 
 
-def _digest_files(digest, folder: DatasetFolder) -> None:
-    """An image folder: the transform, then each file's path below the root, class, size and bytes."""
+def _digest_files(digest, folder: DatasetFolder, indices: list[int] | None = None) -> None:
+    """An image folder: the transform, then each kept file's (all without `indices`) path below
+    the root, class, size and bytes."""
     digest.update(f"{folder.transform!r} {folder.target_transform!r} {getattr(folder.loader, '__qualname__', folder.loader)!r}"
                   .encode())
     root = Path(folder.root)
-    for path, target in folder.samples:
+    for path, target in (folder.samples if indices is None else (folder.samples[i] for i in indices)):
         with open(path, "rb") as handle:
             content = handle.read()
         digest.update(f"\0{Path(path).relative_to(root)}\0{target}\0{len(content)}\0".encode())

@@ -896,3 +896,24 @@ def test_the_data_fingerprint_notices_every_changed_sample(tmp_path):
     assert data_fingerprint(load_dataset("imagefolder", root=tmp_path)) == before
     assert data_fingerprint(stratified_subset(load_dataset("imagefolder", root=tmp_path), 10, seed=0)) == sampled
     assert sampled != before
+
+
+def test_a_sample_of_an_image_folder_is_fingerprinted_by_its_own_files(tmp_path):
+    """no stale or mixed numbers, at the cost of the files used: a kept file that changes
+    changes the fingerprint of a `--limit` sample; a file left out of it is not read."""
+    from PIL import Image
+
+    from probe.data import load_dataset
+    from probe.loading import data_fingerprint
+
+    for klass in ("a", "b"):
+        (tmp_path / klass).mkdir()
+        for i in range(5):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / klass / f"{i}.png")
+    folder = load_dataset("imagefolder", root=tmp_path)
+    kept = [0, 6]  # a/0.png and b/1.png
+    before = data_fingerprint(torch.utils.data.Subset(folder, kept))
+    (tmp_path / "a" / "3.png").write_bytes(b"not read")  # not among the kept
+    assert data_fingerprint(torch.utils.data.Subset(folder, kept)) == before
+    Image.new("RGB", (8, 8), (99, 0, 0)).save(tmp_path / "b" / "1.png")
+    assert data_fingerprint(torch.utils.data.Subset(folder, kept)) != before
