@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from probe.allocator import keep_freed_memory
 from probe.config import RunConfig, add_options
 from probe.errors import ProbeError
@@ -32,6 +34,7 @@ def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namesp
     """
     args = parser.parse_args(argv)
     name = name or parser.prog
+    threads = torch.get_num_threads()  # put back afterwards: main() may be called from Python
     try:
         keep_freed_memory()  # this process's own allocator: no page faults for every fresh activation
         use_threads(getattr(args, "threads", None))
@@ -49,6 +52,8 @@ def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namesp
     except KeyboardInterrupt:
         print(f"{name}: interrupted.{' ' + interrupted if interrupted else ''}", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _one_line_warning(name: str) -> Callable[..., None]:

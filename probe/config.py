@@ -170,7 +170,8 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.Argum
     add("--no-progress", action="store_true", help="hide progress bars")
     add("--threads", type=int, default=d.threads, metavar="N",
         help="CPU threads for torch (default: the cores this process may use that no other process keeps busy; "
-             "OMP_NUM_THREADS also decides; the choice is in the run record)")
+             "OMP_NUM_THREADS also decides; the choice is in the run record). Training uses 2 threads "
+             "(or OMP_NUM_THREADS) whatever this says: its weights must not depend on the thread count")
     if "model" in groups or training:
         add("--model", default=d.model,
             help="CIFAR-style resnet20/32/44/56/110 or plain20/..., a torchvision name (resnet18, resnet50, ...), "

@@ -78,6 +78,27 @@ def test_use_threads_sets_torch_and_is_remembered():
         torch.set_num_threads(before)
 
 
+def test_a_command_called_from_python_puts_torch_threads_back():
+    """model and torch's global state as before: `main(argv)` in a notebook or a test uses the
+    threads asked for while it runs, and leaves torch's count as it found it, also on an error."""
+    import argparse
+
+    from probe.cli import run_command
+    from probe.errors import ProbeError
+
+    parser = argparse.ArgumentParser(prog="demo")
+    parser.add_argument("--threads", type=int)
+    before = torch.get_num_threads()
+    seen = []
+
+    def body(_args):
+        seen.append(torch.get_num_threads())
+        raise ProbeError("stop here")
+
+    assert run_command(parser, body, ["--threads", str(before + 1)]) == 2
+    assert seen == [before + 1] and torch.get_num_threads() == before
+
+
 def test_a_resume_with_another_thread_count_is_not_refused(tmp_path):
     with RunDirectory(tmp_path, {"model": "m", "threads": "2 of 2 usable cores"}) as run:
         run.save("measure", 1)
