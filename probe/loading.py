@@ -85,13 +85,7 @@ def load_model(config: RunConfig, device: torch.device, *, progress: bool,
                            seed=config.seed)[0][0].unsqueeze(0)
     with torch.no_grad(), explained_channels(untrained, example, config, trained_here=True):
         untrained.eval()(example)
-    # The trainer's own defaults (the cached models' keys) wherever the config leaves a setting open.
-    given = {"epochs": config.epochs, "batch_size": config.train_batch_size, "lr": config.lr,
-             "momentum": config.momentum, "weight_decay": config.weight_decay}
-    fields = {name: value for name, value in given.items() if value is not None}
-    train_config = TrainConfig(model=config.model, dataset=config.dataset, seed=config.seed,
-                               device=str(device), data_root=config.data_root, download=config.download,
-                               **fields)
+    train_config = training_settings(config, device)
     # Under torchrun rank 0 trains (or loads) first; the others then load its checkpoint.
     if distributed.rank() != 0:
         distributed.barrier()
@@ -436,6 +430,17 @@ def _digest_files(digest, folder: DatasetFolder, indices: list[int] | None = Non
             content = handle.read()
         digest.update(f"\0{Path(path).relative_to(root)}\0{target}\0{len(content)}\0".encode())
         digest.update(content)
+
+
+def training_settings(config: RunConfig, device: torch.device | str, *, limit: int | None = None) -> TrainConfig:
+    """What `config` trains (`probe.ablate` and `probe.train` alike): the trainer's own defaults,
+    the cached models' keys, wherever the config leaves a setting open. limit: train on the first
+    `limit` samples (`probe.train --limit`; `probe.ablate`'s --limit samples the evaluated data)."""
+    given = {"epochs": config.epochs, "batch_size": config.train_batch_size, "lr": config.lr,
+             "momentum": config.momentum, "weight_decay": config.weight_decay}
+    return TrainConfig(model=config.model, dataset=config.dataset, seed=config.seed, device=str(device),
+                       limit=limit, data_root=config.data_root, download=config.download,
+                       **{name: value for name, value in given.items() if value is not None})
 
 
 def train_loader(config: RunConfig, *, model: nn.Module | None = None) -> Iterable:

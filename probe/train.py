@@ -15,6 +15,7 @@ from pathlib import Path
 from probe.batches import device_for
 from probe.cli import run_command
 from probe.config import RunConfig, add_options
+from probe.loading import training_settings
 from probe.models import save_checkpoint
 from probe.training import TrainConfig, default_checkpoint_path, train_model
 
@@ -31,15 +32,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_config(config: RunConfig) -> TrainConfig:
-    """What `config` trains: the trainer's own defaults for the settings it leaves at None, so
-    the default settings are the default model's (and its cache key's) that `probe.ablate` trains."""
-    chosen = {"epochs": config.epochs, "batch_size": config.train_batch_size, "lr": config.lr,
-              "momentum": config.momentum, "weight_decay": config.weight_decay}
-    return TrainConfig(
-        model=config.model, dataset=config.dataset, seed=config.seed, device=str(device_for(config.device)),
-        limit=config.limit, data_root=config.data_root, download=config.download,
-        **{name: value for name, value in chosen.items() if value is not None},
-    )
+    """What `config` trains: the same settings, cache key included, as `probe.ablate` would train."""
+    return training_settings(config, device_for(config.device), limit=config.limit)
 
 
 def main(argv: list[str] | None = None) -> int:
