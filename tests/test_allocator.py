@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import probe
+from probe import ablate, cli
 from probe.allocator import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = """
 import ctypes, resource, sys, torch
 from probe.allocator import keep_freed_memory
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages whatever the host's huge-page policy
 if sys.argv[1] == "kept":
     assert keep_freed_memory({})
 else:  # glibc's starting thresholds, held there (by default they move with what was freed before)
@@ -54,3 +58,13 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
 def test_the_users_own_malloc_settings_win():
     assert not keep_freed_memory({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"})
     assert not keep_freed_memory({"MALLOC_TRIM_THRESHOLD_": "0"})
+
+
+def test_the_commands_keep_freed_memory_and_the_library_does_not(monkeypatch, tiny_net):
+    """Every command goes through run_command, which asks for it once; a library call never."""
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert ablate.main(["--list-blocks"]) == 0
+    assert calls == [1]
+    probe.measure(tiny_net, [(torch.randn(2, 2), torch.tensor([0, 1]))], progress=False)
+    assert calls == [1]

@@ -231,11 +231,16 @@ def test_the_next_point_of_a_deletion_curve_runs_on_from_the_last_one():
 
 @pytest.mark.parametrize("architecture", ["cifar-resnet20", "torchvision-resnet18", "intercepted-blocks",
                                           "darknet-drift"])
-def test_stacked_ablations_equal_one_set_at_a_time(architecture):
+def test_stacked_ablations_equal_one_set_at_a_time(architecture, monkeypatch):
     """Several sets in one forward (their copies of the batch stacked, each copy's deletions on
-    its own rows) give the numbers of one set at a time, for single blocks and curve sets."""
+    its own rows) give the numbers of one set at a time, for single blocks and curve sets; every
+    batch really is stacked (its self-check would otherwise fall back to one set at a time)."""
     model, data, task, _, sets = _workload(architecture, seed=4)
     before = snapshot(model)
+    answers = []
+    stacked_sets = probe.evaluation._score_stacked
+    monkeypatch.setattr(probe.evaluation, "_score_stacked",
+                        lambda *args, **kwargs: answers.append(stacked_sets(*args, **kwargs)) or answers[-1])
     for mode in ("zero", "mean"):
         stacked = probe.evaluate_ablations(model, data, sets, mode=mode, task=task, stack=3, outcomes=True,
                                            progress=False)
@@ -244,6 +249,7 @@ def test_stacked_ablations_equal_one_set_at_a_time(architecture):
         for got, want in zip(stacked.sets, alone.sets):
             assert torch.allclose(torch.as_tensor(got.sample_loss), torch.as_tensor(want.sample_loss),
                                   rtol=1e-5, atol=1e-6)
+    assert answers and all(answers)
     assert_unchanged(model, before)
     with pytest.raises(probe.ProbeError, match="stack must be a whole number >= 1"):
         probe.evaluate_ablations(model, data, sets, stack=0, progress=False)

@@ -146,6 +146,31 @@ def _measure_wanting_graphs(model, data):
         measurement._graphs_wanted = original
 
 
+class _Tied(nn.Module):
+    """One block module run twice per forward (weights tied): its rows hold two calls each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Counter()
+        self.block.forward = lambda x: x + self.block.conv(x)  # no counting: only the calls matter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.block(x))
+
+
+def test_a_block_run_twice_per_forward_is_measured_eagerly():
+    """Replays hold one call per block: graphs=True refuses, graphs=None measures eagerly."""
+    net = nn.Sequential(nn.Conv2d(2, 2, 1), _Tied(), nn.Flatten(), nn.Linear(2 * 8 * 8, 4)).eval()
+    data = _data((2, 8, 8), [3, 3, 3, 3])
+    with pytest.raises(ProbeError, match="more than once per forward"):
+        probe.measure(net, data, progress=False, graphs=True)
+    eager = probe.measure(net, data, progress=False, graphs=False)
+    fallback = _measure_wanting_graphs(net, data)
+    assert fallback["samples"].tolist() == eager["samples"].tolist() == [24]  # 12 inputs, 2 calls each
+    torch.testing.assert_close(torch.tensor(fallback[NUMBERS].to_numpy(float)),
+                               torch.tensor(eager[NUMBERS].to_numpy(float)))
+
+
 def test_graphs_must_be_a_boolean_or_none():
     model, shape = _architectures()["resnet20"]
     with pytest.raises(ProbeError, match="graphs must be True, False or None"):
