@@ -659,7 +659,7 @@ class _Pause(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.fx.Proxy):
             self.tracing.set()
-            self.release.wait(timeout=20)
+            self.release.wait(timeout=600)  # a guard against a hang only: the test releases it
         return x
 
 
@@ -681,9 +681,11 @@ def test_a_probe_call_while_another_thread_traces_is_not_traced():
         assert pause.tracing.wait(timeout=20)  # the other thread is inside its trace now
         during = (probe.measure(other, data, blocks=blocks, progress=False),
                   probe.sweep(other, data, blocks=blocks, fast=False, progress=False))
+        held = thread.is_alive()  # the trace was still under way for all of it
     finally:
         pause.release.set()
-        thread.join(timeout=20)
+        thread.join(timeout=600)
+    assert held
     pd.testing.assert_frame_equal(during[0], expected[0])
     pd.testing.assert_frame_equal(during[1], expected[1])
     assert [block.name for block in found["blocks"]] == ["blocks.0", "blocks.2"]
