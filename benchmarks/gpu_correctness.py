@@ -110,7 +110,7 @@ def case(name: str, channels: int, side: int, batch: int, count: int, device: to
             if device.type == "cuda":
                 check(f"measure, {label} autocast, CUDA graph replays vs eager",
                       relative(probe.measure(model, thrice, progress=False, graphs=True),
-                               probe.measure(model, thrice, progress=False), STAT_COLUMNS), 1e-3)
+                               probe.measure(model, thrice, progress=False, graphs=False), STAT_COLUMNS), 1e-3)
             low_fast = probe.sweep(model, data, progress=False)
             low_naive = probe.sweep(model, data, fast=False, progress=False)
         # Untrained nets such as mobilenet_v2 shrink activations towards zero block by block, below

@@ -8,9 +8,9 @@ as a separate process (start-up included). The CLI's last line ("took ...") give
 seconds; the ratios are taken to the sweep of the same run. Targets: everything after the sweep (skipping, attribution,
 uncertainty, recalibration) at most 1.5x the sweep; the whole warm job at most 3x.
 
---allocator-too runs each workload again with glibc's malloc as it comes (the commands otherwise
-keep freed memory for reuse, `probe.allocator`) and prints both runs' sweep, whole job and page
-faults.
+--allocator-too also runs each workload with glibc's malloc as it comes (the commands otherwise
+keep freed memory for reuse, `probe.allocator`), the two settings taking turns for --rounds
+rounds, and prints each run's sweep, whole job and page faults, and the median paired ratios.
 
 Workloads:
   default         the built-in default: ResNet-56 trained on digits, 360 test images (16x16, grey).
@@ -27,6 +27,7 @@ import argparse
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,21 +83,25 @@ AS_IT_COMES = {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}
 
 
 def run_job(arguments: list[str], out: Path, extra: list[str],
-            environment: dict | None = None) -> tuple[float, dict[str, float], str, int]:
-    """(wall seconds, stage seconds, thread choice, minor page faults) of one `python -m probe.ablate` run."""
+            environment: dict | None = None) -> tuple[float, dict[str, float], str, dict[str, float]]:
+    """(wall seconds, stage seconds, thread choice, usage) of one `python -m probe.ablate` run;
+    usage: its minor page faults ("faults") and CPU seconds ("user", "system"), which a host
+    taking back cores (steal) disturbs less than wall time."""
     command = [sys.executable, "-m", "probe.ablate", "--no-progress", "--out", str(out), *arguments, *extra]
-    faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(environment or {})})
     wall = time.perf_counter() - start
-    faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    usage = {"faults": after.ru_minflt - before.ru_minflt, "user": after.ru_utime - before.ru_utime,
+             "system": after.ru_stime - before.ru_stime}
     if done.returncode != 0:
         raise SystemExit(f"probe.ablate failed ({done.returncode}):\n{done.stderr[-3000:]}")
     last = [line for line in done.stdout.splitlines() if line.startswith("took ")][-1]
     timings, threads = last.split(" s (", 1)[1].rsplit("); threads: ", 1)
     stages = {name: float(value) for name, value in re.findall(r"(\w+) ([\d.]+)", timings)}
-    return wall, stages, threads, faults
+    return wall, stages, threads, usage
 
 
 def report(name: str, wall: float, stages: dict[str, float], threads: str) -> None:
@@ -123,6 +128,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="resnet56-32px: images to evaluate on (default: 1000)")
     parser.add_argument("--allocator-too", action="store_true",
                         help="also run each workload with glibc's malloc as it comes, and compare")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="--allocator-too: paired rounds, the two settings taking turns (default: 3)")
     args = parser.parse_args()
     extra = ["--device", args.device]
     extra += ["--threads", str(args.threads)] if args.threads else []
@@ -132,16 +139,36 @@ def main() -> None:
             arguments = workload_arguments(name, Path(scratch), args.images)
             if name == "default":  # trains the model or loads it from the cache, which is then warm
                 run_job(arguments, Path(scratch) / f"{name}-warm", extra)
-            wall, stages, threads, faults = run_job(arguments, Path(scratch) / f"{name}-timed", extra)
+            wall, stages, threads, usage = run_job(arguments, Path(scratch) / f"{name}-timed", extra)
             report(name, wall, stages, threads)
             if args.allocator_too:
-                plain = run_job(arguments, Path(scratch) / f"{name}-malloc", extra, AS_IT_COMES)
-                print(f"  freed memory kept for reuse: sweep {stages['sweep']:.1f} s, whole job {wall:.1f} s, "
-                      f"{faults:,} page faults")
-                print(f"  malloc as it comes:          sweep {plain[1]['sweep']:.1f} s, whole job {plain[0]:.1f} s, "
-                      f"{plain[3]:,} page faults   (sweep ratio kept / as it comes: "
-                      f"{stages['sweep'] / plain[1]['sweep']:.2f})")
+                compare_allocator(arguments, Path(scratch) / name, extra, args.rounds,
+                                  first=(wall, stages, threads, usage))
 
+
+def compare_allocator(arguments: list[str], out: Path, extra: list[str], rounds: int, first: tuple) -> None:
+    """The job with freed memory kept (the commands' own setting) and with malloc as it comes,
+    taking turns for `rounds` rounds (the timed run above is the first "kept" one): the sweep's
+    and the whole job's median ratio kept / as it comes, and the page faults."""
+    kept_environment = {name: "" for name in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    kept, plain = [first], []
+    for index in range(rounds):
+        if index:
+            kept.append(run_job(arguments, out.with_name(f"{out.name}-kept{index}"), extra, kept_environment))
+        plain.append(run_job(arguments, out.with_name(f"{out.name}-malloc{index}"), extra, AS_IT_COMES))
+    for label, runs in (("freed memory kept for reuse", kept), ("malloc as it comes", plain)):
+        sweeps = ", ".join(f"{stages['sweep']:.1f}" for _, stages, _, _ in runs)
+        walls = ", ".join(f"{wall:.1f}" for wall, *_ in runs)
+        cpu = ", ".join(f"{u['user'] + u['system']:.1f} ({u['system']:.1f} system)" for *_, u in runs)
+        faults = ", ".join(f"{u['faults']:,}" for *_, u in runs)
+        print(f"  {label + ':':<29} sweep {sweeps} s; whole job {walls} s; CPU {cpu} s; page faults {faults}")
+
+    def median(of) -> float:
+        return statistics.median(of(k) / of(p) for k, p in zip(kept, plain))
+
+    print(f"  kept / as it comes, median of {rounds} paired rounds: sweep {median(lambda r: r[1]['sweep']):.2f}, "
+          f"whole job {median(lambda r: r[0]):.2f}, CPU seconds {median(lambda r: r[3]['user'] + r[3]['system']):.2f}, "
+          f"system seconds {median(lambda r: r[3]['system']):.2f}, page faults {median(lambda r: r[3]['faults']):.2f}")
 
 if __name__ == "__main__":
     main()

@@ -4,14 +4,15 @@ torch's CPU tensors come from the C library's `malloc`. glibc gives large blocks
 system when they are freed (it unmaps them, or trims the top of its heap), so the next tensor of
 that size is fresh memory again, and the kernel faults in and zeroes every 4 KiB page of it on
 first touch. A sweep frees and makes the same activations thousands of times: on the default job
-the process took 1.7-1.9 million page faults, and on a virtual machine each costs microseconds.
-With blocks up to 32 MiB served from the heap and up to 1 GiB of freed heap kept, it takes
-0.27 million, and the sweep ran in 0.79x the time (README, "Benchmarks").
+the process took 1.0-1.9 million page faults. With blocks up to 32 MiB served from the heap and up
+to 1 GiB of freed heap kept, it takes 0.28x as many, and 0.60x the system CPU time; the sweep
+took 0.91x the time, the whole job the same within noise (`benchmarks/job_speed.py
+--allocator-too`, README).
 
 The commands (`probe.cli.run_command`) do this for their own process, and so does a command's
-`main()` called from Python; the library's functions never change the allocator. Where the user has set glibc's malloc tunables
-(GLIBC_TUNABLES with `glibc.malloc`, or MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), or the C
-library is not glibc, nothing is changed.
+`main()` called from Python; the library's functions never change the allocator. Where the user
+has set glibc's malloc tunables (GLIBC_TUNABLES with `glibc.malloc`, or MALLOC_MMAP_THRESHOLD_ /
+MALLOC_TRIM_THRESHOLD_), or the C library is not glibc, nothing is changed.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 torch's intra-op threads wait for one another at every operation, so one thread that shares its
 core with another busy process holds all of them back: on two cores with one other CPU-bound
-process, two threads take about three times as long as alone, one thread about twice. So the
+process, the default job took 2.12x its quiet time with two threads and 1.33x with one
+(`benchmarks/shared_machine.py --threads-too`). So the
 commands count the cores they may use (`os.sched_getaffinity`), look at how busy those cores are
 right now (`/proc/stat`, over a tenth of a second; the load average where there is none), and
 use the free ones. `--threads N` (or OMP_NUM_THREADS) decides instead. The choice, and why, goes

@@ -45,12 +45,23 @@ def test_hook_overhead_and_throughput_on_synthetic_channels_last_bf16():
 
 def test_job_speed_reports_each_stage_against_the_sweep():
     output = run(sys.executable, "benchmarks/job_speed.py", "--workload", "resnet56-32px", "--images", "40",
-                 "--sections", "skipping", "recalibration", "--threads", "1")
+                 "--sections", "skipping", "recalibration", "--threads", "1", "--allocator-too", "--rounds", "1")
     assert "resnet56-32px: whole job" in output and "threads: 1 (--threads)" in output
     for stage in ("measure", "sweep", "skipping", "recalibration"):
         assert re.search(rf"  {stage} +[0-9.]+ s +[0-9.]+x the sweep", output), output
     assert ratio(output, "after the sweep \\(skipping, recalibration\\)") > 0
     assert ratio(output, "whole warm job") > 1
+    # The allocator comparison: the setting kept (the commands' own) takes fewer page faults.
+    faults = re.search(r"median of 1 paired rounds: .* page faults ([0-9.]+)", output)
+    assert faults and float(faults.group(1)) < 1, output
+
+
+def test_curve_cost_counts_the_curves_work_against_the_sweeps():
+    output = run(sys.executable, "benchmarks/curve_cost.py", "--model", "resnet20", "--image-size", "8",
+                 "--samples", "12", "--batch-size", "6")
+    assert "resnet20 (9 blocks), 12 random images 3x8x8" in output
+    assert re.search(r"deletion curves \(45 sets\): +[0-9.]+ GMAC", output), output  # 5 orders x 9 points
+    assert ratio(output, "ratio curves / sweep") > 0
 
 
 def test_memory_benchmark_reports_every_operation():
