@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
-import warnings
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,9 +245,9 @@ def load_datasets(config: RunConfig, *, calibration: bool, model: nn.Module | No
     evaluation = load_dataset(config.dataset, split=config.split, **options)
     if getattr(evaluation, "mixed_sizes", False):
         size = evaluation.info.image_size
-        warnings.warn(f"the images of {config.data_root} differ in size (or are not square): they are resized and "
-                      f"centre-cropped to {size}x{size}; choose the size the model was trained on with "
-                      "--image-size N.", stacklevel=2)
+        print(f"probe: the images of {config.data_root} differ in size (or are not square): they are resized and "
+              f"centre-cropped to {size}x{size}; choose the size the model was trained on with --image-size N.",
+              file=sys.stderr)
     if model is not None and not batchnorm_layers(model):
         _refuse_recalibration_without_batchnorm(config, model)
         calibration = False  # nothing to refit: no sample needs to be set aside

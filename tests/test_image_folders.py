@@ -10,10 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from probe.config import RunConfig
 from probe.data import DatasetInfo, dataset_info, load_dataset
 from probe.errors import ProbeError
-from probe.loading import load_datasets
 
 torch.set_num_threads(1)
 
@@ -268,14 +266,3 @@ def test_bad_image_size(tmp_path, bad):
     assert _message(load_dataset, "imagefolder", root=root, image_size=bad) == (
         f"image_size must be an integer of at least 1, got {bad!r}."
     )
-
-
-def test_a_folder_of_mixed_sizes_is_a_warning_that_names_the_option(tmp_path):
-    """A Python warning (the commands print it as one line "NAME: warning: ..."; a notebook can
-    filter it), naming the size used and --image-size."""
-    for name, size in {"a": 32, "b": 40}.items():
-        (tmp_path / name).mkdir()
-        Image.new("RGB", (size, size), (0, 128, 255)).save(tmp_path / name / "x.png")
-    config = RunConfig(dataset="imagefolder", data_root=str(tmp_path), checkpoint=None)
-    with pytest.warns(UserWarning, match=r"differ in size .* 224x224; .* --image-size N"):
-        load_datasets(config, calibration=False)
