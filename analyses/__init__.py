@@ -17,5 +17,5 @@ writes them as CSV with PNG figures. `python -m probe.ablate` runs them all (thr
                                                             spans, greedy deletion, logit lens
 
 The analyses are not imported here, so importing one does not import them all. The verdict
-rule is in the core (`probe.verdict`); what may import what: docs/architecture.md.
+rule is in the core (`probe.scoring.verdict`); what may import what: docs/architecture.md.
 """

@@ -25,13 +25,13 @@ from analyses.recalibration import recalibration
 from analyses.representation import representation
 from analyses.skipping import skipping
 from analyses.uncertainty import uncertainty
-from probe.config import SECTIONS, RunConfig
+from probe.commands.config import SECTIONS, RunConfig
 from probe.errors import ProbeError
 from probe.files import write_tables
-from probe.recalibrate import batchnorm_layers
-from probe.loading import train_loader
-from probe.results import Evaluation
-from probe.tasks import Classification, LanguageModeling, Task, resolve_task
+from probe.deletion.batchnorm import batchnorm_layers
+from probe.commands.inputs import train_loader
+from probe.scoring.results import Evaluation
+from probe.scoring.tasks import Classification, LanguageModeling, Task, resolve_task
 
 __all__ = ["SECTIONS", "AnalysisOutputs", "choose_sections", "run_analyses"]
 
@@ -83,7 +83,7 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
     without measure_seconds, attribution measures again to time it.
     A table whose verdicts are "unsupported" (the intact model is at chance) keeps them: the
     analyses measure, but call no block skipped.
-    task: what the outputs mean (`probe.tasks`), handed to every analysis; None takes the
+    task: what the outputs mean (`probe.scoring.tasks`), handed to every analysis; None takes the
     evaluation's (`Evaluation.task`), else `config.task`. Degradation (plain vs residual
     classifiers it trains itself) runs for classification only; for another task it is not run,
     with the reason.

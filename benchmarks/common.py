@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from probe.data import load_dataset, make_loader
-from probe.models import build_model
+from probe.loading.datasets import load_dataset, make_loader
+from probe.loading.models import build_model
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import probe  # noqa: E402
 from analyses.skipping import curve_ks, deletion_orders  # noqa: E402
-from probe.config import RunConfig  # noqa: E402
-from probe.models import build_model  # noqa: E402
+from probe.commands.config import RunConfig  # noqa: E402
+from probe.loading.models import build_model  # noqa: E402
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import probe  # noqa: E402
-from probe.models import build_model  # noqa: E402
+from probe.loading.models import build_model  # noqa: E402
 
 # (model, input channels, image side, batch, batches)
 CASES = [("resnet20", 1, 16, 64, 3), ("resnet18", 3, 64, 16, 2), ("mobilenet_v2", 3, 64, 16, 2),

@@ -4,7 +4,7 @@
 
 Prints the fastest round of each and the median of the rounds' ratios; 40 rounds unless --repeats
 says otherwise: on a shared CPU fewer rounds leave the median noisy. On a GPU measure replays its
-instrumented forward from CUDA graphs (`probe.graphs`; target: at most 1.2x the plain forward),
+instrumented forward from CUDA graphs (`probe.instrument.graphs`; target: at most 1.2x the plain forward),
 and the eager hooks are timed too (`graphs=False`). The earlier target for the eager hooks on
 the CPU (at most 1.05) is retired; the figure is still printed.
 """

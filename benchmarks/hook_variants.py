@@ -19,8 +19,8 @@ import torch  # noqa: E402
 import probe  # noqa: E402
 from common import (autocast, best_times, default_setup, describe, paired_ratio, parser,  # noqa: E402
                     plain_inference, timed_rounds)
-from probe import measurement as measure_module  # noqa: E402
-from probe.hooks import tap_pairs  # noqa: E402
+from probe.instrument import measurement as measure_module  # noqa: E402
+from probe.instrument.hooks import tap_pairs  # noqa: E402
 
 COLUMNS = ["branch_norm", "shortcut_norm", "ratio", "cosine"]
 

@@ -9,7 +9,7 @@ seconds; the ratios are taken to the sweep of the same run. Targets: everything 
 uncertainty, recalibration) at most 1.5x the sweep; the whole warm job at most 3x.
 
 --allocator-too also runs each workload with glibc's malloc as it comes (the commands otherwise
-keep freed memory for reuse, `probe.allocator`), the two settings taking turns for --rounds
+keep freed memory for reuse, `probe.commands.allocator`), the two settings taking turns for --rounds
 rounds, and prints each run's sweep, whole job and page faults, and the median paired ratios.
 
 Workloads:
@@ -54,7 +54,7 @@ def image_folder(root: Path, images: int, seed: int) -> Path:
 def random_resnet56(path: Path) -> Path:
     import torch
 
-    from probe.models import build_model, save_checkpoint
+    from probe.loading.models import build_model, save_checkpoint
 
     torch.manual_seed(0)
     model = build_model("resnet56", num_classes=10, in_channels=3)
@@ -78,7 +78,7 @@ def workload_arguments(name: str, scratch: Path, images: int = 1000) -> list[str
     raise SystemExit(f"unknown workload {name!r}")
 
 
-# A glibc tunable that changes nothing: set, it tells probe.allocator that the user chose malloc's settings.
+# A glibc tunable that changes nothing: set, it tells probe.commands.allocator that the user chose malloc's settings.
 AS_IT_COMES = {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}
 
 

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import probe  # noqa: E402
 from common import paired_ratio, timed_rounds  # noqa: E402
-from probe.hf import load_hf_model, load_tokenizer  # noqa: E402
-from probe.layers import group_layers  # noqa: E402
-from probe.text import pydoc_text, text_windows  # noqa: E402
+from probe.loading.huggingface import load_hf_model, load_tokenizer  # noqa: E402
+from probe.discovery.layers import group_layers  # noqa: E402
+from probe.loading.text import pydoc_text, text_windows  # noqa: E402
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ def child(operation: str, samples: int, batch_size: int, device: str) -> None:
     import torch
 
     import probe
-    from probe.models import cifar_resnet
+    from probe.loading.models import cifar_resnet
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

@@ -5,7 +5,7 @@
 Runs `python -m probe.ablate` (the built-in default, model cache warmed first) quietly, then
 again while this script keeps one busy process running (a Python loop pinned to the same cores),
 and prints both wall times and their ratio. Target: at most 2.2x (a fair share of two cores
-gives about 2x). The thread choice each run made (`probe.threads`) is printed beside it.
+gives about 2x). The thread choice each run made (`probe.commands.threads`) is printed beside it.
 `--threads-too` adds a run under competition with `--threads` set to every usable core, what
 the commands did before they looked at how busy the cores are.
 """

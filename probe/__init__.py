@@ -11,18 +11,18 @@
 The layers of the code and what each may import: docs/architecture.md.
 """
 
-from probe.ablation import ablated
+from probe.deletion.ablated import ablated
 from probe.batches import Data
-from probe.blocks import Block, find_blocks
-from probe.describe import describe_blocks
+from probe.discovery.find import Block, find_blocks
+from probe.instrument.describe import describe_blocks
 from probe.errors import ProbeError
-from probe.evaluation import evaluate_ablations, sweep
-from probe.measurement import branch_means, measure
-from probe.results import Evaluation, Outcome
-from probe.spec import BlockSpec, parse_spec
-from probe.table import block_table, join_block_table
-from probe.tasks import Classification, CustomTask, Drift, LanguageModeling, Task
-from probe.verdict import VerdictRule
+from probe.deletion.evaluation import evaluate_ablations, sweep
+from probe.instrument.measurement import branch_means, measure
+from probe.scoring.results import Evaluation, Outcome
+from probe.discovery.spec import BlockSpec, parse_spec
+from probe.deletion.block_table import block_table, join_block_table
+from probe.scoring.tasks import Classification, CustomTask, Drift, LanguageModeling, Task
+from probe.scoring.verdict import VerdictRule
 
 __all__ = ["Block", "BlockSpec", "Classification", "CustomTask", "Data", "Drift", "Evaluation", "LanguageModeling",
            "Outcome", "ProbeError", "Task", "VerdictRule", "ablated", "block_table",

@@ -32,23 +32,23 @@ from analyses.representation import story
 from analyses.pipeline import AnalysisOutputs, choose_sections, run_analyses
 from probe import distributed
 from probe.batches import Batch, batches, device_for, input_dtype
-from probe.blocks import find_blocks
-from probe.cli import run_command
-from probe.config import RunConfig, add_options
-from probe.data import DatasetInfo, make_loader
-from probe.describe import describe_blocks, shortcut_kinds
+from probe.discovery.find import find_blocks
+from probe.commands.runner import run_command
+from probe.commands.config import RunConfig, add_options
+from probe.loading.datasets import DatasetInfo, make_loader
+from probe.instrument.describe import describe_blocks, shortcut_kinds
 from probe.errors import ProbeError
-from probe.evaluation import evaluate_ablations, sweep_table
+from probe.deletion.evaluation import evaluate_ablations, sweep_table
 from probe.files import prepare_out_dir, write_csv
-from probe.loading import (Datasets, data_fingerprint, explained_channels, load_datasets, load_model,
+from probe.commands.inputs import (Datasets, data_fingerprint, explained_channels, load_datasets, load_model,
                            named_parts)
-from probe.measurement import measure
-from probe.results import Evaluation
-from probe.rundir import RunDirectory, file_digest
-from probe.table import join_block_table, unsupported_reason
-from probe.tasks import Task, resolve_task
-from probe.threads import chosen
-from probe.verdict import UNSUPPORTED, VerdictRule, cost_column, per_token, summarize
+from probe.instrument.measurement import measure
+from probe.scoring.results import Evaluation
+from probe.commands.run_folder import RunDirectory, file_digest
+from probe.deletion.block_table import join_block_table, unsupported_reason
+from probe.scoring.tasks import Task, resolve_task
+from probe.commands.threads import chosen
+from probe.scoring.verdict import UNSUPPORTED, VerdictRule, cost_column, per_token, summarize
 from reports import sections as build
 from reports.html import write_report
 
@@ -106,7 +106,7 @@ def _run_record(config: RunConfig, source: str, blocks: list, datasets: Datasets
         "blocks": [dataclasses.asdict(block) for block in blocks],
         "shortcuts": shortcuts,
         "versions": {"probe": probe.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
-        "threads": _threads_words(),  # not compared on a resume (probe.rundir.UNCOMPARED)
+        "threads": _threads_words(),  # not compared on a resume (probe.commands.run_folder.UNCOMPARED)
     }
 
 
@@ -280,7 +280,7 @@ def _piece(run_dir: RunDirectory, name: str, kind: type, compute: Callable[[], o
 def _sections(outputs: AnalysisOutputs, calibration_samples: int | None, recalibrated: bool,
               cost: str = "accuracy_drop") -> list:
     """One report section per analysis, in report order; a "not run" section says why. cost:
-    the per-block table's cost column (`probe.verdict.cost_column`), which the sections show."""
+    the per-block table's cost column (`probe.scoring.verdict.cost_column`), which the sections show."""
     builders = {
         "degradation": lambda result: build.degradation_section(result, lines=summary_lines(result)),
         "skipping": lambda result: build.skipping_section(
@@ -335,7 +335,7 @@ def _write_outputs(config, model, loader, table, evaluation, record, calibration
 
 
 def _threads_words() -> str:
-    """How many CPU threads torch uses, and why (`probe.threads`)."""
+    """How many CPU threads torch uses, and why (`probe.commands.threads`)."""
     choice = chosen()
     return choice.reason if choice is not None else f"{torch.get_num_threads()}"
 
@@ -440,7 +440,7 @@ def _shown_columns(table: pd.DataFrame, cost: str) -> pd.DataFrame:
 
 def format_summary(table: pd.DataFrame, n: int = 5) -> str:
     """The short terminal answer: what helps most, and what is skipped, by the table's cost
-    (`probe.verdict.cost_column`: the accuracy drop for classification, else the loss increase
+    (`probe.scoring.verdict.cost_column`: the accuracy drop for classification, else the loss increase
     or the drift of the outputs)."""
     cost = cost_column(table)
     lines = [f"{_baseline_words(table, cost)}; {len(table)} residual blocks", ""]

@@ -233,7 +233,7 @@ def batches(data: Iterable, device: torch.device, *, dtype: torch.dtype | None =
 
     Floating-point inputs are cast to `dtype` when given (see `input_dtype`). Batches may be
     pairs, tuples with extra items, dicts or bare tensors (`split_batch`), or named with
-    `probe.Data`. What the targets must be is the task's business (`probe.tasks`).
+    `probe.Data`. What the targets must be is the task's business (`probe.scoring.tasks`).
     """
     try:
         total = len(data)  # type: ignore[arg-type]

@@ -2,7 +2,7 @@
 
     python -m probe.train --model resnet56 --dataset digits
 
-The training itself is `probe.training`; this is its command line.
+The training itself is `probe.loading.training`; this is its command line.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from probe.batches import device_for
-from probe.cli import run_command
-from probe.config import RunConfig, add_options
-from probe.loading import training_settings
-from probe.models import save_checkpoint
-from probe.training import TrainConfig, default_checkpoint_path, train_model
+from probe.commands.runner import run_command
+from probe.commands.config import RunConfig, add_options
+from probe.commands.inputs import training_settings
+from probe.loading.models import save_checkpoint
+from probe.loading.training import TrainConfig, default_checkpoint_path, train_model
 
 __all__ = ["main"]
 

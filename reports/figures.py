@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from probe.verdict import UNSUPPORTED, VERDICTS, cost_column, per_token, rank_correlation
+from probe.scoring.verdict import UNSUPPORTED, VERDICTS, cost_column, per_token, rank_correlation
 from probe.errors import ProbeError
 
 __all__ = [
@@ -66,7 +66,7 @@ _MAX_LABELS = 32  # more block names than this on one axis are thinned
 _ANNOTATE = 3     # ratio_vs_drop names this many most important blocks
 
 
-# What deleting a block costs, by cost column (`probe.verdict.cost_column`): classification
+# What deleting a block costs, by cost column (`probe.scoring.verdict.cost_column`): classification
 # counts accuracy, a language model or a user's loss the loss increase, unlabelled data the drift
 # of the outputs. The figures draw the cost column they are given (`cost=`) or find one (`cost_of`).
 COSTS = ("accuracy_drop", "loss_increase", "drift")
@@ -74,7 +74,7 @@ COSTS = ("accuracy_drop", "loss_increase", "drift")
 
 def cost_of(df: pd.DataFrame, cost: str | None = None) -> str:
     """The cost column a figure of `df` draws: `cost` when given; else the table's verdict cost
-    (`probe.verdict.cost_column`) when it has it; else the first of `COSTS` it has (an analysis
+    (`probe.scoring.verdict.cost_column`) when it has it; else the first of `COSTS` it has (an analysis
     table carries the cost without its standard error); else accuracy_drop."""
     if cost is not None:
         return cost

@@ -2,7 +2,7 @@
 
 Figures are embedded as base64 PNG data URIs and the CSS is inline, so the file opens offline,
 can be mailed or attached to a paper's supplement, and needs no JavaScript. The report only
-assembles: verdicts come from ``probe.verdict``, figures from ``reports.figures``, and the
+assembles: verdicts come from ``probe.scoring.verdict``, figures from ``reports.figures``, and the
 sections of the analyses (degradation, skipping, ...) from ``reports.sections``.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from probe.verdict import UNSUPPORTED, VerdictRule, classify, cost_column, per_token, summarize
+from probe.scoring.verdict import UNSUPPORTED, VerdictRule, classify, cost_column, per_token, summarize
 from probe.errors import ProbeError
 from probe.files import write_text
 from reports import figures
@@ -298,7 +298,7 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     """The whole report as one HTML string (see module docstring).
 
     df: per-block table (one row per block; columns as in docs/architecture.md and the README); its
-    cost column (`probe.verdict.cost_column`: accuracy_drop, loss_increase or drift) is what the
+    cost column (`probe.scoring.verdict.cost_column`: accuracy_drop, loss_increase or drift) is what the
     answer, the figures and the table show. baseline: the unablated model's numbers, as the
     table's `attrs["baseline"]` holds them for its task: {"accuracy", "loss", "samples"} for
     classification; {"loss", "perplexity", "token_accuracy", "tokens", "samples"} for a language
@@ -307,11 +307,11 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     seed, date, versions, and any other keys).
     rule: the verdict rule the report describes; given, the verdicts are recomputed with it; else
     the table's own `verdict` column is shown with the rule that made it (`attrs["rule"]`, set by
-    `probe.verdict.classify`; VerdictRule() for a table read back from a CSV), and only a table
+    `probe.scoring.verdict.classify`; VerdictRule() for a table read back from a CSV), and only a table
     without verdicts is classified here, by VerdictRule().
     sections: one `reports.sections.Section` per analysis, shown after the per-block figures
     and listed in a table of contents.
-    warning: why the data cannot support verdicts (`probe.verdict.chance_warning`; default the
+    warning: why the data cannot support verdicts (`probe.scoring.verdict.chance_warning`; default the
     table's `attrs["unsupported"]`): the report then opens with it instead of the answer, and
     every block's verdict is "unsupported".
     """

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from probe.verdict import per_token
+from probe.scoring.verdict import per_token
 from reports import figures
 from reports.embed import data_uri, render_png
 
@@ -128,9 +128,9 @@ def _recalibrated(df: pd.DataFrame) -> bool:
 
 
 # --- tasks ------------------------------------------------------------------------------------
-# An analysis of a task other than classification holds the task's columns (`probe.tasks`) in
+# An analysis of a task other than classification holds the task's columns (`probe.scoring.tasks`) in
 # place of accuracy: its cost is the loss increase or the drift of the outputs. Each builder
-# takes `cost=` (the per-block table's `probe.verdict.cost_column`), or finds it in its tables
+# takes `cost=` (the per-block table's `probe.scoring.verdict.cost_column`), or finds it in its tables
 # (`reports.figures.cost_of`).
 
 # {column: (header, spec)} of every task's sweep columns, in display order.
@@ -244,7 +244,7 @@ def _curves_caption(curves: pd.DataFrame) -> str:
 
 def skipping_section(result, *, calibration_samples: int | None = None, cost: str | None = None) -> Section:
     """From `analyses.skipping.skipping` (a SkippingResult). cost: the per-block table's cost
-    column (`probe.verdict.cost_column`); found in the summary when None."""
+    column (`probe.scoring.verdict.cost_column`); found in the summary when None."""
     summary, curves, export = result.summary, result.curves, result.export
     cost = figures.cost_of(summary, cost)
     recal = _recalibrated(summary)

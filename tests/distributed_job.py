@@ -7,7 +7,7 @@ import torch
 
 import probe
 from probe import distributed
-from probe.models import cifar_resnet
+from probe.loading.models import cifar_resnet
 
 
 def dataset():

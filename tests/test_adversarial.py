@@ -23,7 +23,7 @@ from torch.overrides import _get_current_function_mode_stack
 
 import probe
 from conftest import TinyBlock, TinyNet, assert_unchanged, snapshot
-from probe.rundir import RunDirectory
+from probe.commands.run_folder import RunDirectory
 
 PROBE_FILES = set(glob.glob(os.path.join(os.path.dirname(probe.__file__), "*.py")))
 # torch.fx's code that patches nn.Module for a trace, and undoes it (not the patching of globals,
@@ -557,7 +557,7 @@ def test_two_runs_cannot_share_an_out_folder(tmp_path):
 def test_ctrl_c_at_any_line_of_bn_recalibration_leaves_no_trace():
     """model, flags, hooks and global torch state exactly as before (BN statistics and momenta
     included), wherever a Ctrl-C lands in a sweep with BatchNorm recalibration."""
-    from probe.models import cifar_resnet
+    from probe.loading.models import cifar_resnet
 
     torch.manual_seed(0)
     model = cifar_resnet(8, num_classes=3, in_channels=1)
@@ -579,7 +579,7 @@ def test_ctrl_c_at_any_line_of_bn_recalibration_leaves_no_trace():
 
 def test_recalibration_names_labels_the_model_cannot_take():
     """ProbeError naming the value: as without recalibration, not torch's IndexError."""
-    from probe.models import cifar_resnet
+    from probe.loading.models import cifar_resnet
 
     model = cifar_resnet(8, num_classes=3, in_channels=1).eval()
     data = [(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 7]))]
@@ -601,7 +601,7 @@ def test_the_noise_band_counts_the_samples_each_deletion_was_evaluated_on():
 def test_block_table_of_a_model_at_chance_has_no_verdicts():
     """No stale or mixed numbers: no verdict the data cannot support; probe.block_table marks every
     block of a model at chance unsupported."""
-    from probe.models import cifar_resnet
+    from probe.loading.models import cifar_resnet
 
     torch.manual_seed(0)
     model = cifar_resnet(8, num_classes=4, in_channels=1).eval()
@@ -865,8 +865,8 @@ def test_the_data_fingerprint_notices_every_changed_sample(tmp_path):
     Subset, and an image folder's files even at the same size and mtime."""
     from PIL import Image
 
-    from probe.data import load_dataset, stratified_subset
-    from probe.loading import data_fingerprint
+    from probe.loading.datasets import load_dataset, stratified_subset
+    from probe.commands.inputs import data_fingerprint
 
     images = torch.zeros(40, 1, 4, 4)
     labels = torch.arange(40) % 2
@@ -905,8 +905,8 @@ def test_a_sample_of_an_image_folder_is_fingerprinted_by_its_own_files(tmp_path)
     changes the fingerprint of a `--limit` sample; a file left out of it is not read."""
     from PIL import Image
 
-    from probe.data import load_dataset
-    from probe.loading import data_fingerprint
+    from probe.loading.datasets import load_dataset
+    from probe.commands.inputs import data_fingerprint
 
     for klass in ("a", "b"):
         (tmp_path / klass).mkdir()

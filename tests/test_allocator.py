@@ -1,4 +1,4 @@
-"""The commands keep freed memory for reuse (`probe.allocator`): fewer page faults, same numbers."""
+"""The commands keep freed memory for reuse (`probe.commands.allocator`): fewer page faults, same numbers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import probe
-from probe import ablate, cli
-from probe.allocator import keep_freed_memory
+from probe import ablate
+from probe.commands import runner as cli
+from probe.commands.allocator import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # freed, so how many faults the default takes depends on what ran before (22,000-82,000 here).
 ROUNDS = """
 import ctypes, resource, sys, torch
-from probe.allocator import keep_freed_memory
+from probe.commands.allocator import keep_freed_memory
 ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages whatever the host's huge-page policy
 if sys.argv[1] == "kept":
     assert keep_freed_memory({})

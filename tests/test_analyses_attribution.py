@@ -11,7 +11,7 @@ from scipy import stats
 import probe
 from analyses.attribution import PROXIES, TRUTH, attribution, block_influence, gradient_x_activation
 from conftest import assert_unchanged, snapshot
-from probe.models import cifar_resnet
+from probe.loading.models import cifar_resnet
 from test_measure import X, Y, data
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import probe
-from probe.evaluation import single_block_sweep
+from probe.deletion.evaluation import single_block_sweep
 from analyses.pipeline import SECTIONS, choose_sections
-from probe.config import RunConfig
-from probe.models import cifar_resnet, save_checkpoint
+from probe.commands.config import RunConfig
+from probe.loading.models import cifar_resnet, save_checkpoint
 
 COMMANDS = {
     "skipping": (["skipping.csv", "deletion_curves.csv", "pruned_export.csv"], ["deletion_curves.png"]),

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-import probe.cache
+import probe.loading.cache
 from analyses.degradation import COLUMNS, degradation, summary_lines
 from analyses.degradation.__main__ import main
-from probe.data import load_dataset, make_loader
+from probe.loading.datasets import load_dataset, make_loader
 from probe.errors import ProbeError
-from probe.models import build_model, load_checkpoint
-from probe.training import evaluate
+from probe.loading.models import build_model, load_checkpoint
+from probe.loading.training import evaluate
 
 QUICK = dict(epochs=1, limit=32, progress=False)
 
@@ -37,7 +37,7 @@ def test_table_equals_evaluating_the_cached_checkpoints(monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a cached model was trained again")
 
-    monkeypatch.setattr(probe.cache, "train_model", no_training)
+    monkeypatch.setattr(probe.loading.cache, "train_model", no_training)
     again = degradation([8], **QUICK)
     assert again.drop(columns="checkpoint").equals(table.drop(columns="checkpoint"))
 

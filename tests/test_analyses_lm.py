@@ -28,7 +28,7 @@ from analyses.lm import (LMResult, best_spans, depth_finding, final_norm, greedy
                          lens_parts, lm_layers, logit_lens, residual_angles, score_agreement, single_deletions,
                          span_losses, span_summary)
 from conftest import assert_unchanged, snapshot  # noqa: E402
-from probe.layers import group_layers  # noqa: E402
+from probe.discovery.layers import group_layers  # noqa: E402
 from reports import figures, sections  # noqa: E402
 
 VOCAB = 50

@@ -9,7 +9,7 @@ from torch import nn
 import probe
 from analyses.recalibration import recalibration
 from conftest import assert_unchanged, snapshot
-from probe.recalibrate import evaluate_recalibrated, recalibrate_batchnorm, recalibrated
+from probe.deletion.batchnorm import evaluate_recalibrated, recalibrate_batchnorm, recalibrated
 
 
 class BNBlock(nn.Module):

@@ -26,8 +26,8 @@ from analyses.representation import (CkaAccumulator, RepresentationResult, _Rows
                                      linear_probes, logit_lens, pool, refinement, representation, stages, story,
                                      summary)
 from conftest import LinearBlock, TinyNet, assert_unchanged, snapshot  # noqa: E402
-from probe.models import cifar_resnet, save_checkpoint  # noqa: E402
-from probe.results import Evaluation, Outcome  # noqa: E402
+from probe.loading.models import cifar_resnet, save_checkpoint  # noqa: E402
+from probe.scoring.results import Evaluation, Outcome  # noqa: E402
 from reports import figures, sections  # noqa: E402
 
 

@@ -9,9 +9,9 @@ import torchvision
 
 import probe
 from analyses.skipping import curve_ks, deletion_orders, skipping
-from probe.surgery import export_pruned, prune
+from probe.deletion.surgery import export_pruned, prune
 from conftest import assert_unchanged, snapshot
-from probe.models import cifar_resnet
+from probe.loading.models import cifar_resnet
 
 N = 24
 
@@ -147,7 +147,7 @@ def test_prune_torchvision_resnet_with_in_place_addition_and_downsample():
 
 
 def test_prune_with_recalibration_matches_recalibrated_ablation():
-    from probe.recalibrate import recalibrated
+    from probe.deletion.batchnorm import recalibrated
 
     model, data, x, _ = model_and_data(8)
     before = snapshot(model)

@@ -1,4 +1,4 @@
-"""Every analysis under tasks other than classification (`probe.tasks`): drift, causal language
+"""Every analysis under tasks other than classification (`probe.scoring.tasks`): drift, causal language
 modeling and a user's own loss, on tiny hand-set models, against numbers computed by hand or by
 an independent numpy resampling."""
 
@@ -22,10 +22,10 @@ from analyses.representation import CLASSES_COLUMNS, LENS_COLUMNS, PROBE_COLUMNS
 from analyses.skipping import deletion_orders, skipping
 from analyses.uncertainty import CLASS_COLUMNS, drop_intervals, interval_columns, uncertainty
 from conftest import LinearBlock, TinyNet, assert_unchanged, snapshot
-from probe.config import RunConfig
-from probe.evaluation import single_block_sweep
-from probe.results import Evaluation, Outcome
-from probe.tasks import Drift
+from probe.commands.config import RunConfig
+from probe.deletion.evaluation import single_block_sweep
+from probe.scoring.results import Evaluation, Outcome
+from probe.scoring.tasks import Drift
 from task_models import Residual
 
 # --- drift on TinyNet ----------------------------------------------------------------------------
@@ -411,7 +411,7 @@ def test_representation_on_drift_gives_cka_and_says_why_probes_do_not_apply(tiny
 
 
 def test_recalibration_compares_the_drift_with_and_without_refitted_statistics():
-    from probe.recalibrate import recalibrated
+    from probe.deletion.batchnorm import recalibrated
     from test_analyses_recalibration import CAL, EVAL_X, BNNet
 
     model = BNNet().eval()

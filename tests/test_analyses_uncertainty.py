@@ -10,8 +10,8 @@ import torch
 import probe
 from analyses.uncertainty import bootstrap_interval, drop_intervals, per_class_drops, uncertainty
 from conftest import assert_unchanged, snapshot
-from probe.results import Outcome
-from probe.verdict import VerdictRule, classify
+from probe.scoring.results import Outcome
+from probe.scoring.verdict import VerdictRule, classify
 from test_measure import data
 
 

@@ -5,7 +5,7 @@ import torch
 
 import probe
 from conftest import assert_unchanged, snapshot
-from probe.models import build_model, cifar_resnet, load_checkpoint, save_checkpoint
+from probe.loading.models import build_model, cifar_resnet, load_checkpoint, save_checkpoint
 
 
 def gray_model():

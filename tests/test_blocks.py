@@ -33,7 +33,7 @@ def test_resnet50_blocks():
 
 @pytest.mark.parametrize("depth", [20, 32, 44, 56, 110])
 def test_cifar_resnet_blocks(depth):
-    from probe.models import cifar_resnet
+    from probe.loading.models import cifar_resnet
 
     n = (depth - 2) // 6
     blocks = probe.find_blocks(cifar_resnet(depth))
@@ -43,7 +43,7 @@ def test_cifar_resnet_blocks(depth):
 
 
 def test_plain_network_is_refused():
-    from probe.models import cifar_resnet
+    from probe.loading.models import cifar_resnet
 
     with pytest.raises(probe.ProbeError, match="no residual blocks found in CifarResNet"):
         probe.find_blocks(cifar_resnet(20, plain=True))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from probe.errors import ProbeError
-from probe.models import CifarResNet, cifar_resnet, load_checkpoint
+from probe.loading.models import CifarResNet, cifar_resnet, load_checkpoint
 
 torch.set_num_threads(1)
 

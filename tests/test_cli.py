@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from probe import ablate
-from probe.models import cifar_resnet, save_checkpoint
+from probe.loading.models import cifar_resnet, save_checkpoint
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from probe import ablate
-from probe.models import cifar_resnet, save_checkpoint
+from probe.loading.models import cifar_resnet, save_checkpoint
 
 SKIP_ANALYSES = ["--skip", "degradation", "skipping", "attribution", "uncertainty", "recalibration"]
 
@@ -120,7 +120,7 @@ def test_a_factory_that_passes_keywords_on_is_built_without_in_channels(tmp_path
     """Promise: one-line error with exit 2. torchvision's resnet18 takes **kwargs and hands them to
     ResNet, which has no in_channels: it is built without it, and on 1-channel digits the CLI says
     in one line that the channels do not fit, not a traceback."""
-    from probe.models import build_model
+    from probe.loading.models import build_model
 
     model = build_model("torchvision.models:resnet18", num_classes=10, in_channels=1)
     assert model.fc.out_features == 10 and model.conv1.in_channels == 3
@@ -132,7 +132,7 @@ def test_a_factory_that_passes_keywords_on_is_built_without_in_channels(tmp_path
 
 PAUSED_MID_SWEEP = """
 import runpy, sys, time
-from probe.rundir import RunDirectory
+from probe.commands.run_folder import RunDirectory
 save = RunDirectory.save
 def save_then_pause(self, name, value):
     save(self, name, value)
@@ -186,7 +186,7 @@ def test_a_binary_spec_file_is_one_line(checkpoint, tmp_path, capsys):
 def test_recalibration_refuses_one_shot_data():
     """Promise: ProbeError naming the value: BN recalibration reads its data once per set."""
     import probe
-    from probe.recalibrate import evaluate_recalibrated
+    from probe.deletion.batchnorm import evaluate_recalibrated
 
     torch.manual_seed(0)
     model = cifar_resnet(8, num_classes=3, in_channels=1).eval()
@@ -198,7 +198,7 @@ def test_recalibration_refuses_one_shot_data():
 def test_the_answer_comes_before_the_analyses(checkpoint, tmp_path):
     """Promise: no stale or mixed numbers. The per-block table is handed out (and printed by the
     CLI) before any analysis runs, and it is the table blocks.csv then holds."""
-    from probe.config import RunConfig
+    from probe.commands.config import RunConfig
 
     out = tmp_path / "run"
     seen = []
@@ -380,7 +380,7 @@ def test_a_damaged_piece_found_by_the_cli_is_recomputed_with_one_warning_line(ch
 def test_ctrl_c_mid_run_then_rerun_gives_the_uninterrupted_table(checkpoint, tmp_path, capsys, monkeypatch):
     """Promise: no stale or mixed numbers. A run interrupted after its first piece exits 130 with
     one line and no blocks.csv; the rerun resumes and writes the table of an uninterrupted run."""
-    from probe.rundir import RunDirectory
+    from probe.commands.run_folder import RunDirectory
 
     clean = tmp_path / "clean"
     assert ablate.main(argv(checkpoint, clean, "--save-every", "1")) == 0

@@ -1,4 +1,4 @@
-"""Tests for probe.data: exact pixel values from files written in each data set's real format."""
+"""Tests for probe.loading.datasets: exact pixel values from files written in each data set's real format."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from probe import data
-from probe.data import (
+from probe.loading import datasets as data
+from probe.loading.datasets import (
     DATASETS,
     DatasetInfo,
     dataset_info,

@@ -4,7 +4,7 @@ import pandas as pd
 import torch
 
 import probe
-from probe.models import cifar_resnet
+from probe.loading.models import cifar_resnet
 
 
 def run_once():

@@ -301,8 +301,8 @@ def test_forward_pass_discovery_agrees_with_tracing(arch):
     """The no-trace path finds the same additions (meta tensors: shapes only, no arithmetic)."""
     model = full_size(arch)
     traced = probe.find_blocks(model)
-    from probe.blocks import blocks_in
-    from probe.recording import record
+    from probe.discovery.find import blocks_in
+    from probe.discovery.tracing import record
 
     recorded = blocks_in(record(model, torch.empty(1, 3, 224, 224, device="meta")))
     assert [(b.name, b.module, b.add_index, b.branch_operand) for b in recorded] == \
@@ -588,7 +588,7 @@ def test_intercepted_block_leaves_no_hook_or_mode_when_the_forward_raises(error)
                 handle.remove()
     assert_unchanged(model, before)
     assert mode_stack_depth() == depth
-    from probe import intercept
+    from probe.instrument import intercept
 
     assert not intercept._watches
 

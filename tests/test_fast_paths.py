@@ -20,7 +20,7 @@ from torch import nn
 import probe
 from conftest import assert_unchanged, snapshot
 from probe.examples.darknet import darknet_tiny
-from probe.models import cifar_resnet
+from probe.loading.models import cifar_resnet
 
 
 class ScaledBlock(nn.Module):
@@ -238,8 +238,8 @@ def test_stacked_ablations_equal_one_set_at_a_time(architecture, monkeypatch):
     model, data, task, _, sets = _workload(architecture, seed=4)
     before = snapshot(model)
     answers = []
-    stacked_sets = probe.evaluation._score_stacked
-    monkeypatch.setattr(probe.evaluation, "_score_stacked",
+    stacked_sets = probe.deletion.evaluation._score_stacked
+    monkeypatch.setattr(probe.deletion.evaluation, "_score_stacked",
                         lambda *args, **kwargs: answers.append(stacked_sets(*args, **kwargs)) or answers[-1])
     for mode in ("zero", "mean"):
         stacked = probe.evaluate_ablations(model, data, sets, mode=mode, task=task, stack=3, outcomes=True,
@@ -276,8 +276,8 @@ def test_stacking_a_value_that_is_no_batch_falls_back_to_one_set_at_a_time(monke
     data = [(torch.randn(8, 6), torch.randint(0, 3, (8,)))]
     sets = [["blocks.0"], ["blocks.1"], ["blocks.0", "blocks.1"]]
     answers = []
-    stacked_sets = probe.evaluation._score_stacked
-    monkeypatch.setattr(probe.evaluation, "_score_stacked",
+    stacked_sets = probe.deletion.evaluation._score_stacked
+    monkeypatch.setattr(probe.deletion.evaluation, "_score_stacked",
                         lambda *args, **kwargs: answers.append(stacked_sets(*args, **kwargs)) or answers[-1])
     stacked = probe.evaluate_ablations(model, data, sets, stack=3, progress=False)
     assert answers == [False]  # tried once, refused, never again

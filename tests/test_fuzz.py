@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 import probe
 from conftest import TinyNet, assert_unchanged, snapshot
-from probe.data import DATASETS, load_dataset, make_loader
-from probe.models import MODEL_NAMES, build_model
+from probe.loading.datasets import DATASETS, load_dataset, make_loader
+from probe.loading.models import MODEL_NAMES, build_model
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 X = torch.tensor([[3.0, 4.0], [1.0, 1.0], [0.3, 1.0]])

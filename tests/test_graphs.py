@@ -1,4 +1,4 @@
-"""`measure` replaying its instrumented forward from a captured graph (`probe.graphs`).
+"""`measure` replaying its instrumented forward from a captured graph (`probe.instrument.graphs`).
 
 On a GPU the capture is a CUDA graph; on a CPU, with `graphs=True`, it is a `make_fx` graph that
 keeps the same promises (Python runs once, at capture; parameters are read by reference), so
@@ -21,10 +21,10 @@ import probe
 from conftest import assert_unchanged, snapshot
 from probe.errors import ProbeError
 from probe.examples.darknet import darknet_tiny
-from probe import measurement
-from probe.graphs import capture
-from probe.measurement import COLUMNS
-from probe.models import cifar_resnet
+from probe.instrument import measurement
+from probe.instrument.graphs import capture
+from probe.instrument.measurement import COLUMNS
+from probe.loading.models import cifar_resnet
 
 NUMBERS = [c for c in COLUMNS if c not in ("block", "position", "branch", "shortcut")]
 

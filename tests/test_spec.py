@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 import probe
-from probe.spec import BlockSpec, blocks_from_spec
+from probe.discovery.spec import BlockSpec, blocks_from_spec
 from test_families import FunctionalEnds, Untraceable, randomize, tiny_vit
 
 VIT_LAYER = "encoder.layers.encoder_layer_0"
@@ -166,7 +166,7 @@ def test_analyses_take_the_blocks_they_are_given():
     from analyses.recalibration import recalibration
     from analyses.skipping import skipping
     from analyses.uncertainty import uncertainty
-    from probe.models import cifar_resnet
+    from probe.loading.models import cifar_resnet
 
     torch.manual_seed(0)
     model = randomize(cifar_resnet(20, num_classes=3, in_channels=1), (1, 1, 8, 8))

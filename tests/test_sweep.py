@@ -105,7 +105,7 @@ def fast_equals_naive(model, batches, sets, mode="zero"):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "cifar56"])
 def test_fast_sweep_equals_naive(arch):
     import torchvision
-    from probe.models import cifar_resnet
+    from probe.loading.models import cifar_resnet
 
     torch.manual_seed(0)
     model = cifar_resnet(56) if arch == "cifar56" else getattr(torchvision.models, arch)(num_classes=10)
@@ -119,8 +119,8 @@ def test_fast_sweep_equals_naive(arch):
 
 
 def test_suffix_runner_cuts_at_every_block():
-    from probe.models import cifar_resnet
-    from probe.suffix import build_runner
+    from probe.loading.models import cifar_resnet
+    from probe.deletion.fast_suffix import build_runner
 
     model = cifar_resnet(20).eval()
     runner = build_runner(model, probe.find_blocks(model))
@@ -134,9 +134,9 @@ def test_suffix_runner_cuts_at_every_block():
 
 
 def test_suffix_for_a_deleted_block_never_computes_its_branch():
-    from probe.ablation import branch_replacement
-    from probe.models import cifar_resnet
-    from probe.suffix import build_runner
+    from probe.deletion.ablated import branch_replacement
+    from probe.loading.models import cifar_resnet
+    from probe.deletion.fast_suffix import build_runner
 
     torch.manual_seed(0)
     model = cifar_resnet(20).eval()
@@ -178,7 +178,7 @@ def test_in_place_change_of_a_cached_value_falls_back_to_full_forwards():
             h.mul_(2)  # block2's cached input is no longer what block2 saw
             return y - h
 
-    from probe.suffix import InPlaceError, build_runner
+    from probe.deletion.fast_suffix import InPlaceError, build_runner
 
     model = InPlaceBetween()
     X = torch.tensor([[3.0, 4.0], [1.0, 1.0], [0.3, 1.0]])
@@ -203,15 +203,15 @@ def test_per_class_and_outcomes(tiny_net):
 def test_sweeps_reuse_the_suffixes_and_swap_the_replacement(monkeypatch):
     # Tracing the suffixes costs more than a small sweep on a GPU: a second sweep of the same
     # model reuses them, in zero and in mean mode alike, and a changed module tree retraces.
-    import probe.suffix
-    from probe.models import cifar_resnet
+    import probe.deletion.fast_suffix
+    from probe.loading.models import cifar_resnet
 
     torch.manual_seed(0)
     model = cifar_resnet(20, num_classes=4).eval()
     batches = [(torch.randn(5, 3, 16, 16), torch.randint(0, 4, (5,))) for _ in range(2)]
     builds = []
-    build = probe.suffix.build_runner
-    monkeypatch.setattr(probe.suffix, "build_runner", lambda *a, **k: builds.append(1) or build(*a, **k))
+    build = probe.deletion.fast_suffix.build_runner
+    monkeypatch.setattr(probe.deletion.fast_suffix, "build_runner", lambda *a, **k: builds.append(1) or build(*a, **k))
     first = probe.sweep(model, batches, progress=False)
     again = probe.sweep(model, batches, progress=False)
     mean = probe.sweep(model, batches, mode="mean", progress=False)

@@ -199,8 +199,8 @@ def test_drift_verdicts():
         row = table.set_index("block").loc[name]
         assert verdicts[name] == ("helps" if row["drift"] > max(2 * row["drift_se"], 0.05) else "neutral")
     assert "hurts" not in verdicts.values()
-    assert probe.verdict.cost_column(table) == "drift"
-    summary = probe.verdict.summarize(table)
+    assert probe.scoring.verdict.cost_column(table) == "drift"
+    summary = probe.scoring.verdict.summarize(table)
     assert summary["skipped"] == ["block1"]
 
 
@@ -233,7 +233,7 @@ def test_recalibrated_engine_scores_every_task():
     recalibrated = probe.evaluate_ablations(model, data, [["block0"], ["block1"]], task="drift",
                                             calibration=calibration, progress=False)
     assert recalibrated.sets[1].loss == 0.0  # a zero branch: the same refit with or without it
-    with probe.recalibrate.recalibrated(model, calibration):
+    with probe.deletion.batchnorm.recalibrated(model, calibration):
         with torch.no_grad():
             images = unlabelled_images().tensors[0]
             intact = model(images)

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from probe.errors import ProbeError
-from probe.hf import model_source
-from probe.text import pydoc_text, read_text, text_windows
+from probe.loading.huggingface import model_source
+from probe.loading.text import pydoc_text, read_text, text_windows
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -1,4 +1,4 @@
-"""How many CPU threads the commands use (`probe.threads`): the usable cores others leave free,
+"""How many CPU threads the commands use (`probe.commands.threads`): the usable cores others leave free,
 `--threads N` or OMP_NUM_THREADS instead, and the choice in the run record."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import probe
-from probe import threads
-from probe.config import RunConfig
-from probe.rundir import RunDirectory
+from probe.commands import threads
+from probe.commands.config import RunConfig
+from probe.commands.run_folder import RunDirectory
 
 STAT = """cpu  300 0 100 1000 0 0 0 500 0 0
 cpu0 {busy0} 0 0 {idle0} 0 0 0 {steal0} 0 0
@@ -83,7 +83,7 @@ def test_a_command_called_from_python_puts_torch_threads_back():
     threads asked for while it runs, and leaves torch's count as it found it, also on an error."""
     import argparse
 
-    from probe.cli import run_command
+    from probe.commands.runner import run_command
     from probe.errors import ProbeError
 
     parser = argparse.ArgumentParser(prog="demo")
@@ -112,7 +112,7 @@ def test_a_resume_with_another_thread_count_is_not_refused(tmp_path):
 def test_training_gives_the_same_weights_whatever_threads_the_caller_set():
     """Trained weights must not depend on how busy the machine was when the commands chose their
     threads: training uses its own fixed count, and puts torch's back."""
-    from probe.training import TrainConfig, train_model
+    from probe.loading.training import TrainConfig, train_model
 
     config = TrainConfig(model="resnet8", epochs=1, limit=64, batch_size=16)
     weights = []

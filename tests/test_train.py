@@ -1,4 +1,4 @@
-"""Tests for probe.train and probe.cache: tiny models and data, exact numbers."""
+"""Tests for probe.train and probe.loading.cache: tiny models and data, exact numbers."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import probe.cache
-import probe.models
-from probe.cache import cache_dir, cached_model
-from probe.data import make_loader
+import probe.loading.cache
+import probe.loading.models
+from probe.loading.cache import cache_dir, cached_model
+from probe.loading.datasets import make_loader
 from probe.errors import ProbeError
-from probe.models import build_model, load_checkpoint
-from probe.config import RunConfig
+from probe.loading.models import build_model, load_checkpoint
+from probe.commands.config import RunConfig
 from probe.train import _parser, _train_config, main
-from probe.training import HISTORY_COLUMNS, TrainConfig, evaluate, train
+from probe.loading.training import HISTORY_COLUMNS, TrainConfig, evaluate, train
 
 # A few hundred samples' worth of CIFAR-style training: enough to exercise every path, fast.
 TINY = dict(model="resnet20", epochs=1, batch_size=16, limit=32)
@@ -118,13 +118,13 @@ def test_cache_dir(monkeypatch, tmp_path):
 def test_cached_model_trains_once_then_loads(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
-    real_train_model = probe.cache.train_model
+    real_train_model = probe.loading.cache.train_model
 
     def counting_train_model(config, **kwargs):
         calls.append(config)
         return real_train_model(config, **kwargs)
 
-    monkeypatch.setattr(probe.cache, "train_model", counting_train_model)
+    monkeypatch.setattr(probe.loading.cache, "train_model", counting_train_model)
     config = TrainConfig(**TINY)
     first, path = cached_model(config, progress=False)
     assert "trained" in capsys.readouterr().err
@@ -138,7 +138,7 @@ def test_cached_model_trains_once_then_loads(monkeypatch, tmp_path, capsys):
     a, b = first.state_dict(), second.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # Another seed is another cache entry.
-    assert probe.cache.checkpoint_path(TrainConfig(**TINY, seed=1)) != path
+    assert probe.loading.cache.checkpoint_path(TrainConfig(**TINY, seed=1)) != path
 
 
 def test_cli_writes_checkpoint(tmp_path, capsys):
@@ -173,7 +173,7 @@ def test_cli_options_are_the_run_configs_and_train_the_cached_default(monkeypatc
     config = _train_config(RunConfig.from_args(args, device="cpu"))
     assert config == TrainConfig()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert probe.cache.checkpoint_path(config).name == "resnet56-digits-d311df5d181e.pt"
+    assert probe.loading.cache.checkpoint_path(config).name == "resnet56-digits-d311df5d181e.pt"
 
 
 def test_cli_training_options_are_validated_once(capsys):
@@ -185,7 +185,7 @@ def test_cli_training_options_are_validated_once(capsys):
 
 def test_checkpoints_are_written_whole_and_readable(tmp_path):
     # Through probe.files' atomic writer: no temp file left, and the permissions of any new file.
-    path = probe.models.save_checkpoint(nn.Linear(2, 2), tmp_path / "c.pt", note="x")
+    path = probe.loading.models.save_checkpoint(nn.Linear(2, 2), tmp_path / "c.pt", note="x")
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask

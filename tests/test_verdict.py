@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from probe.verdict import VERDICTS, VerdictRule, classify, noise_band, rank_correlation, summarize
+from probe.scoring.verdict import VERDICTS, VerdictRule, classify, noise_band, rank_correlation, summarize
 from probe.errors import ProbeError
 
 N = 400  # samples per block; accuracy moves in steps of 1/400 = 0.0025

@@ -25,11 +25,11 @@ from torch import nn
 
 import probe
 from probe import ablate
-from probe.config import RunConfig
-from probe.data import dataset_targets, load_dataset
+from probe.commands.config import RunConfig
+from probe.loading.datasets import dataset_targets, load_dataset
 from probe.errors import ProbeError
-from probe.loading import load_datasets, train_loader
-from probe.surgery import export_pruned, load_pruned
+from probe.commands.inputs import load_datasets, train_loader
+from probe.deletion.surgery import export_pruned, load_pruned
 
 USER_MODEL = textwrap.dedent('''
     import torch.nn as nn
@@ -372,8 +372,8 @@ def test_shortcut_kinds_of_three_families():
     """identity, 1x1 projection (torchvision), zero-padding (CIFAR option A), function (no weights)."""
     import torchvision
 
-    from probe.describe import shortcut_kinds
-    from probe.models import cifar_resnet
+    from probe.instrument.describe import shortcut_kinds
+    from probe.loading.models import cifar_resnet
 
     torch.manual_seed(0)
     resnet18 = torchvision.models.resnet18(num_classes=4).eval()
@@ -400,7 +400,7 @@ def test_shortcut_kinds_of_three_families():
 # --- data that does not fit the model: channels, classes, sizes, folders --------------------------
 
 GREY_MODEL = textwrap.dedent('''
-    from probe.models import cifar_resnet
+    from probe.loading.models import cifar_resnet
 
 
     def grey(**_):  # ignores num_classes and in_channels: a 1-channel, 4-class model

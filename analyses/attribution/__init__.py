@@ -17,7 +17,7 @@ the blocks (Spearman's rank correlation with the measured drop) and what it cost
   expansion sum(dlogp/dF * F) is the log-probability the deletion would cost: a one-backward-pass
   estimate of each block's loss increase (Molchanov et al. 2017 prune with the same idea).
 
-Other tasks (`probe.tasks`): the truth is the task's cost (`probe.verdict.cost_column`: the loss
+Other tasks (`probe.scoring.tasks`): the truth is the task's cost (`probe.scoring.verdict.cost_column`: the loss
 increase, or the drift of the outputs), and gradient x activation differentiates minus the
 task's per-sample loss (the NLL of the next tokens for `lm`, your own loss), averaged per unit
 (token). Drift has no gradient proxy: it is 0 at the intact model and smallest there, so its
@@ -36,14 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import probe
-from probe.evaluation import single_block_sweep
-from probe.table import check_table
-from probe.tasks import Classification, CustomTask, Task, resolve_task
-from probe.verdict import cost_column, rank_correlation
+from probe.deletion.evaluation import single_block_sweep
+from probe.deletion.block_table import check_table
+from probe.scoring.tasks import Classification, CustomTask, Task, resolve_task
+from probe.scoring.verdict import cost_column, rank_correlation
 from probe.batches import Batch, batches, class_targets, explained_misfit, input_dtype, model_device
-from probe.blocks import Block, resolve_blocks
+from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.hooks import attached, model_preserved, tap_pairs
+from probe.instrument.hooks import attached, model_preserved, tap_pairs
 
 __all__ = ["PROXIES", "AttributionResult", "attribution", "block_influence", "differentiable_loss",
            "gradient_x_activation", "truth_columns"]
@@ -56,7 +56,7 @@ NO_DRIFT_GRADIENT = ("drift has no gradient proxy: the drift is 0 at the intact 
 
 
 def truth_columns(cost: str = "accuracy_drop") -> list[str]:
-    """The truth columns for a table whose cost column is `cost` (`probe.verdict.cost_column`):
+    """The truth columns for a table whose cost column is `cost` (`probe.scoring.verdict.cost_column`):
     the cost, then loss_increase where the task has one. classification: accuracy_drop,
     loss_increase; lm and your own loss: loss_increase; drift: drift."""
     return [cost] if cost != "accuracy_drop" else ["accuracy_drop", "loss_increase"]
@@ -122,7 +122,7 @@ def gradient_x_activation(model: nn.Module, data: Iterable, *, blocks: Sequence[
     were (captum differentiates with torch.autograd.grad).
 
     task: classification (the default) differentiates the target class's log-probability. Any
-    other task differentiates minus its per-sample loss (`probe.tasks.Task.score`; your own
+    other task differentiates minus its per-sample loss (`probe.scoring.tasks.Task.score`; your own
     function is called directly, so that its loss keeps its gradient), and the sum is divided by
     the units scored (tokens for `lm`, samples otherwise): an estimate of the loss increase per
     unit. Drift has none (ProbeError; see the module docstring).
@@ -230,7 +230,7 @@ def attribution(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
     unknown): those columns are then the ratio and cosine proxies; when None, measure runs here, timed.
     (Under torchrun the job's measure ran on one process's shard: its seconds are that share.)
     blocks: the blocks the table covers (names or Blocks, e.g. from a spec); all discovered when None.
-    task: what the outputs mean (`probe.tasks`; classification by default); the truth is its
+    task: what the outputs mean (`probe.scoring.tasks`; classification by default); the truth is its
     cost (`truth_columns`), and a table handed in must be of the same task.
     """
     task = resolve_task(task)

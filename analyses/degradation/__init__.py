@@ -16,10 +16,10 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from probe.cache import cached_model
-from probe.config import RunConfig, check_depths
-from probe.data import load_dataset, make_loader
-from probe.training import TrainConfig, evaluate
+from probe.loading.cache import cached_model
+from probe.commands.config import RunConfig, check_depths
+from probe.loading.datasets import load_dataset, make_loader
+from probe.loading.training import TrainConfig, evaluate
 
 __all__ = ["COLUMNS", "DEPTHS", "degradation", "summary_lines"]
 
@@ -35,7 +35,7 @@ def degradation(depths: Sequence[int] = DEPTHS, *, dataset: str = "digits", epoc
 
     Returns one row per (depth, residual), sorted by depth then plain first. Columns:
     depth, residual (bool), model ("plain56", "resnet56"), train_accuracy / test_accuracy
-    (fractions, `probe.training.evaluate` in eval mode on the whole split), train_loss / test_loss
+    (fractions, `probe.loading.training.evaluate` in eval mode on the whole split), train_loss / test_loss
     (mean cross-entropy), train_error / test_error (1 - accuracy), epochs, checkpoint (cache
     path), bn_recalibrated (always False: nothing is deleted here).
     `epochs=None` uses the trainer's default; `limit` trains and evaluates on the first `limit`

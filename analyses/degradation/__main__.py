@@ -7,8 +7,8 @@ from pathlib import Path
 import analyses.degradation
 from analyses.degradation import degradation, summary_lines
 from probe.batches import device_for
-from probe.cli import run_analysis_command
-from probe.config import RunConfig
+from probe.commands.runner import run_analysis_command
+from probe.commands.config import RunConfig
 from probe.files import write_tables
 from reports import figures
 from reports.embed import write_png

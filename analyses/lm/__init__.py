@@ -4,7 +4,7 @@
 
 A decoder layer adds two branches to the residual stream (attention, then the MLP: two of probe's
 blocks, `model.layers.3[self_attn]` and `model.layers.3[mlp]`); a layer is deleted by deleting
-both (`probe.layers.group_layers`). Papers that prune whole layers ask:
+both (`probe.discovery.layers.group_layers`). Papers that prune whole layers ask:
 
 1. **Block influence** (ShortGPT, Men et al. 2024): BI = 1 - cos(h_in, h_out), the cosine between
    the residual stream entering and leaving a layer, per token over the hidden dimension,
@@ -31,7 +31,7 @@ both (`probe.layers.group_layers`). Papers that prune whole layers ask:
    influence, and cost less to delete, than the early ones? One sentence, with the numbers.
 
 Deleting means mode "zero" (a branch's output replaced by zeros: the layer passes its input on).
-Every loss is the `lm` task's (`probe.tasks.LanguageModeling`): mean next-token NLL per token over
+Every loss is the `lm` task's (`probe.scoring.tasks.LanguageModeling`): mean next-token NLL per token over
 the predicted positions, padding excluded through the attention mask. The stream statistics are
 reduced inside forward hooks, batch by batch: memory does not grow with the number of sequences.
 The data must be re-iterable (a DataLoader or a list): every evaluation passes over it again.
@@ -53,15 +53,15 @@ from torch.utils import _pytree as pytree
 
 from analyses.uncertainty import check_bootstrap
 from probe.batches import Batch, batches, explained_misfit, input_dtype, model_device
-from probe.blocks import Block, resolve_blocks
+from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.evaluation import evaluate_ablations
-from probe.hooks import attached, model_preserved, tap_pairs
-from probe.layers import group_layers, layer_stack
-from probe.results import Outcome
-from probe.table import check_table
-from probe.tasks import LanguageModeling
-from probe.verdict import cost_column, per_token, rank_correlation
+from probe.deletion.evaluation import evaluate_ablations
+from probe.instrument.hooks import attached, model_preserved, tap_pairs
+from probe.discovery.layers import group_layers, layer_stack
+from probe.scoring.results import Outcome
+from probe.deletion.block_table import check_table
+from probe.scoring.tasks import LanguageModeling
+from probe.scoring.verdict import cost_column, per_token, rank_correlation
 
 __all__ = ["LMResult", "best_spans", "depth_finding", "final_norm", "greedy_deletion", "layer_similarity",
            "lens_parts", "lm_layers", "logit_lens", "residual_angles", "score_agreement", "single_deletions",
@@ -95,7 +95,7 @@ class LMResult:
         position (the block's forward position; a layer's first block's), block_influence (mean
         over real tokens of 1 - cos(stream in, stream out)), angular_distance (mean of
         arccos(cos) / pi), tokens (real tokens averaged over), and what deleting the unit alone
-        does (`probe.tasks.LanguageModeling`): loss (mean NLL per token), perplexity,
+        does (`probe.scoring.tasks.LanguageModeling`): loss (mean NLL per token), perplexity,
         token_accuracy, loss_increase (over the intact model), loss_increase_se (its standard
         error, from the paired per-sequence differences), ratio (||F(x)|| / ||s(x)|| of a
         sublayer, from the per-block table when it has it; NaN otherwise).
@@ -462,7 +462,7 @@ def single_deletions(model: nn.Module, data: Iterable, table: pd.DataFrame | Non
     token_accuracy, loss_increase (over the intact model), loss_increase_se. table: a per-block
     table of the lm task (`probe.block_table(..., task="lm")`), whose rows are used for the
     sublayers instead of evaluating them again; `attrs["baseline"]` holds the intact model's
-    numbers (`probe.tasks.LanguageModeling.metrics`).
+    numbers (`probe.scoring.tasks.LanguageModeling.metrics`).
     """
     stack = _stack(model, data, blocks)
     table = _check_lm_table(table, model, stack) if table is not None else None
@@ -648,7 +648,7 @@ def score_agreement(layers: pd.DataFrame, *, resamples: int = 1000, level: float
     layers: the `lm_layers` per-unit table (kind, unit, loss_increase and the scores:
     block_influence, angular_distance, and ratio where it is not all NaN). For each kind
     ("layer", "sublayer") and score: Spearman's rho with loss_increase over the units
-    (`probe.verdict.rank_correlation`, i.e. scipy's), and a percentile bootstrap interval:
+    (`probe.scoring.verdict.rank_correlation`, i.e. scipy's), and a percentile bootstrap interval:
     `resamples` resamples of the units with replacement, drawn once per kind as
     `numpy.random.default_rng(seed).integers(0, units, (resamples, units))` (every score of a
     kind sees the same resamples), rho recomputed on each (resamples where a column is constant

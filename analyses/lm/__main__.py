@@ -8,12 +8,12 @@ from pathlib import Path
 
 import analyses.lm
 from analyses.lm import lm_layers
-from probe.cli import run_analysis_command
-from probe.config import RunConfig
+from probe.commands.runner import run_analysis_command
+from probe.commands.config import RunConfig
 from probe.errors import ProbeError
 from probe.files import write_tables
-from probe.loading import load_inputs
-from probe.tasks import LanguageModeling, resolve_task
+from probe.commands.inputs import load_inputs
+from probe.scoring.tasks import LanguageModeling, resolve_task
 from reports import figures
 from reports.embed import write_png
 

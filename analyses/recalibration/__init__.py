@@ -6,11 +6,11 @@ Deleting a block shifts every activation after it, and each BatchNorm downstream
 normalises with statistics from the intact network. EagleEye (Li et al. 2020) showed that after
 pruning, re-estimating those statistics on a little training data changes which pruned networks
 look good. Here every block is deleted alone twice: with the trained statistics, and with
-statistics recalibrated on held-out training data for that deletion (`probe.recalibrate`). A
+statistics recalibrated on held-out training data for that deletion (`probe.deletion.batchnorm`). A
 block whose cost shrinks a lot was mostly hurting through stale statistics; one whose cost stays
 is doing computation the network needs.
 
-For another task (`probe.tasks`) the comparison is of its own cost (`probe.verdict.cost_column`):
+For another task (`probe.scoring.tasks`) the comparison is of its own cost (`probe.scoring.verdict.cost_column`):
 the loss increase, or the drift of the outputs from the intact model's (recalibrated rows: from
 the intact model recalibrated alike).
 """
@@ -22,13 +22,13 @@ from collections.abc import Callable, Iterable, Sequence
 import pandas as pd
 from torch import nn
 
-from probe.evaluation import single_block_sweep
-from probe.table import check_table
-from probe.blocks import Block, resolve_blocks
+from probe.deletion.evaluation import single_block_sweep
+from probe.deletion.block_table import check_table
+from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.recalibrate import batchnorm_layers
-from probe.tasks import Classification, Task, resolve_task
-from probe.verdict import cost_column
+from probe.deletion.batchnorm import batchnorm_layers
+from probe.scoring.tasks import Classification, Task, resolve_task
+from probe.scoring.verdict import cost_column
 
 __all__ = ["COLUMNS", "recalibration"]
 
@@ -52,13 +52,13 @@ def recalibration(model: nn.Module, data: Iterable, calibration: Iterable, *, ta
     reused for the False rows instead of sweeping again. blocks: the blocks the table covers
     (names or Blocks, e.g. from a spec); all discovered when None.
 
-    task: what the outputs mean (`probe.tasks`; classification by default). For other tasks the
-    columns are block, position, the task's sweep columns (`probe.evaluation.sweep_table`: lm:
+    task: what the outputs mean (`probe.scoring.tasks`; classification by default). For other tasks the
+    columns are block, position, the task's sweep columns (`probe.deletion.evaluation.sweep_table`: lm:
     loss, perplexity, token_accuracy, loss_increase, loss_increase_se, perplexity_ratio,
     token_accuracy_drop, token_flip_rate, tokens; drift: drift, drift_se, kl with logits; your
     own: loss, loss_increase, loss_increase_se, accuracy and accuracy_drop with correctness),
     samples, baseline_loss (only for tasks with a loss increase: the intact model's loss each
-    row is compared with), mode, bn_recalibrated; `probe.verdict.cost_column` names the cost
+    row is compared with), mode, bn_recalibrated; `probe.scoring.verdict.cost_column` names the cost
     column (the standard error columns are kept).
     """
     if not batchnorm_layers(model):

@@ -30,7 +30,7 @@ their positions (only the real ones when the batch has an `attention_mask`).
 - Block by class: the accuracy each class loses when each block is deleted (from the sweep's
   per-class accuracies), and the classes each block serves most.
 
-Tasks (`probe.tasks`): linear probes, the logit lens and block by class need class labels, so
+Tasks (`probe.scoring.tasks`): linear probes, the logit lens and block by class need class labels, so
 only classification has them; for other tasks those tables are empty and
 `RepresentationResult.notes` says why. CKA needs no labels and works for every task.
 Refinement differentiates the task's own loss (the next-token NLL for `lm`, your own loss);
@@ -56,14 +56,14 @@ import probe
 from analyses.attribution import differentiable_loss
 from analyses.uncertainty import CLASS_COLUMNS, per_class_drops
 from probe.batches import Batch, batches, call_model, class_targets, explained_misfit, input_dtype, model_device
-from probe.blocks import Block, resolve_blocks
+from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.evaluation import single_block_sweep
-from probe.hooks import attached, model_preserved, tap_pairs
-from probe.results import Evaluation
-from probe.table import check_table, join_block_table
-from probe.tasks import Classification, Task, logits_of, resolve_task
-from probe.verdict import VerdictRule, cost_column
+from probe.deletion.evaluation import single_block_sweep
+from probe.instrument.hooks import attached, model_preserved, tap_pairs
+from probe.scoring.results import Evaluation
+from probe.deletion.block_table import check_table, join_block_table
+from probe.scoring.tasks import Classification, Task, logits_of, resolve_task
+from probe.scoring.verdict import VerdictRule, cost_column
 
 __all__ = ["CkaAccumulator", "RepresentationResult", "block_classes", "cka", "linear_probes", "logit_lens", "pool",
            "refinement", "representation", "stages", "story", "summary"]
@@ -114,7 +114,7 @@ class RepresentationResult:
         class that loses most when the block is deleted, and how much; <NA> and NaN when no
         class loses anything), bn_recalibrated.
         Other tasks: accuracy_drop is replaced by the task's cost column (loss_increase or
-        drift, `probe.verdict.cost_column`); the columns of tables that do not apply are NaN.
+        drift, `probe.scoring.verdict.cost_column`); the columns of tables that do not apply are NaN.
     notes: {table: why it is empty} for the tables that do not apply to the task, keyed by
         field name ("probes", "lens", "classes": no class labels outside classification;
         "refinement": drift has no loss). Empty for classification.
@@ -589,7 +589,7 @@ def representation(model: nn.Module, data: Iterable, *, train_data: Iterable | N
     given). blocks: the blocks to probe (names or Blocks, e.g. from a spec); all when None.
     Every call leaves the model as it found it.
 
-    task: what the outputs mean (`probe.tasks`); None takes the evaluation's task when one is
+    task: what the outputs mean (`probe.scoring.tasks`); None takes the evaluation's task when one is
     given, else classification. Only classification has class labels: for another task the
     probes, lens and classes tables are empty (`RepresentationResult.notes` says why), no
     `train_data` is needed, and a table handed in needs no evaluation (it holds the task's cost).

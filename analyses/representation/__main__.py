@@ -9,11 +9,11 @@ from pathlib import Path
 
 import analyses.representation
 from analyses.representation import representation, story
-from probe.cli import run_analysis_command
-from probe.config import RunConfig
+from probe.commands.runner import run_analysis_command
+from probe.commands.config import RunConfig
 from probe.files import write_tables
-from probe.loading import load_inputs, train_loader
-from probe.tasks import Classification, resolve_task
+from probe.commands.inputs import load_inputs, train_loader
+from probe.scoring.tasks import Classification, resolve_task
 from reports import figures
 from reports.embed import write_png
 

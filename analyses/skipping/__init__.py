@@ -2,16 +2,16 @@
 
     python -m analyses.skipping --out runs/skipping
 
-1. **Remove the skipped blocks together.** The verdict rule (`probe.verdict`) calls a block
+1. **Remove the skipped blocks together.** The verdict rule (`probe.scoring.verdict`) calls a block
    skipped when its branch is small and deleting it *alone* costs nothing beyond noise. Deleting
    them all at once is the real test: small effects can add up.
 2. **Deletion curves** (Veit et al. 2016, Fig. 5a): accuracy as k = 0..N blocks are deleted
    together, in three orders: ascending branch/shortcut ratio, ascending single-block accuracy
    drop (the "truth" order), and random (several seeded draws; the figure shows their mean and
    range). Every point of every curve is evaluated in one data pass. For another task
-   (`probe.tasks`) the curves follow its own numbers (the loss increase, or the drift of the
-   outputs) and the "drop" order is by its cost column (`probe.verdict.cost_column`).
-3. **Pruned export** (`probe.surgery`): a deep copy of the model in which each skipped block
+   (`probe.scoring.tasks`) the curves follow its own numbers (the loss increase, or the drift of the
+   outputs) and the "drop" order is by its cost column (`probe.scoring.verdict.cost_column`).
+3. **Pruned export** (`probe.deletion.surgery`): a deep copy of the model in which each skipped block
    computes only its shortcut path (the branch's modules are gone), checked against
    `probe.ablated` on the data, saved with `torch.save`, and measured for size and speed
    against the original.
@@ -28,15 +28,15 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from probe.blocks import Block, resolve_blocks
-from probe.config import RunConfig
+from probe.discovery.find import Block, resolve_blocks
+from probe.commands.config import RunConfig
 from probe.errors import ProbeError
-from probe.evaluation import evaluate_ablations
-from probe.results import Outcome
-from probe.surgery import EXPORT_COLUMNS, export_pruned
-from probe.table import block_table, check_table
-from probe.tasks import Classification, Task, resolve_task
-from probe.verdict import VerdictRule, cost_column
+from probe.deletion.evaluation import evaluate_ablations
+from probe.scoring.results import Outcome
+from probe.deletion.surgery import EXPORT_COLUMNS, export_pruned
+from probe.deletion.block_table import block_table, check_table
+from probe.scoring.tasks import Classification, Task, resolve_task
+from probe.scoring.verdict import VerdictRule, cost_column
 
 __all__ = ["ORDERS", "SkippingResult", "curve_ks", "deletion_orders", "skipping"]
 
@@ -58,8 +58,8 @@ class SkippingResult:
         always 0 for the two fixed orders), k (blocks deleted: the first k of the order), removed
         (the k-th block of the order; "" at k = 0), accuracy, loss, accuracy_drop (vs. k = 0),
         samples, mode, bn_recalibrated.
-    Other tasks: in both tables the task's sweep columns (`probe.tasks.Task.row`, as in
-        `probe.evaluation.sweep_table`) take the place of accuracy ... flip_rate, vs. the intact
+    Other tasks: in both tables the task's sweep columns (`probe.scoring.tasks.Task.row`, as in
+        `probe.deletion.evaluation.sweep_table`) take the place of accuracy ... flip_rate, vs. the intact
         model; the intact rows ("all blocks", k = 0) have 0 for the standard error and flip rate
         columns (a state compared with itself). lm: loss, perplexity, token_accuracy,
         loss_increase, loss_increase_se, perplexity_ratio, token_accuracy_drop,
@@ -87,7 +87,7 @@ def deletion_orders(table: pd.DataFrame, *, random_draws: int = RunConfig.random
 
     "ratio": smallest branch/shortcut ratio first. "drop": smallest single-block accuracy drop
     first, ties broken by the smaller loss increase (a finer measure of the same harm), then by
-    position; for a table of another task (`probe.verdict.cost_column`: `loss_increase` or
+    position; for a table of another task (`probe.scoring.verdict.cost_column`: `loss_increase` or
     `drift`), smallest cost first, ties by position. "random": `random_draws` permutations from
     numpy's generator seeded with `seed`.
     """
@@ -133,8 +133,8 @@ def skipping(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None
     curve_points: evaluate each curve at about this many k (`curve_ks`) instead of every k:
     each point costs up to a forward pass, and a deep network has many blocks.
     blocks: the blocks the table covers (names or Blocks, e.g. from a spec); all discovered when None.
-    task: what the outputs mean (`probe.tasks`; classification by default). A table handed in
-    must be of the same task: its cost column (`probe.verdict.cost_column`) is the task's, with
+    task: what the outputs mean (`probe.scoring.tasks`; classification by default). A table handed in
+    must be of the same task: its cost column (`probe.scoring.verdict.cost_column`) is the task's, with
     its standard error (`loss_increase_se`, `drift_se`) in place of flip_rate.
     """
     rule = rule or VerdictRule()

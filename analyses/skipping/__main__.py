@@ -7,11 +7,11 @@ from pathlib import Path
 
 import analyses.skipping
 from analyses.skipping import skipping
-from probe.cli import run_analysis_command
-from probe.config import RunConfig
+from probe.commands.runner import run_analysis_command
+from probe.commands.config import RunConfig
 from probe.files import write_tables
-from probe.loading import load_inputs
-from probe.tasks import resolve_task
+from probe.commands.inputs import load_inputs
+from probe.scoring.tasks import resolve_task
 from reports import figures
 from reports.embed import write_png
 

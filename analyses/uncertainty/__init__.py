@@ -11,7 +11,7 @@ called skipped only when its branch is small *and* its interval is compatible wi
 A drop averaged over all classes can also hide a block that one class depends on; the per-class
 table and heatmap show the drop for every (block, class).
 
-Other tasks (`probe.tasks`) have a continuous cost: the loss increase (language models, your
+Other tasks (`probe.scoring.tasks`) have a continuous cost: the loss increase (language models, your
 own loss) or the drift of the outputs. Its interval is a paired bootstrap over samples too
 (`cost_interval`), from the per-sample losses and units of the sweep; there are no classes.
 """
@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 import probe
-from probe.evaluation import single_block_sweep
-from probe.results import Evaluation, Outcome
-from probe.table import check_table, join_block_table, unsupported_reason
-from probe.tasks import Classification, Task, resolve_task
-from probe.verdict import UNSUPPORTED, VerdictRule, classify, cost_column
-from probe.blocks import Block, resolve_blocks
+from probe.deletion.evaluation import single_block_sweep
+from probe.scoring.results import Evaluation, Outcome
+from probe.deletion.block_table import check_table, join_block_table, unsupported_reason
+from probe.scoring.tasks import Classification, Task, resolve_task
+from probe.scoring.verdict import UNSUPPORTED, VerdictRule, classify, cost_column
+from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
 
 __all__ = ["UncertaintyResult", "bootstrap_interval", "check_bootstrap", "cost_interval", "drop_intervals",
@@ -46,7 +46,7 @@ CLASS_COLUMNS = ["block", "position", "class", "samples", "baseline_accuracy", "
 
 def interval_columns(cost: str = "accuracy_drop") -> list[str]:
     """The columns of the intervals table for a task whose cost column is `cost`
-    (`probe.tasks.Task.cost`): `INTERVAL_COLUMNS` for classification; for a continuous cost the
+    (`probe.scoring.tasks.Task.cost`): `INTERVAL_COLUMNS` for classification; for a continuous cost the
     point estimate and its interval are named for it (`loss_increase`, `loss_increase_low`,
     `loss_increase_high`; `drift`, `drift_low`, `drift_high`)."""
     if cost == "accuracy_drop":
@@ -60,13 +60,13 @@ class UncertaintyResult:
         drop_low / drop_high (bootstrap interval of the drop, fractions), level, resamples,
         samples, skipped (bool: ratio < the rule's max_ratio and the interval admits no cost),
         verdict_ci ("helps": the whole interval above 0; "hurts": below 0; else "skipped" or
-        "neutral" by the ratio), verdict (the noise-band rule of `probe.verdict`, for
+        "neutral" by the ratio), verdict (the noise-band rule of `probe.scoring.verdict`, for
         comparison), bn_recalibrated.
         Other tasks (`interval_columns`): the cost and its interval are named for the task's
         cost column: loss_increase, loss_increase_low, loss_increase_high (lm: mean NLL per
         token; your own loss) or drift, drift_low, drift_high (`cost_interval`). verdict_ci for
         loss_increase: "helps" when the interval lies above the rounding tolerance (a millionth
-        of the intact model's loss, as `probe.verdict.noise_band`), "hurts" below minus it, else
+        of the intact model's loss, as `probe.scoring.verdict.noise_band`), "hurts" below minus it, else
         "skipped" or "neutral" by the ratio. For drift, which has no direction and no sign,
         the tolerance is the rule's max_drift: "helps" when the whole interval lies above it,
         "skipped" when the whole interval lies at or below it and the ratio is small, else
@@ -208,7 +208,7 @@ def drop_intervals(table: pd.DataFrame, evaluation: Evaluation, *, rule: Verdict
         verdicts = [None] * len(table)
     cost = task.cost
     tolerance = 0.0
-    if cost == "loss_increase":  # as probe.verdict's noise floor: below it, two float sums differ by rounding
+    if cost == "loss_increase":  # as probe.scoring.verdict's noise floor: below it, two float sums differ by rounding
         tolerance = 1e-6 * abs(baseline.loss) + 1e-12
     rows = []
     for (_, row), result, verdict in zip(table.iterrows(), results, verdicts):
@@ -280,10 +280,10 @@ def uncertainty(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
 
     table: per-block table with ratio (from `probe.measure`) and the verdict inputs, e.g.
     `python -m probe.ablate`'s; computed when None. evaluation: the single-block deletions
-    with per_class=True and outcomes=True (`probe.evaluation.single_block_sweep`), to reuse
+    with per_class=True and outcomes=True (`probe.deletion.evaluation.single_block_sweep`), to reuse
     a sweep already run; run here when None. blocks: the blocks the table covers (names or
     Blocks, e.g. from a spec); all discovered when None. task: what the outputs mean
-    (`probe.tasks`); None takes the evaluation's task when one is given, else classification.
+    (`probe.scoring.tasks`); None takes the evaluation's task when one is given, else classification.
     Other tasks get intervals of their cost (`interval_columns`) and no per-class table.
     """
     blocks = resolve_blocks(model, blocks)

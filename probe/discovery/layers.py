@@ -5,7 +5,7 @@ SLEB delete whole layers. A block's layer is the element of a `ModuleList` or `S
 that contains its module (`model.layers.3` for `model.layers.3[self_attn]`; `layer1.0` for a
 ResNet's `layer1.0`, whose layer is the block itself).
 
-    groups = probe.layers.group_layers(model, probe.find_blocks(model))
+    groups = probe.discovery.layers.group_layers(model, probe.find_blocks(model))
     probe.evaluate_ablations(model, data, list(groups.values()), task="lm")   # delete whole layers
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from probe.blocks import Block, resolve_blocks
+from probe.discovery.find import Block, resolve_blocks
 
 __all__ = ["group_layers", "layer_of", "layer_stack"]
 

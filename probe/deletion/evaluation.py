@@ -1,17 +1,17 @@
 """Evaluate the model with sets of blocks deleted: the engine behind `probe.sweep`, the analyses
 and the CLI's per-block table.
 
-Two engines give the same `probe.results.Evaluation`:
+Two engines give the same `probe.scoring.results.Evaluation`:
 
 - without calibration data, every set is evaluated in one data pass. The loop runs batches
   outside and ablations inside: each batch is loaded once, its unablated predictions are the
   reference for the flip rate, and one hook per block stays attached for the whole pass
   (switched on for the blocks being deleted). Where the model can be cut at its blocks
-  (`probe.suffix`), a deletion reruns only the network from its earliest block on, fed from the
+  (`probe.deletion.fast_suffix`), a deletion reruns only the network from its earliest block on, fed from the
   baseline pass; a model fx cannot trace whose blocks lie in one stack of layers (a
-  transformer) replays the layers before the deletion from the baseline pass (`probe.replay`);
+  transformer) replays the layers before the deletion from the baseline pass (`probe.deletion.fast_replay`);
   otherwise it runs the whole forward. Counts are summed on the device.
-- with calibration data (`calibration=`), `probe.recalibrate.evaluate_recalibrated` refits the
+- with calibration data (`calibration=`), `probe.deletion.batchnorm.evaluate_recalibrated` refits the
   BatchNorm statistics for each set before evaluating it.
 
 Tables built from an evaluation record which engine ran in a boolean `bn_recalibrated` column.
@@ -26,18 +26,18 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from probe.ablation import branch_replacement, check_mode
+from probe.deletion.ablated import branch_replacement, check_mode
 from probe.batches import batches, class_targets, explained_misfit, input_dtype, model_device, read_again
-from probe.blocks import Block, resolve_blocks
+from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.hooks import attached, model_preserved, replace_branches
-from probe.measurement import branch_means
-from probe.recalibrate import evaluate_recalibrated
-from probe.replay import layer_runner_for
-from probe.results import Evaluation
-from probe.suffix import InPlaceError, runner_for
-from probe.tally import Tally
-from probe.tasks import Classification, Task, resolve_task
+from probe.instrument.hooks import attached, model_preserved, replace_branches
+from probe.instrument.measurement import branch_means
+from probe.deletion.batchnorm import evaluate_recalibrated
+from probe.deletion.fast_replay import layer_runner_for
+from probe.scoring.results import Evaluation
+from probe.deletion.fast_suffix import InPlaceError, runner_for
+from probe.scoring.tally import Tally
+from probe.scoring.tasks import Classification, Task, resolve_task
 
 __all__ = ["COLUMNS", "evaluate_ablations", "single_block_sweep", "sweep", "sweep_table"]
 
@@ -54,7 +54,7 @@ def sweep(model: nn.Module, data: Iterable, *, mode: str = "zero", blocks: Seque
     Returns one row per block in forward order, with the task's columns (`sweep_table`);
     `df.attrs["baseline"]` holds the unablated model's numbers. For classification (the
     default): accuracies are fractions in [0, 1]; `loss` is the mean cross-entropy; `flip_rate`
-    is the share of samples whose predicted class changes. task: see `probe.tasks`.
+    is the share of samples whose predicted class changes. task: see `probe.scoring.tasks`.
     `fast=False` runs a full forward per ablation (same numbers, slower; for checking). stack:
     ablations per forward (see `evaluate_ablations`).
     """
@@ -85,7 +85,7 @@ def sweep_table(blocks: Sequence[Block], evaluation: Evaluation, *, mode: str,
                 recalibrated: bool | None = None) -> pd.DataFrame:
     """One row per block deleted alone, from an evaluation of single-block sets.
 
-    Columns: block, position, mode, the task's columns (`probe.tasks.Task.row`; for
+    Columns: block, position, mode, the task's columns (`probe.scoring.tasks.Task.row`; for
     classification `COLUMNS`), samples. Per task:
       classification: accuracy, loss, accuracy_drop, loss_increase, flip_rate
       lm:             loss (mean NLL per token), perplexity, token_accuracy, loss_increase,
@@ -129,12 +129,12 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     memory). With `calibration` (held-out batches), BatchNorm statistics are refitted for each
     set before it is evaluated, and the baseline is the intact model refitted on the same
     batches (the model as given is then the evaluation's `trained_baseline`). task: what the
-    outputs mean and how samples are scored (`probe.tasks`; classification by default).
+    outputs mean and how samples are scored (`probe.scoring.tasks`; classification by default).
     stack: evaluate up to this many sets in one forward, their copies of the batch stacked
     (one suffix from the group's earliest block; each copy's deletions by hooks on its rows).
     More arithmetic, fewer kernel launches: for a GPU whose small forwards are launch-bound
     (`benchmarks/sweep_throughput.py --stack`); the same numbers. Models whose blocks cannot be
-    cut out (`probe.suffix`) evaluate one set at a time.
+    cut out (`probe.deletion.fast_suffix`) evaluate one set at a time.
     """
     if isinstance(stack, bool) or not isinstance(stack, int) or stack < 1:
         raise ProbeError(f"stack must be a whole number >= 1 (sets per forward), got {stack!r}.")

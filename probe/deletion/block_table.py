@@ -1,7 +1,7 @@
 """The per-block table: `probe.measure` joined with the single-block sweep and classified.
 
 This is the table `python -m probe.ablate` writes as blocks.csv and every analysis reads: one
-row per block in forward order, the verdict computed once, by `probe.verdict.classify`.
+row per block in forward order, the verdict computed once, by `probe.scoring.verdict.classify`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterable, Sequence
 import pandas as pd
 from torch import nn
 
-from probe.blocks import Block, resolve_blocks
+from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.evaluation import single_block_sweep
-from probe.measurement import measure
-from probe.results import Evaluation
-from probe.tasks import Classification, Task
-from probe.verdict import UNSUPPORTED, VerdictRule, chance_warning, classify
+from probe.deletion.evaluation import single_block_sweep
+from probe.instrument.measurement import measure
+from probe.scoring.results import Evaluation
+from probe.scoring.tasks import Classification, Task
+from probe.scoring.verdict import UNSUPPORTED, VerdictRule, chance_warning, classify
 
 __all__ = ["block_table", "check_table", "join_block_table", "unsupported_reason"]
 
@@ -27,7 +27,7 @@ def join_block_table(stats: pd.DataFrame, sweep: pd.DataFrame, *, rule: VerdictR
     """`stats` (from `probe.measure`) joined with `sweep` (one row per deleted block), with the
     `noise` and `verdict` columns of `rule`; `attrs["baseline"]` is the sweep's.
 
-    unsupported: why the data cannot support a verdict (`probe.verdict.chance_warning`); every
+    unsupported: why the data cannot support a verdict (`probe.scoring.verdict.chance_warning`); every
     block's verdict is then "unsupported", and `attrs["unsupported"]` says why.
     """
     joined = stats.merge(sweep.drop(columns="samples"), on=["block", "position"])
@@ -56,7 +56,7 @@ def block_table(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Bloc
     calibration: held-out batches to refit BatchNorm statistics after each deletion.
     `attrs["baseline"]` holds the unablated model's numbers (classification: accuracy, loss and
     samples). A classifier at chance gets no verdicts (see `join_block_table`'s
-    `unsupported`). task: see `probe.tasks`; the sweep's columns and the verdict's cost follow it.
+    `unsupported`). task: see `probe.scoring.tasks`; the sweep's columns and the verdict's cost follow it.
     """
     blocks = resolve_blocks(model, blocks, data=data)
     stats = measure(model, data, blocks=blocks, progress=progress)

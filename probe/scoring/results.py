@@ -1,7 +1,7 @@
 """Typed results of evaluating a model with sets of blocks deleted.
 
-Both evaluation engines (`probe.evaluation.evaluate_ablations`, and BatchNorm recalibration in
-`probe.recalibrate`) return an `Evaluation`; the sweep table, the analyses, resumable run
+Both evaluation engines (`probe.deletion.evaluation.evaluate_ablations`, and BatchNorm recalibration in
+`probe.deletion.batchnorm`) return an `Evaluation`; the sweep table, the analyses, resumable run
 pieces and the report all read it. See docs/architecture.md ("Results").
 """
 
@@ -18,7 +18,7 @@ __all__ = ["Evaluation", "Outcome"]
 class Outcome(Mapping):
     """How the model did on the data in one state (intact, or with one set of blocks deleted).
 
-    What each number means depends on the task (`probe.tasks`); every one is a ratio of sums
+    What each number means depends on the task (`probe.scoring.tasks`); every one is a ratio of sums
     over samples. loss: mean loss per unit (cross-entropy per sample; NLL per token for `lm`;
     the drift itself for `drift`); accuracy: share of units correct (None for a task without
     one); samples: how many were evaluated; units: how many units were scored (tokens for
@@ -66,7 +66,7 @@ class Outcome(Mapping):
 
     def summary(self) -> dict:
         """accuracy, loss and samples: what a classification table's `attrs["baseline"]` holds
-        (other tasks: `probe.tasks.Task.metrics`)."""
+        (other tasks: `probe.scoring.tasks.Task.metrics`)."""
         return {"accuracy": self.accuracy, "loss": self.loss, "samples": self.samples}
 
 
@@ -84,7 +84,7 @@ class Evaluation:
     baseline: Outcome
     sets: list[Outcome]
     trained_baseline: Outcome | None = None
-    task: object = None  # the probe.tasks.Task that scored it (None: classification)
+    task: object = None  # the probe.scoring.tasks.Task that scored it (None: classification)
 
     def __iter__(self) -> Iterator:
         return iter((self.baseline, self.sets))

@@ -2,7 +2,7 @@
 
 Every evaluating function takes `task=`: "classification" (the default), "lm", "drift", a
 `Task`, or a user's function. A task turns one forward's outputs on one batch into per-sample
-`Scores`; the evaluation engines (`probe.evaluation`, `probe.recalibrate`) sum them, so every
+`Scores`; the evaluation engines (`probe.deletion.evaluation`, `probe.deletion.batchnorm`) sum them, so every
 metric is a ratio of sums over samples (which is also what `all_reduce` needs under torchrun):
 
     loss      = sum of per-sample losses / sum of weights
@@ -74,7 +74,7 @@ class Task:
     """How one forward is scored. Subclasses set `name` and `cost` and implement `score`.
 
     cost: the table column the verdict reads as the damage a deletion does ("accuracy_drop",
-    "loss_increase" or "drift"); see `probe.verdict`.
+    "loss_increase" or "drift"); see `probe.scoring.verdict`.
     needs_reference: `score` is given the intact model's outputs on the same batch.
     needs_targets: batches must carry targets.
     per_class: outcomes can be split by class (integer class targets).

@@ -1,5 +1,5 @@
 """`Block`: one residual block as probe names it (the record discovery, specs, hooks and every
-table share), and the check that the modules it names exist. Finding blocks is `probe.blocks`."""
+table share), and the check that the modules it names exist. Finding blocks is `probe.discovery.find`."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class Block:
               output is s(x); with "intercept", a description of s(x).
     position: 0-based index of the block in forward order.
     strategy: "hooks" (forward hooks on `branch` and `shortcut`, cheapest) or "intercept" (the
-              addition itself is caught at run time; see probe.intercept).
+              addition itself is caught at run time; see probe.instrument.intercept).
     add_index: which tensor + tensor addition executed directly in `module`'s forward (0-based,
               not counting additions inside child modules) is this block's; needed by "intercept".
     branch_operand: which operand of that addition is F(x): 0 (left) or 1 (right); needed by

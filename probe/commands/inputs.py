@@ -20,17 +20,17 @@ from torchvision.datasets import CIFAR10, MNIST, DatasetFolder
 
 from probe import distributed
 from probe.batches import Batch, Data, device_for, explained_misfit
-from probe.blocks import Block, find_blocks
-from probe.cache import cached_model
-from probe.config import RunConfig
-from probe.data import _LabelledTensors, dataset_info, load_dataset, make_loader, split_off, stratified_subset
+from probe.discovery.find import Block, find_blocks
+from probe.loading.cache import cached_model
+from probe.commands.config import RunConfig
+from probe.loading.datasets import _LabelledTensors, dataset_info, load_dataset, make_loader, split_off, stratified_subset
 from probe.errors import ProbeError
-from probe.hf import is_hf_model, load_hf_model, load_tokenizer, model_source
+from probe.loading.huggingface import is_hf_model, load_hf_model, load_tokenizer, model_source
 from probe.imports import import_attribute
-from probe.models import build_model, load_checkpoint
-from probe.recalibrate import batchnorm_layers
-from probe.text import TEXT_DATASETS, TEXT_WINDOWS, read_text, text_windows
-from probe.training import TrainConfig
+from probe.loading.models import build_model, load_checkpoint
+from probe.deletion.batchnorm import batchnorm_layers
+from probe.loading.text import TEXT_DATASETS, TEXT_WINDOWS, read_text, text_windows
+from probe.loading.training import TrainConfig
 
 __all__ = ["Datasets", "Inputs", "data_fingerprint", "explained_channels", "first_convolution", "fit_channels",
            "is_user_dataset", "load_datasets", "load_inputs", "load_model", "train_loader", "user_dataset"]
@@ -279,7 +279,7 @@ def load_datasets(config: RunConfig, *, calibration: bool, model: nn.Module | No
 
 
 def _text_datasets(config: RunConfig, *, model: nn.Module | None) -> Datasets:
-    """Windows of `--seq-len` tokens of the text (see `probe.text`); `--limit N`: the first N."""
+    """Windows of `--seq-len` tokens of the text (see `probe.loading.text`); `--limit N`: the first N."""
     if not is_hf_model(config.model):
         raise ProbeError(f"--dataset {config.dataset} is text: it needs --model hf:PATH or smollm2 (their tokenizer).")
     if model is not None and not batchnorm_layers(model):

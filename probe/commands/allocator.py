@@ -9,7 +9,7 @@ to 1 GiB of freed heap kept, it takes 0.28x as many, and 0.60x the system CPU ti
 took 0.91x the time, the whole job the same within noise (`benchmarks/job_speed.py
 --allocator-too`, README).
 
-The commands (`probe.cli.run_command`) do this for their own process, and so does a command's
+The commands (`probe.commands.runner.run_command`) do this for their own process, and so does a command's
 `main()` called from Python; the library's functions never change the allocator. Where the user
 has set glibc's malloc tunables (GLIBC_TUNABLES with `glibc.malloc`, or MALLOC_MMAP_THRESHOLD_ /
 MALLOC_TRIM_THRESHOLD_), or the C library is not glibc, nothing is changed.

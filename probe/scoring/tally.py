@@ -13,8 +13,8 @@ import math
 import torch
 
 from probe import distributed
-from probe.results import Outcome
-from probe.tasks import Scores, Task
+from probe.scoring.results import Outcome
+from probe.scoring.tasks import Scores, Task
 
 __all__ = ["Tally"]
 

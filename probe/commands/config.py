@@ -13,10 +13,10 @@ import argparse
 from dataclasses import dataclass, fields
 
 from probe.errors import ProbeError
-from probe.hf import is_hf_model
-from probe.tasks import TASKS
-from probe.text import TEXT_DATASETS
-from probe.training import TrainConfig
+from probe.loading.huggingface import is_hf_model
+from probe.scoring.tasks import TASKS
+from probe.loading.text import TEXT_DATASETS
+from probe.loading.training import TrainConfig
 
 __all__ = ["MODES", "PRECISIONS", "SECTIONS", "RunConfig", "add_options", "check_depths"]
 
@@ -24,7 +24,7 @@ __all__ = ["MODES", "PRECISIONS", "SECTIONS", "RunConfig", "add_options", "check
 SECTIONS = ("degradation", "skipping", "attribution", "uncertainty", "representation", "recalibration", "lm")
 MODES = ("zero", "mean")
 PRECISIONS = ("fp32", "bf16", "fp16")
-# The trainer's defaults (`--epochs`, `--lr`, ... not given): the cached models' (probe.cache keys
+# The trainer's defaults (`--epochs`, `--lr`, ... not given): the cached models' (probe.loading.cache keys
 # them by their TrainConfig).
 _TRAINING = TrainConfig()
 
@@ -37,7 +37,7 @@ class RunConfig:
     (degradation only when the model is trained here). `skip` leaves some out.
     epochs, train_batch_size, lr, momentum, weight_decay: how a model is trained (`batch_size` is
     the samples per forward pass when evaluating); None for the trainer's default
-    (`probe.training.TrainConfig`, whose fields are the trained-model cache's key).
+    (`probe.loading.training.TrainConfig`, whose fields are the trained-model cache's key).
     """
 
     model: str = "resnet56"

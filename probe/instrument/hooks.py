@@ -10,7 +10,7 @@ each other's forwards.
 
 Each block is reached the way its `strategy` says: "hooks" blocks through forward hooks on the
 modules whose outputs are F(x) and s(x) (cheapest); "intercept" blocks by catching their
-addition at run time (`probe.intercept`). Both give callers the same (block, F, s) view.
+addition at run time (`probe.instrument.intercept`). Both give callers the same (block, F, s) view.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.overrides import _get_current_function_mode_stack
 
-from probe.block import Block
+from probe.discovery.block import Block
 from probe.errors import ProbeError
-from probe.intercept import restore_mode_stack, watch_addition
+from probe.instrument.intercept import restore_mode_stack, watch_addition
 
 
 # (block, branch F(x), shortcut s(x)) -> None; called once per call of a block's module (twice

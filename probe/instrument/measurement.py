@@ -22,10 +22,10 @@ from torch.utils import _pytree as pytree
 
 from probe import distributed
 from probe.batches import Batch, batches, class_targets, explained_misfit, input_dtype, model_device
-from probe.blocks import Block, resolve_blocks
+from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.graphs import Captured, capture
-from probe.hooks import attached, model_preserved, tap_pairs
+from probe.instrument.graphs import Captured, capture
+from probe.instrument.hooks import attached, model_preserved, tap_pairs
 
 # Per-sample quantities, in accumulator column order after the count.
 QUANTITIES = ("branch_norm", "shortcut_norm", "ratio", "cosine")
@@ -131,7 +131,7 @@ def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] |
     form `probe.batches.split_batch` knows (targets are not needed otherwise). Columns: see `COLUMNS` and the README. A block module run k
     times per forward counts k samples per input (see the module docstring).
 
-    graphs: replay the instrumented forward from a captured graph (`probe.graphs`) for batches of
+    graphs: replay the instrumented forward from a captured graph (`probe.instrument.graphs`) for batches of
     a shape seen before. None (default): on a CUDA device outside autocast, where a forward is
     bound by launching kernels; a model that cannot be captured is measured eagerly, and one
     whose replay differs from its eager forward too, with a warning. True: also on a CPU

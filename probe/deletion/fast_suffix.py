@@ -23,10 +23,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from probe.additions import is_addition
+from probe.discovery.additions import is_addition
 from probe.batches import call_model
-from probe.blocks import Block, module_tree
-from probe.recording import fx_tracing, traced
+from probe.discovery.find import Block, module_tree
+from probe.discovery.tracing import fx_tracing, traced
 
 
 class ModulesAsLeaves(fx.Tracer):
@@ -126,7 +126,7 @@ class SuffixRunner:
     def stacked_suffix(self, block: Block, cache: tuple, copies: int, batch_size: int) -> object:
         """The network from `block` on, every block called as it is (deletions are the hooks'
         business), on `copies` copies of the batch stacked along the first dimension: several
-        ablations in one forward (`probe.evaluation`, `stack=`). Cached tensors whose first
+        ablations in one forward (`probe.deletion.evaluation`, `stack=`). Cached tensors whose first
         dimension is `batch_size` are stacked; others (constants) are passed as they are."""
         if block.name not in self._plain:
             model, nodes, *_ = self._parts
@@ -241,7 +241,7 @@ def _build_runner(model: nn.Module, blocks: Sequence[Block],
         return None  # the model itself performs the addition: there is nothing to cut
     try:
         graph = traced(ModulesAsLeaves(block_modules), model)
-    except Exception:  # an untraceable model still sweeps (`probe.replay`, or full forwards)
+    except Exception:  # an untraceable model still sweeps (`probe.deletion.fast_replay`, or full forwards)
         _untraceable[model] = module_tree(model)
         return None
     if sum(n.op == "output" for n in graph.nodes) != 1:

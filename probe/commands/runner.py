@@ -1,6 +1,6 @@
 """What every command does around its work: threads, memory reuse, the out folder, one-line errors.
 
-Each command is `main(argv=None) -> int` with argparse (`probe.config.add_options`); it hands
+Each command is `main(argv=None) -> int` with argparse (`probe.commands.config.add_options`); it hands
 its body to `run_command`, which turns a `ProbeError` (or an `OSError` such as a full disk)
 into one line on stderr and exit code 2, and Ctrl-C into one line and exit code 130, without a
 traceback. Every output is written atomically (`probe.files`), so a failed write leaves no
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from probe.allocator import keep_freed_memory
-from probe.config import RunConfig, add_options
+from probe.commands.allocator import keep_freed_memory
+from probe.commands.config import RunConfig, add_options
 from probe.errors import ProbeError
 from probe.files import prepare_out_dir
-from probe.threads import use_threads
+from probe.commands.threads import use_threads
 
 __all__ = ["run_analysis_command", "run_command"]
 

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from probe.data import dataset_info, load_dataset, make_loader
+from probe.loading.datasets import dataset_info, load_dataset, make_loader
 from probe.errors import ProbeError
-from probe.models import build_model
+from probe.loading.models import build_model
 
 __all__ = [
     "HISTORY_COLUMNS", "TrainConfig", "build_for", "default_checkpoint_path",
@@ -37,7 +37,7 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_a
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a training run (and, in `probe.cache`, its cache key).
+    """Everything that determines a training run (and, in `probe.loading.cache`, its cache key).
 
     `limit`: use only the first `limit` samples of each split (quick runs and tests).
     `data_root`/`download`: where the data comes from; they do not change the result and are
@@ -231,7 +231,7 @@ def train_model(config: TrainConfig, *, progress: bool = True) -> tuple[nn.Modul
 
 def training_threads() -> int:
     """The CPU threads training uses: 2 (1 on a one-core machine), or what OMP_NUM_THREADS or
-    MKL_NUM_THREADS says. Not the free cores `probe.threads` picks for evaluation: the weights
+    MKL_NUM_THREADS says. Not the free cores `probe.commands.threads` picks for evaluation: the weights
     must not depend on how busy the machine was."""
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         if os.environ.get(variable, "").isdigit() and int(os.environ[variable]) > 0:

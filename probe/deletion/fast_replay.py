@@ -1,6 +1,6 @@
 """Fast sweeps without torch.fx: replay the layers before a deletion from their cached outputs.
 
-`probe.suffix` cuts a traced graph at its blocks. Models torch.fx cannot trace (Hugging Face
+`probe.deletion.fast_suffix` cuts a traced graph at its blocks. Models torch.fx cannot trace (Hugging Face
 transformers) still keep their layers in one `ModuleList` and call each once per forward. Deleting
 a block in layer k changes nothing before layer k, so per batch we run one baseline forward that
 keeps every layer's output, and for each deletion we run the model again with layers 0..k-1
@@ -27,11 +27,11 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from probe.batches import call_model
-from probe.blocks import Block
-from probe.hooks import attached, restoring
-from probe.intercept import replaying
-from probe.layers import layer_of, layer_stack
-from probe.suffix import InPlaceError
+from probe.discovery.find import Block
+from probe.instrument.hooks import attached, restoring
+from probe.instrument.intercept import replaying
+from probe.discovery.layers import layer_of, layer_stack
+from probe.deletion.fast_suffix import InPlaceError
 
 __all__ = ["LayerRunner", "layer_runner_for"]
 

@@ -1,6 +1,6 @@
 """The dataflow graph of a model's forward, by tracing it or by recording one real forward.
 
-Block discovery (`probe.blocks`) reads residual additions off a `torch.fx.Graph` whose nodes
+Block discovery (`probe.discovery.find`) reads residual additions off a `torch.fx.Graph` whose nodes
 carry fx's `nn_module_stack` metadata (which module calls each operation ran inside). There are
 two ways to get one:
 
@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from probe.batches import call_model
-from probe.hooks import attached, model_preserved, restoring
+from probe.instrument.hooks import attached, model_preserved, restoring
 
 
 @dataclass

@@ -3,7 +3,7 @@ part of probe uses (discovery, the fast sweep's suffixes, the pruned export, int
 
 `a + b`, `a += b`, `torch.add(a, b)`, `a.add(b)` and `a.add_(b)` are all additions. Whether an
 addition is *residual* (a tensor plus a function of itself) is decided by discovery
-(`probe.blocks`), not here.
+(`probe.discovery.find`), not here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.fx as fx
 
 __all__ = ["ADD_FUNCTIONS", "IN_PLACE_ADDS", "is_addition"]
 
-# What the spellings above reach __torch_function__ as (probe.intercept watches these).
+# What the spellings above reach __torch_function__ as (probe.instrument.intercept watches these).
 ADD_FUNCTIONS = frozenset({
     torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__iadd__,
 })

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from torch import nn
 
-from probe.block import Block, check_block
+from probe.discovery.block import Block, check_block
 from probe.errors import ProbeError, unknown_name
 
 ROOT = "<model>"

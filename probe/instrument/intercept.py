@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
-from probe.additions import ADD_FUNCTIONS, IN_PLACE_ADDS
+from probe.discovery.additions import ADD_FUNCTIONS, IN_PLACE_ADDS
 from probe.errors import ProbeError
 
 # nn.Module.__call__ and the hooks it runs live in this file: the boundary of a module call.
@@ -221,7 +221,7 @@ class SiteHandle:
             _MODE.reset()
 
 
-# Modules whose calls answer from a cache (`probe.replay`): they make no additions, and none is missing.
+# Modules whose calls answer from a cache (`probe.deletion.fast_replay`): they make no additions, and none is missing.
 _replayed: weakref.WeakSet = weakref.WeakSet()
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from probe.blocks import Block, resolve_blocks
+from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.hooks import attached, held, replace_branches
-from probe.measurement import branch_means
+from probe.instrument.hooks import attached, held, replace_branches
+from probe.instrument.measurement import branch_means
 
 MODES = ("zero", "mean")
 

@@ -9,8 +9,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from probe.blocks import Block, find_blocks, resolve_blocks
-from probe.hooks import attached, model_preserved, tap_pairs
+from probe.discovery.find import Block, find_blocks, resolve_blocks
+from probe.instrument.hooks import attached, model_preserved, tap_pairs
 from probe.batches import call_model
 
 COLUMNS = ["name", "module", "branch", "shortcut", "output_shape"]

@@ -2,7 +2,7 @@
 
 A residual addition adds a tensor to a function of that same tensor: `F(x) + s(x)`, where the
 shortcut `s` is the identity or a short projection of `x`. We find those additions in the
-dataflow graph of the model's forward (`probe.recording`: a torch.fx trace, or, for models fx
+dataflow graph of the model's forward (`probe.discovery.tracing`: a torch.fx trace, or, for models fx
 cannot trace, one recorded forward on an example input), then map each one back to modules of
 the *user's* model, so that measuring and ablating work on the original:
 
@@ -15,7 +15,7 @@ forward hooks on them see F(x) and s(x): `strategy="hooks"`. When F(x) ends in a
 learned scale (`x + F.gelu(self.fc(x))`, `x + self.gamma * self.f(x)`), when its module runs
 more than once (Swin reuses `stochastic_depth`), or when s(x) is an intermediate value (ViT's
 second addition adds to the output of its first), the block is `strategy="intercept"`: it is
-the `add_index`-th tensor addition executed directly in `module`'s forward, and `probe.intercept`
+the `add_index`-th tensor addition executed directly in `module`'s forward, and `probe.instrument.intercept`
 catches that addition at run time. `branch` and `shortcut` then describe the operands.
 
 The graph is used only to discover; nothing runs through it afterwards.
@@ -31,11 +31,11 @@ import torch.fx as fx
 from torch import nn
 
 from probe.batches import first_inputs
-from probe.block import Block, check_block
+from probe.discovery.block import Block, check_block
 from probe.errors import ProbeError, close_matches
-from probe.additions import is_addition
-from probe.recording import Recording, record, trace
-from probe.spec import blocks_from_spec, check_operands
+from probe.discovery.additions import is_addition
+from probe.discovery.tracing import Recording, record, trace
+from probe.discovery.spec import blocks_from_spec, check_operands
 
 # Shape queries make a tensor "depend" on x without carrying its values: they cut the data flow.
 _SHAPE_METHODS = {"size", "dim"}
@@ -60,7 +60,7 @@ def find_blocks(model: nn.Module, *, example_input: object = None, spec: object 
 
     Discovery traces the model with torch.fx. A model fx cannot trace is found from one forward
     on `example_input` instead (a tensor, or a tuple of the forward's arguments; one sample is
-    enough). `spec` skips discovery and builds the blocks the user names (see `probe.spec`:
+    enough). `spec` skips discovery and builds the blocks the user names (see `probe.discovery.spec`:
     a string such as "layer1.0=bn2,downsample;layer1.1=bn2", a JSON text or file, or a list of
     BlockSpec, dicts or Blocks).
 

@@ -12,7 +12,7 @@ held-out training data through the network with the BatchNorm layers in train mo
     # here every BN buffer, momentum and training flag is bit-identical to before
 
 `evaluate_recalibrated` is `probe.evaluate_ablations` with a recalibration per ablation set.
-Where the model can be cut at its blocks (`probe.suffix`) it refits, per set, only the
+Where the model can be cut at its blocks (`probe.deletion.fast_suffix`) it refits, per set, only the
 BatchNorm layers from the set's earliest block on: those before it see the same inputs as in
 the intact network, so their recalibrated statistics are the intact model's. One calibration
 pass then refits every set's suffix, each set's statistics swapped in while its suffix runs, and
@@ -30,16 +30,16 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from probe.ablation import ablated, branch_replacement, check_mode
+from probe.deletion.ablated import ablated, branch_replacement, check_mode
 from probe.batches import batches, class_targets, explained_misfit, input_dtype, model_device
-from probe.blocks import Block, resolve_blocks
+from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.hooks import attached, model_preserved, replace_branches, restoring
-from probe.measurement import branch_means
-from probe.results import Evaluation
-from probe.suffix import InPlaceError, SuffixRunner, runner_for
-from probe.tally import Tally
-from probe.tasks import Scores, Task, resolve_task
+from probe.instrument.hooks import attached, model_preserved, replace_branches, restoring
+from probe.instrument.measurement import branch_means
+from probe.scoring.results import Evaluation
+from probe.deletion.fast_suffix import InPlaceError, SuffixRunner, runner_for
+from probe.scoring.tally import Tally
+from probe.scoring.tasks import Scores, Task, resolve_task
 
 __all__ = ["batchnorm_layers", "evaluate_recalibrated", "recalibrate_batchnorm", "recalibrated"]
 
@@ -286,7 +286,7 @@ class _Statistics:
             module._buffers[key] = tensor
 
     def put_back(self) -> None:
-        # Safe to run again (`probe.hooks.restoring`): each step sets, never toggles.
+        # Safe to run again (`probe.instrument.hooks.restoring`): each step sets, never toggles.
         for name, module in self._layers.items():
             for key, tensor in self._own[name].items():
                 module._buffers[key] = tensor
