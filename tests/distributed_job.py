@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun: measure and sweep on this rank's shard."""
+"""Run by tests/core/test_distributed.py under torchrun: measure and sweep on this rank's shard."""
 
 import json
 import sys

@@ -2,7 +2,7 @@
 
 Each test's docstring names the promise it checks: "ProbeError naming the value"; "model,
 flags, hooks and global torch state exactly as before"; or "no stale or mixed numbers" (the CLI's
-"one-line error with exit 2": tests/test_cli_promises.py).
+"one-line error with exit 2": tests/commands/test_cli_promises.py).
 """
 
 import copy
@@ -25,7 +25,7 @@ import probe
 from conftest import TinyBlock, TinyNet, assert_unchanged, snapshot
 from probe.commands.run_folder import RunDirectory
 
-PROBE_FILES = set(glob.glob(os.path.join(os.path.dirname(probe.__file__), "*.py")))
+PROBE_FILES = set(glob.glob(os.path.join(os.path.dirname(probe.__file__), "**", "*.py"), recursive=True))
 # torch.fx's code that patches nn.Module for a trace, and undoes it (not the patching of globals,
 # checked thousands of times per trace).
 FX_PATCHING = {"trace", "_new_patcher", "patch_method", "revert", "revert_all_patches", "_set_is_fx_tracing"}

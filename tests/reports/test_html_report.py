@@ -46,7 +46,7 @@ CONFIG = {
 
 def table() -> pd.DataFrame:
     """Six blocks in shuffled row order (position gives forward order); verdicts by hand:
-    helps, skipped, hurts, neutral, skipped, helps (see tests/test_verdict.py)."""
+    helps, skipped, hurts, neutral, skipped, helps (see tests/core/scoring/test_verdict.py)."""
     df = pd.DataFrame({
         "block": ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1"],
         "position": [0, 1, 2, 3, 4, 5],

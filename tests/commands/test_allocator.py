@@ -14,7 +14,7 @@ from probe import ablate
 from probe.commands import runner as cli
 from probe.commands.allocator import keep_freed_memory
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Five rounds of making and freeing ten 8 MiB tensors, as a sweep makes and frees activations;
 # prints the minor page faults of the last four rounds (the first one faults in either way).

@@ -56,7 +56,7 @@ runpy.run_module("probe.ablate", run_name="__main__", alter_sys=True)
 
 
 def start(checkpoint, out):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return subprocess.Popen([sys.executable, "-c", PAUSED_AFTER_SECOND_PIECE, *argv(checkpoint, out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -13,7 +13,7 @@ import torch
 
 from distributed_job import dataset, results
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: the shared helpers
 
 
 def close(a, b):

@@ -18,7 +18,7 @@ import probe
 from probe.errors import ProbeError
 from task_models import SHIFT, Classifier, Forms, TwoInputs, labelled_images
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: the shared helpers
 ANALYSES = ["degradation", "skipping", "attribution", "uncertainty", "representation", "recalibration"]
 
 

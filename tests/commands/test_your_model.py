@@ -522,7 +522,7 @@ def test_a_folder_two_levels_too_high_is_refused(user, tmp_path, capsys):
 
 def test_the_readme_python_example_runs_as_shown(user, tmp_path):
     _, checkpoint, folder = user
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## Your own model and data", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     for shown, here in (("mypkg.models:resnet56", "user_models:resnet_option_a"), ("resnet56.th", str(checkpoint)),

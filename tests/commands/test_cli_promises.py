@@ -153,7 +153,7 @@ def test_a_second_run_on_a_busy_folder_is_refused(checkpoint, tmp_path, capsys):
     from pathlib import Path
 
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     first = subprocess.Popen([sys.executable, "-c", PAUSED_MID_SWEEP, *argv(checkpoint, out)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
