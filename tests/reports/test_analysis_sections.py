@@ -115,8 +115,8 @@ def test_sections_in_the_report_in_order():
 
 
 def test_cell_formats():
-    assert sections._cell(0.1234, "pct")["text"] == "12.34"
-    assert sections._cell(-0.01, "pp")["text"] == "-1.00"
-    assert sections._cell(1234567, ",d")["text"] == "1,234,567"
-    assert sections._cell(float("nan"), ".3f")["text"] == "\u2013"
-    assert sections._cell(True, None)["text"] == "yes"
+    assert sections.common._cell(0.1234, "pct")["text"] == "12.34"
+    assert sections.common._cell(-0.01, "pp")["text"] == "-1.00"
+    assert sections.common._cell(1234567, ",d")["text"] == "1,234,567"
+    assert sections.common._cell(float("nan"), ".3f")["text"] == "\u2013"
+    assert sections.common._cell(True, None)["text"] == "yes"
