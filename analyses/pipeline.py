@@ -18,29 +18,24 @@ from pathlib import Path
 import pandas as pd
 from torch import nn
 
-from analyses.attribution import attribution
-from analyses.degradation import degradation
-from analyses.lm import lm_layers
-from analyses.recalibration import recalibration
-from analyses.representation import representation
-from analyses.skipping import skipping
-from analyses.uncertainty import uncertainty
-from probe.commands.config import SECTIONS, RunConfig
+from analyses import registry
+from analyses.registry import Job
+from probe.commands.config import RunConfig
 from probe.errors import ProbeError
 from probe.files import write_tables
-from probe.deletion.batchnorm import batchnorm_layers
-from probe.commands.inputs import train_loader
 from probe.scoring.results import Evaluation
-from probe.scoring.tasks import Classification, LanguageModeling, Task, resolve_task
+from probe.scoring.tasks import Task, resolve_task
 
 __all__ = ["SECTIONS", "AnalysisOutputs", "choose_sections", "run_analyses"]
+
+SECTIONS = registry.names()  # every analysis, in report order
 
 
 @dataclass
 class AnalysisOutputs:
     """What the analyses of one run gave: results by section, and why the others did not run."""
 
-    results: dict[str, object] = field(default_factory=dict)  # section -> its analysis's result, in SECTIONS order
+    results: dict[str, object] = field(default_factory=dict)  # section -> its analysis's result, in report order
     reasons: dict[str, str] = field(default_factory=dict)  # section -> why it was not run
     files: list[Path] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -49,20 +44,25 @@ class AnalysisOutputs:
 def choose_sections(config: RunConfig) -> tuple[list[str], dict[str, str]]:
     """(sections to run, {section: why it is not run}) for a RunConfig.
 
-    Default: all of them, except degradation when the model came from a checkpoint or weights
-    (degradation trains its own plain and residual nets: only a run that trains is asked for it).
-    `config.sections` names them explicitly; `config.skip` leaves some out.
+    Default: every registered analysis, except those whose declaration leaves them out unless
+    asked (`Analysis.off_by_default`: degradation when the model came from a checkpoint or
+    weights). `config.sections` names them explicitly; `config.skip` leaves some out.
     """
+    known = registry.registered()
+    unknown = [s for s in (*(config.sections or ()), *config.skip) if s not in {a.name for a in known}]
+    if unknown:
+        raise ProbeError(f"unknown section(s) {unknown}; the sections are {', '.join(a.name for a in known)}.")
     explicit = tuple(config.sections) if config.sections else None
     chosen, reasons = [], {}
-    for name in SECTIONS:
+    for analysis in known:
+        name = analysis.name
+        off = analysis.off_by_default(config) if explicit is None else None
         if name in config.skip:
             reasons[name] = "left out with --skip."
         elif explicit is not None and name not in explicit:
             reasons[name] = "not among --sections."
-        elif explicit is None and name == "degradation" and (config.checkpoint or config.weights):
-            reasons[name] = ("the model came from a checkpoint; degradation trains its own plain and residual "
-                             "networks, ask for it with --sections.")
+        elif off:
+            reasons[name] = off
         else:
             chosen.append(name)
     return chosen, reasons
@@ -84,85 +84,34 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
     A table whose verdicts are "unsupported" (the intact model is at chance) keeps them: the
     analyses measure, but call no block skipped.
     task: what the outputs mean (`probe.scoring.tasks`), handed to every analysis; None takes the
-    evaluation's (`Evaluation.task`), else `config.task`. Degradation (plain vs residual
-    classifiers it trains itself) runs for classification only; for another task it is not run,
-    with the reason.
+    evaluation's (`Evaluation.task`), else `config.task`. An analysis that does not apply to the
+    task (`Analysis.applies`: degradation trains classifiers of its own, lm deletes decoder
+    layers) is not run, with the reason.
     """
     if task is None:
         task = evaluation.task if getattr(evaluation, "task", None) is not None else config.task
     task = resolve_task(task)
     chosen, reasons = choose_sections(config)
     outputs = AnalysisOutputs(reasons=dict(reasons))
-    if "degradation" in chosen and not isinstance(task, Classification):
-        chosen.remove("degradation")
-        outputs.reasons["degradation"] = (f"degradation trains plain and residual classifiers of its own on "
-                                          f"{config.dataset}; it does not apply to the task {task.name!r}.")
-    if "lm" in chosen and not isinstance(task, LanguageModeling):
-        chosen.remove("lm")
-        outputs.reasons["lm"] = ("it deletes decoder layers of a causal language model; it applies to the task "
-                                 "'lm' only.")
-    recal = calibration if config.bn_recalibrate else None
-
-    def run_lm() -> tuple[object, dict]:
-        result = lm_layers(model, data, table, blocks=blocks, spans=config.spans, greedy_steps=config.greedy_steps,
-                           resamples=config.bootstrap, level=config.level, seed=config.seed,
-                           fit=True, progress=progress)
-        return result, result.tables()
-
-    def run_degradation() -> tuple[object, dict]:
-        result = degradation(config.degradation_depths, dataset=config.dataset, epochs=config.epochs,
-                             seed=config.seed, device=device, data_root=config.data_root, download=config.download,
-                             batch_size=config.batch_size, progress=progress)
-        return result, {"degradation": result}
-
-    def run_skipping() -> tuple[object, dict]:
-        result = skipping(model, data, table, mode=config.mode, calibration=recal, random_draws=config.random_draws,
-                          seed=config.seed, curve_points=config.curve_points, export_path=out / "pruned_model.pt",
-                          blocks=blocks, task=task, progress=progress)
-        if (out / "pruned_model.pt").exists():  # not when the export was impossible or could not be saved
-            outputs.files.append(out / "pruned_model.pt")
-        return result, {"skipping": result.summary, "deletion_curves": result.curves,
-                        "pruned_export": result.export}
-
-    def run_attribution() -> tuple[object, dict]:
-        result = attribution(model, data, table, truth_seconds=sweep_seconds, measure_seconds=measure_seconds,
-                             mode=config.mode, blocks=blocks,
-                             task=task, progress=progress)
-        return result, {"attribution": result.scores, "proxies": result.summary}
-
-    def run_uncertainty() -> tuple[object, dict]:
-        result = uncertainty(model, data, table, resamples=config.bootstrap, level=config.level, seed=config.seed,
-                             evaluation=evaluation, blocks=blocks, task=task, progress=progress)
-        return result, {"drop_intervals": result.intervals, "class_drops": result.per_class}
-
-    def run_representation() -> tuple[object, dict]:
-        # Only the linear probes (classification) are fitted on training data.
-        train = train_loader(config, model=model) if isinstance(task, Classification) else None
-        result = representation(model, data, train_data=train, table=table, evaluation=evaluation,
-                                blocks=blocks, task=task, progress=progress)
-        return result, result.tables()
-
-    def run_recalibration() -> tuple[object, dict]:
-        if calibration is None and batchnorm_layers(model):
-            raise ProbeError("no held-out data to refit BatchNorm statistics on: the evaluated data is the only "
-                             "pool (an image folder, or --split train); give --calibration-root FOLDER, or "
-                             "--bn-recalibrate to set calibration samples apart from the evaluated ones.")
-        result = recalibration(model, data, calibration, table=table, mode=config.mode, blocks=blocks,
-                               task=task, progress=progress)
-        return result, {"recalibration": result}
-
-    runners: dict[str, Callable[[], tuple[object, dict]]] = {
-        "degradation": run_degradation, "skipping": run_skipping, "attribution": run_attribution,
-        "uncertainty": run_uncertainty, "representation": run_representation, "recalibration": run_recalibration, "lm": run_lm}
+    job = Job(model=model, data=data, table=table, evaluation=evaluation, config=config, task=task, out=out,
+              device=device, calibration=calibration, blocks=blocks, sweep_seconds=sweep_seconds,
+              measure_seconds=measure_seconds, progress=progress)
     for name in chosen:
+        analysis = registry.get(name)
+        why_not = analysis.applies(task, config)
+        if why_not:
+            outputs.reasons[name] = why_not
+            continue
         start = time.perf_counter()
         try:
-            result, tables = runners[name]()
+            result = analysis.in_job(job)
         except ProbeError as error:
             print(f"probe.ablate: {name} not run: {error}", file=sys.stderr)
             outputs.reasons[name] = f"it failed: {error}"
         else:
             outputs.results[name] = result
-            outputs.files.extend(write_tables(out, tables))
+            outputs.files.extend(write_tables(out, result.tables()))
+            # Other files it wrote, when it could (a pruned model is not saved when the export is impossible).
+            outputs.files.extend(out / file for file in analysis.files if (out / file).exists())
         outputs.seconds[name] = time.perf_counter() - start
     return outputs

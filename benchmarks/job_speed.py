@@ -54,7 +54,8 @@ def image_folder(root: Path, images: int, seed: int) -> Path:
 def random_resnet56(path: Path) -> Path:
     import torch
 
-    from probe.loading.models import build_model, save_checkpoint
+    from probe.loading.checkpoints import save_checkpoint
+    from probe.loading.models import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet56", num_classes=10, in_channels=3)

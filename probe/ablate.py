@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import dataclasses
+import importlib
+import re
 import sys
 import time
 from collections import Counter
@@ -27,8 +28,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 import probe
-from analyses.degradation import summary_lines
-from analyses.representation import story
+from analyses import registry
 from analyses.pipeline import AnalysisOutputs, choose_sections, run_analyses
 from probe import distributed
 from probe.batches import Batch, batches, device_for, input_dtype
@@ -43,6 +43,7 @@ from probe.files import prepare_out_dir, write_csv
 from probe.commands.inputs import (Datasets, data_fingerprint, explained_channels, load_datasets, load_model,
                            named_parts)
 from probe.instrument.measurement import measure
+from probe.scoring.cost import COSTS
 from probe.scoring.results import Evaluation
 from probe.commands.run_folder import RunDirectory, file_digest
 from probe.deletion.block_table import join_block_table, unsupported_reason
@@ -50,6 +51,7 @@ from probe.scoring.tasks import Task, resolve_task
 from probe.commands.threads import chosen
 from probe.scoring.verdict import UNSUPPORTED, VerdictRule, cost_column, per_token, summarize
 from reports import sections as build
+from reports.sections.common import ReportContext
 from reports.html import write_report
 
 
@@ -65,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default: runs/<model>-<dataset>)")
     parser.add_argument("--list-blocks", action="store_true",
                         help="print the discovered blocks (name, branch, shortcut, output shape) and exit")
-    return add_options(parser, "model", "ablation", "skipping", "uncertainty", "degradation", "lm", "report")
+    return add_options(parser, "model", "ablation", "skipping", "uncertainty", "degradation", "lm", "report",
+                       sections=registry.names())
 
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -178,7 +181,8 @@ def run(config: RunConfig, *, progress: bool = True,
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # our own copy: the checkpoint is untouched
     task = resolve_task(config.task)
-    datasets = load_datasets(config, calibration=config.bn_recalibrate or "recalibration" in chosen, model=model)
+    needs_calibration = config.bn_recalibrate or any(registry.get(name).needs_calibration for name in chosen)
+    datasets = load_datasets(config, calibration=needs_calibration, model=model)
     dataset = datasets.evaluation
     example = _example(dataset, config, model, device)
     # Discovery traces the model; one that torch.fx cannot trace is found from a forward on one sample.
@@ -277,26 +281,20 @@ def _piece(run_dir: RunDirectory, name: str, kind: type, compute: Callable[[], o
     return value, cost
 
 
-def _sections(outputs: AnalysisOutputs, calibration_samples: int | None, recalibrated: bool,
-              cost: str = "accuracy_drop") -> list:
-    """One report section per analysis, in report order; a "not run" section says why. cost:
-    the per-block table's cost column (`probe.scoring.verdict.cost_column`), which the sections show."""
-    builders = {
-        "degradation": lambda result: build.degradation_section(result, lines=summary_lines(result)),
-        "skipping": lambda result: build.skipping_section(
-            result, calibration_samples=calibration_samples if recalibrated else None, cost=cost),
-        "attribution": lambda result: build.attribution_section(result, cost=cost),
-        "uncertainty": lambda result: build.uncertainty_section(result, cost=cost),
-        "representation": lambda result: build.representation_section(result, lines=story(result), cost=cost),
-        "recalibration": lambda result: build.recalibration_section(result, calibration_samples=calibration_samples,
-                                                                    cost=cost),
-        "lm": build.lm_section,
-    }
-    # A language model's layer analysis leads its report; other models' reports do not mention it.
-    order = ["lm", *[name for name in builders if name != "lm"]] if "lm" in outputs.results else \
-        [name for name in builders if name != "lm"]
-    return [builders[name](outputs.results[name]) if name in outputs.results
-            else build.not_run_section(name, outputs.reasons[name]) for name in order]
+def _sections(outputs: AnalysisOutputs, context: ReportContext) -> list:
+    """One report section per analysis, in report order (those that lead it first); a "not run"
+    section says why, except for an analysis that is silent unless it ran (a language model's
+    layer analysis is not mentioned in other models' reports). Each analysis's section is built
+    by its page, `reports/sections/NAME.py` (`section(result, context)`)."""
+    analyses = sorted(registry.registered(), key=lambda analysis: not analysis.leads_report)  # stable
+    sections = []
+    for analysis in analyses:
+        if analysis.name in outputs.results:
+            page = importlib.import_module(f"reports.sections.{analysis.name}")
+            sections.append(page.section(outputs.results[analysis.name], context))
+        elif not analysis.silent_unless_run:
+            sections.append(build.not_run_section(analysis.name, outputs.reasons[analysis.name]))
+    return sections
 
 
 def _samples(calibration) -> int | None:
@@ -329,7 +327,9 @@ def _write_outputs(config, model, loader, table, evaluation, record, calibration
                      "threads": _threads_words(),
                      "versions": {"torch": torch.__version__, "probe": probe.__version__},
                      "date": time.strftime("%Y-%m-%d %H:%M")}
-    sections = _sections(analyses, _samples(calibration), config.bn_recalibrate, cost_column(table))
+    context = ReportContext(cost=cost_column(table), recalibrated=config.bn_recalibrate,
+                            calibration_samples=_samples(calibration))
+    sections = _sections(analyses, context)
     write_report(out / "report.html", table, baseline=baseline, config=report_config,
                  sections=sections, warning=table.attrs.get("unsupported"))
 
@@ -404,14 +404,6 @@ def _plus_minus(values: pd.Series, errors: pd.Series | None, spec: str, unit: st
     return pd.Series([one(v, e) for v, e in zip(values, errors)], index=values.index, dtype=object)
 
 
-# For each cost: (its name in words, what deleting a block that helps does).
-_SUMMARY_WORDS = {
-    "accuracy_drop": ("accuracy drop", "costs the most accuracy"),
-    "loss_increase": ("loss increase", "raises the loss the most"),
-    "drift": ("drift", "moves the outputs the most"),
-}
-
-
 def _shown_columns(table: pd.DataFrame, cost: str) -> pd.DataFrame:
     """The per-block columns the terminal shows, formatted for the table's cost."""
     if cost == "accuracy_drop":
@@ -449,7 +441,7 @@ def format_summary(table: pd.DataFrame, n: int = 5) -> str:
                   f"no verdicts: every block is marked '{UNSUPPORTED}' in blocks.csv."]
         return "\n".join(lines)
     summary = summarize(table, n=n)
-    name, helping = _SUMMARY_WORDS[cost]
+    name, helping = COSTS[cost].name, COSTS[cost].helping
     shown = _shown_columns(table, cost)
     if summary["helps_most"]:
         helps = shown.set_index("block").loc[summary["helps_most"]]

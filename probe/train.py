@@ -16,7 +16,7 @@ from probe.batches import device_for
 from probe.commands.runner import run_command
 from probe.commands.config import RunConfig, add_options
 from probe.commands.inputs import training_settings
-from probe.loading.models import save_checkpoint
+from probe.loading.checkpoints import save_checkpoint
 from probe.loading.training import TrainConfig, default_checkpoint_path, train_model
 
 __all__ = ["main"]

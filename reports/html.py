@@ -4,26 +4,33 @@ Figures are embedded as base64 PNG data URIs and the CSS is inline, so the file 
 can be mailed or attached to a paper's supplement, and needs no JavaScript. The report only
 assembles: verdicts come from ``probe.scoring.verdict``, figures from ``reports.figures``, and the
 sections of the analyses (degradation, skipping, ...) from ``reports.sections``.
+
+It reads in the order a reader asks: the answer first (which blocks carry the network, which it
+skips, the rule behind them, the figure of what deleting each block costs), then the per-block
+table and figures, the analyses' sections, and last the run record, folded in a ``<details>``
+element and holding only the settings that apply to the run (`applicable_settings`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import jinja2
 import pandas as pd
 
+from probe.scoring.tasks import TASKS
 from probe.scoring.verdict import UNSUPPORTED, VerdictRule, classify, cost_column, per_token, summarize
 from probe.errors import ProbeError
+from probe.loading.text import TEXT_DATASETS
 from probe.files import write_text
 from reports import figures
 from reports.embed import data_uri, render_png
 from reports.sections import Section, format_cell, is_number
 
-__all__ = ["render_report", "write_report"]
+__all__ = ["applicable_settings", "render_report", "write_report"]
 
 _TEMPLATES = Path(__file__).resolve().parent / "templates"
 _ENV = jinja2.Environment(
@@ -34,8 +41,26 @@ _ENV = jinja2.Environment(
     lstrip_blocks=True,
 )
 
-# Shown first, in this order; any other config keys follow in the order given.
-_CONFIG_ORDER = ("model", "checkpoint", "dataset", "samples", "mode", "seed", "date", "versions")
+# The run record: these first, in this order; any other config keys follow in the order given.
+_CONFIG_ORDER = ("model", "checkpoint", "dataset", "task", "samples", "mode", "seed", "date", "versions")
+
+# Which settings apply to which runs (`applicable_settings`), by RunConfig's field names and the
+# entries probe.ablate adds ("images": how the images were read).
+# The windows of token ids probe cuts its own text corpora into (probe.loading.text).
+_TEXT_SETTINGS = ("seq_len",)
+# How images are read and laid out, and how a model is trained here (only image classifiers are).
+_IMAGE_SETTINGS = ("image_size", "normalize", "in_channels", "images", "channels_last", "download",
+                   "epochs", "train_batch_size", "lr", "momentum", "weight_decay")
+# Read by one analysis only: setting -> its section (probe.commands.config.SECTIONS).
+_SECTION_SETTINGS = {"degradation_depths": "degradation", "random_draws": "skipping", "curve_points": "skipping",
+                     "bootstrap": "uncertainty", "level": "uncertainty", "spans": "lm", "greedy_steps": "lm"}
+# Where refitted BatchNorm statistics come from: used by --bn-recalibrate and the recalibration section.
+_CALIBRATION_SETTINGS = ("calibration_samples", "calibration_root")
+# Switches that only turn something on: off, they did nothing in this run.
+_SWITCHES = ("download", "allow_pickle")
+# probe.ablate's words for BN recalibration ("off (trained ...)", "on (...); ..."), which say
+# what the raw `bn_recalibrate` flag says, and more.
+_RECALIBRATION_WORDS = "BN recalibration"
 
 _RATIO_WORDS = (
     "The ratio is ||F(x)|| / ||s(x)||: at the residual addition out = F(x) + s(x), the size of what "
@@ -144,17 +169,117 @@ def _table_note(table: pd.DataFrame, cost: str) -> str:
     return note
 
 
-def _config_items(config: Mapping) -> list[tuple[str, str]]:
+def _empty(value) -> bool:
+    """None, "", or an empty tuple, list, set or mapping: a setting that says nothing."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return value.strip() == ""
+    return isinstance(value, (tuple, list, set, frozenset, Mapping)) and len(value) == 0
+
+
+def applicable_settings(config: Mapping, *, task_name: str, recalibrated: bool | None = None,
+                        sections_run: Collection[str] = ()) -> dict:
+    """The settings of `config` that apply to this run, in the order the run record lists them.
+
+    config: the run's settings, as `probe.ablate` hands them to `write_report` (every RunConfig
+    field that is set, and what the run found: checkpoint, device, samples, images, task,
+    shortcuts, "BN recalibration", seconds, threads, versions, date), or any dict of settings.
+    task_name: the run's task: "classification", "lm", "drift"; any other name is a task of the
+    user's ("custom").
+    recalibrated: whether BatchNorm statistics were refitted for the deletions (--bn-recalibrate);
+    None: as the config's `bn_recalibrate` says.
+    sections_run: the analysis sections that ran (`probe.commands.config.SECTIONS` names); a
+    section that did not run reads none of its settings.
+
+    Each rule reads the run itself (its task, its data, its sections, its recalibration), never
+    the model's name:
+
+    - empty values (None, "", empty tuples, lists, dicts) are left out;
+    - the run is on text when its task is "lm" or its data set is one of probe's text corpora
+      (`probe.loading.text.TEXT_DATASETS`). `seq_len` applies only to text that probe cut into
+      windows (not to a data set of the user's, ``package.module:function``, which brings its own
+      sequences); image settings (image_size, normalize, in_channels, images, channels_last,
+      download) and training settings (epochs, train_batch_size, lr, momentum, weight_decay: only
+      image classifiers are trained here) only to runs not on text;
+    - a setting read by one analysis only when its section ran: degradation_depths
+      (degradation), random_draws and curve_points (skipping), bootstrap and level (uncertainty),
+      spans and greedy_steps (lm);
+    - calibration_samples and calibration_root only when BatchNorm statistics were refitted: with
+      BN recalibration on, or in the recalibration section;
+    - switches that only turn something on (download, allow_pickle) only when on;
+    - the raw `bn_recalibrate` flag only where no "BN recalibration" entry says it in words.
+
+    Everything else (model, checkpoint, data set and split, task, samples, mode, seed, device,
+    precision, threads, timings, versions, and keys this function does not know) applies to every
+    run. Keys and values are returned as given; `_CONFIG_ORDER` first, then the config's order.
+    """
+    if not isinstance(config, Mapping):
+        raise ProbeError(f"config must be a dict of run settings, got {type(config).__name__}.")
+    dataset = str(config.get("dataset") or "")
+    text = task_name == "lm" or dataset in TEXT_DATASETS
+    ran = set(sections_run)
+    refitted = bool(config.get("bn_recalibrate")) if recalibrated is None else bool(recalibrated)
+
+    def applies(key, value) -> bool:
+        if _empty(value):
+            return False
+        if key in _TEXT_SETTINGS:
+            return text and ":" not in dataset  # a user's data set: probe.commands.inputs.is_user_dataset
+        if key in _IMAGE_SETTINGS and text:
+            return False
+        if key in _SECTION_SETTINGS:
+            return _SECTION_SETTINGS[key] in ran
+        if key in _CALIBRATION_SETTINGS:
+            return refitted or "recalibration" in ran
+        if key in _SWITCHES:
+            return value is True
+        if key == "bn_recalibrate":
+            return _RECALIBRATION_WORDS not in config
+        return True
+
     keys = [k for k in _CONFIG_ORDER if k in config] + [k for k in config if k not in _CONFIG_ORDER]
+    return {key: config[key] for key in keys if applies(key, config[key])}
+
+
+def _config_items(settings: Mapping) -> list[tuple[str, str]]:
+    """The run record's rows (name, value) of the settings `applicable_settings` kept."""
     items = []
-    for key in keys:
-        value = config[key]
+    for key, value in settings.items():
         if isinstance(value, Mapping):
             value = ", ".join(f"{k} {v}" for k, v in value.items())
-        elif value is None:
-            value = "not given"
         items.append((str(key).replace("_", " "), str(value)))
     return items
+
+
+def _task_name(df: pd.DataFrame, kind: str) -> str:
+    """The table's task: its `attrs["task"]` (a task's name; not one of `TASKS`: "custom"), else
+    what its cost column and baseline say (`_baseline`'s kind: a loss of its own is "custom")."""
+    name = df.attrs.get("task") if isinstance(df, pd.DataFrame) else None
+    if name:
+        return str(name) if name in TASKS else "custom"
+    return "custom" if kind == "loss" else kind
+
+
+def _ran(section: Section) -> bool:
+    """Whether a section's analysis ran: `reports.sections.not_run_section` gives one "Not run: ..."
+    paragraph and nothing else."""
+    not_run = (len(section.lead) == 1 and str(section.lead[0]).startswith("Not run:")
+               and not section.figures and not section.tables)
+    return not not_run
+
+
+def _recalibrated(table: pd.DataFrame) -> bool | None:
+    """Whether the table's rows were scored with refitted BatchNorm statistics (its
+    `bn_recalibrated` column); None where it does not say (the config then decides)."""
+    if "bn_recalibrated" not in table.columns:
+        return None
+    return bool((table["bn_recalibrated"] == True).any())  # noqa: E712 (elementwise)
+
+
+def _subject(config: Mapping) -> dict:
+    """The model and data set the report is about, for its first lines ({} where not given)."""
+    return {key: str(config[key]) for key in ("model", "dataset") if not _empty(config.get(key))}
 
 
 def _png(draw: Callable, df: pd.DataFrame, width: float, **kwargs) -> str:
@@ -232,7 +357,9 @@ def _figures(table: pd.DataFrame, rule: VerdictRule, cost: str = "accuracy_drop"
     out = []
     for draw, inches, kwargs, title, caption in specs:
         out.append({"title": title, "caption": caption, "alt": title,
-                    "src": _png(draw, table, inches, **kwargs)})
+                    "src": _png(draw, table, inches, **kwargs),
+                    # The answer shows what deleting each block costs, coloured by verdict.
+                    "key": draw is figures.drop_per_block})
     return out
 
 
@@ -303,17 +430,25 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     table's `attrs["baseline"]` holds them for its task: {"accuracy", "loss", "samples"} for
     classification; {"loss", "perplexity", "token_accuracy", "tokens", "samples"} for a language
     model; {"samples"} for drift; {"loss", "samples"} (and "accuracy") for a task of your own.
-    config: run configuration shown in the header (model, checkpoint, dataset, samples, mode,
-    seed, date, versions, and any other keys).
+    config: the run's settings (model, checkpoint, dataset, samples, mode, seed, date, versions,
+    and any other keys), listed in the run record at the end of the report: only those that apply
+    to this run (`applicable_settings`, which reads the task from the table, whether BatchNorm
+    statistics were refitted from its `bn_recalibrated` column or else the config's
+    `bn_recalibrate`, and which of `sections` ran).
     rule: the verdict rule the report describes; given, the verdicts are recomputed with it; else
     the table's own `verdict` column is shown with the rule that made it (`attrs["rule"]`, set by
     `probe.scoring.verdict.classify`; VerdictRule() for a table read back from a CSV), and only a table
     without verdicts is classified here, by VerdictRule().
-    sections: one `reports.sections.Section` per analysis, shown after the per-block figures
-    and listed in a table of contents.
+    sections: one `reports.sections.Section` per analysis, shown after the per-block table and
+    figures and listed in a table of contents.
     warning: why the data cannot support verdicts (`probe.scoring.verdict.chance_warning`; default the
-    table's `attrs["unsupported"]`): the report then opens with it instead of the answer, and
+    table's `attrs["unsupported"]`): the answer then gives it instead of verdicts, and
     every block's verdict is "unsupported".
+
+    The report reads in the order a reader asks: the answer first (the intact model's numbers,
+    which blocks help, which are skipped, the figure of what deleting each block costs, the rule,
+    how well the ratio ranks the blocks), then the per-block table, the other per-block figures,
+    the analyses' sections, and last the run record, folded.
     """
     if not isinstance(baseline, Mapping):
         raise ProbeError(f"baseline must be a dict of the intact model's numbers, got {type(baseline).__name__}.")
@@ -331,17 +466,24 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
         table = table.sort_values("position", kind="stable")
     table = table.reset_index(drop=True)
     summary = summarize(table, n=5)
+    sections = list(sections)
+    settings = applicable_settings(config, task_name=_task_name(df, shown_baseline["kind"]),
+                                   recalibrated=_recalibrated(table),
+                                   sections_run=[section.id for section in sections if _ran(section)])
+    shown_figures = _figures(table, rule, cost)
     return _ENV.get_template("report.html").render(
         title=title,
-        config=_config_items(config),
+        subject=_subject(config),
+        config=_config_items(settings),
         baseline=shown_baseline,
         rule=rule.describe(cost=cost),
         answer=_answer(table, summary, cost),
-        figures=_figures(table, rule, cost),
+        key_figures=[fig for fig in shown_figures if fig["key"]],
+        figures=[fig for fig in shown_figures if not fig["key"]],
         table=_table(table, cost),
         table_note=_table_note(table, cost),
         ratio_words=_RATIO_WORDS,
-        sections=list(sections),
+        sections=sections,
         warning=warning,
     )
 

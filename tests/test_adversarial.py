@@ -22,8 +22,8 @@ from torch.nn.modules import module as module_machinery
 from torch.overrides import _get_current_function_mode_stack
 
 import probe
-from conftest import TinyBlock, TinyNet, assert_unchanged, snapshot
 from probe.commands.run_folder import RunDirectory
+from tiny_models import TinyBlock, TinyNet, assert_unchanged, snapshot
 
 PROBE_FILES = set(glob.glob(os.path.join(os.path.dirname(probe.__file__), "**", "*.py"), recursive=True))
 # torch.fx's code that patches nn.Module for a trace, and undoes it (not the patching of globals,

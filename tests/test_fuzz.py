@@ -6,9 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import probe
-from conftest import TinyNet, assert_unchanged, snapshot
 from probe.loading.datasets import DATASETS, load_dataset, make_loader
 from probe.loading.models import MODEL_NAMES, build_model
+from tiny_models import TinyNet, assert_unchanged, snapshot
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 X = torch.tensor([[3.0, 4.0], [1.0, 1.0], [0.3, 1.0]])

@@ -1,5 +1,6 @@
 """The layers import one way (docs/architecture.md): core <- analyses, core <- reports, and the
-entry points on top of everything; no import cycles among the project's modules.
+entry points on top of everything; inside the core, its subpackages in their order; no import
+cycles among the project's modules; one registry of analyses, and no analysis wired elsewhere.
 
 Every import counts, at module level and inside functions, read from the source with `ast`.
 """
@@ -13,8 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("probe", "analyses", "reports")
-# The commands: `python -m probe.ablate`, `python -m probe.train`, `python -m analyses.NAME`.
-ENTRY_POINTS = {"probe.ablate", "probe.train"}
+# The commands: `python -m probe.ablate`, `python -m probe.train`, `python -m analyses.NAME` (whose
+# `__main__`s share `analyses.command`).
+ENTRY_POINTS = {"probe.ablate", "probe.train", "analyses.command"}
 # What each layer may import (besides itself): the core nothing above it, analyses and reports
 # the core only, entry points anything but another entry point.
 ALLOWED = {"core": {"core"}, "analyses": {"core", "analyses"}, "reports": {"core", "reports"},
@@ -71,7 +73,8 @@ def import_graph() -> dict[str, set[str]]:
 def test_the_graph_is_read_from_every_module():
     graph = import_graph()
     assert {"probe", "probe.ablate", "analyses.skipping", "analyses.skipping.__main__", "reports.html"} <= set(graph)
-    assert "analyses.skipping" in graph["analyses.skipping.__main__"]  # from-imports are edges
+    assert "analyses.command" in graph["analyses.skipping.__main__"]  # from-imports are edges
+    assert "analyses.registry" in graph["analyses.skipping"]
     assert "probe.instrument.measurement" in graph["probe.ablate"]
 
 
@@ -81,8 +84,10 @@ def test_imports_go_down_only(module):
     mine = layer(module)
     upward = sorted(other for other in graph[module] if layer(other) != mine and layer(other) not in ALLOWED[mine])
     assert not upward, f"{module} ({mine}) imports {upward}: see docs/architecture.md for what each layer may import"
-    entries = sorted(other for other in graph[module] if layer(other) == "entry")
+    entries = sorted(other for other in graph[module] if layer(other) == "entry" and other != "analyses.command")
     assert not entries, f"{module} imports the entry point(s) {entries}; nothing may import an entry point"
+    if "analyses.command" in graph[module]:
+        assert module.endswith(".__main__"), f"{module} imports analyses.command: only the __main__s may"
 
 
 def test_no_import_cycles():
@@ -146,3 +151,107 @@ def test_the_checker_sees_an_import_inside_a_function(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("import os\n\ndef f():\n    from sklearn.datasets import load_digits\n    import transformers\n")
     assert function_level_imports(source) == [(4, "sklearn"), (5, "transformers")]
+
+
+# --- inside the core: its subpackages, each importing only those below it ---------------------------
+
+# The core's parts, bottom to top, and what each may import besides itself (docs/architecture.md).
+BASE = {"probe.errors", "probe.files", "probe.imports", "probe.batches", "probe.distributed"}
+CORE_ALLOWED = {
+    "base": {"base"},
+    "discovery": {"base", "instrument"},   # discovery records a forward with the instrumentation's guards,
+    "instrument": {"base", "discovery"},   # which attach to the blocks discovery found: one level
+    "scoring": {"base"},
+    "deletion": {"base", "discovery", "instrument", "scoring"},
+    "loading": {"base"},
+    "commands": {"base", "discovery", "instrument", "scoring", "deletion", "loading"},
+    # The public surface: `import probe`, and modules kept where users import them.
+    "surface": {"base", "discovery", "instrument", "scoring", "deletion", "loading"},
+}
+SUBPACKAGES = ("discovery", "instrument", "scoring", "deletion", "loading", "commands")
+MAX_TOP_LEVEL = 12  # modules directly in probe/
+MAX_LINES = 700
+
+
+def core_part(module: str) -> str:
+    if module in BASE:
+        return "base"
+    parts = module.split(".")
+    if len(parts) >= 3 and parts[1] in SUBPACKAGES or len(parts) == 2 and parts[1] in SUBPACKAGES:
+        return parts[1]
+    if module.startswith("probe.examples"):
+        return "commands"  # example models: loaded by name, like the user's own
+    return "surface"
+
+
+def test_every_core_module_has_a_part():
+    graph = import_graph()
+    top = sorted(m for m in graph if layer(m) == "core" and core_part(m) == "surface")
+    assert top == ["probe", "probe.surgery", "probe.verdict"], top
+
+
+@pytest.mark.parametrize("module", sorted(m for m in import_graph() if layer(m) == "core"))
+def test_the_core_imports_down_its_parts(module):
+    mine = core_part(module)
+    upward = sorted(other for other in import_graph()[module] if layer(other) == "core"
+                    and core_part(other) != mine and core_part(other) not in CORE_ALLOWED[mine])
+    assert not upward, f"{module} ({mine}) imports {upward}: see docs/architecture.md for what each part may import"
+
+
+def test_the_core_is_grouped_and_no_module_is_long():
+    top = sorted(path.name for path in (ROOT / "probe").glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL, f"{len(top)} modules directly in probe/ (at most {MAX_TOP_LEVEL}): {top}"
+    long = {module: len(path.read_text().splitlines()) for module, path in project_modules().items()}
+    long = {module: lines for module, lines in long.items() if lines > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by topic): {long}"
+
+
+def test_no_two_siblings_are_a_letter_apart():
+    import difflib
+    for folder in [ROOT / package for package in PACKAGES] + [p for p in (ROOT / "probe").iterdir() if p.is_dir()]:
+        names = sorted(p.stem for p in folder.iterdir() if (p.suffix == ".py" or p.is_dir()) and not p.stem.startswith("_"))
+        close = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+                 if difflib.SequenceMatcher(None, a, b).ratio() > 0.9 and abs(len(a) - len(b)) <= 1]
+        assert not close, f"{folder.relative_to(ROOT)} has siblings a letter apart: {close}"
+
+
+# --- one registry of analyses --------------------------------------------------------------------
+
+def analysis_packages() -> list[str]:
+    return sorted(p.name for p in (ROOT / "analyses").iterdir() if (p / "__init__.py").exists())
+
+
+def test_every_analysis_package_is_registered_and_complete():
+    from analyses import registry
+
+    assert list(registry.names()) == [a.name for a in sorted(registry.registered(), key=lambda a: a.order)]
+    assert sorted(registry.names()) == analysis_packages()
+    for name in analysis_packages():
+        main = (ROOT / "analyses" / name / "__main__.py").read_text()
+        assert f'main_for("{name}", argv)' in main, f"analyses/{name}/__main__.py must call main_for({name!r}, argv)"
+        page = ROOT / "reports" / "sections" / f"{name}.py"
+        assert page.exists(), f"analyses/{name} has no report page reports/sections/{name}.py"
+        source = page.read_text()
+        for function in ("section", "figure_files", "terminal"):
+            assert f"\ndef {function}(" in source, f"reports/sections/{name}.py must define {function}()"
+
+
+def test_no_analysis_is_wired_elsewhere():
+    # Only an analysis's own package (and another analysis reusing its parts) names it; the
+    # commands, the pipeline, the core and the reports go through the registry.
+    graph = import_graph()
+    wired = sorted(f"{module} imports {other}" for module, others in graph.items() for other in others
+                   if other.split(".")[0] == "analyses" and other.count(".") >= 1
+                   and other.split(".")[1] in analysis_packages()
+                   and module.split(".")[0] != "analyses")
+    wired += sorted(f"{module} imports {other}" for module in ("analyses.pipeline", "analyses.command", "analyses.registry")
+                    for other in graph[module] if other.count(".") >= 1 and other.split(".")[1] in analysis_packages())
+    assert not wired, "analyses are reached through analyses.registry only: " + "; ".join(wired)
+
+
+def test_the_registry_checker_sees_an_analysis_wired_elsewhere(tmp_path):
+    source = tmp_path / "ablate.py"
+    source.write_text("from analyses.skipping import skipping\n")
+    found = imports_of("probe.ablate", source, {"analyses.skipping", "probe.ablate"})
+    assert found == {"analyses.skipping"} and found.pop().split(".")[1] in analysis_packages()
+    assert core_part("probe.deletion.ablated") == "deletion" and "loading" not in CORE_ALLOWED["deletion"]

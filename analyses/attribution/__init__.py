@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -36,6 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import probe
+from analyses.registry import Analysis, Job
+from probe.commands.config import RunConfig
+from probe.commands.inputs import load_inputs
 from probe.deletion.evaluation import single_block_sweep
 from probe.deletion.block_table import check_table
 from probe.scoring.tasks import Classification, CustomTask, Task, resolve_task
@@ -62,7 +66,7 @@ def truth_columns(cost: str = "accuracy_drop") -> list[str]:
     return [cost] if cost != "accuracy_drop" else ["accuracy_drop", "loss_increase"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttributionResult:
     """scores: one row per (block, proxy): block, position, proxy, score, and the block's
         measured accuracy_drop and loss_increase (the truth), bn_recalibrated (of the truth).
@@ -80,6 +84,10 @@ class AttributionResult:
     scores: pd.DataFrame
     summary: pd.DataFrame
     notes: dict[str, str] = field(default_factory=dict)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """{file stem: table}: attribution.csv (the scores), proxies.csv (the summary)."""
+        return {"attribution": self.scores, "proxies": self.summary}
 
 
 def block_influence(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
@@ -278,3 +286,20 @@ def attribution(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
     scores = pd.concat(score_tables, ignore_index=True).assign(bn_recalibrated=recal)[score_columns]
     summary = pd.DataFrame(summary).assign(bn_recalibrated=recal)[summary_columns]
     return AttributionResult(scores=scores, summary=summary, notes=notes)
+
+
+def _in_job(job: Job) -> AttributionResult:
+    return attribution(job.model, job.data, job.table, truth_seconds=job.sweep_seconds,
+                       measure_seconds=job.measure_seconds, mode=job.config.mode, blocks=job.blocks, task=job.task,
+                       progress=job.progress)
+
+
+def _alone(config: RunConfig, out: Path, progress: bool) -> AttributionResult:
+    inputs = load_inputs(config, progress=progress)
+    return attribution(inputs.model, inputs.data, mode=config.mode, calibration=inputs.calibration,
+                       blocks=inputs.blocks, task=resolve_task(config.task), progress=progress)
+
+
+ANALYSIS = Analysis(
+    name="attribution", order=30, in_job=_in_job, alone=_alone, options=("model", "ablation"),
+    summary="how well cheap proxies (ratio, cosine, block influence, gradient x activation) rank the measured cost")

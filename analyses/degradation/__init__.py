@@ -13,27 +13,43 @@ remove.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
+from analyses.registry import Analysis, Job
+from probe.batches import device_for
+from probe.scoring.tasks import Classification, Task
 from probe.loading.cache import cached_model
 from probe.commands.config import RunConfig, check_depths
 from probe.loading.datasets import load_dataset, make_loader
 from probe.loading.training import TrainConfig, evaluate
 
-__all__ = ["COLUMNS", "DEPTHS", "degradation", "summary_lines"]
+__all__ = ["COLUMNS", "DEPTHS", "DegradationResult", "degradation"]
 
 DEPTHS = RunConfig.degradation_depths  # the depths of He et al. 2016 are 20, 32, 44, 56 and 110
 COLUMNS = ["depth", "residual", "model", "train_accuracy", "test_accuracy", "train_loss", "test_loss",
            "train_error", "test_error", "epochs", "checkpoint", "bn_recalibrated"]
 
 
+@dataclass(frozen=True)
+class DegradationResult:
+    """table: one row per (depth, residual), columns `COLUMNS` (documented on `degradation`)."""
+
+    table: pd.DataFrame
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """{file stem: table}: degradation.csv."""
+        return {"degradation": self.table}
+
+
 def degradation(depths: Sequence[int] = DEPTHS, *, dataset: str = "digits", epochs: int | None = None,
                 seed: int = 0, device: str = "cpu", data_root: str | None = None, download: bool = False,
-                limit: int | None = None, batch_size: int = 256, progress: bool = True) -> pd.DataFrame:
+                limit: int | None = None, batch_size: int = 256, progress: bool = True) -> DegradationResult:
     """Train (or load from the cache) plain and residual nets at `depths`; evaluate each.
 
-    Returns one row per (depth, residual), sorted by depth then plain first. Columns:
+    Its table has one row per (depth, residual), sorted by depth then plain first. Columns:
     depth, residual (bool), model ("plain56", "resnet56"), train_accuracy / test_accuracy
     (fractions, `probe.loading.training.evaluate` in eval mode on the whole split), train_loss / test_loss
     (mean cross-entropy), train_error / test_error (1 - accuracy), epochs, checkpoint (cache
@@ -61,22 +77,38 @@ def degradation(depths: Sequence[int] = DEPTHS, *, dataset: str = "digits", epoc
                          "train_loss": train_loss, "test_loss": test_loss,
                          "train_error": 1.0 - train_accuracy, "test_error": 1.0 - test_accuracy,
                          "epochs": config.epochs, "checkpoint": str(path), "bn_recalibrated": False})
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return DegradationResult(pd.DataFrame(rows, columns=COLUMNS))
 
 
-def summary_lines(table: pd.DataFrame) -> list[str]:
-    """The finding in words: does the deeper plain net train worse, and what do shortcuts buy?"""
-    plain = table[~table["residual"]].set_index("depth")
-    residual = table[table["residual"]].set_index("depth")
-    lines = []
-    if len(plain) >= 2:
-        shallow, deep = plain.index.min(), plain.index.max()
-        gap = plain.loc[shallow, "train_accuracy"] - plain.loc[deep, "train_accuracy"]
-        where = f"{gap * 100:.1f} points below" if gap > 0 else "not below"
-        lines.append(f"plain-{deep} trains to {plain.loc[deep, 'train_accuracy']:.1%} training accuracy, "
-                     f"{where} plain-{shallow}'s {plain.loc[shallow, 'train_accuracy']:.1%}.")
-    for depth in residual.index.intersection(plain.index):
-        ours, theirs = residual.loc[depth, "train_accuracy"], plain.loc[depth, "train_accuracy"]
-        lines.append(f"depth {depth}: the residual net trains to {ours:.1%}, the plain net to {theirs:.1%} "
-                     f"({(ours - theirs) * 100:+.1f} points for the shortcuts).")
-    return lines
+def _in_job(job: Job) -> DegradationResult:
+    config = job.config
+    return degradation(config.degradation_depths, dataset=config.dataset, epochs=config.epochs, seed=config.seed,
+                       device=job.device, data_root=config.data_root, download=config.download,
+                       batch_size=config.batch_size, progress=job.progress)
+
+
+def _alone(config: RunConfig, out: Path, progress: bool) -> DegradationResult:
+    return degradation(config.degradation_depths, dataset=config.dataset, epochs=config.epochs, seed=config.seed,
+                       device=str(device_for(config.device)), data_root=config.data_root, download=config.download,
+                       limit=config.limit, batch_size=config.batch_size, progress=progress)
+
+
+def _applies(task: Task, config: RunConfig) -> str | None:
+    if isinstance(task, Classification):
+        return None
+    return (f"degradation trains plain and residual classifiers of its own on {config.dataset}; it does not apply "
+            f"to the task {task.name!r}.")
+
+
+def _off_by_default(config: RunConfig) -> str | None:
+    # Degradation trains its own plain and residual nets: only a run that trains is asked for it.
+    if config.checkpoint or config.weights:
+        return ("the model came from a checkpoint; degradation trains its own plain and residual networks, ask for "
+                "it with --sections.")
+    return None
+
+
+ANALYSIS = Analysis(
+    name="degradation", order=10, in_job=_in_job, alone=_alone, options=("degradation",),
+    summary="plain against residual networks as depth grows: the degradation problem",
+    applies=_applies, off_by_default=_off_by_default)

@@ -18,10 +18,15 @@ the intact model recalibrated alike).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pandas as pd
 from torch import nn
 
+from analyses.registry import Analysis, Job
+from probe.commands.config import RunConfig
+from probe.commands.inputs import load_inputs
 from probe.deletion.evaluation import single_block_sweep
 from probe.deletion.block_table import check_table
 from probe.discovery.find import Block, resolve_blocks
@@ -30,7 +35,7 @@ from probe.deletion.batchnorm import batchnorm_layers
 from probe.scoring.tasks import Classification, Task, resolve_task
 from probe.scoring.verdict import cost_column
 
-__all__ = ["COLUMNS", "recalibration"]
+__all__ = ["COLUMNS", "RecalibrationResult", "recalibration"]
 
 # The sweep's own columns, which a reused per-block table must have.
 _SWEEP_COLUMNS = ["block", "position", "accuracy", "loss", "accuracy_drop", "loss_increase", "flip_rate", "samples",
@@ -39,12 +44,23 @@ COLUMNS = ["block", "position", "accuracy", "loss", "accuracy_drop", "loss_incre
            "baseline_accuracy", "baseline_loss", "mode", "bn_recalibrated"]
 
 
-def recalibration(model: nn.Module, data: Iterable, calibration: Iterable, *, table: pd.DataFrame | None = None,
+@dataclass(frozen=True)
+class RecalibrationResult:
+    """table: two rows per block (bn_recalibrated False, then True), documented on `recalibration`."""
+
+    table: pd.DataFrame
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """{file stem: table}: recalibration.csv."""
+        return {"recalibration": self.table}
+
+
+def recalibration(model: nn.Module, data: Iterable, *, calibration: Iterable, table: pd.DataFrame | None = None,
                   mode: str = "zero", blocks: Sequence[str | Block] | None = None,
-                  task: str | Task | Callable | None = None, progress: bool = True) -> pd.DataFrame:
+                  task: str | Task | Callable | None = None, progress: bool = True) -> RecalibrationResult:
     """Single-block deletions with and without BN recalibration, in one long table.
 
-    Two rows per block (bn_recalibrated False, then True); columns `COLUMNS`, as in
+    Its table has two rows per block (bn_recalibrated False, then True); columns `COLUMNS`, as in
     `probe.sweep`, plus baseline_accuracy and baseline_loss: what each row is compared with.
     Rows with trained statistics are compared with the model as given; recalibrated rows with
     the intact model recalibrated on the same calibration data (so the refit alone costs nothing).
@@ -89,7 +105,8 @@ def recalibration(model: nn.Module, data: Iterable, calibration: Iterable, *, ta
     both = pd.concat([_with_baseline(plain, table if reusable else plain, columns),
                       _with_baseline(refit, refit, columns)], ignore_index=True)
     both["bn_recalibrated"] = both["bn_recalibrated"].astype(bool)
-    return both.sort_values(["position", "bn_recalibrated"], kind="stable").reset_index(drop=True)
+    return RecalibrationResult(both.sort_values(["position", "bn_recalibrated"], kind="stable")
+                               .reset_index(drop=True))
 
 
 def _with_baseline(rows: pd.DataFrame, source: pd.DataFrame, columns: Sequence[str] = COLUMNS) -> pd.DataFrame:
@@ -104,3 +121,25 @@ def _with_baseline(rows: pd.DataFrame, source: pd.DataFrame, columns: Sequence[s
             baseline["loss"] = float((rows["loss"] - rows["loss_increase"]).iloc[0])
     added = {f"baseline_{key}": baseline.get(key) for key in ("accuracy", "loss") if f"baseline_{key}" in columns}
     return rows.assign(**added)[list(columns)]
+
+
+def _in_job(job: Job) -> RecalibrationResult:
+    if job.calibration is None and batchnorm_layers(job.model):
+        raise ProbeError("no held-out data to refit BatchNorm statistics on: the evaluated data is the only "
+                         "pool (an image folder, or --split train); give --calibration-root FOLDER, or "
+                         "--bn-recalibrate to set calibration samples apart from the evaluated ones.")
+    return recalibration(job.model, job.data, calibration=job.calibration, table=job.table, mode=job.config.mode,
+                         blocks=job.blocks, task=job.task, progress=job.progress)
+
+
+def _alone(config: RunConfig, out: Path, progress: bool) -> RecalibrationResult:
+    # This analysis is the comparison itself: it always needs calibration data.
+    inputs = load_inputs(replace(config, bn_recalibrate=True), progress=progress)
+    return recalibration(inputs.model, inputs.data, calibration=inputs.calibration, mode=config.mode,
+                         blocks=inputs.blocks, task=resolve_task(config.task), progress=progress)
+
+
+ANALYSIS = Analysis(
+    name="recalibration", order=60, in_job=_in_job, alone=_alone, options=("model", "ablation"),
+    summary="each block's cost with BatchNorm statistics refitted for the deletion (EagleEye)",
+    needs_calibration=True)

@@ -28,8 +28,10 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from probe.discovery.find import Block, resolve_blocks
+from analyses.registry import Analysis, Job
 from probe.commands.config import RunConfig
+from probe.commands.inputs import load_inputs
+from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.deletion.evaluation import evaluate_ablations
 from probe.scoring.results import Outcome
@@ -47,7 +49,7 @@ SUMMARY_COLUMNS = ["state", "blocks_removed", "removed", "accuracy", "loss", "ac
 CURVE_COLUMNS = ["order", "draw", "k", "removed", "accuracy", "loss", "accuracy_drop", "samples", "mode",
                  "bn_recalibrated"]
 
-@dataclass
+@dataclass(frozen=True)
 class SkippingResult:
     """The three tables of the skipping analysis.
 
@@ -79,6 +81,10 @@ class SkippingResult:
     curves: pd.DataFrame
     export: pd.DataFrame
     export_note: str = ""
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """{file stem: table}: skipping.csv, deletion_curves.csv, pruned_export.csv."""
+        return {"skipping": self.summary, "deletion_curves": self.curves, "pruned_export": self.export}
 
 
 def deletion_orders(table: pd.DataFrame, *, random_draws: int = RunConfig.random_draws,
@@ -230,3 +236,24 @@ def _task_tables(task: Task, baseline: Outcome, results: list[Outcome], skipped:
             rows.append({"order": order, "draw": draw, "k": k, "removed": names[k - 1],
                          **task.row(baseline, result), "samples": result.samples})
     return summary, pd.DataFrame(rows, columns=["order", "draw", "k", "removed", *columns, "samples"])
+
+
+def _in_job(job: Job) -> SkippingResult:
+    config = job.config
+    return skipping(job.model, job.data, job.table, mode=config.mode, calibration=job.recalibration_data,
+                    random_draws=config.random_draws, seed=config.seed, curve_points=config.curve_points,
+                    export_path=job.out / "pruned_model.pt", blocks=job.blocks, task=job.task, progress=job.progress)
+
+
+def _alone(config: RunConfig, out: Path, progress: bool) -> SkippingResult:
+    inputs = load_inputs(config, progress=progress)
+    return skipping(inputs.model, inputs.data, mode=config.mode, calibration=inputs.calibration,
+                    random_draws=config.random_draws, seed=config.seed, curve_points=config.curve_points,
+                    export_path=out / "pruned_model.pt", blocks=inputs.blocks, task=resolve_task(config.task),
+                    progress=progress)
+
+
+ANALYSIS = Analysis(
+    name="skipping", order=20, in_job=_in_job, alone=_alone, options=("model", "ablation", "skipping"),
+    summary="delete the skipped blocks together; deletion curves by ratio, by cost and at random; a pruned export",
+    files=("pruned_model.pt",))

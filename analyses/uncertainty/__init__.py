@@ -19,6 +19,7 @@ own loss) or the drift of the outputs. Its interval is a paired bootstrap over s
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,9 @@ import torch
 from torch import nn
 
 import probe
+from analyses.registry import Analysis, Job
+from probe.commands.config import RunConfig
+from probe.commands.inputs import load_inputs
 from probe.deletion.evaluation import single_block_sweep
 from probe.scoring.results import Evaluation, Outcome
 from probe.deletion.block_table import check_table, join_block_table, unsupported_reason
@@ -54,7 +58,7 @@ def interval_columns(cost: str = "accuracy_drop") -> list[str]:
     return ["block", "position", "ratio", cost, f"{cost}_low", f"{cost}_high", *INTERVAL_COLUMNS[6:]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class UncertaintyResult:
     """intervals: one row per block: block, position, ratio, accuracy_drop (point estimate),
         drop_low / drop_high (bootstrap interval of the drop, fractions), level, resamples,
@@ -78,6 +82,10 @@ class UncertaintyResult:
 
     intervals: pd.DataFrame
     per_class: pd.DataFrame
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """{file stem: table}: drop_intervals.csv, class_drops.csv."""
+        return {"drop_intervals": self.intervals, "class_drops": self.per_class}
 
 
 def bootstrap_interval(base_correct, ablated_correct, *, resamples: int = 1000, level: float = 0.95,
@@ -316,3 +324,21 @@ def uncertainty(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
         intervals=drop_intervals(table, evaluation, rule=rule, resamples=resamples, level=level, seed=seed,
                                  bn_recalibrated=recal, task=task),
         per_class=classes)
+
+
+def _in_job(job: Job) -> UncertaintyResult:
+    config = job.config
+    return uncertainty(job.model, job.data, job.table, resamples=config.bootstrap, level=config.level, seed=config.seed,
+                       evaluation=job.evaluation, blocks=job.blocks, task=job.task, progress=job.progress)
+
+
+def _alone(config: RunConfig, out: Path, progress: bool) -> UncertaintyResult:
+    inputs = load_inputs(config, progress=progress)
+    return uncertainty(inputs.model, inputs.data, resamples=config.bootstrap, level=config.level, seed=config.seed,
+                       mode=config.mode, calibration=inputs.calibration, blocks=inputs.blocks,
+                       task=resolve_task(config.task), progress=progress)
+
+
+ANALYSIS = Analysis(
+    name="uncertainty", order=40, in_job=_in_job, alone=_alone, options=("model", "ablation", "uncertainty"),
+    summary="bootstrap intervals of each block's cost, and per-class costs")

@@ -10,6 +10,7 @@ options on a command's parser (each command picks the groups it uses), and
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from probe.errors import ProbeError
@@ -18,10 +19,9 @@ from probe.scoring.tasks import TASKS
 from probe.loading.text import TEXT_DATASETS
 from probe.loading.training import TrainConfig
 
-__all__ = ["MODES", "PRECISIONS", "SECTIONS", "RunConfig", "add_options", "check_depths"]
+__all__ = ["MODES", "PRECISIONS", "RunConfig", "add_options", "check_depths"]
 
 # Every analysis section of the report, in report order (each is an `analyses` package).
-SECTIONS = ("degradation", "skipping", "attribution", "uncertainty", "representation", "recalibration", "lm")
 MODES = ("zero", "mean")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # The trainer's defaults (`--epochs`, `--lr`, ... not given): the cached models' (probe.loading.cache keys
@@ -33,8 +33,9 @@ _TRAINING = TrainConfig()
 class RunConfig:
     """What one run measures; recorded in the report and the out folder.
 
-    sections: the analysis sections of the report (`SECTIONS`); None: every one that applies
-    (degradation only when the model is trained here). `skip` leaves some out.
+    sections: the analysis sections of the report (names of `analyses.registry`, checked by
+    `analyses.pipeline.choose_sections`); None: every one that applies (degradation only when
+    the model is trained here). `skip` leaves some out.
     epochs, train_batch_size, lr, momentum, weight_decay: how a model is trained (`batch_size` is
     the samples per forward pass when evaluating); None for the trainer's default
     (`probe.loading.training.TrainConfig`, whose fields are the trained-model cache's key).
@@ -122,9 +123,6 @@ class RunConfig:
         if self.task not in TASKS and ":" not in str(self.task):
             raise ProbeError(f"--task {self.task!r} is not one of {', '.join(TASKS)} or package.module:function "
                              "(your own (outputs, batch) -> per-sample losses).")
-        unknown = [s for s in (*(self.sections or ()), *self.skip) if s not in SECTIONS]
-        if unknown:
-            raise ProbeError(f"unknown section(s) {unknown}; the sections are {', '.join(SECTIONS)}.")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides) -> RunConfig:
@@ -154,13 +152,15 @@ def _option(name: str) -> str:
 _DEFAULTS = RunConfig()
 
 
-def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.ArgumentParser:
+def add_options(parser: argparse.ArgumentParser, *groups: str, sections: Sequence[str] = ()) -> argparse.ArgumentParser:
     """Add the options of `groups` to `parser`, with RunConfig's defaults.
 
     groups: "model" (model, checkpoint, data, device, sizes), "ablation" (mode, BN
     recalibration, blocks spec), "skipping", "uncertainty", "degradation", "report" (the
     sections, resuming, precision: `probe.ablate` alone), "training" (model, data, device and
     how to train: `probe.train` alone). Every command also gets --out, --seed and --no-progress.
+    sections: the names `--sections` and `--skip` accept (the "report" group; the command layer
+    reads them from the registry of analyses, which the core cannot import).
     """
     d = _DEFAULTS
     add = parser.add_argument
@@ -270,10 +270,10 @@ def add_options(parser: argparse.ArgumentParser, *groups: str) -> argparse.Argum
             help="language models: layers deleted one by one, re-scoring the rest after each (SLEB; default: "
                  "%(default)s)")
     if "report" in groups:
-        add("--sections", nargs="+", choices=SECTIONS, metavar="SECTION",
-            help=f"analysis sections to run, of: {', '.join(SECTIONS)} (default: all; degradation only when "
+        add("--sections", nargs="+", choices=sections, metavar="SECTION",
+            help=f"analysis sections to run, of: {', '.join(sections)} (default: all; degradation only when "
                  "the model is trained here)")
-        add("--skip", nargs="+", choices=SECTIONS, default=(), metavar="SECTION",
+        add("--skip", nargs="+", choices=sections, default=(), metavar="SECTION",
             help="analysis sections to leave out, e.g. --skip degradation recalibration (the slowest)")
         add("--save-every", type=int, default=d.save_every, metavar="N",
             help="save sweep results every N blocks, so an interrupted run resumes (default: %(default)s)")

@@ -27,7 +27,8 @@ from probe.loading.datasets import _LabelledTensors, dataset_info, load_dataset,
 from probe.errors import ProbeError
 from probe.loading.huggingface import is_hf_model, load_hf_model, load_tokenizer, model_source
 from probe.imports import import_attribute
-from probe.loading.models import build_model, load_checkpoint
+from probe.loading.checkpoints import load_checkpoint
+from probe.loading.models import build_model
 from probe.deletion.batchnorm import batchnorm_layers
 from probe.loading.text import TEXT_DATASETS, TEXT_WINDOWS, read_text, text_windows
 from probe.loading.training import TrainConfig

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from probe.errors import ProbeError
-from probe.loading.models import load_checkpoint, save_checkpoint
+from probe.loading.checkpoints import load_checkpoint, save_checkpoint
 from probe.loading.training import TrainConfig, build_for, train_model
 
 __all__ = ["cache_dir", "cache_key", "cached_model", "checkpoint_path"]

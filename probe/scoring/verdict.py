@@ -32,6 +32,7 @@ import pandas as pd
 from scipy import stats
 
 from probe.errors import ProbeError
+from probe.scoring.cost import DRIFT, LOSS_INCREASE
 
 __all__ = [
     "UNSUPPORTED",
@@ -55,7 +56,7 @@ _NOISE_COLUMNS = ("flip_rate", "samples")
 _VERDICT_COLUMNS = ("block", "ratio", "accuracy_drop", "flip_rate", "samples")
 # Continuous costs, each with the column of its standard error; a table with one of these SE
 # columns is judged by that cost, any other by accuracy_drop.
-_CONTINUOUS_COSTS = {"drift": "drift_se", "loss_increase": "loss_increase_se"}
+_CONTINUOUS_COSTS = {cost.column: cost.se_column for cost in (DRIFT, LOSS_INCREASE)}
 
 
 def cost_column(df: pd.DataFrame) -> str:

@@ -10,6 +10,7 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.patches import Patch
 
+from probe.scoring.cost import COSTS as COST_RECORDS, LOSS_INCREASE, cost_named
 from probe.scoring.verdict import UNSUPPORTED, VERDICTS, cost_column, per_token
 from probe.errors import ProbeError
 
@@ -44,7 +45,7 @@ _ANNOTATE = 3     # ratio_vs_drop names this many most important blocks
 # What deleting a block costs, by cost column (`probe.scoring.verdict.cost_column`): classification
 # counts accuracy, a language model or a user's loss the loss increase, unlabelled data the drift
 # of the outputs. The figures draw the cost column they are given (`cost=`) or find one (`cost_of`).
-COSTS = ("accuracy_drop", "loss_increase", "drift")
+COSTS = tuple(COST_RECORDS)
 
 
 def cost_of(df: pd.DataFrame, cost: str | None = None) -> str:
@@ -71,11 +72,10 @@ def cost_axis(cost: str, df: pd.DataFrame | None = None) -> tuple[str, float]:
 
 def _cost_unit(cost: str, df: pd.DataFrame | None = None, short: bool = False) -> tuple[str, str, float]:
     """(the cost in words, its unit, factor from the column to the plotted number)."""
-    if cost == "drift":
-        return "output drift", "%" if short else "% of the outputs' size", 100.0
-    if cost == "loss_increase":
-        return "loss increase", "nats per token" if per_token(df) else "the task's loss", 1.0
-    return "accuracy drop", "points" if short else "percentage points", 100.0
+    record = cost_named(cost)
+    if record is LOSS_INCREASE and per_token(df):  # a language model's loss: the mean NLL per token
+        return record.axis_name, "nats per token", record.scale
+    return record.axis_name, record.short_unit if short else record.axis_unit, record.scale
 
 
 def _require(df: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 from reports import figures
-from reports.sections.common import Section, TITLES, _bn_note, _figure, _recalibrated, _table
+from reports.sections.common import PNG, ReportContext, Section, TITLES, _bn_note, _figure, _recalibrated, _table
 
 __all__ = ["attribution_section"]
 
@@ -67,3 +67,20 @@ def attribution_section(result, *, cost: str | None = None) -> Section:
     notes = [f"No {proxy}: {why}" for proxy, why in (getattr(result, "notes", None) or {}).items()]
     return Section(id="attribution", title=TITLES["attribution"], lead=lead,
                    figures=[fig], tables=[table], notes=notes)
+
+
+def section(result, context: ReportContext) -> Section:
+    """The report's attribution section, from `analyses.attribution.AttributionResult`."""
+    return attribution_section(result, cost=context.cost)
+
+
+def figure_files(result, task) -> list[PNG]:
+    """The PNG files `python -m analyses.attribution` writes."""
+    return [PNG("proxies.png", figures.proxy_correlations, result.summary)]
+
+
+def terminal(result, task) -> str:
+    """What `python -m analyses.attribution` prints: each proxy's rank correlation, and why any is missing."""
+    lines = [result.summary.to_string(index=False, float_format="{:.3f}".format)]
+    lines += [f"no {proxy}: {why}" for proxy, why in result.notes.items()]
+    return "\n".join(lines)

@@ -9,10 +9,35 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from probe.scoring.cost import COSTS
 from reports import figures
 from reports.embed import data_uri, render_png
 
-__all__ = ["Figure", "Section", "TITLES", "Table", "format_cell", "is_number", "not_run_section"]
+__all__ = ["Figure", "PNG", "ReportContext", "Section", "TITLES", "Table", "format_cell", "is_number", "not_run_section"]
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    """What every section needs from its run besides the analysis's result.
+
+    cost: the per-block table's cost column (`probe.scoring.verdict.cost_column`: accuracy_drop,
+    loss_increase or drift), which the sections show; recalibrated: the run refitted BatchNorm
+    statistics for every deletion (`--bn-recalibrate`); calibration_samples: on how many samples.
+    """
+
+    cost: str = "accuracy_drop"
+    recalibrated: bool = False
+    calibration_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class PNG:
+    """One figure an analysis's command writes as a PNG file: `draw(df, **options)` into `name`."""
+
+    name: str
+    draw: object  # a figure function of reports.figures: (df, *, ax=None, ...) -> Axes
+    df: pd.DataFrame
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -127,12 +152,8 @@ _TASK_COLUMNS = {
 }
 
 
-# (the cost in words, header of its column, format spec, the same spec for one number in a sentence)
-_COST_WORDS = {
-    "accuracy_drop": ("accuracy drop", "accuracy drop (pp)", "pp"),
-    "loss_increase": ("loss increase", "loss increase", "+.4f"),
-    "drift": ("drift of the outputs", "drift (%)", "pct"),
-}
+# (the cost in words, header of its column, format spec), by cost column (`probe.scoring.cost`)
+_COST_WORDS = {column: (cost.long_name, cost.header, cost.spec) for column, cost in COSTS.items()}
 
 
 def _present(columns: Mapping[str, tuple[str, str | None]], df: pd.DataFrame) -> dict:

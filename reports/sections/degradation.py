@@ -6,9 +6,9 @@ from collections.abc import Sequence
 import pandas as pd
 
 from reports import figures
-from reports.sections.common import Section, TITLES, _figure, _table
+from reports.sections.common import PNG, ReportContext, Section, TITLES, _figure, _table
 
-__all__ = ["degradation_section"]
+__all__ = ["degradation_section", "figure_files", "section", "summary_lines", "terminal"]
 
 
 def degradation_section(df: pd.DataFrame, *, lines: Sequence[str] = ()) -> Section:
@@ -32,3 +32,37 @@ def degradation_section(df: pd.DataFrame, *, lines: Sequence[str] = ()) -> Secti
                          "this shows what the shortcut connections buy. Trained networks are cached, so only the "
                          "first run trains them.", *lines],
                    figures=[fig], tables=[table])
+
+
+def summary_lines(table: pd.DataFrame) -> list[str]:
+    """The finding in words: does the deeper plain net train worse, and what do shortcuts buy?"""
+    plain = table[~table["residual"]].set_index("depth")
+    residual = table[table["residual"]].set_index("depth")
+    lines = []
+    if len(plain) >= 2:
+        shallow, deep = plain.index.min(), plain.index.max()
+        gap = plain.loc[shallow, "train_accuracy"] - plain.loc[deep, "train_accuracy"]
+        where = f"{gap * 100:.1f} points below" if gap > 0 else "not below"
+        lines.append(f"plain-{deep} trains to {plain.loc[deep, 'train_accuracy']:.1%} training accuracy, "
+                     f"{where} plain-{shallow}'s {plain.loc[shallow, 'train_accuracy']:.1%}.")
+    for depth in residual.index.intersection(plain.index):
+        ours, theirs = residual.loc[depth, "train_accuracy"], plain.loc[depth, "train_accuracy"]
+        lines.append(f"depth {depth}: the residual net trains to {ours:.1%}, the plain net to {theirs:.1%} "
+                     f"({(ours - theirs) * 100:+.1f} points for the shortcuts).")
+    return lines
+
+
+def section(result, context: ReportContext) -> Section:
+    """The report's degradation section, from `analyses.degradation.DegradationResult`."""
+    return degradation_section(result.table, lines=summary_lines(result.table))
+
+
+def figure_files(result, task) -> list[PNG]:
+    """The PNG files `python -m analyses.degradation` writes."""
+    return [PNG("degradation.png", figures.degradation_curve, result.table)]
+
+
+def terminal(result, task) -> str:
+    """What `python -m analyses.degradation` prints: the table, then the finding in words."""
+    shown = result.table[["depth", "model", "train_accuracy", "test_accuracy", "train_loss", "test_loss"]]
+    return "\n".join([shown.to_string(index=False, float_format="{:.4f}".format), *summary_lines(result.table)])

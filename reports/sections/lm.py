@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 
 from reports import figures
-from reports.sections.common import Section, TITLES, _figure, _table
+from reports.sections.common import PNG, ReportContext, Section, TITLES, _figure, _table
 
-__all__ = ["lm_section"]
+__all__ = ["figure_files", "lm_section", "section", "terminal"]
 
 
 _GREEDY_WORDS = {"greedy": "greedy deletion (SLEB, re-scored after each removal)",
@@ -129,3 +129,37 @@ def lm_section(result) -> Section:
                              "The greedy (SLEB) deletion order: the layer removed at each step, and the model after."))
     return Section(id="lm", title=TITLES["lm"], lead=lead, figures=shown, tables=tables,
                    notes=[why[:1].upper() + why[1:] for why in notes.values()])
+
+
+def section(result, context: ReportContext) -> Section:
+    """The report's language-model section, from `analyses.lm.LMResult`."""
+    return lm_section(result)
+
+
+def figure_files(result, task) -> list[PNG]:
+    """The PNG files `python -m analyses.lm` writes."""
+    layers = result.layers[result.layers["kind"] == "layer"]
+    files = [PNG("lm_similarity.png", figures.layer_similarity_plot, result.layers,
+                 {"width": figures.block_figure_width(len(layers))})]
+    if len(result.spans):
+        files.append(PNG("lm_spans.png", figures.span_plot, result.spans))
+    files.append(PNG("lm_greedy.png", figures.greedy_curves, result.greedy))
+    files.append(PNG("lm_agreement.png", figures.agreement_intervals, result.agreement))
+    if len(result.lens):
+        files.append(PNG("lm_logit_lens.png", figures.logit_lens_plot, result.lens,
+                         {"width": figures.block_figure_width(len(result.lens))}))
+    return files
+
+
+def terminal(result, task) -> str:
+    """What `python -m analyses.lm` prints: each layer's scores, the best spans, the agreement of
+    the scores, the finding, and why any part is missing."""
+    layers = result.layers[result.layers["kind"] == "layer"]
+    lines = [layers[["unit", "block_influence", "angular_distance", "loss_increase"]]
+             .to_string(index=False, float_format="{:.4f}".format),
+             result.spans[["n", "start_by_angle", "loss_by_angle", "start_by_loss", "loss_by_loss"]]
+             .to_string(index=False, float_format="{:.4f}".format),
+             result.agreement.to_string(index=False, float_format="{:.3f}".format),
+             "\n" + result.finding]
+    lines += [f"{part}: {why}" for part, why in result.notes.items()]
+    return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from reports import figures
-from reports.sections.common import Section, TITLES, _COST_WORDS, _amount, _cost_header, _figure, _table, format_cell
+from reports.sections.common import PNG, ReportContext, Section, TITLES, _COST_WORDS, _amount, _cost_header, _figure, _table, format_cell
 
 __all__ = ["recalibration_section"]
 
@@ -83,3 +83,27 @@ def recalibration_section(df: pd.DataFrame, *, calibration_samples: int | None =
     table = _table(shown, columns, f"{name} per block deleted alone, without and with BatchNorm recalibration.")
     return Section(id="recalibration", title=TITLES["recalibration"], lead=lead,
                    figures=[fig], tables=[table])
+
+
+def section(result, context: ReportContext) -> Section:
+    """The report's recalibration section, from `analyses.recalibration.RecalibrationResult`."""
+    return recalibration_section(result.table, calibration_samples=context.calibration_samples, cost=context.cost)
+
+
+def figure_files(result, task) -> list[PNG]:
+    """The PNG files `python -m analyses.recalibration` writes."""
+    return [PNG("recalibration.png", figures.recalibration_effect, result.table,
+                {"cost": task.cost, "width": figures.block_figure_width(result.table["block"].nunique())})]
+
+
+def terminal(result, task) -> str:
+    """What `python -m analyses.recalibration` prints: each block's cost, as trained and recalibrated."""
+    table = result.table
+    order = table.drop_duplicates("block")["block"]
+    wide = table.pivot(index="block", columns="bn_recalibrated", values=task.cost).loc[order]
+    # The cost as the report shows it: accuracy in percentage points, drift in %, a loss as it is.
+    scale, digits, names = {
+        "accuracy_drop": (100, 2, ("drop (pp)", "drop recalibrated (pp)")),
+        "drift": (100, 2, ("drift (%)", "drift recalibrated (%)")),
+    }.get(task.cost, (1, 4, ("loss increase", "loss increase recalibrated")))
+    return (wide * scale).round(digits).rename(columns=dict(zip((False, True), names))).to_string()

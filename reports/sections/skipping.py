@@ -6,7 +6,7 @@ import pandas as pd
 
 from probe.scoring.verdict import per_token
 from reports import figures
-from reports.sections.common import Section, TITLES, _TASK_COLUMNS, _bn_note, _figure, _present, _recalibrated, _table
+from reports.sections.common import PNG, ReportContext, Section, TITLES, _TASK_COLUMNS, _bn_note, _figure, _present, _recalibrated, _table
 
 __all__ = ["skipping_section"]
 
@@ -105,3 +105,30 @@ def skipping_section(result, *, calibration_samples: int | None = None, cost: st
         lead.append(f"No pruned model was exported: {result.export_note}")
     return Section(id="skipping", title=TITLES["skipping"], lead=lead, figures=[fig],
                    tables=tables)
+
+
+def section(result, context: ReportContext) -> Section:
+    """The report's skipping section, from `analyses.skipping.SkippingResult`."""
+    return skipping_section(result, calibration_samples=context.calibration_samples if context.recalibrated else None,
+                            cost=context.cost)
+
+
+def figure_files(result, task) -> list[PNG]:
+    """The PNG files `python -m analyses.skipping` writes."""
+    return [PNG("deletion_curves.png", figures.deletion_curves, result.curves)]
+
+
+def terminal(result, task) -> str:
+    """What `python -m analyses.skipping` prints: the two states, then the pruned export."""
+    summary = result.summary
+    # Accuracy for classification; another task's loss, loss increase or drift.
+    shown = [c for c in ("accuracy", "accuracy_drop") if c in summary.columns] or \
+        [c for c in ("loss", "loss_increase", "drift") if c in summary.columns]
+    lines = [summary[["state", "blocks_removed", *shown]].to_string(index=False)]
+    if result.export_note:
+        lines.append(f"pruned export: none ({result.export_note})")
+    else:
+        pruned = result.export.set_index("model").loc["pruned"]
+        lines.append(f"pruned export: parameters x{pruned.parameters_ratio:.2f}, bytes x{pruned.bytes_ratio:.2f}, "
+                     f"time per batch x{pruned.time_ratio:.2f} of the original")
+    return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 from reports import figures
-from reports.sections.common import Section, TITLES, _COST_WORDS, _bn_note, _cost_header, _figure, _present, _recalibrated, _table
+from reports.sections.common import PNG, ReportContext, Section, TITLES, _COST_WORDS, _bn_note, _cost_header, _figure, _present, _recalibrated, _table
 
 __all__ = ["uncertainty_section"]
 
@@ -89,3 +89,27 @@ def uncertainty_section(result, *, cost: str | None = None) -> Section:
                    f"({resamples} resamples), with the decision they give and the verdict of the noise-band rule.")
     return Section(id="uncertainty", title=TITLES["uncertainty"], lead=lead,
                    figures=shown, tables=[table], notes=notes)
+
+
+def section(result, context: ReportContext) -> Section:
+    """The report's uncertainty section, from `analyses.uncertainty.UncertaintyResult`."""
+    return uncertainty_section(result, cost=context.cost)
+
+
+def figure_files(result, task) -> list[PNG]:
+    """The PNG files `python -m analyses.uncertainty` writes (no per-class figure without classes)."""
+    cost, _low, _high = figures.interval_columns(result.intervals, task.cost)
+    files = [PNG("drop_intervals.png", figures.drop_intervals, result.intervals,
+                 {"cost": cost, "width": figures.block_figure_width(len(result.intervals))})]
+    if len(result.per_class):  # a task without class labels has no per-class table
+        files.append(PNG("class_drops.png", figures.class_drop_heatmap, result.per_class,
+                         figures.heatmap_size(result.per_class)))
+    return files
+
+
+def terminal(result, task) -> str:
+    """What `python -m analyses.uncertainty` prints: each block's cost with its interval."""
+    # accuracy_drop with drop_low/drop_high, or the task's cost with <cost>_low/<cost>_high
+    cost, low, high = figures.interval_columns(result.intervals, task.cost)
+    shown = result.intervals[["block", "ratio", cost, low, high, "verdict_ci"]]
+    return shown.to_string(index=False, float_format="{:.4f}".format)

@@ -18,19 +18,20 @@ import probe
 from analyses.attribution import NO_DRIFT_GRADIENT, attribution, gradient_x_activation
 from analyses.pipeline import run_analyses
 from analyses.recalibration import recalibration
-from analyses.representation import CLASSES_COLUMNS, LENS_COLUMNS, PROBE_COLUMNS, representation, story
+from analyses.representation import CLASSES_COLUMNS, LENS_COLUMNS, PROBE_COLUMNS, representation
+from reports.sections.representation import story
 from analyses.skipping import deletion_orders, skipping
 from analyses.uncertainty import CLASS_COLUMNS, drop_intervals, interval_columns, uncertainty
-from conftest import LinearBlock, TinyNet, assert_unchanged, snapshot
 from probe.commands.config import RunConfig
 from probe.deletion.evaluation import single_block_sweep
 from probe.scoring.results import Evaluation, Outcome
 from probe.scoring.tasks import Drift
-from task_models import Residual
+from tiny_models import (BN_CAL, BN_EVAL_X, BNNet, LinearBlock, TinyNet, TwoBlockLM, assert_unchanged, snapshot,
+                         two_block_lm_logits_by_hand)
 
 # --- drift on TinyNet ----------------------------------------------------------------------------
 #
-# TinyNet (conftest): block1 F(x) = (x0, 0), block2 F(h) = (0, -h1 / 2), identity head. For
+# TinyNet (tiny_models): block1 F(x) = (x0, 0), block2 F(h) = (0, -h1 / 2), identity head. For
 # positive inputs the intact output is (2 x0, x1 / 2); without block1 (x0, x1 / 2); without block2
 # (2 x0, x1); without both x itself.
 
@@ -170,20 +171,6 @@ def test_drift_intervals_and_decisions():
 # --- causal language modeling ---------------------------------------------------------------------
 
 
-class TinyLM(nn.Module):
-    """Embedding, two residual blocks per position, a head over a vocabulary of 5."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(5, 3)
-        self.l0, self.l1 = Residual(3), Residual(3)
-        self.head = nn.Linear(3, 5)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.l1(self.l0(self.embed(input_ids))))
-
-
 IDS = torch.tensor([[1, 2, 3, 4, 0], [2, 2, 1, 0, 0], [4, 3, 2, 1, 0], [0, 1, 0, 1, 2],
                     [3, 3, 0, 0, 0], [1, 4, 4, 2, 3], [2, 0, 1, 0, 0], [4, 1, 3, 0, 0]])
 LENGTHS = [4, 3, 4, 5, 2, 5, 3, 3]
@@ -194,22 +181,17 @@ def token_data() -> list[dict]:
     return [{"input_ids": IDS[i:i + 3], "attention_mask": MASK[i:i + 3]} for i in range(0, 8, 3)]
 
 
-def lm_losses_by_hand(model: TinyLM, skip: set[str] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
+def lm_losses_by_hand(model: TwoBlockLM, skip: set[str] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
     """(per-sequence summed next-token NLL, predicted tokens), from the weights."""
     with torch.no_grad():
-        h = model.embed.weight[IDS]
-        for name in ("l0", "l1"):
-            if name not in skip:
-                layer = getattr(model, name).f
-                h = h + h @ layer.weight.T + layer.bias
-        logits = h @ model.head.weight.T + model.head.bias
+        logits = two_block_lm_logits_by_hand(model, IDS, skip)
         nll = -torch.log_softmax(logits[:, :-1].double(), dim=-1).gather(2, IDS[:, 1:, None]).squeeze(2)
         valid = (MASK[:, 1:] * MASK[:, :-1]).double()
     return (nll * valid).sum(1).numpy(), valid.sum(1).numpy()
 
 
 def test_lm_intervals_match_an_independent_resampling():
-    model = TinyLM().eval()
+    model = TwoBlockLM().eval()
     result = uncertainty(model, token_data(), task="lm", resamples=300, seed=7, progress=False)
     assert list(result.intervals.columns) == interval_columns("loss_increase")
     assert list(result.intervals.columns)[3:6] == ["loss_increase", "loss_increase_low", "loss_increase_high"]
@@ -230,7 +212,7 @@ def test_lm_intervals_match_an_independent_resampling():
 def test_lm_gradient_x_activation_is_per_token():
     """Checked against autograd written out here: sum over samples of -dNLL/dF . F, divided by
     the predicted tokens."""
-    model = TinyLM().eval()
+    model = TwoBlockLM().eval()
     scores = gradient_x_activation(model, token_data(), task="lm").set_index("block")["gradient_x_activation"]
     branches = {}
     handles = [getattr(model, name).f.register_forward_hook(
@@ -412,12 +394,11 @@ def test_representation_on_drift_gives_cka_and_says_why_probes_do_not_apply(tiny
 
 def test_recalibration_compares_the_drift_with_and_without_refitted_statistics():
     from probe.deletion.batchnorm import recalibrated
-    from test_analyses_recalibration import CAL, EVAL_X, BNNet
 
     model = BNNet().eval()
-    data = [EVAL_X[:6], EVAL_X[6:]]
+    data = [BN_EVAL_X[:6], BN_EVAL_X[6:]]
     before = snapshot(model)
-    table = recalibration(model, data, CAL, task="drift", progress=False)
+    table = recalibration(model, data, calibration=BN_CAL, task="drift", progress=False).table
     assert_unchanged(model, before)
     assert list(table.columns) == ["block", "position", "drift", "drift_se", "samples", "mode", "bn_recalibrated"]
 
@@ -425,13 +406,13 @@ def test_recalibration_compares_the_drift_with_and_without_refitted_statistics()
         return ((a - b).norm(dim=1) / b.norm(dim=1)).mean().item()
 
     with torch.no_grad():
-        intact = model(EVAL_X)
+        intact = model(BN_EVAL_X)
         with probe.ablated(model, ["block"]):
-            deleted = model(EVAL_X)
-        with recalibrated(model, CAL, blocks=[]):
-            refit_intact = model(EVAL_X)
-        with recalibrated(model, CAL, blocks=["block"]):
-            refit_deleted = model(EVAL_X)
+            deleted = model(BN_EVAL_X)
+        with recalibrated(model, BN_CAL, blocks=[]):
+            refit_intact = model(BN_EVAL_X)
+        with recalibrated(model, BN_CAL, blocks=["block"]):
+            refit_deleted = model(BN_EVAL_X)
     assert table["bn_recalibrated"].tolist() == [False, True]
     assert table["drift"].tolist() == pytest.approx([drift(deleted, intact), drift(refit_deleted, refit_intact)],
                                                     rel=1e-5)
@@ -460,7 +441,7 @@ def test_pipeline_takes_the_task_of_the_evaluation_and_leaves_out_degradation(ti
 def test_cka_of_a_language_model_pools_only_the_real_tokens():
     """Each block's output averaged over the unmasked positions, then linear CKA in numpy:
     ||Xc^T Yc||^2 / (||Xc^T Xc|| ||Yc^T Yc||)."""
-    model = TinyLM().eval()
+    model = TwoBlockLM().eval()
     result = representation(model, token_data(), task="lm", progress=False)
     with torch.no_grad():
         h0 = model.embed.weight[IDS]

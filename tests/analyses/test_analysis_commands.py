@@ -12,7 +12,8 @@ import probe
 from probe.deletion.evaluation import single_block_sweep
 from analyses.pipeline import SECTIONS, choose_sections
 from probe.commands.config import RunConfig
-from probe.loading.models import cifar_resnet, save_checkpoint
+from probe.loading.checkpoints import save_checkpoint
+from probe.loading.models import cifar_resnet
 
 COMMANDS = {
     "skipping": (["skipping.csv", "deletion_curves.csv", "pruned_export.csv"], ["deletion_curves.png"]),
@@ -124,7 +125,7 @@ def test_unknown_section_is_a_probe_error():
         choose_sections(RunConfig(skip=("figures",)))
 
 
-# Each command with --task drift on a two-head model without labels (tests/task_fixtures.py): the
+# Each command with --task drift on a two-head model without labels (tests/tiny_models.py): the
 # table that holds the cost, the cost's columns in it, and the figures written (and not written).
 DRIFT = {
     "skipping": ("deletion_curves.csv", {"drift", "drift_se"}, ["deletion_curves.png"], []),
@@ -141,8 +142,8 @@ DRIFT = {
 def test_command_runs_the_drift_task(name, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / name
-    model = "task_fixtures:two_head_batchnorm_model" if name == "recalibration" else "task_fixtures:two_head_model"
-    argv = ["--model", model, "--dataset", "task_fixtures:unlabelled_images", "--task", "drift", "--out", str(out),
+    model = "tiny_models:two_head_batchnorm_model" if name == "recalibration" else "tiny_models:two_head_model"
+    argv = ["--model", model, "--dataset", "tiny_models:unlabelled_images", "--task", "drift", "--out", str(out),
             "--no-progress"]
     argv += {"skipping": ["--random-draws", "1"], "uncertainty": ["--resamples", "20"]}.get(name, [])
     assert importlib.import_module(f"analyses.{name}.__main__").main(argv) == 0

@@ -10,9 +10,8 @@ from scipy import stats
 
 import probe
 from analyses.attribution import PROXIES, TRUTH, attribution, block_influence, gradient_x_activation
-from conftest import assert_unchanged, snapshot
 from probe.loading.models import cifar_resnet
-from test_measure import X, Y, data
+from tiny_models import TINY_X, TINY_Y, assert_unchanged, snapshot, tiny_data
 
 
 def cosine(a, b):
@@ -22,7 +21,7 @@ def cosine(a, b):
 def hand_streams():
     """Per sample: (s, s + F) for block1 and block2 of TinyNet (all values positive: relu is identity)."""
     rows = {"block1": [], "block2": []}
-    for x0, x1 in X.tolist():
+    for x0, x1 in TINY_X.tolist():
         rows["block1"].append(((x0, x1), (2 * x0, x1)))       # F1 = (x0, 0)
         h = (2 * x0, x1)
         rows["block2"].append((h, (h[0], h[1] / 2)))          # F2 = (0, -h1/2)
@@ -30,7 +29,7 @@ def hand_streams():
 
 
 def test_block_influence_by_hand(tiny_net):
-    table = block_influence(tiny_net, data(2)).set_index("block")
+    table = block_influence(tiny_net, tiny_data(2)).set_index("block")
     for name, pairs in hand_streams().items():
         expected = sum(1 - cosine(s, out) for s, out in pairs) / len(pairs)
         assert table.loc[name, "block_influence"] == pytest.approx(expected, rel=1e-6)
@@ -49,11 +48,11 @@ def test_gradient_x_activation_by_hand(tiny_net):
     block2: F2 = (0, -h1/2) enters z1 with slope 1       -> g.F2 = (onehot - p)[1] * (-x1 / 2)
     """
     before = snapshot(tiny_net)
-    table = gradient_x_activation(tiny_net, data(2)).set_index("block")
+    table = gradient_x_activation(tiny_net, tiny_data(2)).set_index("block")
     assert_unchanged(tiny_net, before)
     assert all(p.grad is None for p in tiny_net.parameters())
     expected = {"block1": 0.0, "block2": 0.0}
-    for (x0, x1), y in zip(X.tolist(), Y.tolist()):
+    for (x0, x1), y in zip(TINY_X.tolist(), TINY_Y.tolist()):
         p = softmax([2 * x0, x1 / 2])
         delta = [(1.0 if c == y else 0.0) - p[c] for c in range(2)]
         expected["block1"] += delta[0] * x0 / 3
@@ -68,12 +67,12 @@ def test_gradient_x_activation_without_captum_is_a_clear_probe_error(tiny_net, m
     monkeypatch.setitem(__import__("sys").modules, "captum.attr", None)  # makes the import fail
     before = snapshot(tiny_net)
     with pytest.raises(probe.ProbeError, match="needs captum.*pip install captum"):
-        gradient_x_activation(tiny_net, data(2))
+        gradient_x_activation(tiny_net, tiny_data(2))
     assert_unchanged(tiny_net, before)
 
 
 def test_gradient_x_activation_leaves_users_inputs_alone(tiny_net):
-    batches = data(3)
+    batches = tiny_data(3)
     gradient_x_activation(tiny_net, batches)
     assert not batches[0][0].requires_grad
 

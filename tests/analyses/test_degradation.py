@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 
 import probe.loading.cache
-from analyses.degradation import COLUMNS, degradation, summary_lines
+from analyses.degradation import COLUMNS, DegradationResult, degradation
+from reports.sections.degradation import summary_lines
 from analyses.degradation.__main__ import main
 from probe.loading.datasets import load_dataset, make_loader
 from probe.errors import ProbeError
-from probe.loading.models import build_model, load_checkpoint
+from probe.loading.checkpoints import load_checkpoint
+from probe.loading.models import build_model
 from probe.loading.training import evaluate
 
 QUICK = dict(epochs=1, limit=32, progress=False)
@@ -22,7 +24,9 @@ def _cache(tmp_path, monkeypatch):
 
 
 def test_table_equals_evaluating_the_cached_checkpoints(monkeypatch):
-    table = degradation([8], **QUICK)
+    result = degradation([8], **QUICK)
+    assert isinstance(result, DegradationResult) and result.tables() == {"degradation": result.table}
+    table = result.table
     assert list(table.columns) == COLUMNS
     assert table[["depth", "residual", "model"]].values.tolist() == [[8, False, "plain8"], [8, True, "resnet8"]]
     for _, row in table.iterrows():
@@ -38,7 +42,7 @@ def test_table_equals_evaluating_the_cached_checkpoints(monkeypatch):
         raise AssertionError("a cached model was trained again")
 
     monkeypatch.setattr(probe.loading.cache, "train_model", no_training)
-    again = degradation([8], **QUICK)
+    again = degradation([8], **QUICK).table
     assert again.drop(columns="checkpoint").equals(table.drop(columns="checkpoint"))
 
 

@@ -27,7 +27,7 @@ import probe  # noqa: E402
 from analyses.lm import (LMResult, best_spans, depth_finding, final_norm, greedy_deletion, layer_similarity,  # noqa: E402
                          lens_parts, lm_layers, logit_lens, residual_angles, score_agreement, single_deletions,
                          span_losses, span_summary)
-from conftest import assert_unchanged, snapshot  # noqa: E402
+from tiny_models import assert_unchanged, snapshot  # noqa: E402
 from probe.discovery.layers import group_layers  # noqa: E402
 from reports import figures, sections  # noqa: E402
 
@@ -484,19 +484,19 @@ def test_command_writes_the_tables_of_your_own_lm(tmp_path, capsys):
     from torch.utils.data import DataLoader
 
     from analyses.lm.__main__ import main
-    from task_models import SEQUENCES, TinyLM, TokenWindows
+    from tiny_models import SEQUENCES, StackedLM, TokenWindows
 
     out = tmp_path / "lm"
-    code = main(["--model", "task_models:tiny_lm", "--dataset", "task_models:token_windows", "--task", "lm",
+    code = main(["--model", "tiny_models:stacked_lm", "--dataset", "tiny_models:token_windows", "--task", "lm",
                  "--batch-size", "2", "--resamples", "50", "--out", str(out), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "finding does not hold" in printed or "finding holds" in printed
-    assert "lens: the logit lens needs the model's unembedding" in printed  # TinyLM has no LM head
+    assert "lens: the logit lens needs the model's unembedding" in printed  # StackedLM has no LM head
     written = pd.read_csv(out / "lm_layers.csv")
     layers = written[written["kind"] == "layer"]
     assert list(layers["unit"]) == ["layers.0", "layers.1", "layers.2"]
-    model = TinyLM().eval()
+    model = StackedLM().eval()
     data = DataLoader(TokenWindows(SEQUENCES), batch_size=2)
     groups = group_layers(model, probe.find_blocks(model))
     evaluation = probe.evaluate_ablations(model, data, list(groups.values()), task="lm", progress=False)

@@ -10,8 +10,8 @@ import torchvision
 import probe
 from analyses.skipping import curve_ks, deletion_orders, skipping
 from probe.deletion.surgery import export_pruned, prune
-from conftest import assert_unchanged, snapshot
 from probe.loading.models import cifar_resnet
+from tiny_models import assert_unchanged, snapshot
 
 N = 24
 
@@ -193,7 +193,7 @@ def test_blocks_that_cannot_be_exported_keep_their_curves_and_say_why():
     """Blocks named by a spec on a model fx cannot trace: nothing to cut out, but the summary and
     the curves are still computed; with both blocks deleted the network is head(stem(x))."""
     from reports.sections import skipping_section
-    from test_families import Untraceable, randomize
+    from tiny_models import Untraceable, randomize
 
     model = randomize(Untraceable(), (1, 12))
     g = torch.Generator().manual_seed(2)

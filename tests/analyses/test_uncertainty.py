@@ -9,10 +9,9 @@ import torch
 
 import probe
 from analyses.uncertainty import bootstrap_interval, drop_intervals, per_class_drops, uncertainty
-from conftest import assert_unchanged, snapshot
 from probe.scoring.results import Outcome
 from probe.scoring.verdict import VerdictRule, classify
-from test_measure import data
+from tiny_models import assert_unchanged, snapshot, tiny_data
 
 
 def outcome(accuracy: float, correct: torch.Tensor) -> Outcome:
@@ -118,7 +117,7 @@ def test_hurting_block_and_per_block_seeds():
 def test_per_class_drops_on_tinynet_by_hand(tiny_net):
     """Y = (0, 1, 1). Baseline predictions (0, 0, 0): class 0 right, class 1 wrong twice.
     Without either block the predictions are (0, 0, 1): class 1 gains one of two."""
-    evaluation = probe.evaluate_ablations(tiny_net, data(2), [["block1"], ["block2"]], per_class=True,
+    evaluation = probe.evaluate_ablations(tiny_net, tiny_data(2), [["block1"], ["block2"]], per_class=True,
                                           progress=False)
     table = pd.DataFrame({"block": ["block1", "block2"], "position": [0, 1]})
     drops = per_class_drops(table, evaluation)
@@ -130,7 +129,7 @@ def test_per_class_drops_on_tinynet_by_hand(tiny_net):
 
 def test_uncertainty_end_to_end(tiny_net):
     before = snapshot(tiny_net)
-    result = uncertainty(tiny_net, data(2), resamples=200, progress=False)
+    result = uncertainty(tiny_net, tiny_data(2), resamples=200, progress=False)
     assert_unchanged(tiny_net, before)
     rows = result.intervals.set_index("block")
     assert rows["accuracy_drop"].tolist() == pytest.approx([-1 / 3, -1 / 3])
@@ -140,7 +139,7 @@ def test_uncertainty_end_to_end(tiny_net):
 
 
 def test_precomputed_evaluation_needs_its_table(tiny_net):
-    evaluation = probe.evaluate_ablations(tiny_net, data(2), [["block1"], ["block2"]], outcomes=True,
+    evaluation = probe.evaluate_ablations(tiny_net, tiny_data(2), [["block1"], ["block2"]], outcomes=True,
                                           per_class=True, progress=False)
     with pytest.raises(probe.ProbeError, match="table"):
-        uncertainty(tiny_net, data(2), evaluation=evaluation, progress=False)
+        uncertainty(tiny_net, tiny_data(2), evaluation=evaluation, progress=False)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import probe
-from conftest import assert_unchanged, snapshot
-from probe.loading.models import build_model, cifar_resnet, load_checkpoint, save_checkpoint
+from probe.loading.checkpoints import load_checkpoint, save_checkpoint
+from probe.loading.models import build_model, cifar_resnet
+from tiny_models import assert_unchanged, snapshot
 
 
 def gray_model():

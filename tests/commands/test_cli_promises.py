@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from probe import ablate
-from probe.loading.models import cifar_resnet, save_checkpoint
+from probe.loading.checkpoints import save_checkpoint
+from probe.loading.models import cifar_resnet
 
 SKIP_ANALYSES = ["--skip", "degradation", "skipping", "attribution", "uncertainty", "recalibration"]
 

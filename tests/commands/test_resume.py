@@ -14,7 +14,8 @@ import torch
 
 from analyses.attribution import TRUTH
 from probe import ablate
-from probe.loading.models import cifar_resnet, save_checkpoint
+from probe.loading.checkpoints import save_checkpoint
+from probe.loading.models import cifar_resnet
 
 SKIP_ANALYSES = ["--skip", "degradation", "skipping", "attribution", "uncertainty", "recalibration"]
 

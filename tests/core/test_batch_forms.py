@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 import probe
 from probe.errors import ProbeError
-from task_models import SHIFT, Classifier, Forms, TwoInputs, labelled_images
+from tiny_models import SHIFT, Classifier, Forms, TwoInputs, labelled_images
 
 HERE = Path(__file__).resolve().parents[1]  # tests/: the shared helpers
 ANALYSES = ["degradation", "skipping", "attribution", "uncertainty", "representation", "recalibration"]
@@ -116,9 +116,9 @@ def run_cli(arguments: list[str], out: Path) -> subprocess.CompletedProcess:
 
 def test_cli_names_the_parts_of_dict_batches(tmp_path):
     """--inputs/--targets for a data set of dicts; numbers equal the pairs' in a notebook."""
-    missing = run_cli(["--model", "task_models:classifier", "--dataset", "task_models:named_items"], tmp_path / "a")
+    missing = run_cli(["--model", "tiny_models:classifier", "--dataset", "tiny_models:named_items"], tmp_path / "a")
     assert missing.returncode == 2 and "keys ['pix', 'lab']" in missing.stderr and "Traceback" not in missing.stderr
-    result = run_cli(["--model", "task_models:classifier", "--dataset", "task_models:named_items",
+    result = run_cli(["--model", "tiny_models:classifier", "--dataset", "tiny_models:named_items",
                       "--inputs", "pix", "--targets", "lab"], tmp_path / "b")
     assert result.returncode == 0, result.stderr[-2000:]
     written = pd.read_csv(tmp_path / "b" / "blocks.csv")
@@ -129,15 +129,15 @@ def test_cli_names_the_parts_of_dict_batches(tmp_path):
 
 
 def test_cli_lm_on_your_own_model_and_text(tmp_path):
-    from task_models import SEQUENCES, TinyLM, TokenWindows
+    from tiny_models import SEQUENCES, StackedLM, TokenWindows
 
-    result = run_cli(["--model", "task_models:tiny_lm", "--dataset", "task_models:token_windows", "--task", "lm"],
+    result = run_cli(["--model", "tiny_models:stacked_lm", "--dataset", "tiny_models:token_windows", "--task", "lm"],
                      tmp_path / "lm")
     assert result.returncode == 0, result.stderr[-2000:]
     written = pd.read_csv(tmp_path / "lm" / "blocks.csv")
     assert {"loss", "perplexity", "token_accuracy", "loss_increase", "loss_increase_se", "tokens"} <= set(written)
     assert "accuracy" not in written.columns
-    expected = probe.sweep(TinyLM().eval(), DataLoader(TokenWindows(SEQUENCES), batch_size=256), task="lm",
+    expected = probe.sweep(StackedLM().eval(), DataLoader(TokenWindows(SEQUENCES), batch_size=256), task="lm",
                            progress=False)
     pd.testing.assert_series_equal(written["loss"], expected["loss"], check_exact=False, rtol=1e-6)
 
@@ -150,7 +150,7 @@ def test_cli_takes_every_output_and_batch_form(model, dataset, tmp_path):
     """Through `python -m probe.ablate`: the numbers of the plain classifier on plain pairs."""
     from probe import ablate
 
-    code = ablate.main(["--model", f"task_models:{model}", "--dataset", f"task_models:{dataset}", "--out",
+    code = ablate.main(["--model", f"tiny_models:{model}", "--dataset", f"tiny_models:{dataset}", "--out",
                         str(tmp_path / "out"), "--no-progress", "--skip", *ANALYSES])
     assert code == 0
     written = pd.read_csv(tmp_path / "out" / "blocks.csv")

@@ -61,7 +61,8 @@ def test_two_processes_equal_one(tmp_path):
 def test_torchrun_cli_equals_single_process(tmp_path):
     import pandas as pd
 
-    from probe.loading.models import cifar_resnet, save_checkpoint
+    from probe.loading.checkpoints import save_checkpoint
+    from probe.loading.models import cifar_resnet
 
     torch.manual_seed(0)
     checkpoint = tmp_path / "resnet20.pt"

@@ -14,7 +14,7 @@ from matplotlib.container import BarContainer  # noqa: E402
 
 from reports import figures, sections  # noqa: E402
 from reports.html import render_report  # noqa: E402
-from test_reports import BASELINE, CONFIG, table  # noqa: E402
+from report_fixtures import BASELINE, CONFIG, table  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -103,9 +103,10 @@ def test_sections_in_the_report_in_order():
     built = [sections.degradation_section(degradation_table(), lines=["plain-56 trains worse."]),
              sections.not_run_section("skipping", "left out with --skip.")]
     text = render_report(table(), baseline=BASELINE, config=CONFIG, sections=built)
-    assert text.index('id="figures"') < text.index('id="degradation"') < text.index('id="skipping"') \
-        < text.index('id="blocks"')
-    assert '<a href="#degradation">' in text and '<a href="#blocks">' in text
+    # the answer, the per-block table and figures, the analyses in the order given, the run record last
+    assert text.index('id="answer"') < text.index('id="blocks"') < text.index('id="figures"') \
+        < text.index('id="degradation"') < text.index('id="skipping"') < text.index('id="run"')
+    assert '<a href="#degradation">' in text and '<a href="#blocks">' in text and '<a href="#run">' in text
     assert "Not run: left out with --skip." in text and "plain-56 trains worse." in text
     assert text.count("<img ") == 4 + 1
     degradation = text.split('id="degradation"', 1)[1].split("</section>", 1)[0]

@@ -29,45 +29,9 @@ from reports import (  # noqa: E402
     render_report,
     write_report,
 )
+from report_fixtures import BASELINE, CONFIG, table  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-BASELINE = {"accuracy": 0.9825, "loss": 0.0612, "samples": 400}
-CONFIG = {
-    "model": "resnet20",
-    "checkpoint": "runs/resnet20/model.pt",
-    "dataset": "digits16",
-    "samples": 400,
-    "mode": "zero",
-    "seed": 0,
-    "date": "2024-05-01T12:00:00Z",
-    "versions": {"torch": "2.4.0", "probe": "0.1.0"},
-}
-
-
-def table() -> pd.DataFrame:
-    """Six blocks in shuffled row order (position gives forward order); verdicts by hand:
-    helps, skipped, hurts, neutral, skipped, helps (see tests/core/scoring/test_verdict.py)."""
-    df = pd.DataFrame({
-        "block": ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1"],
-        "position": [0, 1, 2, 3, 4, 5],
-        "branch_norm": [12.0, 2.0, 9.0, 6.0, 1.0, 3.0],
-        "branch_norm_std": [1.0, 0.5, 0.9, 0.6, 0.1, 0.3],
-        "shortcut_norm": [10.0] * 6,
-        "shortcut_norm_std": [0.5] * 6,
-        "ratio": [1.2, 0.2, 0.9, 0.6, 0.1, 0.3],
-        "ratio_std": [0.1, 0.05, 0.2, 0.1, 0.02, 0.04],
-        "cosine": [-0.3, 0.05, -0.1, 0.2, 0.0, -0.5],
-        "cosine_std": [0.05, 0.1, 0.02, 0.03, 0.01, 0.2],
-        "accuracy": 0.0,  # set below: baseline - drop
-        "loss": [0.4, 0.07, 0.05, 0.0612, 0.06, 0.15],
-        "accuracy_drop": [0.10, 0.0025, -0.04, 0.0, -0.0025, 0.03],
-        "loss_increase": [0.3388, 0.0088, -0.0112, 0.0, -0.0012, 0.0888],
-        "flip_rate": [0.16, 0.01, 0.09, 0.0, 0.0025, 0.04],
-        "samples": [400] * 6,
-        "mode": ["zero"] * 6,
-    })
-    df["accuracy"] = BASELINE["accuracy"] - df["accuracy_drop"]
-    return df.iloc[[3, 0, 5, 1, 4, 2]].reset_index(drop=True)  # not in forward order
 
 
 def forward() -> pd.DataFrame:
@@ -164,6 +128,16 @@ def test_figure_missing_column_names_it() -> None:
         cosine_per_block(table().drop(columns="cosine"))
 
 
+def _section(text: str, id: str) -> str:
+    """The HTML of the report's section `id` (no section nests in another)."""
+    return text.split(f'<section id="{id}"', 1)[1].split("</section>", 1)[0]
+
+
+def _run_record(text: str) -> dict[str, str]:
+    """The run record's rows, {name: value} as the reader sees them."""
+    return {html.unescape(k): html.unescape(v) for k, v in re.findall(r"<dt>(.*?)</dt><dd>(.*?)</dd>", text)}
+
+
 def _images(text: str) -> list[bytes]:
     sources = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
     return [base64.b64decode(s, validate=True) for s in sources]
@@ -183,18 +157,18 @@ def test_render_report_is_complete_and_self_contained() -> None:
     assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', text)
     assert "http://" not in text and "https://" not in text
     assert "<script" not in text.lower() and "<link" not in text.lower()
-    # header: configuration and baseline
+    # the run record (configuration) and the baseline
     for value in ["resnet20", "runs/resnet20/model.pt", "digits16", "2024-05-01T12:00:00Z",
                   "torch 2.4.0", "98.25%"]:
         assert value in text
     # the answer, in the order summarize gives
-    answer = text.split("The answer", 1)[1].split("Figures", 1)[0]
+    answer = _section(text, "answer")
     assert answer.index("layer1.0") < answer.index("layer3.1")  # helps most
     assert "&rho; = 0.26" in answer
     # the ratio is explained to a reader who never saw the code
     assert "||F(x)|| / ||s(x)||" in text
     # table: accuracy in %, drop in points, one row per block in forward order
-    body = text.split("Per-block table", 1)[1]
+    body = _section(text, "blocks")
     assert "88.25" in body and "+10.00" in body and "\u00b14.00" in body
     rows = re.findall(r'<tr class="(\w+)">', body)
     assert rows == ["helps", "skipped", "hurts", "neutral", "skipped", "helps"]
@@ -263,3 +237,191 @@ def test_write_report_atomic_no_temp_files_no_figures(tmp_path) -> None:
     assert nested.stat().st_mode & 0o777 == 0o644
     assert os.listdir(tmp_path / "run") == ["r.html"]
     assert plt.get_fignums() == []
+
+
+# --- the order a reader asks in; the run record lists only what applies --------------------------
+
+# What probe.ablate hands write_report for the default run (resnet56 on digits, classification, BN
+# recalibration off): every RunConfig field that is set, the language-model ones included, and what
+# the run found.
+CLASSIFIER_RUN = {
+    "model": "resnet56", "dataset": "digits", "download": False, "allow_pickle": False, "split": "test",
+    "mode": "zero", "device": "cpu", "batch_size": 256, "seed": 0, "threads": "2 (--threads)", "out": "/runs/base",
+    "degradation_depths": (20, 56), "bn_recalibrate": False, "calibration_samples": 256, "random_draws": 3,
+    "curve_points": 14, "bootstrap": 1000, "level": 0.95, "save_every": 8, "precision": "fp32",
+    "task": "classification", "seq_len": 256, "spans": (1, 2, 4, 8), "greedy_steps": 4,
+    "checkpoint": "/cache/resnet56-digits.pt", "samples": "all 360 samples",
+    "images": "16x16, 1 channel(s), normalization train-split", "shortcuts": "25 identity, 2 zero-padding",
+    "BN recalibration": "off (trained BatchNorm statistics)", "seconds": {"measure": "0.1", "sweep": "1.6"},
+    "versions": {"torch": "2.4.0", "probe": "0.1.0"}, "date": "2024-05-01 12:00",
+    "image_size": None, "inputs": None, "targets": "", "skip": (), "sections": None,
+}
+# The same for smollm2 on pydoc text (task lm), with image and training settings a user might pass.
+LM_RUN = {
+    "model": "smollm2", "dataset": "pydoc", "split": "test", "mode": "zero", "device": "cpu", "batch_size": 4,
+    "seed": 0, "limit": 8, "bn_recalibrate": False, "calibration_samples": 256, "save_every": 8,
+    "precision": "fp32", "task": "lm", "seq_len": 128, "spans": (1, 2), "greedy_steps": 3, "image_size": 32,
+    "normalize": "imagenet", "in_channels": 3, "channels_last": True, "download": True, "epochs": 5, "lr": 0.1,
+    "random_draws": 3, "curve_points": 14, "bootstrap": 1000, "level": 0.95, "degradation_depths": (20, 56),
+    "checkpoint": "/cache/smollm2.gguf", "samples": "the first 8 windows", "shortcuts": "60 identity",
+    "BN recalibration": "off (trained BatchNorm statistics)", "versions": {"torch": "2.4.0"},
+}
+
+
+def _sections_that_ran(*ids: str) -> list:
+    """Sections of analyses that ran (a lead paragraph each)."""
+    from reports.sections import Section
+
+    return [Section(id=id, title=id, lead=[f"{id} ran."]) for id in ids]
+
+
+def test_the_report_opens_with_the_answer_and_ends_with_the_run_record() -> None:
+    from reports.sections import not_run_section
+
+    built = [*_sections_that_ran("skipping", "uncertainty"), not_run_section("degradation", "left out with --skip.")]
+    text = render_report(table(), baseline=BASELINE, config=CLASSIFIER_RUN, sections=built)
+    body = text.split("<body>", 1)[1]
+    # the first heading after the title is the answer; it opens with the intact model's numbers
+    assert re.findall(r"<h2>([^<]*)</h2>", body)[0] == "The answer"
+    answer = _section(text, "answer")
+    assert answer.index("Unablated model: test accuracy <strong>98.25%</strong>") \
+        < answer.index("Blocks that help most") < answer.index("Blocks the network effectively skips") \
+        < answer.index("The rule") < answer.index("&rho; = 0.26")
+    assert "layer1.0" in answer and "layer3.0" in answer  # helps most; skipped
+    assert html.escape(VerdictRule().describe()) in answer
+    # the key figure, what deleting each block costs, is in the answer; the other three follow
+    (key,) = re.findall(r'<img src="[^"]+" alt="([^"]*)"', answer)
+    assert key == "What deleting each block costs"
+    assert re.findall(r'<img src="[^"]+" alt="([^"]*)"', _section(text, "figures")) == [
+        "Branch size per block", "Does branch size predict deletion cost?", "Direction of each branch"]
+    # then the per-block table, the figures, the analyses, and the run record last, folded
+    order = [text.index(f'<section id="{id}"') for id in
+             ("answer", "blocks", "figures", "skipping", "uncertainty", "degradation", "run")]
+    assert order == sorted(order)
+    assert text.rindex("</section>") > text.index('<section id="run"') > text.rindex('class="analysis"')
+    record = _section(text, "run")
+    assert record.count("<details>") == 1 and "<summary>" in record
+    assert text.count('<dl class="config">') == 1 and text.index('<dl class="config">') > text.index('id="run"')
+    # nothing of the run record comes before the answer but the model and data set it is about
+    head = text.split('<section id="answer"', 1)[0]
+    assert "resnet56" in head and "digits" in head and 'href="#run"' in head
+    for value in ("/cache/resnet56-digits.pt", "all 360 samples", "25 identity", "2024-05-01 12:00", "fp32"):
+        assert value not in head and value in record, value
+    assert "<script" not in text.lower()
+
+
+def test_a_classifiers_run_record_has_no_language_model_or_unused_settings() -> None:
+    from reports.sections import not_run_section
+
+    built = [*_sections_that_ran("skipping", "uncertainty"), not_run_section("degradation", "left out with --skip."),
+             not_run_section("recalibration", "left out with --skip.")]
+    text = render_report(table(), baseline=BASELINE, config=CLASSIFIER_RUN, sections=built)
+    assert list(_run_record(text)) == [
+        "model", "checkpoint", "dataset", "task", "samples", "mode", "seed", "date", "versions", "split", "device",
+        "batch size", "threads", "out", "random draws", "curve points", "bootstrap", "level", "save every",
+        "precision", "images", "shortcuts", "BN recalibration", "seconds"]
+    record = _section(text, "run")
+    for gone in ("seq len", "spans", "greedy steps", "inputs", "targets", "image size", "degradation depths",
+                 "calibration samples", "bn recalibrate", "download", "allow pickle", "skip", "not given"):
+        assert f"<dt>{gone}</dt>" not in record, gone
+    # the values shown are those given
+    assert _run_record(text)["images"] == "16x16, 1 channel(s), normalization train-split"
+    assert _run_record(text)["seconds"] == "measure 0.1, sweep 1.6"
+    assert _run_record(text)["BN recalibration"] == "off (trained BatchNorm statistics)"
+
+
+def test_applicable_settings_of_a_classifier() -> None:
+    from reports.html import applicable_settings
+
+    shown = applicable_settings(CLASSIFIER_RUN, task_name="classification",
+                                sections_run=["degradation", "skipping", "uncertainty", "recalibration"])
+    assert not {"seq_len", "spans", "greedy_steps", "inputs", "targets", "image_size", "skip", "sections",
+                "download", "allow_pickle", "bn_recalibrate"} & set(shown)
+    # each analysis that ran brings its settings, the recalibration section its calibration samples
+    assert {k: shown[k] for k in ("degradation_depths", "random_draws", "curve_points", "bootstrap", "level",
+                                  "calibration_samples")} == {
+        "degradation_depths": (20, 56), "random_draws": 3, "curve_points": 14, "bootstrap": 1000, "level": 0.95,
+        "calibration_samples": 256}
+    assert shown["images"] == CLASSIFIER_RUN["images"] and list(shown)[:4] == ["model", "checkpoint", "dataset", "task"]
+    # no analysis ran: none of their settings; recalibration off: no calibration samples
+    bare = applicable_settings(CLASSIFIER_RUN, task_name="classification")
+    assert not {"degradation_depths", "random_draws", "curve_points", "bootstrap", "level",
+                "calibration_samples"} & set(bare)
+    # recalibration on: where its samples came from; a switch that is on is shown
+    on = applicable_settings(dict(CLASSIFIER_RUN, bn_recalibrate=True, calibration_root="/data/train",
+                                  download=True, allow_pickle=True), task_name="classification")
+    assert on["calibration_samples"] == 256 and on["calibration_root"] == "/data/train"
+    assert on["download"] is True and on["allow_pickle"] is True
+    # the table says nothing was refitted: no calibration settings, whatever the config asked
+    assert "calibration_samples" not in applicable_settings(dict(CLASSIFIER_RUN, bn_recalibrate=True),
+                                                            task_name="classification", recalibrated=False)
+    # without probe.ablate's words for it, the raw flag says whether BatchNorm was recalibrated
+    words = {k: v for k, v in CLASSIFIER_RUN.items() if k != "BN recalibration"}
+    assert applicable_settings(words, task_name="classification")["bn_recalibrate"] is False
+
+
+def test_applicable_settings_of_a_language_model() -> None:
+    from reports.html import applicable_settings
+
+    shown = applicable_settings(LM_RUN, task_name="lm", sections_run=["lm", "uncertainty"])
+    assert {k: shown[k] for k in ("seq_len", "spans", "greedy_steps", "bootstrap", "level")} == {
+        "seq_len": 128, "spans": (1, 2), "greedy_steps": 3, "bootstrap": 1000, "level": 0.95}
+    assert not {"image_size", "normalize", "in_channels", "channels_last", "download", "epochs", "lr",
+                "images", "random_draws", "curve_points", "degradation_depths", "calibration_samples",
+                "bn_recalibrate"} & set(shown)
+    assert shown["model"] == "smollm2" and shown["samples"] == "the first 8 windows"
+    # the lm section did not run: no spans, no greedy steps; the windows still apply
+    assert {"seq_len"} == {"seq_len", "spans", "greedy_steps"} & set(applicable_settings(LM_RUN, task_name="lm"))
+    # a data set of the user's brings its own sequences: no windows of probe's
+    assert "seq_len" not in applicable_settings(dict(LM_RUN, dataset="mine.data:tokens"), task_name="lm")
+    # text is text whatever the task: drift of a language model on probe's text
+    drift = applicable_settings(LM_RUN, task_name="drift")
+    assert drift["seq_len"] == 128 and "image_size" not in drift
+
+
+def test_applicability_follows_the_run_not_the_model_name() -> None:
+    from reports.html import applicable_settings
+
+    # a model named like a classifier, run as a language model on text, and the other way round
+    lm = applicable_settings(dict(LM_RUN, model="resnet56"), task_name="lm", sections_run=["lm"])
+    assert lm["seq_len"] == 128 and lm["spans"] == (1, 2) and "image_size" not in lm
+    image = applicable_settings(dict(CLASSIFIER_RUN, model="smollm2", image_size=32), task_name="classification",
+                                sections_run=["lm"])
+    assert "seq_len" not in image and image["image_size"] == 32
+    # a task of the user's on images keeps the image settings; drift too
+    for task in ("mine.tasks:squared_error", "drift"):
+        assert applicable_settings(dict(CLASSIFIER_RUN, image_size=32), task_name=task)["image_size"] == 32
+
+
+def test_applicable_settings_leave_out_empty_values_and_keep_unknown_keys() -> None:
+    from reports.html import applicable_settings
+
+    shown = applicable_settings({"model": "m", "weights": None, "note": "", "skip": (), "spans_seen": [],
+                                 "seconds": {}, "blocks_spec": "  ", "limit": 0, "extra": "kept"},
+                                task_name="classification")
+    assert shown == {"model": "m", "limit": 0, "extra": "kept"}
+    with pytest.raises(ProbeError, match="config must be a dict"):
+        applicable_settings([("model", "m")], task_name="classification")
+
+
+def test_render_report_reads_the_task_and_the_recalibration_from_the_table() -> None:
+    # the table is a classifier's and says its deletions were recalibrated: a config that claims
+    # a language model with recalibration off shows no windows, and the calibration samples
+    df = table().assign(bn_recalibrated=True)
+    config = dict(CLASSIFIER_RUN, task="lm", bn_recalibrate=False)
+    record = _run_record(render_report(df, baseline=BASELINE, config=config))
+    assert "seq len" not in record and record["calibration samples"] == "256"
+    assert "calibration samples" not in _run_record(render_report(table(), baseline=BASELINE, config=config))
+
+
+def test_a_section_that_did_not_run_reads_no_settings() -> None:
+    from reports.html import _ran
+    from reports.sections import not_run_section
+
+    assert not _ran(not_run_section("skipping", "left out with --skip."))
+    assert all(_ran(section) for section in _sections_that_ran("skipping", "lm"))
+    text = render_report(table(), baseline=BASELINE, config=CLASSIFIER_RUN,
+                         sections=[not_run_section("skipping", "it failed: no data.")])
+    assert "random draws" not in _run_record(text)
+    assert _run_record(render_report(table(), baseline=BASELINE, config=CLASSIFIER_RUN,
+                                     sections=_sections_that_ran("skipping")))["random draws"] == "3"

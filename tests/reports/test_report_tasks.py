@@ -3,7 +3,7 @@ column (`probe.scoring.verdict.cost_column`) with its own words and units, and t
 
 Per-task tables are built by hand (the columns `probe.deletion.evaluation.sweep_table` gives each task,
 joined with `probe.measure`'s); the end-to-end test runs `python -m probe.ablate --task drift` on
-a two-head model of `tests/task_fixtures.py`.
+a two-head model of `tests/tiny_models.py`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from probe.errors import ProbeError  # noqa: E402
 from probe.scoring.verdict import VerdictRule, classify, cost_column  # noqa: E402
 from reports import figures, sections  # noqa: E402
 from reports.html import render_report, write_report  # noqa: E402
-from test_reports import BASELINE, CONFIG, table as classification_table  # noqa: E402
+from report_fixtures import BASELINE, CONFIG, table as classification_table  # noqa: E402
 
 LM_LOSS = 2.53125  # exactly representable: "2.5312" at four decimals
 LM_BASELINE = {"loss": LM_LOSS, "perplexity": math.exp(LM_LOSS), "token_accuracy": 0.412, "tokens": 1024,
@@ -90,8 +90,19 @@ def _text(page: str) -> str:
 
 
 def _per_block_headers(page: str) -> list[str]:
-    body = page.split('id="blocks"', 1)[1]
+    body = page.split('id="blocks"', 1)[1].split("</section>", 1)[0]  # the per-block table's section only
     return [html.unescape(h) for h in re.findall(r"<th>([^<]*)</th>", body)]
+
+
+def _run_record(page: str) -> dict[str, str]:
+    """The run record's rows, {name: value}, from the report's last section."""
+    record = page.split('<section id="run"', 1)[1]
+    return {html.unescape(k): html.unescape(v) for k, v in re.findall(r"<dt>(.*?)</dt><dd>(.*?)</dd>", record)}
+
+
+def _order(page: str) -> list[str]:
+    """The ids of the report's sections, in page order."""
+    return re.findall(r'<section id="([\w-]+)"', page)
 
 
 # --- the tables are what the tasks give ----------------------------------------------------------
@@ -286,6 +297,58 @@ def test_classification_report_keeps_its_words():
     assert _per_block_headers(page)[5:8] == ["accuracy drop (pp)", "noise (pp)", "flip rate (%)"]
 
 
+# --- the answer first; the run record lists what applies to the task ------------------------------
+
+# What probe.ablate hands write_report: every RunConfig field that is set (the image and the
+# language-model ones alike), then what the run found.
+RUN_SETTINGS = {"split": "test", "mode": "zero", "device": "cpu", "seed": 0, "save_every": 8, "precision": "fp32",
+                "download": False, "allow_pickle": False, "bn_recalibrate": False, "calibration_samples": 256,
+                "random_draws": 3, "curve_points": 14, "bootstrap": 1000, "level": 0.95,
+                "degradation_depths": (20, 56), "seq_len": 256, "spans": (1, 2, 4, 8), "greedy_steps": 4,
+                "BN recalibration": "off (trained BatchNorm statistics)", "versions": {"torch": "2.4.0"}}
+LANGUAGE_SETTINGS = {"seq len", "spans", "greedy steps"}
+IMAGE_SETTINGS = {"images", "image size", "normalize", "in channels", "channels last", "epochs", "lr"}
+
+
+def test_lm_report_answers_first_and_records_only_language_model_settings():
+    df = lm_table()
+    config = {**RUN_SETTINGS, "model": "smollm2", "dataset": "pydoc", "task": "lm", "seq_len": 128,
+              "image_size": 32, "normalize": "imagenet", "in_channels": 3, "channels_last": False, "epochs": 5,
+              "lr": 0.1, "images": "32x32, 3 channel(s)", "samples": "the first 8 windows"}
+    built = [sections.Section(id="lm", title="Layers", lead=["The layer analysis ran."]),
+             sections.not_run_section("degradation", "it trains classifiers of its own.")]
+    page = render_report(df, baseline=df.attrs["baseline"], config=config, sections=built)
+    assert _order(page) == ["answer", "blocks", "figures", "lm", "degradation", "run"]
+    assert re.findall(r"<h2>([^<]*)</h2>", page)[0] == "The answer"
+    answer = page.split('<section id="answer"', 1)[1].split("</section>", 1)[0]
+    assert "Unablated model: loss <strong>2.5312</strong>" in answer and "<code>l0</code>" in answer
+    assert "<code>l1</code>" in answer and html.escape(VerdictRule().describe(cost="loss_increase")) in answer
+    record = _run_record(page)
+    assert record["seq len"] == "128" and record["spans"] == "(1, 2, 4, 8)" and record["greedy steps"] == "4"
+    assert not IMAGE_SETTINGS & set(record)
+    # analyses that did not run, recalibration that was off, switches that were off: not recorded
+    assert not {"random draws", "curve points", "bootstrap", "level", "degradation depths", "calibration samples",
+                "download", "allow pickle", "bn recalibrate"} & set(record)
+    assert record["BN recalibration"] == "off (trained BatchNorm statistics)" and record["model"] == "smollm2"
+
+
+@pytest.mark.parametrize("make,task", [(classification_table, "classification"), (drift_table, "drift"),
+                                       (custom_table, "tests.mod:squared_error")])
+def test_image_reports_record_no_language_model_settings(make, task):
+    df = make()
+    baseline = df.attrs.get("baseline") or BASELINE
+    config = {**RUN_SETTINGS, "model": "resnet20", "dataset": "digits", "task": task, "image_size": 16,
+              "images": "16x16, 1 channel(s), normalization train-split", "samples": "all 360 samples"}
+    built = [sections.Section(id="uncertainty", title="How sure", lead=["ran"])]
+    page = render_report(df, baseline=baseline, config=config, sections=built)
+    assert _order(page) == ["answer", "blocks", "figures", "uncertainty", "run"]
+    record = _run_record(page)
+    assert not LANGUAGE_SETTINGS & set(record)
+    assert record["images"] == "16x16, 1 channel(s), normalization train-split" and record["image size"] == "16"
+    assert record["bootstrap"] == "1000" and record["level"] == "0.95"  # the uncertainty section ran
+    assert "random draws" not in record and "calibration samples" not in record
+
+
 # --- sections of the analyses for other tasks ------------------------------------------------------
 
 
@@ -370,7 +433,7 @@ ANALYSES = ["degradation", "skipping", "attribution", "uncertainty", "representa
 def test_cli_drift_on_a_two_head_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "run"
-    code = ablate.main(["--model", "task_fixtures:two_head_model", "--dataset", "task_fixtures:unlabelled_images",
+    code = ablate.main(["--model", "tiny_models:two_head_model", "--dataset", "tiny_models:unlabelled_images",
                         "--task", "drift", "--out", str(out), "--no-progress", "--bootstrap", "20",
                         "--skip", "degradation", "skipping", "attribution", "representation", "recalibration"])
     assert code == 0
@@ -396,8 +459,8 @@ def test_cli_drift_on_a_two_head_model(tmp_path, capsys, monkeypatch):
 def test_cli_drift_with_batchnorm_recalibration(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "run"
-    code = ablate.main(["--model", "task_fixtures:two_head_batchnorm_model", "--dataset",
-                        "task_fixtures:unlabelled_images", "--task", "drift", "--bn-recalibrate",
+    code = ablate.main(["--model", "tiny_models:two_head_batchnorm_model", "--dataset",
+                        "tiny_models:unlabelled_images", "--task", "drift", "--bn-recalibrate",
                         "--calibration-samples", "6", "--out", str(out), "--no-progress",
                         "--skip", *[a for a in ANALYSES if a != "recalibration"]])
     assert code == 0
@@ -405,7 +468,7 @@ def test_cli_drift_with_batchnorm_recalibration(tmp_path, capsys, monkeypatch):
     table = pd.read_csv(out / "blocks.csv")
     assert table["bn_recalibrated"].all() and table.set_index("block").loc["block1", "drift"] == 0.0
     text = _text((out / "report.html").read_text())
-    assert ("BN recalibration on (the first 6 samples of task_fixtures:unlabelled_images split 'train'); each "
+    assert ("BN recalibration on (the first 6 samples of tiny_models:unlabelled_images split 'train'); each "
             "deletion is compared with the intact model recalibrated the same way") in text
     assert "Each drift is measured against the outputs of the intact model treated alike" in text
     assert "block drift (%), trained statistics drift (%), recalibrated" in text

@@ -18,9 +18,9 @@ import torchvision
 from torch import nn
 
 import probe
-from conftest import assert_unchanged, snapshot
 from probe.examples.darknet import darknet_tiny
 from probe.loading.models import cifar_resnet
+from tiny_models import assert_unchanged, snapshot
 
 
 class ScaledBlock(nn.Module):

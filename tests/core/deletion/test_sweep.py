@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import probe
-from conftest import assert_unchanged, snapshot
-from test_measure import X, Y, data
+from tiny_models import TINY_X, TINY_Y, assert_unchanged, snapshot, tiny_data
 
 
 def cross_entropy(logits, target):
@@ -23,28 +22,28 @@ WITHOUT_BLOCK2 = [(6.0, 4.0), (2.0, 1.0), (0.6, 1.0)]
 
 def test_ablated_zero_matches_hand_forward(tiny_net):
     with probe.ablated(tiny_net, ["block1"]):
-        assert torch.allclose(tiny_net(X), torch.tensor(WITHOUT_BLOCK1))
+        assert torch.allclose(tiny_net(TINY_X), torch.tensor(WITHOUT_BLOCK1))
     with probe.ablated(tiny_net, "block2"):
-        assert torch.allclose(tiny_net(X), torch.tensor(WITHOUT_BLOCK2))
-    assert torch.allclose(tiny_net(X), torch.tensor(BASELINE))
+        assert torch.allclose(tiny_net(TINY_X), torch.tensor(WITHOUT_BLOCK2))
+    assert torch.allclose(tiny_net(TINY_X), torch.tensor(BASELINE))
 
 
 def test_ablated_mean_uses_mean_branch(tiny_net):
-    # block1's mean branch over X is (4.3/3, 0): h = relu(x + mean), then block2 as usual.
-    with probe.ablated(tiny_net, ["block1"], mode="mean", data=data()):
+    # block1's mean branch over TINY_X is (4.3/3, 0): h = relu(x + mean), then block2 as usual.
+    with probe.ablated(tiny_net, ["block1"], mode="mean", data=tiny_data()):
         out = tiny_net(torch.tensor([[1.0, 2.0]]))
     h0 = 1.0 + 4.3 / 3
     assert torch.allclose(out, torch.tensor([[h0, 1.0]]))
 
 
 def test_sweep_matches_hand_computation(tiny_net):
-    table = probe.sweep(tiny_net, data(), progress=False)
+    table = probe.sweep(tiny_net, tiny_data(), progress=False)
     baseline = table.attrs["baseline"]
     assert baseline["accuracy"] == pytest.approx(1 / 3)
-    assert baseline["loss"] == pytest.approx(sum(cross_entropy(l, t) for l, t in zip(BASELINE, Y.tolist())) / 3)
+    assert baseline["loss"] == pytest.approx(sum(cross_entropy(l, t) for l, t in zip(BASELINE, TINY_Y.tolist())) / 3)
     for name, logits in (("block1", WITHOUT_BLOCK1), ("block2", WITHOUT_BLOCK2)):
         row = table.set_index("block").loc[name]
-        loss = sum(cross_entropy(l, t) for l, t in zip(logits, Y.tolist())) / 3
+        loss = sum(cross_entropy(l, t) for l, t in zip(logits, TINY_Y.tolist())) / 3
         assert row["accuracy"] == pytest.approx(2 / 3)
         assert row["accuracy_drop"] == pytest.approx(-1 / 3)
         assert row["flip_rate"] == pytest.approx(1 / 3)  # only the third sample changes class
@@ -77,14 +76,14 @@ def test_sweep_equals_ablated_block_by_block(mode):
 def test_sweep_leaves_model_as_found(tiny_net):
     tiny_net.train()
     before = snapshot(tiny_net)
-    probe.sweep(tiny_net, data(), progress=False)
-    probe.sweep(tiny_net, data(), mode="mean", progress=False)
+    probe.sweep(tiny_net, tiny_data(), progress=False)
+    probe.sweep(tiny_net, tiny_data(), mode="mean", progress=False)
     assert_unchanged(tiny_net, before)
 
 
 def test_unknown_mode_and_block_are_clear_errors(tiny_net):
     with pytest.raises(probe.ProbeError, match="'half'.*'zero'"):
-        probe.sweep(tiny_net, data(), mode="half", progress=False)
+        probe.sweep(tiny_net, tiny_data(), mode="half", progress=False)
     with pytest.raises(probe.ProbeError, match="'block3'.*block1"):
         with probe.ablated(tiny_net, ["block3"]):
             pass
@@ -167,7 +166,7 @@ def test_in_place_change_of_a_cached_value_falls_back_to_full_forwards():
     class InPlaceBetween(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            from conftest import TinyBlock
+            from tiny_models import TinyBlock
 
             self.block1 = TinyBlock([[1.0, 0.0], [0.0, 0.0]])
             self.block2 = TinyBlock([[0.0, 0.0], [0.0, -0.5]])
@@ -191,7 +190,7 @@ def test_in_place_change_of_a_cached_value_falls_back_to_full_forwards():
 
 def test_per_class_and_outcomes(tiny_net):
     baseline, (without1, without2) = probe.evaluate_ablations(
-        tiny_net, data(), [["block1"], ["block2"]], per_class=True, outcomes=True, progress=False)
+        tiny_net, tiny_data(), [["block1"], ["block2"]], per_class=True, outcomes=True, progress=False)
     # By hand (see BASELINE etc.): predictions 0,0,0 unablated; 0,0,1 without either block.
     assert baseline["correct"].tolist() == [True, False, False]
     assert without1["correct"].tolist() == [True, False, True]

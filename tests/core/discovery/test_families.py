@@ -22,7 +22,7 @@ from torch import nn
 from torchvision.models import convnext, efficientnet, mobilenetv2, mobilenetv3, resnet, swin_transformer
 
 import probe
-from conftest import assert_unchanged, snapshot
+from tiny_models import FunctionalEnds, Untraceable, assert_unchanged, randomize, snapshot, tiny_vit
 
 
 # -- discovery on full-size models ----------------------------------------------------------
@@ -201,56 +201,6 @@ class Darknet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-class GeluEnd(nn.Module):
-    """The branch ends in a function: x + gelu(fc(x))."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(width, width)
-
-    def forward(self, x):
-        return x + F.gelu(self.fc(x))
-
-
-class ScaledEnd(nn.Module):
-    """The branch ends in a learned scale (LayerScale, ReZero): x + gamma * f(x)."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.f = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
-        self.gamma = nn.Parameter(torch.full((width,), 0.5))
-
-    def forward(self, x):
-        return x + self.gamma * self.f(x)
-
-
-class FunctionalEnds(nn.Module):
-    def __init__(self, width: int = 6, classes: int = 3) -> None:
-        super().__init__()
-        self.stem = nn.Linear(12, width)
-        self.blocks = nn.Sequential(GeluEnd(width), ScaledEnd(width), GeluEnd(width))
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, x):
-        return self.head(self.blocks(self.stem(x.flatten(1))))
-
-
-class Untraceable(nn.Module):
-    """Python control flow on tensor values: torch.fx cannot trace it, a forward pass can."""
-
-    def __init__(self, width: int = 6, classes: int = 3) -> None:
-        super().__init__()
-        self.stem = nn.Linear(12, width)
-        self.blocks = nn.Sequential(ScaledEnd(width), GeluEnd(width))
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, x):
-        x = self.stem(x.flatten(1))
-        if bool(x.abs().sum() >= 0):  # always true, but only a real tensor can say so
-            x = self.blocks(x)
-        return self.head(x)
-
-
 def test_preact_resnet_blocks():
     blocks = probe.find_blocks(PreActResNet())
     assert [(b.name, b.branch, b.shortcut, b.strategy) for b in blocks] == [
@@ -312,24 +262,6 @@ def test_forward_pass_discovery_agrees_with_tracing(arch):
 # -- numbers on small configurations ----------------------------------------------------------
 
 
-def randomize(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0) -> nn.Module:
-    """Random weights with some spread (zero-initialised heads too), and BatchNorm statistics
-    taken from random data with some offset, so activations neither vanish nor saturate."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if norms:
-            for norm in norms:
-                norm.reset_running_stats()
-                norm.momentum = None  # cumulative average: the statistics of this one batch
-            model.train()(0.5 + torch.randn(8, *input_shape[1:]))
-            for norm in norms:
-                norm.momentum = 0.1
-    return model.eval()
-
-
 @dataclass
 class Case:
     """A small model, one of its blocks, and that block written out by hand.
@@ -370,13 +302,6 @@ def swin_first(m, x):
 def preact_pair(m, x):
     h = F.relu(m.bn1(x))
     return m.conv2(F.relu(m.bn2(m.conv1(h)))), (m.shortcut(h) if m.shortcut is not None else x)
-
-
-def tiny_vit():
-    from torchvision.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
-                             num_classes=3)
 
 
 def tiny_swin():

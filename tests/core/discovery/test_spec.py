@@ -11,7 +11,7 @@ import torchvision
 
 import probe
 from probe.discovery.spec import BlockSpec, blocks_from_spec
-from test_families import FunctionalEnds, Untraceable, randomize, tiny_vit
+from tiny_models import FunctionalEnds, Untraceable, randomize, tiny_vit
 
 VIT_LAYER = "encoder.layers.encoder_layer_0"
 
@@ -175,8 +175,8 @@ def test_analyses_take_the_blocks_they_are_given():
     named = probe.find_blocks(model, spec="layer1.1=bn2; layer3.0=bn2,shortcut")
     names = [b.name for b in named]
 
-    every = recalibration(model, data, data, progress=False)
-    some = recalibration(model, data, data, blocks=named, progress=False)
+    every = recalibration(model, data, calibration=data, progress=False).table
+    some = recalibration(model, data, calibration=data, blocks=named, progress=False).table
     expected = every[every["block"].isin(names)].reset_index(drop=True)
     # Positions count the blocks a spec names (0, 1), as in every table made from a spec.
     pd.testing.assert_frame_equal(some.drop(columns="position"), expected.drop(columns="position"), check_exact=True)

@@ -18,13 +18,13 @@ import torchvision
 from torch import nn
 
 import probe
-from conftest import assert_unchanged, snapshot
 from probe.errors import ProbeError
 from probe.examples.darknet import darknet_tiny
 from probe.instrument import measurement
 from probe.instrument.graphs import capture
 from probe.instrument.measurement import COLUMNS
 from probe.loading.models import cifar_resnet
+from tiny_models import assert_unchanged, snapshot
 
 NUMBERS = [c for c in COLUMNS if c not in ("block", "position", "branch", "shortcut")]
 

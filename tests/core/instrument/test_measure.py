@@ -1,4 +1,4 @@
-"""measure's statistics against values computed by hand on TinyNet (see conftest)."""
+"""measure's statistics against values computed by hand on TinyNet (see tiny_models)."""
 
 import math
 
@@ -7,21 +7,13 @@ import torch
 
 import probe
 import probe.instrument.measurement as measure_module
-from conftest import assert_unchanged, snapshot
 from probe.loading.models import cifar_resnet
-
-X = torch.tensor([[3.0, 4.0], [1.0, 1.0], [0.3, 1.0]])
-Y = torch.tensor([0, 1, 1])
-
-
-def data(batch_size=2):
-    return [(X[i:i + batch_size], Y[i:i + batch_size]) for i in range(0, len(X), batch_size)]
-
+from tiny_models import TINY_X, assert_unchanged, snapshot, tiny_data
 
 def by_hand():
     """Per-sample (branch norm, shortcut norm, ratio, cosine) for each block."""
     rows = {"block1": [], "block2": []}
-    for x0, x1 in X.tolist():
+    for x0, x1 in TINY_X.tolist():
         f1, s1 = (x0, 0.0), (x0, x1)                 # block1: F = (x0, 0), shortcut = x
         h = (max(2 * x0, 0.0), max(x1, 0.0))          # relu(x + F)
         f2, s2 = (0.0, -h[1] / 2), h                  # block2: F = (0, -h1/2)
@@ -38,7 +30,7 @@ def mean_std(values):
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
 def test_measure_matches_hand_computation(tiny_net, batch_size):
-    table = probe.measure(tiny_net, data(batch_size), progress=False)
+    table = probe.measure(tiny_net, tiny_data(batch_size), progress=False)
     assert list(table["block"]) == ["block1", "block2"]
     assert list(table["shortcut"]) == ["identity", "identity"]
     expected = by_hand()
@@ -55,7 +47,7 @@ def test_measure_matches_hand_computation(tiny_net, batch_size):
 
 
 def test_measure_per_class(tiny_net):
-    table = probe.measure(tiny_net, data(), per_class=True, progress=False)
+    table = probe.measure(tiny_net, tiny_data(), per_class=True, progress=False)
     assert list(table["class"]) == [0, 1, 0, 1]
     expected = by_hand()
     row = table[(table["block"] == "block1") & (table["class"] == 1)].iloc[0]
@@ -66,14 +58,14 @@ def test_measure_per_class(tiny_net):
 
 def test_measure_counts_nonfinite_samples_apart(tiny_net):
     bad = torch.tensor([[float("nan"), 1.0]])
-    table = probe.measure(tiny_net, [(torch.cat([X, bad]), torch.tensor([0, 1, 1, 0]))], progress=False)
+    table = probe.measure(tiny_net, [(torch.cat([TINY_X, bad]), torch.tensor([0, 1, 1, 0]))], progress=False)
     assert list(table["nonfinite"]) == [1, 1]
     assert list(table["samples"]) == [3, 3]
     assert table.loc[0, "ratio"] == pytest.approx(sum(s[2] for s in by_hand()["block1"]) / 3)
 
 
 def test_branch_means(tiny_net):
-    means = probe.branch_means(tiny_net, data(), progress=False)
+    means = probe.branch_means(tiny_net, tiny_data(), progress=False)
     assert torch.allclose(means["block1"], torch.tensor([4.3 / 3, 0.0]))
     # block2's branch is (0, -h1/2) with h1 = x1: 4, 1, 1.
     assert torch.allclose(means["block2"], torch.tensor([0.0, -1.0]))
@@ -83,8 +75,8 @@ def test_measure_leaves_model_as_found(tiny_net):
     tiny_net.train()
     tiny_net.block2.eval()
     before = snapshot(tiny_net)
-    probe.measure(tiny_net, data(), progress=False)
-    probe.branch_means(tiny_net, data(), progress=False)
+    probe.measure(tiny_net, tiny_data(), progress=False)
+    probe.branch_means(tiny_net, tiny_data(), progress=False)
     assert_unchanged(tiny_net, before)
 
 

@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import probe
-from conftest import assert_unchanged, snapshot
+from tiny_models import assert_unchanged, snapshot
 
 
 def resnet():

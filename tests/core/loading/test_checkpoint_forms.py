@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from probe.errors import ProbeError
-from probe.loading.models import CifarResNet, cifar_resnet, load_checkpoint
+from probe.loading.checkpoints import load_checkpoint
+from probe.loading.models import CifarResNet, cifar_resnet
 
 torch.set_num_threads(1)
 

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import probe
-from conftest import assert_unchanged, snapshot
 from probe.errors import ProbeError
 from probe.discovery.layers import group_layers
 from probe.deletion.surgery import export_pruned_lm, load_pruned_lm, prune_layers
+from tiny_models import assert_unchanged, snapshot
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,14 +10,13 @@ import torch
 from torch import nn
 
 from probe.errors import ProbeError
+from probe.loading.checkpoints import load_checkpoint, save_checkpoint
 from probe.loading.models import (
     MODEL_NAMES,
     CifarBasicBlock,
     PadShortcut,
     build_model,
     cifar_resnet,
-    load_checkpoint,
-    save_checkpoint,
 )
 
 

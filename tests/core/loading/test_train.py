@@ -11,11 +11,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import probe.loading.cache
-import probe.loading.models
+import probe.loading.checkpoints
 from probe.loading.cache import cache_dir, cached_model
 from probe.loading.datasets import make_loader
 from probe.errors import ProbeError
-from probe.loading.models import build_model, load_checkpoint
+from probe.loading.checkpoints import load_checkpoint
+from probe.loading.models import build_model
 from probe.commands.config import RunConfig
 from probe.train import _parser, _train_config, main
 from probe.loading.training import HISTORY_COLUMNS, TrainConfig, evaluate, train
@@ -185,7 +186,7 @@ def test_cli_training_options_are_validated_once(capsys):
 
 def test_checkpoints_are_written_whole_and_readable(tmp_path):
     # Through probe.files' atomic writer: no temp file left, and the permissions of any new file.
-    path = probe.loading.models.save_checkpoint(nn.Linear(2, 2), tmp_path / "c.pt", note="x")
+    path = probe.loading.checkpoints.save_checkpoint(nn.Linear(2, 2), tmp_path / "c.pt", note="x")
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -14,20 +14,20 @@ from torch.utils.data import DataLoader
 
 import probe
 from probe.errors import ProbeError
-from task_models import (SEQUENCES, TinyLM, TokenWindows, TwoHeads, lm_logits_by_hand, regression_data,
-                         regressor, squared_error, two_heads_by_hand, unlabelled_images)
+from tiny_models import (SEQUENCES, StackedLM, TokenWindows, TwoHeadNet, regression_data, regressor, squared_error,
+                         stacked_lm_logits_by_hand, two_heads_by_hand, unlabelled_images)
 
 LAYERS = ["layers.0", "layers.1", "layers.2"]
 
 
-def nll_by_hand(model: TinyLM, sequences: list[list[int]], skip: set[int] = frozenset()) -> tuple[float, int, int]:
+def nll_by_hand(model: StackedLM, sequences: list[list[int]], skip: set[int] = frozenset()) -> tuple[float, int, int]:
     """(summed next-token NLL, predicted tokens, correct top-1 predictions) over `sequences`,
     each run alone (no padding)."""
     total, tokens, correct = 0.0, 0, 0
     with torch.no_grad():
         for sequence in sequences:
             ids = torch.tensor([sequence])
-            log_p = F.log_softmax(lm_logits_by_hand(model, ids, skip)[0].double(), dim=-1)
+            log_p = F.log_softmax(stacked_lm_logits_by_hand(model, ids, skip)[0].double(), dim=-1)
             for t in range(len(sequence) - 1):
                 total -= float(log_p[t, sequence[t + 1]])
                 correct += int(log_p[t].argmax()) == sequence[t + 1]
@@ -40,7 +40,7 @@ def padded_loader(batch_size: int = 5) -> DataLoader:
 
 
 def test_lm_loss_and_perplexity_by_hand():
-    model = TinyLM().eval()
+    model = StackedLM().eval()
     table = probe.sweep(model, padded_loader(), task="lm", progress=False)
     total, tokens, correct = nll_by_hand(model, SEQUENCES)
     assert tokens == 5 + 2 + 3 + 4 + 1
@@ -62,7 +62,7 @@ def test_lm_loss_and_perplexity_by_hand():
 
 def test_padding_changes_nothing():
     """One padded batch, batches of two, and every sequence alone unpadded: the same numbers."""
-    model = TinyLM().eval()
+    model = StackedLM().eval()
     padded = probe.sweep(model, padded_loader(), task="lm", progress=False)
     pairs = probe.sweep(model, padded_loader(batch_size=2), task="lm", progress=False)
     alone = [{"input_ids": torch.tensor([s]), "attention_mask": torch.ones(1, len(s), dtype=torch.long)}
@@ -76,7 +76,7 @@ def test_padding_changes_nothing():
 
 def test_lm_labels_of_minus_100_are_not_scored():
     """Hugging Face's labels: -100 marks a position that is not predicted."""
-    model = TinyLM().eval()
+    model = StackedLM().eval()
     ids = torch.tensor([SEQUENCES[0]])
     labels = ids.clone()
     labels[0, 3:] = -100  # only tokens 1 and 2 are predicted
@@ -88,15 +88,15 @@ def test_lm_labels_of_minus_100_are_not_scored():
 
 
 def test_lm_deleting_a_layer_equals_a_model_without_it():
-    model = TinyLM().eval()
+    model = StackedLM().eval()
     table = probe.sweep(model, padded_loader(), task="lm", progress=False)
-    smaller = TinyLM().eval()
+    smaller = StackedLM().eval()
     smaller.layers = torch.nn.Sequential(smaller.layers[0], smaller.layers[2])
     without = probe.evaluate_ablations(smaller, padded_loader(), [], task="lm", progress=False).baseline
     assert table.loc[1, "loss"] == pytest.approx(without.loss, rel=1e-6)
 
 
-def drift_by_hand(model: TwoHeads, x: torch.Tensor, block: str) -> np.ndarray:
+def drift_by_hand(model: TwoHeadNet, x: torch.Tensor, block: str) -> np.ndarray:
     with torch.no_grad():
         intact, deleted = two_heads_by_hand(model, x), two_heads_by_hand(model, x, skip={block})
     difference = sum((d - i).double().flatten(1).square().sum(dim=1) for d, i in zip(deleted, intact))
@@ -105,7 +105,7 @@ def drift_by_hand(model: TwoHeads, x: torch.Tensor, block: str) -> np.ndarray:
 
 
 def test_drift_on_two_heads_by_hand():
-    model = TwoHeads().eval()
+    model = TwoHeadNet().eval()
     images = unlabelled_images().tensors[0]
     data = DataLoader(unlabelled_images(), batch_size=5)  # batches are [images]: no labels
     table = probe.sweep(model, data, task="drift", progress=False)
@@ -122,7 +122,7 @@ def test_drift_on_two_heads_by_hand():
 
 def test_drift_kl_on_logits_by_hand():
     """An output with `.logits` is compared as a distribution too."""
-    model = TinyLM().eval()
+    model = StackedLM().eval()
 
     class WithLogits(torch.nn.Module):
         def __init__(self) -> None:
@@ -138,8 +138,8 @@ def test_drift_kl_on_logits_by_hand():
     blocks = [b for b in probe.find_blocks(wrapper, example_input=ids) if b.name == "inner.layers.1"]
     table = probe.sweep(wrapper, [ids], task="drift", blocks=blocks, progress=False)
     with torch.no_grad():
-        p = F.log_softmax(lm_logits_by_hand(model, ids).double(), dim=-1)
-        q = F.log_softmax(lm_logits_by_hand(model, ids, skip={1}).double(), dim=-1)
+        p = F.log_softmax(stacked_lm_logits_by_hand(model, ids).double(), dim=-1)
+        q = F.log_softmax(stacked_lm_logits_by_hand(model, ids, skip={1}).double(), dim=-1)
     kl = float((p.exp() * (p - q)).sum(dim=-1).mean())
     assert table.loc[0, "kl"] == pytest.approx(kl, rel=1e-5)
 
@@ -164,7 +164,7 @@ def test_user_metric_by_hand():
 def test_user_metric_by_name_and_bad_returns():
     model = regressor().eval()
     data = DataLoader(regression_data(), batch_size=7)
-    by_name = probe.sweep(model, data, task="task_models:squared_error", progress=False)
+    by_name = probe.sweep(model, data, task="tiny_models:squared_error", progress=False)
     by_function = probe.sweep(model, data, task=squared_error, progress=False)
     pd.testing.assert_frame_equal(by_name, by_function)
     with pytest.raises(ProbeError, match=r"one value per sample.*\(7,\)"):
@@ -172,12 +172,12 @@ def test_user_metric_by_name_and_bad_returns():
     with pytest.raises(ProbeError, match="unknown task 'segmentation'"):
         probe.sweep(model, data, task="segmentation", progress=False)
     with pytest.raises(ProbeError, match="has no 'nothing'"):
-        probe.sweep(model, data, task="task_models:nothing", progress=False)
+        probe.sweep(model, data, task="tiny_models:nothing", progress=False)
 
 
 @pytest.mark.parametrize("task,model,data", [
-    ("lm", TinyLM, lambda: padded_loader(batch_size=2)),
-    ("drift", TwoHeads, lambda: DataLoader(unlabelled_images(), batch_size=5)),
+    ("lm", StackedLM, lambda: padded_loader(batch_size=2)),
+    ("drift", TwoHeadNet, lambda: DataLoader(unlabelled_images(), batch_size=5)),
     (squared_error, regressor, lambda: DataLoader(regression_data(), batch_size=7)),
 ])
 @pytest.mark.parametrize("mode", ["zero", "mean"])
@@ -191,7 +191,7 @@ def test_fast_sweep_equals_naive_loop(task, model, data, mode):
 def test_drift_verdicts():
     """A zero branch is skipped; a block whose deletion moves the outputs by far more than the
     tolerance helps; drift has no direction, so none hurts."""
-    model = TwoHeads().eval()
+    model = TwoHeadNet().eval()
     table = probe.block_table(model, DataLoader(unlabelled_images(), batch_size=5), task="drift", progress=False)
     verdicts = dict(zip(table["block"], table["verdict"]))
     assert verdicts["block1"] == "skipped"
@@ -205,7 +205,7 @@ def test_drift_verdicts():
 
 
 def test_lm_verdict_noise_from_paired_differences():
-    model = TinyLM().eval()
+    model = StackedLM().eval()
     table = probe.block_table(model, padded_loader(), task="lm", progress=False)
     noise = np.maximum(2 * table["loss_increase_se"], 1e-6 * (table["loss"] - table["loss_increase"]).abs() + 1e-12)
     np.testing.assert_allclose(table["noise"], noise)
@@ -218,7 +218,7 @@ def test_lm_verdict_noise_from_paired_differences():
 def test_recalibrated_engine_scores_every_task():
     """BN recalibration on a model without BatchNorm statistics changes nothing: both engines agree."""
 
-    class WithNorm(TwoHeads):
+    class WithNorm(TwoHeadNet):
         def __init__(self) -> None:
             super().__init__()
             self.norm = torch.nn.BatchNorm2d(1)
