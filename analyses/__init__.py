@@ -1,20 +1,12 @@
-"""Named analyses built on probe; each takes and returns tidy per-block DataFrames.
+"""Named analyses built on probe; each returns a typed result of tidy per-block DataFrames.
 
-Each analysis is a package: its `__init__` holds a function returning tidy DataFrames (columns
-documented on its result), its `__main__` the command `python -m analyses.NAME --out DIR` that
-writes them as CSV with PNG figures. `python -m probe.ablate` runs them all (through
-`analyses.pipeline`) and puts one section per analysis in its report:
-
-    analyses.degradation    degradation(depths)             plain vs residual nets against depth
-    analyses.skipping       skipping(model, data, table)    delete the skipped blocks together,
-                                                            deletion curves, pruned export
-    analyses.attribution    attribution(model, data, table) cheap proxies vs the measured drop
-    analyses.uncertainty    uncertainty(model, data, table) bootstrap intervals, per-class drops
-    analyses.representation representation(model, data,     linear probes, logit lens, refinement,
-                            train_data=...)                 CKA between blocks, classes served
-    analyses.recalibration  recalibration(model, data, cal) deletion cost with BN statistics refitted
-    analyses.lm             lm_layers(model, data, table)   a language model's layers: block influence,
-                                                            spans, greedy deletion, logit lens
+Each analysis is a package, `analyses/NAME/`: its `__init__` holds the function (a frozen
+dataclass result with `.tables()`, columns documented on it) and declares the analysis once
+(`ANALYSIS`, read by `analyses.registry`); its `__main__` is the command `python -m
+analyses.NAME --out DIR`, which writes the tables as CSV with PNG figures. `python -m
+probe.ablate` runs every registered analysis (through `analyses.pipeline`) and puts one section
+per analysis in its report. The list, with one line each: `python -c "from analyses import
+registry; [print(a.name, '-', a.summary) for a in registry.registered()]"`, or docs/analyses.md.
 
 The analyses are not imported here, so importing one does not import them all. The verdict
 rule is in the core (`probe.scoring.verdict`); what may import what: docs/architecture.md.

@@ -44,7 +44,7 @@ from probe.commands.inputs import (Datasets, data_fingerprint, explained_channel
                            named_parts)
 from probe.instrument.measurement import measure
 from probe.scoring.cost import COSTS
-from probe.scoring.results import Evaluation
+from probe.scoring.results import Evaluation, table_info
 from probe.commands.run_folder import RunDirectory, file_digest
 from probe.deletion.block_table import join_block_table, unsupported_reason
 from probe.scoring.tasks import Task, resolve_task
@@ -209,7 +209,7 @@ def run(config: RunConfig, *, progress: bool = True,
                 print(f"probe.ablate: warning: {line}", file=sys.stderr)
         table = join_block_table(stats, sweep, unsupported=warning)
         table.attrs["seconds"] = seconds
-        baseline = table.attrs["baseline"]
+        baseline = table_info(table).baseline
         if distributed.rank() != 0:
             distributed.barrier()  # every process holds the totals; rank 0 alone writes and reports
             return table, baseline, out
@@ -297,6 +297,22 @@ def _sections(outputs: AnalysisOutputs, context: ReportContext) -> list:
     return sections
 
 
+def _setting_sections() -> dict[str, tuple[str, ...]]:
+    """{setting: the analyses that read it}: the options of each analysis's declared option groups
+    (`Analysis.options`) that the job's own groups (model, ablation, report) do not have; the run
+    record lists such a setting only when one of its analyses ran."""
+    def options(*groups: str) -> set[str]:
+        parser = add_options(argparse.ArgumentParser(add_help=False), *groups, sections=registry.names())
+        return {action.dest for action in parser._actions}
+
+    own = options("model", "ablation", "report")
+    owners: dict[str, list[str]] = {}
+    for analysis in registry.registered():
+        for setting in sorted(options(*analysis.options) - own):
+            owners.setdefault(setting, []).append(analysis.name)
+    return {setting: tuple(names) for setting, names in owners.items()}
+
+
 def _samples(calibration) -> int | None:
     try:
         return len(calibration.dataset)
@@ -313,7 +329,7 @@ def _write_outputs(config, model, loader, table, evaluation, record, calibration
                             measure_seconds=costs["measure"], blocks=blocks,
                             task=evaluation.task, progress=progress)
     seconds.update(analyses.seconds)
-    baseline = table.attrs["baseline"]
+    baseline = table_info(table).baseline
     data = record["data"]
     report_config = {**{k: v for k, v in vars(config).items() if v is not None and v != ()},
                      "checkpoint": record["checkpoint"], "device": str(device), "samples": record["samples"],
@@ -331,7 +347,7 @@ def _write_outputs(config, model, loader, table, evaluation, record, calibration
                             calibration_samples=_samples(calibration))
     sections = _sections(analyses, context)
     write_report(out / "report.html", table, baseline=baseline, config=report_config,
-                 sections=sections, warning=table.attrs.get("unsupported"))
+                 sections=sections, warning=table_info(table).unsupported, setting_sections=_setting_sections())
 
 
 def _threads_words() -> str:
@@ -357,10 +373,11 @@ def _metric_words(metrics: dict) -> str:
 
 def _recalibration_words(table: pd.DataFrame, calibration: str | None) -> str:
     """The report's "BN recalibration" line: where the calibration data came from, and the intact
-    model's numbers as given and recalibrated (`attrs["trained_baseline"]`, `attrs["baseline"]`)."""
-    if "trained_baseline" not in table.attrs:  # the sweep refitted nothing (the model has no BatchNorm statistics)
+    model's numbers as given and recalibrated (`table_info(table)`: trained_baseline, baseline)."""
+    info = table_info(table)
+    if info.trained_baseline is None:  # the sweep refitted nothing (the model has no BatchNorm statistics)
         return "asked for, but nothing was refitted: the model has no BatchNorm layer with running statistics"
-    trained, recalibrated = table.attrs["trained_baseline"], table.attrs.get("baseline") or {}
+    trained, recalibrated = info.trained_baseline, info.baseline
     if cost_column(table) == "accuracy_drop" and "accuracy" in trained and "accuracy" in recalibrated:
         return (f"on ({calibration}); intact model as given: accuracy {trained['accuracy']:.2%}, recalibrated "
                 f"{recalibrated['accuracy']:.2%}")
@@ -372,7 +389,8 @@ def _recalibration_words(table: pd.DataFrame, calibration: str | None) -> str:
 
 def _baseline_words(table: pd.DataFrame, cost: str) -> str:
     """The summary's first line: the intact model's numbers, as the table's task has them."""
-    baseline = table.attrs["baseline"]
+    info = table_info(table)
+    baseline = info.baseline
     if cost == "accuracy_drop":
         return (f"baseline: accuracy {baseline['accuracy']:.2%}, loss {baseline['loss']:.4f} "
                 f"on {baseline['samples']} samples")
@@ -382,7 +400,7 @@ def _baseline_words(table: pd.DataFrame, cost: str) -> str:
     if "perplexity" in baseline:
         return (f"baseline: {_metric_words(baseline)} on {baseline['samples']} sequences "
                 f"({int(baseline['tokens']):,} tokens)")
-    task = f" (task {table.attrs['task']})" if table.attrs.get("task") else ""
+    task = f" (task {info.task})" if info.task else ""
     return f"baseline: {_metric_words(baseline)} on {baseline['samples']} samples{task}"
 
 
@@ -436,8 +454,9 @@ def format_summary(table: pd.DataFrame, n: int = 5) -> str:
     or the drift of the outputs)."""
     cost = cost_column(table)
     lines = [f"{_baseline_words(table, cost)}; {len(table)} residual blocks", ""]
-    if "unsupported" in table.attrs:
-        lines += [f"WARNING: {table.attrs['unsupported']}", "",
+    unsupported = table_info(table).unsupported
+    if unsupported is not None:
+        lines += [f"WARNING: {unsupported}", "",
                   f"no verdicts: every block is marked '{UNSUPPORTED}' in blocks.csv."]
         return "\n".join(lines)
     summary = summarize(table, n=n)
@@ -469,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                             on_table=lambda table: print(format_summary(table) + "\n", flush=True) if first else None)
         if first:
             print(f"wrote {out / 'blocks.csv'} and {out / 'report.html'}")
-            stages = ", ".join(f"{name} {value:.1f}" for name, value in table.attrs["seconds"].items())
+            stages = ", ".join(f"{name} {value:.1f}" for name, value in table_info(table).seconds.items())
             print(f"took {time.perf_counter() - start:.1f} s ({stages}); threads: {_threads_words()}")
         return 0
 

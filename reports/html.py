@@ -24,6 +24,8 @@ import pandas as pd
 from probe.scoring.tasks import TASKS
 from probe.scoring.verdict import UNSUPPORTED, VerdictRule, classify, cost_column, per_token, summarize
 from probe.errors import ProbeError
+from probe.scoring.cost import cost_named
+from probe.scoring.results import table_info
 from probe.loading.text import TEXT_DATASETS
 from probe.files import write_text
 from reports import figures
@@ -52,8 +54,9 @@ _TEXT_SETTINGS = ("seq_len",)
 _IMAGE_SETTINGS = ("image_size", "normalize", "in_channels", "images", "channels_last", "download",
                    "epochs", "train_batch_size", "lr", "momentum", "weight_decay")
 # Read by one analysis only: setting -> its section (probe.commands.config.SECTIONS).
-_SECTION_SETTINGS = {"degradation_depths": "degradation", "random_draws": "skipping", "curve_points": "skipping",
-                     "bootstrap": "uncertainty", "level": "uncertainty", "spans": "lm", "greedy_steps": "lm"}
+_SECTION_SETTINGS = {"degradation_depths": ("degradation",), "random_draws": ("skipping",),
+                     "curve_points": ("skipping",), "bootstrap": ("uncertainty", "lm"), "level": ("uncertainty", "lm"),
+                     "spans": ("lm",), "greedy_steps": ("lm",)}
 # Where refitted BatchNorm statistics come from: used by --bn-recalibrate and the recalibration section.
 _CALIBRATION_SETTINGS = ("calibration_samples", "calibration_root")
 # Switches that only turn something on: off, they did nothing in this run.
@@ -97,9 +100,6 @@ _FORMATS = {
 }
 _PERCENT = {"accuracy", "flip_rate", "token_accuracy", "token_flip_rate", "drift", "drift_se"}
 _POINTS = {"accuracy_drop", "noise", "token_accuracy_drop"}
-# The noise band is in the cost's unit: points of accuracy, the loss itself, % of the outputs.
-_NOISE = {"accuracy_drop": ("pm", "noise (pp)"), "loss_increase": ("pm.4f", "noise"),
-          "drift": ("pm", "noise (%)")}
 # The per-block table's first columns, in this order; the others follow as the table has them.
 _FIRST = ["position", "block", "verdict", "ratio", "ratio_std", "accuracy_drop", "noise",
           "flip_rate", "accuracy", "loss", "loss_increase", "cosine", "cosine_std",
@@ -113,14 +113,14 @@ _FIRST_CONTINUOUS = ["position", "block", "verdict", "ratio", "ratio_std", "{cos
 
 
 def _format(column: str, cost: str) -> str:
-    if column == "noise":
-        return _NOISE.get(cost, _NOISE["accuracy_drop"])[0]
+    if column == "noise":  # in the cost's unit: points of accuracy, the loss itself, % of the outputs
+        return cost_named(cost).noise_spec
     return _FORMATS.get(column, ".4g")
 
 
 def _header(column: str, cost: str = "accuracy_drop") -> str:
     if column == "noise":
-        return _NOISE.get(cost, _NOISE["accuracy_drop"])[1]
+        return cost_named(cost).noise_header
     if column in _PERCENT:
         return f"{column.replace('_', ' ')} (%)"
     if column in _POINTS:
@@ -179,7 +179,8 @@ def _empty(value) -> bool:
 
 
 def applicable_settings(config: Mapping, *, task_name: str, recalibrated: bool | None = None,
-                        sections_run: Collection[str] = ()) -> dict:
+                        sections_run: Collection[str] = (),
+                        setting_sections: Mapping[str, Collection[str]] | None = None) -> dict:
     """The settings of `config` that apply to this run, in the order the run record lists them.
 
     config: the run's settings, as `probe.ablate` hands them to `write_report` (every RunConfig
@@ -189,8 +190,11 @@ def applicable_settings(config: Mapping, *, task_name: str, recalibrated: bool |
     user's ("custom").
     recalibrated: whether BatchNorm statistics were refitted for the deletions (--bn-recalibrate);
     None: as the config's `bn_recalibrate` says.
-    sections_run: the analysis sections that ran (`probe.commands.config.SECTIONS` names); a
-    section that did not run reads none of its settings.
+    sections_run: the analysis sections that ran (names of the registry of analyses); a section
+    that did not run reads none of its settings.
+    setting_sections: {setting: the sections that read it} for the settings that belong to
+    analyses (`probe.ablate` derives it from each analysis's declared option groups); None: the
+    built-in analyses' (`_SECTION_SETTINGS`).
 
     Each rule reads the run itself (its task, its data, its sections, its recalibration), never
     the model's name:
@@ -202,9 +206,9 @@ def applicable_settings(config: Mapping, *, task_name: str, recalibrated: bool |
       sequences); image settings (image_size, normalize, in_channels, images, channels_last,
       download) and training settings (epochs, train_batch_size, lr, momentum, weight_decay: only
       image classifiers are trained here) only to runs not on text;
-    - a setting read by one analysis only when its section ran: degradation_depths
-      (degradation), random_draws and curve_points (skipping), bootstrap and level (uncertainty),
-      spans and greedy_steps (lm);
+    - a setting read by analyses only when one of their sections ran (`setting_sections`; by
+      default degradation_depths: degradation, random_draws and curve_points: skipping, bootstrap
+      and level: uncertainty or lm, spans and greedy_steps: lm);
     - calibration_samples and calibration_root only when BatchNorm statistics were refitted: with
       BN recalibration on, or in the recalibration section;
     - switches that only turn something on (download, allow_pickle) only when on;
@@ -220,6 +224,7 @@ def applicable_settings(config: Mapping, *, task_name: str, recalibrated: bool |
     text = task_name == "lm" or dataset in TEXT_DATASETS
     ran = set(sections_run)
     refitted = bool(config.get("bn_recalibrate")) if recalibrated is None else bool(recalibrated)
+    owners = _SECTION_SETTINGS if setting_sections is None else setting_sections
 
     def applies(key, value) -> bool:
         if _empty(value):
@@ -228,8 +233,8 @@ def applicable_settings(config: Mapping, *, task_name: str, recalibrated: bool |
             return text and ":" not in dataset  # a user's data set: probe.commands.inputs.is_user_dataset
         if key in _IMAGE_SETTINGS and text:
             return False
-        if key in _SECTION_SETTINGS:
-            return _SECTION_SETTINGS[key] in ran
+        if key in owners:
+            return bool(set(owners[key]) & ran)
         if key in _CALIBRATION_SETTINGS:
             return refitted or "recalibration" in ran
         if key in _SWITCHES:
@@ -253,9 +258,9 @@ def _config_items(settings: Mapping) -> list[tuple[str, str]]:
 
 
 def _task_name(df: pd.DataFrame, kind: str) -> str:
-    """The table's task: its `attrs["task"]` (a task's name; not one of `TASKS`: "custom"), else
+    """The table's task: `table_info(table).task` (a task's name; not one of `TASKS`: "custom"), else
     what its cost column and baseline say (`_baseline`'s kind: a loss of its own is "custom")."""
-    name = df.attrs.get("task") if isinstance(df, pd.DataFrame) else None
+    name = table_info(df).task
     if name:
         return str(name) if name in TASKS else "custom"
     return "custom" if kind == "loss" else kind
@@ -363,24 +368,17 @@ def _figures(table: pd.DataFrame, rule: VerdictRule, cost: str = "accuracy_drop"
     return out
 
 
-# How the answer words a block's cost: (name of the cost, what deleting a helping block does,
-# the cost in a few words); each a format string of the formatted cost.
-_ANSWER_WORDS = {
-    "accuracy_drop": ("accuracy drop", "costs {} points of accuracy", "{} points"),
-    "loss_increase": ("loss increase", "changes the loss by {}{unit}", "loss {}"),
-    "drift": ("drift", "moves the outputs by {}% of their size", "drift {}%"),
-}
-_COST_FORMATS = {"accuracy_drop": "pp", "loss_increase": "+.4f", "drift": "pct"}
-
-
 def _answer(table: pd.DataFrame, summary: dict, cost: str = "accuracy_drop") -> dict:
     by_name = table.set_index(table["block"].astype(str))
-    name, effect, short = _ANSWER_WORDS.get(cost, _ANSWER_WORDS["accuracy_drop"])
+    # How the answer words a block's cost (`probe.scoring.cost`): its name, what deleting a
+    # helping block does, the cost in a few words.
+    record = cost_named(cost)
+    name, effect, short = record.name, record.effect, record.short
     unit = " nats per token" if per_token(table) else ""
 
     def entry(block: str) -> dict:
         row = by_name.loc[block]
-        value = format_cell(row[cost], _COST_FORMATS.get(cost, ".4g"))
+        value = format_cell(row[cost], record.spec)
         return {"block": block,
                 "effect": effect.format(value, unit=unit),
                 "short": short.format(value),
@@ -416,18 +414,19 @@ def _baseline(baseline: Mapping, cost: str, df: pd.DataFrame) -> dict:
     formats = {"accuracy": _FORMATS["accuracy"], "loss": _FORMATS["loss"], "samples": _FORMATS["samples"],
                "perplexity": ".4g", "token_accuracy": "pct", "tokens": ",.0f"}
     shown = {key: format_cell(baseline[key], spec) for key, spec in formats.items() if key in baseline}
-    return {"kind": kind, "task": str(df.attrs.get("task", "")), **shown}
+    return {"kind": kind, "task": str(table_info(df).task or ""), **shown}
 
 
 def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
                   rule: VerdictRule | None = None, title: str = "probe report",
-                  sections: Sequence[Section] = (), warning: str | None = None) -> str:
+                  sections: Sequence[Section] = (), warning: str | None = None,
+                  setting_sections: Mapping[str, Collection[str]] | None = None) -> str:
     """The whole report as one HTML string (see module docstring).
 
-    df: per-block table (one row per block; columns as in docs/architecture.md and the README); its
+    df: per-block table (one row per block; columns as in docs/api.md); its
     cost column (`probe.scoring.verdict.cost_column`: accuracy_drop, loss_increase or drift) is what the
     answer, the figures and the table show. baseline: the unablated model's numbers, as the
-    table's `attrs["baseline"]` holds them for its task: {"accuracy", "loss", "samples"} for
+    table's `table_info(table).baseline` holds them for its task: {"accuracy", "loss", "samples"} for
     classification; {"loss", "perplexity", "token_accuracy", "tokens", "samples"} for a language
     model; {"samples"} for drift; {"loss", "samples"} (and "accuracy") for a task of your own.
     config: the run's settings (model, checkpoint, dataset, samples, mode, seed, date, versions,
@@ -436,13 +435,13 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     statistics were refitted from its `bn_recalibrated` column or else the config's
     `bn_recalibrate`, and which of `sections` ran).
     rule: the verdict rule the report describes; given, the verdicts are recomputed with it; else
-    the table's own `verdict` column is shown with the rule that made it (`attrs["rule"]`, set by
+    the table's own `verdict` column is shown with the rule that made it (`table_info(table).rule`, set by
     `probe.scoring.verdict.classify`; VerdictRule() for a table read back from a CSV), and only a table
     without verdicts is classified here, by VerdictRule().
     sections: one `reports.sections.Section` per analysis, shown after the per-block table and
     figures and listed in a table of contents.
     warning: why the data cannot support verdicts (`probe.scoring.verdict.chance_warning`; default the
-    table's `attrs["unsupported"]`): the answer then gives it instead of verdicts, and
+    `table_info(table).unsupported`): the answer then gives it instead of verdicts, and
     every block's verdict is "unsupported".
 
     The report reads in the order a reader asks: the answer first (the intact model's numbers,
@@ -456,10 +455,10 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     shown_baseline = _baseline(baseline, cost, df)
     if not isinstance(config, Mapping):
         raise ProbeError(f"config must be a dict of run settings, got {type(config).__name__}.")
-    warning = warning or df.attrs.get("unsupported")
+    warning = warning or table_info(df).unsupported
     classified = rule is None and {"noise", "verdict"} <= set(df.columns)
     table = df.copy() if classified else classify(df, rule=rule)
-    rule = table.attrs.get("rule") or VerdictRule()  # the rule of the verdicts shown
+    rule = table_info(table).rule or VerdictRule()  # the rule of the verdicts shown
     if warning:
         table["verdict"] = UNSUPPORTED
     if "position" in table.columns:
@@ -469,7 +468,8 @@ def render_report(df: pd.DataFrame, *, baseline: Mapping, config: Mapping,
     sections = list(sections)
     settings = applicable_settings(config, task_name=_task_name(df, shown_baseline["kind"]),
                                    recalibrated=_recalibrated(table),
-                                   sections_run=[section.id for section in sections if _ran(section)])
+                                   sections_run=[section.id for section in sections if _ran(section)],
+                                   setting_sections=setting_sections)
     shown_figures = _figures(table, rule, cost)
     return _ENV.get_template("report.html").render(
         title=title,

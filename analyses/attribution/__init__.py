@@ -91,7 +91,7 @@ class AttributionResult:
 
 
 def block_influence(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
-                    progress: bool = False) -> pd.DataFrame:
+                    progress: bool = True) -> pd.DataFrame:
     """ShortGPT's block influence per block: mean over samples of 1 - cos(s(x), s(x) + F(x)).
 
     Columns: block, position, block_influence, samples. 0: the block leaves the residual
@@ -121,7 +121,7 @@ def block_influence(model: nn.Module, data: Iterable, *, blocks: Sequence[str | 
 
 
 def gradient_x_activation(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
-                          task: str | Task | Callable | None = None, progress: bool = False) -> pd.DataFrame:
+                          task: str | Task | Callable | None = None, progress: bool = True) -> pd.DataFrame:
     """captum's LayerGradientXActivation on every block's branch output, one backward per batch.
 
     Columns: block, position, gradient_x_activation (mean over samples of
@@ -224,7 +224,7 @@ def _timed(compute):
     return value, time.perf_counter() - start
 
 
-def attribution(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None, *,
+def attribution(model: nn.Module, data: Iterable, *, table: pd.DataFrame | None = None,
                 truth_seconds: float | None = None, measure_seconds: float | None = None, mode: str = "zero",
                 calibration: Iterable | None = None,
                 blocks: Sequence[str | Block] | None = None, task: str | Task | Callable | None = None,
@@ -289,7 +289,7 @@ def attribution(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
 
 
 def _in_job(job: Job) -> AttributionResult:
-    return attribution(job.model, job.data, job.table, truth_seconds=job.sweep_seconds,
+    return attribution(job.model, job.data, table=job.table, truth_seconds=job.sweep_seconds,
                        measure_seconds=job.measure_seconds, mode=job.config.mode, blocks=job.blocks, task=job.task,
                        progress=job.progress)
 

@@ -72,7 +72,7 @@ __all__ = ["LMResult", "best_spans", "depth_finding", "final_norm", "greedy_dele
            "span_losses", "span_summary"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class LMResult:
     """What `lm_layers` found; every table's columns:
 
@@ -95,6 +95,7 @@ class LMResult:
         when the lens does not apply (`notes["lens"]` says why).
     finding: one sentence (`depth_finding`).
     notes: {part: why it is empty, or what to keep in mind}.
+    baseline: the intact model's numbers (loss, perplexity, token_accuracy, tokens, ...).
     """
 
     layers: pd.DataFrame
@@ -105,6 +106,7 @@ class LMResult:
     lens: pd.DataFrame
     finding: str
     notes: dict[str, str] = field(default_factory=dict)
+    baseline: dict = field(default_factory=dict)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """{CSV name: table} of every table (probe.files.write_tables writes them)."""
@@ -112,7 +114,7 @@ class LMResult:
                 "lm_greedy": self.greedy, "lm_agreement": self.agreement, "lm_logit_lens": self.lens}
 
 
-def lm_layers(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None, *,
+def lm_layers(model: nn.Module, data: Iterable, *, table: pd.DataFrame | None = None,
               blocks: Sequence[str | Block] | None = None, spans: Iterable[int] | None = None,
               greedy_steps: int | None = None, resamples: int = 1000, level: float = 0.95, seed: int = 0,
               fit: bool = False, progress: bool = True) -> LMResult:
@@ -173,12 +175,13 @@ def lm_layers(model: nn.Module, data: Iterable, table: pd.DataFrame | None = Non
                               f"{lens['agreement'].iloc[-1]:.2%} of the tokens: the model's head does more than the "
                               "final norm and the unembedding (a logit scale or soft-capping?).")
     return LMResult(layers=layers, spans=span_summary(losses), span_losses=losses, greedy=greedy,
-                    agreement=agreement, lens=lens, finding=depth_finding(layers), notes=notes)
+                    agreement=agreement, lens=lens, finding=depth_finding(layers), notes=notes,
+                    baseline=LM.metrics(deletions.baseline))
 
 
 def _in_job(job: Job) -> LMResult:
     config = job.config
-    return lm_layers(job.model, job.data, job.table, blocks=job.blocks, spans=config.spans,
+    return lm_layers(job.model, job.data, table=job.table, blocks=job.blocks, spans=config.spans,
                      greedy_steps=config.greedy_steps, resamples=config.bootstrap, level=config.level,
                      seed=config.seed, fit=True, progress=job.progress)
 

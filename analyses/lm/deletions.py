@@ -79,8 +79,8 @@ def single_deletion_table(deletions: Deletions, stack: DecoderLayers, table: pd.
     return pd.DataFrame(rows, columns=DELETION_COLUMNS)
 
 
-def single_deletions(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None, *,
-                     blocks: Sequence[str | Block] | None = None, progress: bool = False) -> pd.DataFrame:
+def single_deletions(model: nn.Module, data: Iterable, *, table: pd.DataFrame | None = None,
+                     blocks: Sequence[str | Block] | None = None, progress: bool = True) -> pd.DataFrame:
     """What deleting each layer alone (both its blocks) and each sublayer alone costs.
 
     Columns: kind ("layer" or "sublayer"), unit (name), loss (mean NLL per token), perplexity,

@@ -63,14 +63,14 @@ def greedy_table(deletions: Deletions, stack: DecoderLayers, steps: int, layers:
 
 
 def greedy_deletion(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
-                    steps: int | None = None, layers: pd.DataFrame | None = None,
-                    progress: bool = False) -> pd.DataFrame:
+                    greedy_steps: int | None = None, layers: pd.DataFrame | None = None,
+                    progress: bool = True) -> pd.DataFrame:
     """SLEB's greedy layer deletion against two one-shot orders, as loss and perplexity curves.
 
     greedy: at step k, every remaining layer is deleted together with the k - 1 already removed
     (one evaluation pass per step) and the one giving the lowest loss is removed. single_loss:
     the layers ranked once by their single-layer loss increase, smallest first; block_influence:
-    ranked once by block influence, lowest first (ShortGPT). steps: how many layers to remove
+    ranked once by block influence, lowest first (ShortGPT). greedy_steps: how many layers to remove
     (default: half of them). layers: the `lm_layers` per-unit table (block_influence and
     loss_increase of each layer), computed here when None.
 
@@ -80,7 +80,7 @@ def greedy_deletion(model: nn.Module, data: Iterable, *, blocks: Sequence[str | 
     (over the intact model). `attrs["baseline"]`: the intact model's numbers.
     """
     stack = layers_of(model, data, blocks)
-    steps = check_steps(steps, len(stack.names))
+    steps = check_steps(greedy_steps, len(stack.names))
     deletions = Deletions(model, data, stack, progress)
     if layers is None:
         similarity = similarity_table(stack, stream_pass(model, data, stack, sublayers=False, progress=progress))

@@ -46,7 +46,7 @@ def angle_table(stack: DecoderLayers, sums: Sums) -> pd.DataFrame:
 
 
 def layer_similarity(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
-                     progress: bool = False) -> pd.DataFrame:
+                     progress: bool = True) -> pd.DataFrame:
     """ShortGPT's block influence of every layer and every sublayer, in one pass over the data.
 
     Columns: kind ("layer" or "sublayer"), unit (the layer's or the block's name), layer,
@@ -63,7 +63,7 @@ def layer_similarity(model: nn.Module, data: Iterable, *, blocks: Sequence[str |
 
 
 def residual_angles(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
-                    progress: bool = False) -> pd.DataFrame:
+                    progress: bool = True) -> pd.DataFrame:
     """Gromov et al.'s angular distance between the residual stream entering layer `start` and the
     one entering layer `start + n` (the last layer's output when that is L), for every span.
 

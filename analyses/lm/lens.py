@@ -28,7 +28,7 @@ def lens_table(stack: DecoderLayers, sums: Sums) -> pd.DataFrame:
 
 
 def logit_lens(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
-               progress: bool = False) -> pd.DataFrame:
+               progress: bool = True) -> pd.DataFrame:
     """The logit lens: the final norm and the unembedding (`lens_parts`) applied to the residual
     stream entering the first layer and after every layer, scored as the model's own output.
 

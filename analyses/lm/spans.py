@@ -16,6 +16,7 @@ from analyses.lm.units import LM, layers_of
 from probe.discovery.decoder import DecoderLayers
 from probe.discovery.find import Block
 from probe.errors import ProbeError
+from probe.scoring.results import table_info
 
 SPAN_LOSS_COLUMNS = ["n", "start", "first_layer", "last_layer", "angle", "loss", "perplexity", "loss_increase",
                      "loss_increase_se", "by_angle", "by_loss"]
@@ -55,7 +56,7 @@ def span_loss_table(deletions: Deletions, stack: DecoderLayers, angles: pd.DataF
 
 def span_losses(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
                 spans: Iterable[int] | None = None, angles: pd.DataFrame | None = None,
-                progress: bool = False) -> pd.DataFrame:
+                progress: bool = True) -> pd.DataFrame:
     """Every span of n consecutive layers deleted together, with its angular distance.
 
     Columns: n, start (0-based index of its first layer), first_layer, last_layer, angle (the
@@ -82,10 +83,10 @@ def span_summary(spans: pd.DataFrame) -> pd.DataFrame:
     span with the smallest angular distance), angle (its distance), loss_by_angle,
     perplexity_by_angle (deleting it), start_by_loss (the span whose deletion costs least),
     angle_by_loss (its distance), loss_by_loss, perplexity_by_loss, same_span (both picks agree),
-    baseline_loss, baseline_perplexity (the intact model, from `attrs["baseline"]`; NaN without:
+    baseline_loss, baseline_perplexity (the intact model, from `table_info(spans).baseline`; NaN without:
     output columns, so the CSV keeps them). `attrs["baseline"]` is the spans table's.
     """
-    baseline = spans.attrs.get("baseline", {})
+    baseline = table_info(spans).baseline
     rows = []
     for n, group in spans.groupby("n", sort=True):
         angle = group[group["by_angle"].astype(bool)].iloc[0]
@@ -104,7 +105,7 @@ def span_summary(spans: pd.DataFrame) -> pd.DataFrame:
 
 def best_spans(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
                spans: Iterable[int] | None = None, angles: pd.DataFrame | None = None,
-               progress: bool = False) -> pd.DataFrame:
+               progress: bool = True) -> pd.DataFrame:
     """For each span length n, the span Gromov et al. would delete (smallest angular distance)
     against the span whose deletion really costs least: `span_summary(span_losses(...))`."""
     return span_summary(span_losses(model, data, blocks=blocks, spans=spans, angles=angles, progress=progress))

@@ -32,6 +32,7 @@ from probe.deletion.block_table import check_table
 from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.deletion.batchnorm import batchnorm_layers
+from probe.scoring.results import table_info
 from probe.scoring.tasks import Classification, Task, resolve_task
 from probe.scoring.verdict import cost_column
 
@@ -110,9 +111,9 @@ def recalibration(model: nn.Module, data: Iterable, *, calibration: Iterable, ta
 
 
 def _with_baseline(rows: pd.DataFrame, source: pd.DataFrame, columns: Sequence[str] = COLUMNS) -> pd.DataFrame:
-    """`rows` in `columns`, with the baseline they were compared with (`source.attrs`); a table
+    """`rows` in `columns`, with the baseline they were compared with (`table_info(source)`); a table
     read back from CSV has no attrs: its baseline is recovered from any row (accuracy + drop)."""
-    baseline = source.attrs.get("baseline")
+    baseline = table_info(source).baseline or None
     if baseline is None:
         baseline = {}
         if "accuracy" in rows and "accuracy_drop" in rows:

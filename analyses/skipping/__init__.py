@@ -124,7 +124,7 @@ def curve_ks(blocks: int, points: int | None = None) -> list[int]:
     return sorted({1, *(int(k) for k in np.round(np.linspace(0, blocks, points))[1:])})
 
 
-def skipping(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None, *,
+def skipping(model: nn.Module, data: Iterable, *, table: pd.DataFrame | None = None,
              rule: VerdictRule | None = None, mode: str = "zero", calibration: Iterable | None = None,
              random_draws: int = RunConfig.random_draws, seed: int = 0,
              curve_points: int | None = RunConfig.curve_points,
@@ -170,7 +170,7 @@ def skipping(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None
     if export:
         try:
             _, exported = export_pruned(model, data, sets[0], path=export_path, calibration=calibration,
-                                        total_blocks=len(every))
+                                        total_blocks=len(every), progress=False)
         except ProbeError as error:  # the curves and the summary need no export: keep them, say why
             note = str(error)
             warnings.warn(f"no pruned model exported: {note}", stacklevel=2)
@@ -240,7 +240,7 @@ def _task_tables(task: Task, baseline: Outcome, results: list[Outcome], skipped:
 
 def _in_job(job: Job) -> SkippingResult:
     config = job.config
-    return skipping(job.model, job.data, job.table, mode=config.mode, calibration=job.recalibration_data,
+    return skipping(job.model, job.data, table=job.table, mode=config.mode, calibration=job.recalibration_data,
                     random_draws=config.random_draws, seed=config.seed, curve_points=config.curve_points,
                     export_path=job.out / "pruned_model.pt", blocks=job.blocks, task=job.task, progress=job.progress)
 

@@ -32,7 +32,7 @@ from analyses.registry import Analysis, Job
 from probe.commands.config import RunConfig
 from probe.commands.inputs import load_inputs
 from probe.deletion.evaluation import single_block_sweep
-from probe.scoring.results import Evaluation, Outcome
+from probe.scoring.results import Evaluation, Outcome, table_info
 from probe.deletion.block_table import check_table, join_block_table, unsupported_reason
 from probe.scoring.tasks import Classification, Task, resolve_task
 from probe.scoring.verdict import UNSUPPORTED, VerdictRule, classify, cost_column
@@ -199,7 +199,7 @@ def drop_intervals(table: pd.DataFrame, evaluation: Evaluation, *, rule: Verdict
     for a table read back from a CSV); with `rule` given, or for a table without verdicts, both
     are by `rule`.
     """
-    given_rule, rule = rule, rule or table.attrs.get("rule") or VerdictRule()
+    given_rule, rule = rule, rule or table_info(table).rule or VerdictRule()
     task = _task_of(evaluation, task)
     baseline, results = evaluation
     classification = isinstance(task, Classification)
@@ -279,7 +279,7 @@ def per_class_drops(table: pd.DataFrame, evaluation: Evaluation, *,
     return pd.DataFrame(rows, columns=CLASS_COLUMNS)
 
 
-def uncertainty(model: nn.Module, data: Iterable, table: pd.DataFrame | None = None, *,
+def uncertainty(model: nn.Module, data: Iterable, *, table: pd.DataFrame | None = None,
                 rule: VerdictRule | None = None, resamples: int = 1000, level: float = 0.95, seed: int = 0,
                 mode: str = "zero", calibration: Iterable | None = None,
                 evaluation: Evaluation | None = None, blocks: Sequence[str | Block] | None = None,
@@ -328,7 +328,7 @@ def uncertainty(model: nn.Module, data: Iterable, table: pd.DataFrame | None = N
 
 def _in_job(job: Job) -> UncertaintyResult:
     config = job.config
-    return uncertainty(job.model, job.data, job.table, resamples=config.bootstrap, level=config.level, seed=config.seed,
+    return uncertainty(job.model, job.data, table=job.table, resamples=config.bootstrap, level=config.level, seed=config.seed,
                        evaluation=job.evaluation, blocks=job.blocks, task=job.task, progress=job.progress)
 
 

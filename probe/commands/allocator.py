@@ -7,7 +7,7 @@ first touch. A sweep frees and makes the same activations thousands of times: on
 the process took 1.0-1.9 million page faults. With blocks up to 32 MiB served from the heap and up
 to 1 GiB of freed heap kept, it takes 0.28x as many, and 0.60x the system CPU time; the sweep
 took 0.91x the time, the whole job the same within noise (`benchmarks/job_speed.py
---allocator-too`, README).
+--allocator-too`, docs/performance.md).
 
 The commands (`probe.commands.runner.run_command`) do this for their own process, and so does a command's
 `main()` called from Python; the library's functions never change the allocator. Where the user

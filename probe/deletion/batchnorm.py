@@ -53,7 +53,7 @@ def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._
 
 def recalibrate_batchnorm(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] = (),
                           mode: str = "zero", means: Mapping[str, torch.Tensor] | None = None,
-                          progress: bool = False) -> int:
+                          progress: bool = True) -> int:
     """Replace the BN running statistics of `model` by those of `data`, with `blocks` ablated.
 
     Changes the model's BN buffers for good (use `recalibrated` to get them back); the momentum
@@ -91,7 +91,7 @@ def recalibrate_batchnorm(model: nn.Module, data: Iterable, *, blocks: Sequence[
 @contextlib.contextmanager
 def recalibrated(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] = (),
                  mode: str = "zero", means: Mapping[str, torch.Tensor] | None = None,
-                 progress: bool = False) -> Iterator[nn.Module]:
+                 progress: bool = True) -> Iterator[nn.Module]:
     """Within the body, `model` has `blocks` ablated and BN statistics recalibrated on `data`.
 
     On exit (also on an exception or KeyboardInterrupt) every BN buffer is copied back from a

@@ -41,7 +41,7 @@ from probe.scoring.tasks import Classification, Task, resolve_task
 
 __all__ = ["COLUMNS", "evaluate_ablations", "single_block_sweep", "sweep", "sweep_table"]
 
-# The classification task's sweep columns; other tasks: see `sweep_table` and the README.
+# The classification task's sweep columns; other tasks: see `sweep_table` and docs/api.md.
 COLUMNS = ["block", "position", "mode", "accuracy", "loss", "accuracy_drop", "loss_increase",
            "flip_rate", "samples"]
 

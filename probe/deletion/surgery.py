@@ -53,7 +53,7 @@ EXPORT_COLUMNS = ["model", "blocks", "parameters", "bytes", "seconds_per_batch",
 
 
 def prune(model: nn.Module, blocks: Sequence[str | Block], *, calibration: Iterable | None = None,
-          progress: bool = False) -> nn.Module:
+          progress: bool = True) -> nn.Module:
     """A deep copy of `model` in which each of `blocks` computes its shortcut path only.
 
     Each block's branch output is replaced by zeros shaped like its shortcut, and the modules
@@ -126,7 +126,7 @@ def _shortcut_only(module: nn.Module, module_name: str, blocks: Sequence[Block])
 
 def export_pruned(model: nn.Module, data: Iterable, blocks: Sequence[str | Block], *,
                   path: str | Path | None = None, calibration: Iterable | None = None, repeats: int = 3,
-                  total_blocks: int | None = None, progress: bool = False) -> tuple[nn.Module, pd.DataFrame]:
+                  total_blocks: int | None = None, progress: bool = True) -> tuple[nn.Module, pd.DataFrame]:
     """(pruned copy, table comparing it with `model`): see `prune` and `SkippingResult.export`.
 
     The pruned copy is checked against `probe.ablated(model, blocks)` on every batch of `data`
@@ -211,7 +211,7 @@ def load_pruned(path: str | Path, model: nn.Module) -> nn.Module:
         return saved.eval()
     if not (isinstance(saved, dict) and saved.get("format") == PRUNED_FORMAT):
         raise ProbeError(f"{str(path)!r} is not a pruned model exported by probe (no {PRUNED_FORMAT!r} record).")
-    pruned = prune(model, [Block(**fields) for fields in saved["blocks"]])
+    pruned = prune(model, [Block(**fields) for fields in saved["blocks"]], progress=False)
     pruned.load_state_dict(saved["state_dict"])
     return pruned.eval()
 
@@ -221,7 +221,7 @@ def _reference(model: nn.Module, blocks: list[Block], calibration: Iterable | No
     if not blocks:
         return contextlib.nullcontext(model)
     if calibration is not None:
-        return recalibrated(model, calibration, blocks=blocks)
+        return recalibrated(model, calibration, blocks=blocks, progress=False)
     return ablated(model, blocks)
 
 

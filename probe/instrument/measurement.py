@@ -29,7 +29,7 @@ from probe.instrument.hooks import attached, model_preserved, tap_pairs
 
 # Per-sample quantities, in accumulator column order after the count.
 QUANTITIES = ("branch_norm", "shortcut_norm", "ratio", "cosine")
-# Columns of the table `measure` returns (see README, "Output columns").
+# Columns of the table `measure` returns (documented in docs/api.md).
 COLUMNS = ["block", "position", "branch", "shortcut",
            *[c for q in QUANTITIES for c in (q, q + "_std")], "samples", "nonfinite"]
 
@@ -128,7 +128,7 @@ def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] |
 
     Returns one row per block in forward order (with `per_class=True`, one row per block and
     class, with a `class` column; that needs integer class labels). Batches may come in any
-    form `probe.batches.split_batch` knows (targets are not needed otherwise). Columns: see `COLUMNS` and the README. A block module run k
+    form `probe.batches.split_batch` knows (targets are not needed otherwise). Columns: see `COLUMNS` and docs/api.md. A block module run k
     times per forward counts k samples per input (see the module docstring).
 
     graphs: replay the instrumented forward from a captured graph (`probe.instrument.graphs`) for batches of

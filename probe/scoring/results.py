@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
+
+import pandas as pd
 import torch
 
-__all__ = ["Evaluation", "Outcome"]
+__all__ = ["Evaluation", "Outcome", "TableInfo", "table_info"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,3 +96,37 @@ class Evaluation:
 
     def __len__(self) -> int:
         return 2
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """What a per-block table is compared against and how it was judged: the metadata that holds
+    for no single row, read from the table in one place (`table_info`), so that no later step
+    reads `DataFrame.attrs` itself.
+
+    baseline: the intact model's numbers, as the table's task has them ({"accuracy", "loss",
+    "samples"} for classification; {} for a table without them); trained_baseline: the intact
+    model as given, when the sweep refitted BatchNorm statistics (None otherwise); task: the
+    task's name (None: classification, or unknown); rule: the `probe.scoring.verdict.VerdictRule`
+    behind the table's verdicts (None: not classified, or the default); unsupported: why the
+    table carries no verdicts (the intact model is at chance), else None; seconds: what each stage
+    of a `python -m probe.ablate` run took ({} elsewhere).
+    """
+
+    baseline: dict = field(default_factory=dict)
+    trained_baseline: dict | None = None
+    task: str | None = None
+    rule: object | None = None
+    unsupported: str | None = None
+    seconds: dict = field(default_factory=dict)
+
+
+def table_info(table: pd.DataFrame) -> TableInfo:
+    """The `TableInfo` of a per-block table (`probe.sweep`, `probe.block_table`, an analysis's
+    table handed on); empty for any other object."""
+    attrs = table.attrs if isinstance(table, pd.DataFrame) else {}
+    trained = attrs.get("trained_baseline")
+    return TableInfo(baseline=dict(attrs.get("baseline") or {}),
+                     trained_baseline=dict(trained) if trained is not None else None,
+                     task=attrs.get("task") or None, rule=attrs.get("rule"), unsupported=attrs.get("unsupported"),
+                     seconds=dict(attrs.get("seconds") or {}))

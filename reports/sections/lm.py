@@ -53,7 +53,7 @@ def lm_section(result) -> Section:
             "per token on the evaluation data (padding excluded); perplexity is its exponential.",
             result.finding]
     lead += [line for line in (_lm_greedy_lead(greedy), _lm_span_lead(spans)) if line]
-    baseline = layers.attrs.get("baseline", {})
+    baseline = result.baseline
     if "loss" in baseline:
         lead.append(f"The intact model: loss {baseline['loss']:.4f}, perplexity {baseline['perplexity']:.4g}.")
     shown = []

@@ -62,7 +62,7 @@ def drift_table() -> pd.DataFrame:
 
 def test_skipping_curves_for_drift_equal_the_drift_by_hand(tiny_net):
     before = snapshot(tiny_net)
-    result = skipping(tiny_net, unlabelled(), drift_table(), task="drift", random_draws=1, seed=2, export=False,
+    result = skipping(tiny_net, unlabelled(), table=drift_table(), task="drift", random_draws=1, seed=2, export=False,
                       progress=False)
     assert_unchanged(tiny_net, before)
     summary = result.summary.set_index("state")
@@ -105,7 +105,7 @@ class TupleNet(TinyNet):
 
 def test_skipping_exports_a_model_with_tuple_outputs(tmp_path):
     model = TupleNet().eval()
-    result = skipping(model, unlabelled(), drift_table(), task="drift", random_draws=0,
+    result = skipping(model, unlabelled(), table=drift_table(), task="drift", random_draws=0,
                       export_path=tmp_path / "p.pt", progress=False)
     # Deleting block2 changes the logits by (0, x1 / 2) and leaves h = (2 x0, x1) as it was;
     # drift is over both outputs joined.
@@ -126,9 +126,9 @@ def test_skipping_exports_a_model_with_tuple_outputs(tmp_path):
 def test_a_table_of_another_task_is_refused(tiny_net):
     classification = drift_table().drop(columns=["drift", "drift_se"]).assign(accuracy_drop=0.0, flip_rate=0.0)
     with pytest.raises(probe.ProbeError, match="another task"):
-        skipping(tiny_net, unlabelled(), classification, task="drift", progress=False)
+        skipping(tiny_net, unlabelled(), table=classification, task="drift", progress=False)
     with pytest.raises(probe.ProbeError, match="another task"):
-        attribution(tiny_net, unlabelled(), drift_table(), progress=False)  # classification by default
+        attribution(tiny_net, unlabelled(), table=drift_table(), progress=False)  # classification by default
 
 
 def numpy_interval(d: np.ndarray, w: np.ndarray, seed: list[int], resamples: int, level: float = 0.95):

@@ -115,7 +115,7 @@ def test_attribution_summary_is_spearman_of_the_scores():
 def test_attribution_reuses_a_given_table_and_its_timing():
     model, batches = model_and_data()
     table = probe.sweep(model, batches, progress=False)
-    result = attribution(model, batches, table.iloc[::-1], truth_seconds=12.5, progress=False)
+    result = attribution(model, batches, table=table.iloc[::-1], truth_seconds=12.5, progress=False)
     assert result.summary.set_index("proxy").loc[TRUTH, "seconds"] == 12.5
     ratio = result.scores[result.scores["proxy"] == "ratio"]
     assert ratio["block"].tolist() == table["block"].tolist()  # back in forward order

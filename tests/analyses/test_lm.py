@@ -243,19 +243,19 @@ def test_greedy_steps_are_the_best_deletions_given_the_ones_before(model, data, 
         two = probe.evaluate_ablations(model, data, [groups[ranked[0]] + groups[ranked[1]]], task="lm",
                                        progress=False)
         assert rows.loc[2, "loss"] == pytest.approx(two.sets[0].loss, rel=1e-12)
-    again = greedy_deletion(model, data, blocks=blocks, steps=1)
+    again = greedy_deletion(model, data, blocks=blocks, greedy_steps=1)
     assert again[again["order"] == "greedy"].set_index("k").loc[1, "removed"] == names[first]
 
 
 def test_single_deletions_and_a_per_block_table_agree(model, data, blocks, result):
     table = probe.block_table(model, data, blocks=blocks, task="lm", progress=False)
     costs = single_deletions(model, data, blocks=blocks).set_index("unit")
-    reused = single_deletions(model, data, table, blocks=blocks).set_index("unit")
+    reused = single_deletions(model, data, table=table, blocks=blocks).set_index("unit")
     for name in table["block"]:
         expected = table.set_index("block").loc[name]
         assert costs.loc[name, "loss_increase"] == pytest.approx(expected["loss_increase"], rel=1e-9, abs=1e-12)
         assert reused.loc[name, "loss_increase"] == expected["loss_increase"]
-    with_table = lm_layers(model, data, table, blocks=blocks, resamples=50, progress=False)
+    with_table = lm_layers(model, data, table=table, blocks=blocks, resamples=50, progress=False)
     sub = with_table.layers[with_table.layers["kind"] == "sublayer"].set_index("unit")
     pd.testing.assert_series_equal(sub["ratio"], table.set_index("block")["ratio"].reindex(sub.index),
                                    check_names=False)
@@ -425,7 +425,7 @@ def test_bad_spans_and_steps_are_refused_before_any_work(model, data, blocks):
         lm_layers(model, data, blocks=blocks, greedy_steps=5, progress=False)
     table = probe.block_table(model, data, blocks=blocks, task="drift", progress=False)
     with pytest.raises(probe.ProbeError, match="per-block table of the lm task"):
-        lm_layers(model, data, table, blocks=blocks, progress=False)
+        lm_layers(model, data, table=table, blocks=blocks, progress=False)
 
 
 def test_the_model_is_left_as_it_was_and_blocks_are_found_from_the_data(data):

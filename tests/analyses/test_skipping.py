@@ -62,7 +62,7 @@ def test_deletion_orders_by_hand():
 def test_skipping_numbers_equal_ablated_forwards(tmp_path):
     model, data, x, y = model_and_data()
     before = snapshot(model)
-    result = skipping(model, data, hand_table(), random_draws=2, seed=3, export_path=tmp_path / "p.pt",
+    result = skipping(model, data, table=hand_table(), random_draws=2, seed=3, export_path=tmp_path / "p.pt",
                       progress=False)
     assert_unchanged(model, before)
     base = accuracy_with(model, x, y, [])
@@ -164,7 +164,7 @@ def test_curve_points_thin_the_ks_and_keep_exact_values():
     with pytest.raises(probe.ProbeError, match="curve points"):
         curve_ks(6, 1)
     model, data, x, y = model_and_data()
-    result = skipping(model, data, hand_table(), random_draws=0, curve_points=3, export=False, progress=False)
+    result = skipping(model, data, table=hand_table(), random_draws=0, curve_points=3, export=False, progress=False)
     ratio = result.curves[result.curves["order"] == "ratio"].set_index("k")
     assert ratio.index.tolist() == [0, 1, 3, 6]
     names = deletion_orders(hand_table())[0][2]
@@ -176,7 +176,7 @@ def test_curve_points_thin_the_ks_and_keep_exact_values():
 def test_no_skipped_block_gives_an_unchanged_copy():
     model, data, x, _ = model_and_data(8)
     table = hand_table().iloc[[0, 2, 4]].assign(block=["layer1.0", "layer2.0", "layer3.0"], position=[0, 1, 2])
-    result = skipping(model, data, table, random_draws=0, progress=False)
+    result = skipping(model, data, table=table, random_draws=0, progress=False)
     assert result.summary["blocks_removed"].tolist() == [0, 0]
     assert result.summary["accuracy"].nunique() == 1
     assert result.export.set_index("model").loc["pruned", "parameters_ratio"] == 1.0
@@ -186,7 +186,7 @@ def test_no_skipped_block_gives_an_unchanged_copy():
 def test_table_of_another_model_is_refused():
     model, data, _, _ = model_and_data(8)
     with pytest.raises(probe.ProbeError, match="another model"):
-        skipping(model, data, hand_table(), progress=False)
+        skipping(model, data, table=hand_table(), progress=False)
 
 
 def test_blocks_that_cannot_be_exported_keep_their_curves_and_say_why():
@@ -205,7 +205,7 @@ def test_blocks_that_cannot_be_exported_keep_their_curves_and_say_why():
     table = probe.block_table(model, [(x, y)], blocks=blocks, progress=False)
     assert set(table["verdict"]) == {"unsupported"}
     with pytest.warns(UserWarning, match="no pruned model exported"):
-        result = skipping(model, [(x, y)], table.drop(columns="verdict"), blocks=blocks, random_draws=1,
+        result = skipping(model, [(x, y)], table=table.drop(columns="verdict"), blocks=blocks, random_draws=1,
                           export_path=None, progress=False)
     assert_unchanged(model, before)
     assert result.export.empty and "cannot export" in result.export_note

@@ -360,6 +360,27 @@ def test_applicable_settings_of_a_classifier() -> None:
     assert applicable_settings(words, task_name="classification")["bn_recalibrate"] is False
 
 
+def test_applicable_settings_follow_the_sections_that_read_them() -> None:
+    from reports.html import applicable_settings
+
+    # A setting read by a section of the caller's registry is listed only when that section ran.
+    config = {"model": "m", "dataset": "digits", "my_threshold": 0.3, "spans": (1, 2)}
+    owners = {"my_threshold": ("mine",), "spans": ("lm",)}
+    ran = applicable_settings(config, task_name="classification", sections_run=["mine"], setting_sections=owners)
+    assert ran == {"model": "m", "dataset": "digits", "my_threshold": 0.3}
+    assert "my_threshold" not in applicable_settings(config, task_name="classification", setting_sections=owners)
+
+
+def test_the_command_derives_each_analysis_settings_from_its_option_groups() -> None:
+    from probe.ablate import _setting_sections
+
+    owners = _setting_sections()
+    assert owners["degradation_depths"] == ("degradation",)
+    assert owners["random_draws"] == ("skipping",) and owners["curve_points"] == ("skipping",)
+    assert owners["bootstrap"] == ("uncertainty", "lm") and owners["greedy_steps"] == ("lm",)
+    assert "mode" not in owners and "seed" not in owners  # the job's own settings apply to every run
+
+
 def test_applicable_settings_of_a_language_model() -> None:
     from reports.html import applicable_settings
 
