@@ -325,9 +325,11 @@ def test_lm_report_answers_first_and_records_only_language_model_settings():
     assert "<code>l1</code>" in answer and html.escape(VerdictRule().describe(cost="loss_increase")) in answer
     record = _run_record(page)
     assert record["seq len"] == "128" and record["spans"] == "(1, 2, 4, 8)" and record["greedy steps"] == "4"
+    # the layer analysis bootstraps its score agreement: its resamples and level apply
+    assert record["bootstrap"] == "1000" and record["level"] == "0.95"
     assert not IMAGE_SETTINGS & set(record)
     # analyses that did not run, recalibration that was off, switches that were off: not recorded
-    assert not {"random draws", "curve points", "bootstrap", "level", "degradation depths", "calibration samples",
+    assert not {"random draws", "curve points", "degradation depths", "calibration samples",
                 "download", "allow pickle", "bn recalibrate"} & set(record)
     assert record["BN recalibration"] == "off (trained BatchNorm statistics)" and record["model"] == "smollm2"
 
