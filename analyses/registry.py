@@ -27,7 +27,7 @@ from probe.errors import ProbeError
 from probe.scoring.results import Evaluation
 from probe.scoring.tasks import Task
 
-__all__ = ["Analysis", "Job", "Result", "get", "names", "registered"]
+__all__ = ["Analysis", "Job", "Result", "available", "get", "names", "registered"]
 
 
 class Result(Protocol):
@@ -115,6 +115,12 @@ def registered() -> tuple[Analysis, ...]:
                                 f"{info.name!r}, ...) (analyses/registry.py)")
             found.append(declared)
     return tuple(sorted(found, key=lambda analysis: analysis.order))
+
+
+def available() -> tuple[str, ...]:
+    """The analyses' names, alphabetically, without importing them (a command's `--help` and
+    option choices need no analysis)."""
+    return tuple(sorted(info.name for info in pkgutil.iter_modules(analyses.__path__) if info.ispkg))
 
 
 def names() -> tuple[str, ...]:

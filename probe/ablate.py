@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-blocks", action="store_true",
                         help="print the discovered blocks (name, branch, shortcut, output shape) and exit")
     return add_options(parser, "model", "ablation", "skipping", "uncertainty", "degradation", "lm", "report",
-                       sections=registry.names())
+                       sections=registry.available())
 
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -302,7 +302,7 @@ def _setting_sections() -> dict[str, tuple[str, ...]]:
     (`Analysis.options`) that the job's own groups (model, ablation, report) do not have; the run
     record lists such a setting only when one of its analyses ran."""
     def options(*groups: str) -> set[str]:
-        parser = add_options(argparse.ArgumentParser(add_help=False), *groups, sections=registry.names())
+        parser = add_options(argparse.ArgumentParser(add_help=False), *groups, sections=registry.available())
         return {action.dest for action in parser._actions}
 
     own = options("model", "ablation", "report")

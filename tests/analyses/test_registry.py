@@ -127,3 +127,14 @@ def test_an_unknown_analysis_is_one_probe_error():
     with pytest.raises(ProbeError, match="no analysis 'nope'; the analyses are degradation, skipping"):
         registry.get("nope")
     assert importlib.import_module("analyses.registry") is registry
+
+
+def test_the_names_a_command_offers_need_no_import(new_analysis):
+    # --sections' choices and --help come from the package folders alone
+    assert registry.available() == tuple(sorted(registry.names()))
+    import subprocess
+    code = ("import sys; from analyses import registry; names = registry.available(); "
+            "print(','.join(names)); print(sorted(m for m in sys.modules if m.count('.') == 1 "
+            "and m.split('.')[0] == 'analyses' and m.split('.')[1] in names))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0].split(",") == sorted(a for a in registry.names() if a != "blockcount") and out[1] == "[]"
