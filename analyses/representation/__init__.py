@@ -50,7 +50,7 @@ import probe
 from analyses.registry import Analysis, Job
 from analyses.representation.classes import CLASSES_COLUMNS, block_classes
 from analyses.representation.iterative_refinement import NO_DRIFT_REFINEMENT, REFINEMENT_COLUMNS, refinement
-from analyses.representation.lens import LENS_COLUMNS, logit_lens
+from analyses.representation.lens import LENS_COLUMNS, head_lens
 from analyses.representation.outputs import check_reiterable, pool, stages
 from analyses.representation.probes import PROBE_COLUMNS, _Rows, linear_probes
 from analyses.representation.result import SUMMARY_COLUMNS, RepresentationResult, summary
@@ -65,7 +65,7 @@ from probe.scoring.results import Evaluation
 from probe.scoring.tasks import Classification, Task, resolve_task
 from probe.scoring.verdict import VerdictRule, cost_column
 
-__all__ = ["CkaAccumulator", "RepresentationResult", "block_classes", "cka", "linear_probes", "logit_lens", "pool",
+__all__ = ["CkaAccumulator", "RepresentationResult", "block_classes", "cka", "linear_probes", "head_lens", "pool",
            "refinement", "representation", "stages", "summary"]
 
 
@@ -114,7 +114,7 @@ def representation(model: nn.Module, data: Iterable, *, train_data: Iterable | N
     if "bn_recalibrated" in table.columns:
         recal = bool(table["bn_recalibrated"].iloc[0])
     probes = linear_probes(model, data, train_data=train_data, blocks=chosen, progress=progress)
-    lens = logit_lens(model, data, blocks=chosen, progress=progress)
+    lens = head_lens(model, data, blocks=chosen, progress=progress)
     steps = refinement(model, data, blocks=chosen, progress=progress)
     similarity = cka(model, data, blocks=chosen, progress=progress)
     classes = block_classes(table, evaluation, bn_recalibrated=recal)

@@ -24,10 +24,10 @@ def _head(model: nn.Module, classes: int) -> tuple[str, nn.Linear] | None:
     return heads[-1] if heads else None
 
 
-def logit_lens(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
-               progress: bool = True) -> pd.DataFrame:
-    """The model's head on each block's pooled output, where the widths fit (see
-    `RepresentationResult.lens`)."""
+def head_lens(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
+              progress: bool = True) -> pd.DataFrame:
+    """A logit lens for classifiers: the model's own head on each block's pooled output, where the
+    widths fit (see `RepresentationResult.lens`; a language model's lens is `analyses.lm.logit_lens`)."""
     chosen = resolve_blocks(model, blocks)
     correct = torch.zeros(len(chosen), dtype=torch.int64)
     agree = torch.zeros(len(chosen), dtype=torch.int64)

@@ -12,10 +12,10 @@ from matplotlib.patches import Patch
 
 from reports.figures.common import COSTS, VERDICT_COLORS, _LEGEND_ORDER, _PLAIN, _axes, _block_ticks, _cost_unit, _forward, _require, block_figure_width, cost_axis, cost_of, heatmap_size
 
-__all__ = ["class_drop_heatmap", "drop_intervals", "interval_columns"]
+__all__ = ["class_drop_heatmap", "interval_plot", "plotted_interval"]
 
 
-def interval_columns(df: pd.DataFrame, cost: str | None = None) -> tuple[str, str, str]:
+def plotted_interval(df: pd.DataFrame, cost: str | None = None) -> tuple[str, str, str]:
     """(cost, low, high) columns of an intervals table (`analyses.uncertainty`): accuracy_drop
     with drop_low / drop_high, or a continuous cost with <cost>_low / <cost>_high."""
     if cost is None:
@@ -25,11 +25,11 @@ def interval_columns(df: pd.DataFrame, cost: str | None = None) -> tuple[str, st
     return cost, f"{cost}_low", f"{cost}_high"
 
 
-def drop_intervals(df: pd.DataFrame, *, ax: Axes | None = None, cost: str | None = None) -> Axes:
+def interval_plot(df: pd.DataFrame, *, ax: Axes | None = None, cost: str | None = None) -> Axes:
     """Each block's deletion cost with its bootstrap interval, coloured by `verdict_ci`: the
-    accuracy drop in points, or the task's cost (`interval_columns`: loss increase, drift in %)."""
-    cost, low_column, high_column = interval_columns(df, cost)
-    _require(df, ("block", cost, low_column, high_column), "drop_intervals")
+    accuracy drop in points, or the task's cost (`plotted_interval`: loss increase, drift in %)."""
+    cost, low_column, high_column = plotted_interval(df, cost)
+    _require(df, ("block", cost, low_column, high_column), "interval_plot")
     scale = cost_axis(cost, df)[1]
     df = _forward(df)
     ax = _axes(ax, block_figure_width(len(df)))

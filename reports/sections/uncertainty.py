@@ -36,9 +36,9 @@ def _interval_caption(cost: str, level: str, resamples: int) -> str:
 
 def uncertainty_section(result, *, cost: str | None = None) -> Section:
     """From `analyses.uncertainty.uncertainty` (an UncertaintyResult). cost: the per-block
-    table's cost column; found in the intervals table when None (`figures.interval_columns`)."""
+    table's cost column; found in the intervals table when None (`figures.plotted_interval`)."""
     intervals, per_class = result.intervals, result.per_class
-    cost, low, high = figures.interval_columns(intervals, cost)
+    cost, low, high = figures.plotted_interval(intervals, cost)
     recal = _recalibrated(intervals)
     level = f"{intervals['level'].iloc[0]:.0%}" if len(intervals) else "95%"
     resamples = int(intervals["resamples"].iloc[0]) if len(intervals) else 0
@@ -55,7 +55,7 @@ def uncertainty_section(result, *, cost: str | None = None) -> Section:
                     "The bootstrap decision differs from the noise-band rule above on: "
                     + ", ".join(differ["block"].astype(str)) + ".")
     lead.append(_bn_note(recal))
-    fig_ci = _figure(figures.drop_intervals, intervals, "Deletion cost with bootstrap intervals",
+    fig_ci = _figure(figures.interval_plot, intervals, "Deletion cost with bootstrap intervals",
                      _interval_caption(cost, level, resamples), cost=cost,
                      width=figures.block_figure_width(len(intervals)))
     shown = [fig_ci]
@@ -98,8 +98,8 @@ def section(result, context: ReportContext) -> Section:
 
 def figure_files(result, task) -> list[PNG]:
     """The PNG files `python -m analyses.uncertainty` writes (no per-class figure without classes)."""
-    cost, _low, _high = figures.interval_columns(result.intervals, task.cost)
-    files = [PNG("drop_intervals.png", figures.drop_intervals, result.intervals,
+    cost, _low, _high = figures.plotted_interval(result.intervals, task.cost)
+    files = [PNG("drop_intervals.png", figures.interval_plot, result.intervals,
                  {"cost": cost, "width": figures.block_figure_width(len(result.intervals))})]
     if len(result.per_class):  # a task without class labels has no per-class table
         files.append(PNG("class_drops.png", figures.class_drop_heatmap, result.per_class,
@@ -110,6 +110,6 @@ def figure_files(result, task) -> list[PNG]:
 def terminal(result, task) -> str:
     """What `python -m analyses.uncertainty` prints: each block's cost with its interval."""
     # accuracy_drop with drop_low/drop_high, or the task's cost with <cost>_low/<cost>_high
-    cost, low, high = figures.interval_columns(result.intervals, task.cost)
+    cost, low, high = figures.plotted_interval(result.intervals, task.cost)
     shown = result.intervals[["block", "ratio", cost, low, high, "verdict_ci"]]
     return shown.to_string(index=False, float_format="{:.4f}".format)

@@ -23,7 +23,7 @@ from torch import nn  # noqa: E402
 
 import probe  # noqa: E402
 from analyses.representation import (CkaAccumulator, RepresentationResult, _Rows, block_classes, cka,  # noqa: E402
-                                     linear_probes, logit_lens, pool, refinement, representation, stages, summary)
+                                     linear_probes, head_lens, pool, refinement, representation, stages, summary)
 from reports.sections.representation import story  # noqa: E402
 from tiny_models import LinearBlock, TinyNet, assert_unchanged, snapshot  # noqa: E402
 from probe.loading.checkpoints import save_checkpoint  # noqa: E402
@@ -226,7 +226,7 @@ def test_logit_lens_by_hand(tiny_net):
     #   x = (0.2, 1):   block1 (0.4, 1) -> 1, block2 (0.4, 0.5) -> 1, final 1, label 1
     data = [(torch.tensor([[1.0, 1.5], [0.5, 1.5], [0.2, 1.0]]), torch.tensor([0, 0, 1]))]
     before = snapshot(tiny_net)
-    table = logit_lens(tiny_net, data, progress=False)
+    table = head_lens(tiny_net, data, progress=False)
     assert_unchanged(tiny_net, before)
     assert table["applicable"].tolist() == [True, True] and table["reason"].tolist() == ["", ""]
     assert table["accuracy"].tolist() == pytest.approx([2 / 3, 1.0])
@@ -237,7 +237,7 @@ def test_logit_lens_says_which_blocks_it_cannot_apply_to():
     torch.manual_seed(0)
     model = cifar_resnet(8, num_classes=3, in_channels=1).eval()  # widths 16, 32, 64; fc takes 64
     data = [(torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2]))]
-    table = logit_lens(model, data, progress=False).set_index("block")
+    table = head_lens(model, data, progress=False).set_index("block")
     assert table["applicable"].tolist() == [False, False, True]
     assert table.loc["layer1.0", "reason"] == "its output has 16 features; the head fc takes 64"
     assert np.isnan(table.loc["layer2.0", "accuracy"])
@@ -259,7 +259,7 @@ class PaddedHead(nn.Module):
 
 def test_logit_lens_without_a_head(tiny_net):
     tiny_net.head = PaddedHead()
-    table = logit_lens(tiny_net, [(torch.ones(2, 2), torch.tensor([0, 2]))], progress=False)
+    table = head_lens(tiny_net, [(torch.ones(2, 2), torch.tensor([0, 2]))], progress=False)
     assert not table["applicable"].any() and table["accuracy"].isna().all()
     assert set(table["reason"]) == {"the model has no nn.Linear with one output per class (its head)"}
 
@@ -330,7 +330,7 @@ def test_refinement_of_projection_blocks_takes_the_block_input():
 
 @pytest.mark.parametrize("run", [
     lambda m, d: linear_probes(m, d, train_data=d, progress=False),
-    lambda m, d: logit_lens(m, d, progress=False),
+    lambda m, d: head_lens(m, d, progress=False),
     lambda m, d: refinement(m, d, progress=False),
     lambda m, d: cka(m, d, progress=False),
 ])

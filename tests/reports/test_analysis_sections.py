@@ -76,7 +76,7 @@ def test_drop_intervals_segments():
     df = pd.DataFrame({"block": ["b", "a"], "position": [1, 0], "accuracy_drop": [0.01, 0.2],
                        "drop_low": [-0.01, 0.1], "drop_high": [0.03, 0.3], "verdict_ci": ["skipped", "helps"],
                        "level": 0.95})
-    ax = figures.drop_intervals(df)
+    ax = figures.interval_plot(df)
     segments = ax.collections[0].get_segments()
     np.testing.assert_allclose([s[:, 1] for s in segments], [[10, 30], [-1, 3]])  # forward order: a, b
     np.testing.assert_allclose(ax.collections[1].get_offsets()[:, 1], [20, 1])
