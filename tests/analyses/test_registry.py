@@ -138,3 +138,14 @@ def test_the_names_a_command_offers_need_no_import(new_analysis):
             "and m.split('.')[0] == 'analyses' and m.split('.')[1] in names))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0].split(",") == sorted(a for a in registry.names() if a != "blockcount") and out[1] == "[]"
+
+
+def test_the_command_help_imports_no_analysis():
+    import subprocess
+    code = ("import sys, runpy, io, contextlib\nsys.argv = ['probe.ablate', '--help']\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n        runpy.run_module('probe.ablate', run_name='__main__')\n"
+            "    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'analyses' and m.count('.') == 1))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "['analyses.pipeline', 'analyses.registry']"
