@@ -45,6 +45,7 @@ from probe.commands.inputs import (Datasets, data_fingerprint, explained_channel
 from probe.instrument.measurement import measure
 from probe.scoring.cost import COSTS
 from probe.scoring.results import Evaluation, table_info
+from probe.commands.model_identity import model_digest
 from probe.commands.run_folder import RunDirectory, file_digest
 from probe.deletion.block_table import join_block_table, unsupported_reason
 from probe.scoring.tasks import Task, resolve_task
@@ -92,15 +93,19 @@ _RECORDED = ("model", "checkpoint", "weights", "dataset", "data_root", "split", 
 
 
 def _run_record(config: RunConfig, source: str, blocks: list, datasets: Datasets, shortcuts: dict[str, str], *,
-                device: torch.device, channels_last: bool) -> dict:
-    """What makes two runs the same: resuming into an out folder requires an equal record.
-    The device and memory format are the ones used ("auto" resolved): they change the last bits."""
+                device: torch.device, channels_last: bool, model: torch.nn.Module) -> dict:
+    """What makes two runs the same: resuming into an out folder requires an equal record, and
+    every piece is stamped with it (probe.commands.run_folder). The device and memory format are
+    the ones used ("auto" resolved): they change the last bits. `model_sha256` is the loaded
+    model's own digest (probe.commands.model_identity), however it was built: a checkpoint's
+    hash alone misses an `hf:` folder or a factory saved over with other weights."""
     checkpoint = Path(source)
     recalibrated = config.bn_recalibrate and datasets.calibration is not None
     return {
         **{name: getattr(config, name) for name in _RECORDED}, "checkpoint": source,
         "device": str(device), "channels_last": channels_last,
         "checkpoint_sha256": file_digest(checkpoint) if checkpoint.is_file() else None,
+        "model_sha256": model_digest(model),
         "data": _info(datasets.evaluation), "samples": datasets.selection,
         "data_sha256": data_fingerprint(datasets.evaluation),
         "calibration": datasets.calibration_source if recalibrated else None,
@@ -195,7 +200,8 @@ def run(config: RunConfig, *, progress: bool = True,
                                      pin_memory=device.type == "cuda"), config)
     calibration = (named_parts(make_loader(datasets.calibration, batch_size=config.batch_size), config)
                    if datasets.calibration is not None else None)
-    record = _run_record(config, source, blocks, datasets, shortcuts, device=device, channels_last=channels_last)
+    record = _run_record(config, source, blocks, datasets, shortcuts, device=device, channels_last=channels_last,
+                         model=model)
     # The folder is locked while this run writes into it: a second run on it is refused.
     with RunDirectory(out, record, writer=distributed.rank() == 0) as run_dir:
         seconds: dict[str, float] = {}  # each stage's, filled in as they finish
@@ -268,7 +274,9 @@ def _measure_and_sweep(run_dir: RunDirectory, config: RunConfig, model, loader, 
 def _piece(run_dir: RunDirectory, name: str, kind: type, compute: Callable[[], object]) -> tuple[object, float]:
     """(a piece of work, what computing it cost): read back from `run_dir` with the seconds
     recorded when it was computed (NaN where none were), else computed, timed and saved; its
-    time first, so that a piece on disk always has one (a time alone is overwritten)."""
+    time first, so that a piece on disk always has one (a time alone is overwritten). `run_dir`
+    gives back only what this configuration computed: each piece is stamped with the run
+    record's digest, and one of another configuration is computed again (run_folder)."""
     value = run_dir.load(name, kind)
     if value is not None:
         recorded = run_dir.load(f"seconds-{name}", float)

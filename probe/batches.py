@@ -4,6 +4,7 @@ the batch's form (a pair, a tuple with extras, a dict, a bare tensor; `probe.Dat
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -73,6 +74,9 @@ class Batch:
     raw:     the batch as the data gave it, on the device: what a user's own task receives.
     size:    how many samples it holds (the first dimension of its inputs).
     number:  its place in the data, from 1 (for messages).
+    targets_by_position: the targets are a tuple's second item, taken by its place (not named
+             by a dict key or `probe.Data`): a task may find that ambiguous (`lm`: the second of
+             two token tensors may be an attention mask).
     """
 
     inputs: object
@@ -80,6 +84,7 @@ class Batch:
     raw: object
     size: int
     number: int = 1
+    targets_by_position: bool = False
 
     def run(self, model: Callable) -> object:
         """`model` called on this batch's inputs."""
@@ -105,6 +110,58 @@ def call_model(model: Callable, inputs: object) -> object:
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def copy_inputs(inputs: object) -> object:
+    """`inputs` with every tensor in it cloned (tuples, lists and dicts rebuilt around them)."""
+    return pytree.tree_map(lambda leaf: leaf.clone() if isinstance(leaf, torch.Tensor) else leaf, inputs)
+
+
+def tensor_versions(value: object) -> tuple[int, ...]:
+    """The version counters of the tensors in `value`: one moves when its tensor is written in place."""
+    return tuple(leaf._version for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor))
+
+
+class InputCopies:
+    """The inputs for each forward of a batch, such that the caller's own tensors never reach
+    the model: a model may write into its input (`x += f(x)` on `x` itself), and on the CPU a
+    batch's tensors are the caller's (moving them to their own device copies nothing).
+
+    Per batch, one copy serves every forward while none writes into it (one clone per batch,
+    not per forward); once one has (a version counter moved), every forward from then on, in
+    this batch and the later ones, gets a fresh copy of the batch as the data gave it.
+
+        copies = InputCopies()
+        for batch in batches(...):
+            outputs = call_model(model, copies.inputs(batch))   # as often as needed
+    """
+
+    def __init__(self) -> None:
+        self._written = False
+        self._batch: Batch | None = None
+        self._shared: object = None
+        self._versions: tuple[int, ...] = ()
+
+    @property
+    def written(self) -> bool:
+        """Whether a forward wrote into its inputs (each gets its own copy from then on)."""
+        if not self._written and self._batch is not None and tensor_versions(self._shared) != self._versions:
+            self._written = True
+            self._batch = self._shared = None
+        return self._written
+
+    def inputs(self, batch: Batch) -> object:
+        """A copy of `batch.inputs` no forward has written into."""
+        if self.written:
+            return copy_inputs(batch.inputs)
+        if self._batch is not batch:
+            self._batch, self._shared = batch, copy_inputs(batch.inputs)
+            self._versions = tensor_versions(self._shared)
+        return self._shared
+
+    def run(self, model: Callable, batch: Batch) -> object:
+        """`model` called on a copy of `batch`'s inputs (see `inputs`)."""
+        return call_model(model, self.inputs(batch))
 
 
 # Dict keys that hold a model's inputs, and those that hold targets. Hugging Face models take
@@ -207,14 +264,18 @@ def split_batch(raw: object, number: int) -> tuple[object, object]:
 
 def _to_device(value: object, device: torch.device, dtype: torch.dtype | None) -> object:
     """Tensors in `value` (a tensor, or tuples, lists and dicts of them) moved to `device`, and
-    floating-point ones cast to `dtype` when given."""
+    floating-point ones cast to `dtype` when given. Inference tensors (data made under
+    `torch.inference_mode()`) become normal ones: probe runs outside inference mode
+    (`probe.instrument.hooks.model_preserved`), where they have no version counter and cannot
+    be changed in place."""
     non_blocking = device.type == "cuda"
 
     def move(leaf: object) -> object:
         if not isinstance(leaf, torch.Tensor):
             return leaf
         cast = dtype if dtype is not None and leaf.is_floating_point() else None
-        return leaf.to(device, dtype=cast, non_blocking=non_blocking)
+        moved = leaf.to(device, dtype=cast, non_blocking=non_blocking)
+        return moved.clone() if moved.is_inference() and not torch.is_inference_mode_enabled() else moved
 
     return pytree.tree_map(move, value)
 
@@ -227,6 +288,22 @@ def _size(inputs: object, number: int) -> int:
     return len(tensors[0])
 
 
+def refuse_unbatched(data: object) -> None:
+    """ProbeError for `data` that holds samples where batches belong: a tensor or a map-style
+    torch Dataset would be read one row or one sample at a time, each taken for a batch (a
+    sample's features for samples); and for None."""
+    if data is None:
+        raise ProbeError("data is None; pass the batches to measure on: a DataLoader, or a list of (inputs, targets).")
+    if isinstance(data, torch.Tensor):
+        raise ProbeError(f"data is a tensor of shape {tuple(data.shape)}, which probe would read row by row, each row "
+                         "taken for a batch; pass batches: a DataLoader, e.g. DataLoader(TensorDataset(inputs, targets), "
+                         "batch_size=256), or a list of (inputs, targets).")
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        raise ProbeError(f"data is a {type(data).__name__}, a data set of single samples, which probe would read one "
+                         "sample at a time, each taken for a batch; wrap it in a DataLoader: DataLoader(data, "
+                         "batch_size=256).")
+
+
 def batches(data: Iterable, device: torch.device, *, dtype: torch.dtype | None = None, progress: bool = False,
             desc: str = "") -> Iterator[Batch]:
     """Yield each batch of `data` as a `Batch` on `device`; raise ProbeError for malformed data.
@@ -235,6 +312,7 @@ def batches(data: Iterable, device: torch.device, *, dtype: torch.dtype | None =
     pairs, tuples with extra items, dicts or bare tensors (`split_batch`), or named with
     `probe.Data`. What the targets must be is the task's business (`probe.scoring.tasks`).
     """
+    refuse_unbatched(data)
     try:
         total = len(data)  # type: ignore[arg-type]
     except TypeError:
@@ -250,15 +328,17 @@ def batches(data: Iterable, device: torch.device, *, dtype: torch.dtype | None =
         if isinstance(inputs, list):
             inputs = tuple(inputs)
         size = _size(inputs, seen)
-        yield Batch(inputs=_to_device(inputs, device, dtype), targets=targets, raw=raw, size=size, number=seen)
+        yield Batch(inputs=_to_device(inputs, device, dtype), targets=targets, raw=raw, size=size, number=seen,
+                    targets_by_position=split is None and isinstance(raw, (tuple, list)) and targets is not None)
     if seen == 0:
         raise ProbeError("the data is empty: it yielded no batch. Pass a DataLoader with at least one sample.")
 
 
 def first_inputs(data: Iterable, model: nn.Module) -> object:
-    """The inputs of `data`'s first batch, on the model's device: what a model torch.fx cannot
-    trace is run on to find its blocks. Reads one batch (`data` must be re-iterable)."""
-    return next(iter(batches(data, model_device(model), dtype=input_dtype(model)))).inputs
+    """A copy of the inputs of `data`'s first batch, on the model's device: what a model torch.fx
+    cannot trace is run on to find its blocks (a copy: the model may write into its input).
+    Reads one batch (`data` must be re-iterable)."""
+    return copy_inputs(next(iter(batches(data, model_device(model), dtype=input_dtype(model)))).inputs)
 
 
 def class_targets(batch: Batch) -> torch.Tensor:
@@ -289,6 +369,9 @@ def explained_misfit(batch: Batch | torch.Tensor) -> Iterator[None]:
         yield
     except RuntimeError as error:
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        wrong_dtype = _dtype_misfit(batch, text)
+        if wrong_dtype is not None:
+            raise ProbeError(wrong_dtype) from error
         if not any(phrase in text for phrase in _MISFIT_PHRASES):
             raise
         shapes = batch.describe() if isinstance(batch, Batch) else str(tuple(batch.shape))
@@ -296,6 +379,36 @@ def explained_misfit(batch: Batch | torch.Tensor) -> Iterator[None]:
             f"the model cannot take inputs of shape {shapes} ({text}). Check that the data set "
             "fits the model: its input channels, image size and number of classes."
         ) from error
+
+
+# Phrases of torch's errors for inputs of a dtype a layer cannot take (integer images, float token ids).
+_DTYPE_PHRASES = ("scalar type", "should be the same", "same dtype", "not implemented for")
+# How those errors name a dtype (ATen's scalar type names, C++ type names): an error blames the
+# inputs' dtype only when it names it (a language model's ids are integers, and its own Half/Float
+# mismatch is no fault of theirs).
+_DTYPE_NAMES = {torch.uint8: ("Byte", "unsigned char"), torch.int8: ("Char", "signed char"),
+                torch.int16: ("Short", "short"), torch.int32: ("Int", "int"),
+                torch.int64: ("Long", "long"), torch.bool: ("Bool", "bool"),
+                torch.complex64: ("ComplexFloat", "complex<float>"), torch.complex128: ("ComplexDouble", "complex<double>")}
+
+
+def _dtype_misfit(batch: Batch | torch.Tensor, text: str) -> str | None:
+    """Why the model cannot take the inputs' dtype, and what to do; None when the error is not
+    about the inputs' dtype."""
+    if not any(phrase in text for phrase in _DTYPE_PHRASES):
+        return None
+    inputs = batch.inputs if isinstance(batch, Batch) else batch
+    tensors = [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
+    if "'indices'" in text and tensors and all(t.is_floating_point() for t in tensors):
+        return (f"the model takes integer inputs (token ids) but the data gives dtype {tensors[0].dtype} ({text}); "
+                "give the ids as an integer tensor (torch.long).")
+    odd = next((t for t in tensors if not t.is_floating_point()
+                and any(re.search(rf"\b{re.escape(name)}\b", text) for name in _DTYPE_NAMES.get(t.dtype, ()))), None)
+    if odd is None:
+        return None
+    return (f"the model cannot take inputs of dtype {odd.dtype} ({text}): its layers compute in floating point. "
+            "Convert the inputs to float (images of 0..255: .float() / 255, then normalize them as the model was "
+            "trained).")
 
 
 def check_targets_fit(logits: torch.Tensor, targets: torch.Tensor) -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 from probe.batches import device_for
 from probe.commands.runner import run_command
 from probe.commands.config import RunConfig, add_options
 from probe.commands.inputs import training_settings
+from probe.files import prepare_out_file
 from probe.loading.checkpoints import save_checkpoint
 from probe.loading.training import TrainConfig, default_checkpoint_path, train_model
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace) -> int:
         config = _train_config(RunConfig.from_args(args))
-        out = Path(args.out) if args.out else default_checkpoint_path(config)
+        out = prepare_out_file(args.out or default_checkpoint_path(config))  # refused before training
         start = time.perf_counter()
         model, history = train_model(config, progress=not args.no_progress)
         seconds = time.perf_counter() - start

@@ -250,7 +250,8 @@ def _lines_executed(lines, call) -> int:
 
 
 @pytest.mark.parametrize("block", [HookedBlock, ScaledBlock])
-@pytest.mark.parametrize("call", ["branch_means", "measure", "sweep", "ablated"])
+# slow: the sweep, Ctrl-C at each of its lines in turn (quadratic in the lines it runs)
+@pytest.mark.parametrize("call", ["branch_means", "measure", pytest.param("sweep", marks=pytest.mark.slow), "ablated"])
 def test_ctrl_c_at_any_line_of_probe_leaves_no_trace(call, block):
     """model, flags, hooks and global torch state exactly as before: Ctrl-C can land anywhere,
     also in the code that restores the model (a second Ctrl-C while the first unwinds)."""
@@ -282,6 +283,7 @@ def _interrupt_at_every_line(model: nn.Module, run, also_unchanged=lambda: None)
             raise AssertionError(f"Ctrl-C at {where} (line event {k} of {total})") from error
 
 
+@pytest.mark.slow  # Ctrl-C at each line of torch.fx's trace in turn: quadratic in the lines it runs
 @pytest.mark.parametrize("call", ["find_blocks", "sweep"])
 def test_ctrl_c_at_any_line_of_an_fx_trace_unpatches_torch(call):
     """model, flags, hooks and global torch state exactly as before: torch.fx patches
@@ -554,6 +556,7 @@ def test_two_runs_cannot_share_an_out_folder(tmp_path):
     assert RunDirectory(tmp_path, {"model": "m"}, writer=False).load("measure") is None  # readers take no lock
 
 
+@pytest.mark.slow  # Ctrl-C at each line of a whole recalibrated sweep in turn: quadratic in the lines it runs
 def test_ctrl_c_at_any_line_of_bn_recalibration_leaves_no_trace():
     """model, flags, hooks and global torch state exactly as before (BN statistics and momenta
     included), wherever a Ctrl-C lands in a sweep with BatchNorm recalibration."""

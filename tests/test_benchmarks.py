@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -26,6 +28,7 @@ def ratio(output: str, label: str) -> float:
 TINY = ["--model", "resnet20", "--samples", "24", "--batch-size", "8", "--repeats", "1", "--threads", "1"]
 
 
+@pytest.mark.slow  # a benchmark script end to end in a subprocess
 def test_sweep_speed_tables_agree_and_ratio_is_printed():
     output = run(sys.executable, "benchmarks/sweep_speed.py", *TINY)
     assert "resnet20 (9 blocks), 24 digits images 1x16x16, batch 8, cpu, fp32" in output
@@ -33,6 +36,7 @@ def test_sweep_speed_tables_agree_and_ratio_is_printed():
     assert ratio(output, "ratio fast / naive") > 0
 
 
+@pytest.mark.slow  # a benchmark script end to end in a subprocess
 def test_hook_overhead_and_throughput_on_synthetic_channels_last_bf16():
     options = [*TINY, "--data", "synthetic", "--image-size", "16", "--precision", "bf16", "--channels-last"]
     output = run(sys.executable, "benchmarks/hook_overhead.py", *options)
@@ -43,6 +47,7 @@ def test_hook_overhead_and_throughput_on_synthetic_channels_last_bf16():
     assert re.search(r"stacked x3: +[0-9]+ images/s .* ratio sweep / inference images/s: [0-9.]+", output)
 
 
+@pytest.mark.slow  # a benchmark script end to end in a subprocess
 def test_job_speed_reports_each_stage_against_the_sweep():
     output = run(sys.executable, "benchmarks/job_speed.py", "--workload", "resnet56-32px", "--images", "40",
                  "--sections", "skipping", "recalibration", "--threads", "1", "--allocator-too", "--rounds", "1")
@@ -56,6 +61,7 @@ def test_job_speed_reports_each_stage_against_the_sweep():
     assert faults and float(faults.group(1)) < 1, output
 
 
+@pytest.mark.slow  # a benchmark script end to end in a subprocess
 def test_curve_cost_counts_the_curves_work_against_the_sweeps():
     output = run(sys.executable, "benchmarks/curve_cost.py", "--model", "resnet20", "--image-size", "8",
                  "--samples", "12", "--batch-size", "6")
@@ -64,6 +70,7 @@ def test_curve_cost_counts_the_curves_work_against_the_sweeps():
     assert ratio(output, "ratio curves / sweep") > 0
 
 
+@pytest.mark.slow  # a benchmark script end to end in a subprocess
 def test_memory_benchmark_reports_every_operation():
     output = run(sys.executable, "benchmarks/memory.py", "--samples", "40", "--batch-size", "20")
     assert re.search(r"measure\s+resident .* ratio [0-9.]+", output) and re.search(r"sweep\s+resident", output)
@@ -71,12 +78,14 @@ def test_memory_benchmark_reports_every_operation():
     assert re.search(r"representation\s+resident\s+40 samples: .* 400 samples: .* ratio [0-9.]+", output)
 
 
+@pytest.mark.slow  # a benchmark script end to end in a subprocess
 def test_gpu_correctness_checks_pass_on_the_cpu():
     output = run(sys.executable, "benchmarks/gpu_correctness.py", "--device", "cpu", "--models", "resnet20")
     assert "FAIL" not in output and output.strip().endswith("0 failed")
     assert "measure, bfloat16 autocast vs fp32" in output and "model left unchanged" in output
 
 
+@pytest.mark.slow  # a benchmark script end to end in a subprocess
 def test_gpu_check_runs_the_steps_it_is_asked_for_and_reports_failures(tmp_path):
     output = run("bash", "benchmarks/gpu_check.sh", str(tmp_path / "ok"),
                  env={**ENV, "GPU_CHECK_ONLY": "environment", "PYTHON": sys.executable})

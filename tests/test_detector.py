@@ -67,6 +67,7 @@ def test_fast_drift_sweep_equals_naive_on_darknet():
     pd.testing.assert_frame_equal(fast, naive, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow  # the CLI end to end in a subprocess
 def test_darknet_from_the_command_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "probe.ablate", "--model", "probe.examples.darknet:darknet_tiny", "--dataset",

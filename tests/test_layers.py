@@ -8,6 +8,7 @@ Every import counts, at module level and inside functions, read from the source 
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.cache  # read once per session: every parametrized test asks
 def project_modules() -> dict[str, Path]:
     return {module_name(path): path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))}
 
@@ -65,6 +67,7 @@ def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     modules = project_modules()
     return {module: imports_of(module, path, set(modules)) for module, path in modules.items()}

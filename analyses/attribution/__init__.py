@@ -47,7 +47,7 @@ from probe.scoring.verdict import cost_column, rank_correlation
 from probe.batches import Batch, batches, class_targets, explained_misfit, input_dtype, model_device
 from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.instrument.hooks import attached, model_preserved, tap_pairs
+from probe.instrument.hooks import attached, model_preserved, outside_inference_mode, tap_pairs
 
 __all__ = ["PROXIES", "AttributionResult", "attribution", "block_influence", "differentiable_loss",
            "gradient_x_activation", "truth_columns"]
@@ -90,6 +90,7 @@ class AttributionResult:
         return {"attribution": self.scores, "proxies": self.summary}
 
 
+@outside_inference_mode  # sums made here are added into inside model_preserved
 def block_influence(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
                     progress: bool = True) -> pd.DataFrame:
     """ShortGPT's block influence per block: mean over samples of 1 - cos(s(x), s(x) + F(x)).
@@ -120,6 +121,7 @@ def block_influence(model: nn.Module, data: Iterable, *, blocks: Sequence[str | 
                           "samples": int(total)} for b in chosen])
 
 
+@outside_inference_mode  # sums made here are added into inside model_preserved
 def gradient_x_activation(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
                           task: str | Task | Callable | None = None, progress: bool = True) -> pd.DataFrame:
     """captum's LayerGradientXActivation on every block's branch output, one backward per batch.

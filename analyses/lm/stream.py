@@ -15,7 +15,7 @@ from probe.batches import batches, explained_misfit, input_dtype, model_device
 from probe.discovery.decoder import DecoderLayers
 from probe.discovery.find import Block
 from probe.errors import ProbeError
-from probe.instrument.hooks import attached, model_preserved, tap_pairs
+from probe.instrument.hooks import attached, model_preserved, outside_inference_mode, tap_pairs
 from probe.instrument.residual_stream import LayerStreams, token_mask, token_rows
 
 
@@ -62,6 +62,7 @@ class Sums:
     lens: torch.Tensor | None  # (L + 1, 4): loss, units, correct, agreeing with the final prediction
 
 
+@outside_inference_mode  # sums made here are added into inside model_preserved
 def stream_pass(model: nn.Module, data: Iterable, stack: DecoderLayers, *, sublayers: bool = True,
                 angles: bool = False, lens: tuple[nn.Module, nn.Module] | None = None,
                 progress: bool = False) -> Sums:

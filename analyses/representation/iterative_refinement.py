@@ -17,7 +17,7 @@ from analyses.representation.outputs import first_tensor, ran_twice, stages
 from probe.batches import batches, call_model, class_targets, explained_misfit, input_dtype, model_device
 from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.instrument.hooks import attached, model_preserved, tap_pairs
+from probe.instrument.hooks import attached, model_preserved, outside_inference_mode, tap_pairs
 from probe.scoring.tasks import Classification, Task, logits_of, resolve_task
 
 REFINEMENT_COLUMNS = ["block", "position", "stage", "grad_cosine", "grad_cosine_std", "step_ratio", "step_ratio_std",
@@ -27,6 +27,7 @@ NO_DRIFT_REFINEMENT = ("refinement compares each branch with the gradient of the
 _TINY = torch.finfo(torch.float32).tiny
 
 
+@outside_inference_mode  # sums made here are added into inside model_preserved
 def refinement(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
                task: str | Task | Callable | None = None, progress: bool = True) -> pd.DataFrame:
     """Per block, cos(F(h), dL/dh) and ||F(h)|| / ||h|| averaged over samples (see

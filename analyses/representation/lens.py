@@ -13,6 +13,7 @@ from torch import nn
 from analyses.representation.outputs import stages, walk
 from probe.batches import Batch, class_targets
 from probe.discovery.find import Block, resolve_blocks
+from probe.instrument.hooks import outside_inference_mode
 from probe.scoring.tasks import logits_of
 
 LENS_COLUMNS = ["block", "position", "stage", "width", "applicable", "accuracy", "agreement", "samples", "reason"]
@@ -24,6 +25,7 @@ def _head(model: nn.Module, classes: int) -> tuple[str, nn.Linear] | None:
     return heads[-1] if heads else None
 
 
+@outside_inference_mode  # sums made here are added into inside model_preserved
 def head_lens(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | None = None,
               progress: bool = True) -> pd.DataFrame:
     """A logit lens for classifiers: the model's own head on each block's pooled output, where the

@@ -10,10 +10,15 @@ options on a command's parser (each command picks the groups it uses), and
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from probe.errors import ProbeError
+from probe.loading.cache import cache_dir
 from probe.loading.huggingface import is_hf_model
 from probe.scoring.tasks import TASKS
 from probe.loading.text import TEXT_DATASETS
@@ -94,6 +99,11 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ProbeError(f"--{_option(name)} must be a positive integer, got {value!r}.")
+            if value is not None and value > sys.maxsize:  # Python's own limit for sizes and slices
+                raise ProbeError(f"--{_option(name)} {value} is too large; give at most {sys.maxsize}.")
+        if self.seq_len < 2:
+            raise ProbeError(f"--seq-len must be 2 or more (a window of text predicts its next tokens), got "
+                             f"{self.seq_len}.")
         if not isinstance(self.random_draws, int) or self.random_draws < 0:
             raise ProbeError(f"--random-draws must be 0 or more, got {self.random_draws!r}.")
         if self.curve_points is not None and (not isinstance(self.curve_points, int) or self.curve_points < 2):
@@ -106,20 +116,31 @@ class RunConfig:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ProbeError(f"--threads must be a whole number >= 1, got {self.threads!r}.")
-        if self.lr is not None and not self.lr > 0:
-            raise ProbeError(f"--lr must be positive, got {self.lr!r}.")
+        cores = os.cpu_count() or 1
+        if self.threads is not None and self.threads > _THREADS_PER_CORE * cores:
+            raise ProbeError(f"--threads {self.threads} is far more than the {cores} CPU core(s) of this machine: "
+                             "threads beyond the cores only wait on one another, and the run slows down many times; "
+                             f"use at most {cores}, or leave --threads out to use the cores no other process keeps busy.")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ProbeError(f"--lr must be positive and finite, got {self.lr!r}.")
         if self.momentum is not None and not 0 <= self.momentum < 1:
             raise ProbeError(f"--momentum must be in [0, 1), got {self.momentum!r}.")
-        if self.weight_decay is not None and not self.weight_decay >= 0:
-            raise ProbeError(f"--weight-decay must be 0 or more, got {self.weight_decay!r}.")
+        if self.weight_decay is not None and not 0 <= self.weight_decay < math.inf:
+            raise ProbeError(f"--weight-decay must be 0 or more, and finite, got {self.weight_decay!r}.")
         if not 0 < self.level < 1:
             raise ProbeError(f"--level must be between 0 and 1 (e.g. 0.95), got {self.level!r}.")
+        fewest = math.ceil(1 / (1 - self.level) - 1e-9)  # fewer leave the interval's tails without a resample
+        if self.bootstrap < fewest:
+            raise ProbeError(f"--bootstrap {self.bootstrap} resamples are too few for a {self.level:.4g} interval: it "
+                             f"needs at least {fewest} (1 / (1 - level)), else its ends are a few redrawn costs; the "
+                             f"default is {RunConfig.bootstrap}.")
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("split", ("train", "test")),
                               ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, name) not in allowed:
                 raise ProbeError(f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}.")
         if not self.spans or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.spans):
             raise ProbeError(f"--spans must be whole numbers >= 1 (layers deleted together), got {self.spans!r}.")
+        _check_out_place(self)
         if self.task not in TASKS and ":" not in str(self.task):
             raise ProbeError(f"--task {self.task!r} is not one of {', '.join(TASKS)} or package.module:function "
                              "(your own (outputs, batch) -> per-sample losses).")
@@ -143,6 +164,30 @@ def check_depths(depths) -> list[int]:
     if bad:
         raise ProbeError(f"depth(s) {bad} are not of the form 6n+2 (n >= 1); use e.g. 20, 32, 44, 56, 110.")
     return sorted(set(depths))
+
+
+def _check_out_place(config: RunConfig) -> None:
+    """--out never lies in the data (an image folder's classes are its sub-folders: a run's
+    files, and a folder of them, would land among them, or become a class of the next run), nor
+    in probe's cache of trained models and data sets. (`probe.files` refuses the other places.)"""
+    if config.out is None:
+        return
+    out = Path(config.out).expanduser().resolve()
+    cache = cache_dir().expanduser().resolve()
+    if out == cache or cache in out.parents:
+        raise ProbeError(f"--out {config.out!r} is {'' if out == cache else 'inside '}probe's cache {str(cache)!r}, "
+                         "which holds trained models and data sets; give a place outside it, e.g. runs/NAME.")
+    for option, root in (("--data-root", config.data_root), ("--calibration-root", config.calibration_root)):
+        if root is None:
+            continue
+        data = Path(root).expanduser().resolve()
+        if out == data or data in out.parents:
+            raise ProbeError(f"--out {config.out!r} is {'the data folder' if out == data else 'inside the data folder'} "
+                             f"{option} {root!r}: the run's files would land among the data; choose an --out outside it.")
+
+
+# More threads than this per core is a mistake, not a setting (each waits on the others).
+_THREADS_PER_CORE = 4
 
 
 def _option(name: str) -> str:

@@ -178,7 +178,14 @@ def user_dataset(config: RunConfig, split: str) -> Dataset:
     offered = {"split": split, "seed": config.seed, "root": config.data_root}
     parameters = inspect.signature(factory).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    dataset = factory(**{k: v for k, v in offered.items() if takes_all or k in parameters})
+    try:
+        dataset = factory(**{k: v for k, v in offered.items() if takes_all or k in parameters})
+    except ProbeError:
+        raise
+    except Exception as error:  # the user's own code: what it raised, on one line
+        said = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise ProbeError(f"dataset {config.dataset!r}: the function raised {type(error).__name__}"
+                         f"{': ' + said if said else ''} (split={split!r}).") from error
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         raise ProbeError(f"dataset {config.dataset!r} returned a {type(dataset).__name__}; it must return a torch "
                          "Dataset (with __len__ and __getitem__), e.g. a TensorDataset.")

@@ -1,13 +1,22 @@
 """An output folder that survives interruption: it records what run it belongs to, and keeps
 finished pieces of work so that rerunning the same command resumes instead of starting over.
 
-    out/run.json           the run's configuration (model, checkpoint hash, data, mode, seed, versions)
-    out/partial/<name>.pt  finished pieces (tables and tensors), each written atomically
+    out/run.json           the run's configuration (model and its digest, data, mode, seed, versions)
+    out/partial/<name>.pt  finished pieces (tables and tensors), each written atomically and
+                           stamped with the configuration that computed it
     out/.lock              locked (flock) while a run writes into the folder
 
 A rerun with the same configuration reuses the pieces; a rerun with another configuration is
 refused, so results of two different runs are never mixed, and so is a second run while one is
-using the folder. A piece that cannot be read back is computed again.
+using the folder. A piece is used only by the configuration that computed it, with or without
+run.json: one of another configuration (run.json deleted, pieces copied in), one that does not
+say which (written by an earlier probe) and one that cannot be read back are computed again,
+with a warning.
+
+The stamp is a file `probe-piece.json` inside the piece's own zip archive (`torch.save`'s
+format), beside its `data.pkl`: `torch.load` still reads a piece as the bare value, and the value
+and its stamp are written in one atomic rename. It holds the digest of the compared record (the
+record but UNCOMPARED) and that record, so that a mismatch can say what differs.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -77,6 +87,8 @@ class RunDirectory:
 
     def _bind_config(self, config: Mapping) -> None:
         self.config = json.loads(json.dumps(dict(config), sort_keys=True, default=str))
+        self.digest = config_digest(self.config)
+        self._foreign: set[str] = set()  # digests of other configurations whose pieces were dropped
         self._partial = self.path / "partial"
         if self.writer and self._partial.exists() and not self._partial.is_dir():
             raise ProbeError(f"{str(self._partial)!r} is a file, where probe keeps the finished pieces of a run; "
@@ -96,48 +108,107 @@ class RunDirectory:
         if not isinstance(previous, Mapping):
             return (f"--out {str(self.path)!r} holds an unreadable run.json; "
                     "choose another --out or delete that folder.")
+        return (f"--out {str(self.path)!r} holds a run of another configuration ({self._differences(previous)}); "
+                "resuming into it would mix results. Choose another --out, or delete that folder to start over.")
+
+    def _differences(self, previous: Mapping) -> str:
+        """The first three compared keys whose values differ, "key: old there, new now"."""
         keys = sorted((set(previous) | set(self.config)) - set(UNCOMPARED))
         differing = [f"{k}: {previous.get(k)!r} there, {self.config.get(k)!r} now" for k in keys
                      if previous.get(k) != self.config.get(k)]
-        return (f"--out {str(self.path)!r} holds a run of another configuration ({'; '.join(differing[:3])}); "
-                "resuming into it would mix results. Choose another --out, or delete that folder to start over.")
+        return "; ".join(differing[:3])
 
     def load(self, name: str, kind: type | tuple[type, ...] = object) -> object | None:
         """A finished piece of work, or None when there is none to use.
 
-        A piece that cannot be read back (cut short, or not written by probe) or is not a `kind`
-        is dropped, with a warning naming its file, so that the run computes it again.
+        A piece that cannot be read back (cut short, or not written by probe), that another
+        configuration computed or that does not say which did, or that is not a `kind`, is
+        dropped, with a warning naming its file, so that the run computes it again. Pieces of
+        another configuration are announced once per configuration (the first one's file, and
+        what differs).
         """
         path = self._partial / f"{name}.pt"
         if not path.exists():
             return None
+        again = "that piece"
         try:
-            value = torch.load(path, map_location="cpu", weights_only=False)
+            stamp = _read_stamp(path)
+            foreign = stamp is None or stamp.get("config") != self.digest
+            value = None if foreign else torch.load(path, map_location="cpu", weights_only=False)
         except Exception as error:  # a damaged file fails in many ways: pickle, zip, EOF, missing class
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             problem = f"cannot be read back ({type(error).__name__}: {reason})"
         else:
-            if isinstance(value, kind):
+            if foreign:
+                problem, again = self._foreign_piece(stamp), "it and every other such piece"
+            elif isinstance(value, kind):
                 return value
-            problem = f"holds a {type(value).__name__}, not the expected {_names(kind)}"
-        warnings.warn(f"{path} {problem}; computing that piece again.", stacklevel=2)
+            else:
+                problem = f"holds a {type(value).__name__}, not the expected {_names(kind)}"
+        if problem:
+            warnings.warn(f"{path} {problem}; computing {again} again.", stacklevel=2)
         if self.writer:
             path.unlink(missing_ok=True)
         return None
+
+    def _foreign_piece(self, stamp: Mapping | None) -> str | None:
+        """Why a piece of another configuration is not used, in words; None when a piece of that
+        configuration was announced already."""
+        other = "unstamped" if stamp is None else str(stamp.get("config"))
+        if other in self._foreign:
+            return None
+        self._foreign.add(other)
+        if stamp is None:
+            return "does not say which configuration computed it (an earlier probe wrote it)"
+        record = stamp.get("record")
+        differences = self._differences(record) if isinstance(record, Mapping) else ""
+        return f"was computed by another configuration ({differences or 'what differs is not recorded'})"
 
     def save(self, name: str, value: object) -> None:
         if not self.writer:
             return
         self._partial.mkdir(exist_ok=True)
-        atomic_write(self._partial / f"{name}.pt", lambda tmp: torch.save(value, tmp))
+        stamp = {"config": self.digest, "record": _compared(self.config)}
+
+        def write(tmp: Path) -> None:
+            torch.save(value, tmp)
+            with zipfile.ZipFile(tmp, "a") as archive:
+                archive.writestr(f"{_archive_folder(archive)}/{STAMP}", json.dumps(stamp, sort_keys=True))
+
+        atomic_write(self._partial / f"{name}.pt", write)
 
 
 # Recorded, but no reason to refuse a resume: how many CPU threads ran (the numbers do not depend on it).
 UNCOMPARED = ("threads",)
 
 
+# The name of a piece's stamp inside its zip archive.
+STAMP = "probe-piece.json"
+
+
+def config_digest(record: Mapping) -> str:
+    """sha256 (first 16 hex digits) of a run record's compared part: what a piece is stamped with."""
+    text = json.dumps(_compared(json.loads(json.dumps(dict(record), default=str))), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _compared(record: object) -> object:
     return {k: v for k, v in record.items() if k not in UNCOMPARED} if isinstance(record, Mapping) else record
+
+
+def _archive_folder(archive: zipfile.ZipFile) -> str:
+    """The one folder every record of torch.save's archive lies in (torch.load refuses others)."""
+    return archive.namelist()[0].split("/")[0]
+
+
+def _read_stamp(path: Path) -> dict | None:
+    """A piece's stamp, or None for a piece without one (raises for a file that is no zip)."""
+    with zipfile.ZipFile(path) as archive:
+        try:
+            stamp = json.loads(archive.read(f"{_archive_folder(archive)}/{STAMP}"))
+        except KeyError:
+            return None
+    return stamp if isinstance(stamp, dict) else None
 
 
 def _names(kind: type | tuple[type, ...]) -> str:

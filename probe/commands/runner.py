@@ -3,13 +3,15 @@
 Each command is `main(argv=None) -> int` with argparse (`probe.commands.config.add_options`); it hands
 its body to `run_command`, which turns a `ProbeError` (or an `OSError` such as a full disk)
 into one line on stderr and exit code 2, and Ctrl-C into one line and exit code 130, without a
-traceback. Every output is written atomically (`probe.files`), so a failed write leaves no
-half-written file.
+traceback. argparse's own mistakes (an unknown option, a missing value, a bad choice, a value of
+the wrong type) are one line and exit code 2 too, instead of argparse's usage block. Every
+output is written atomically (`probe.files`), so a failed write leaves no half-written file.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import warnings
 from collections.abc import Callable
@@ -32,8 +34,12 @@ def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namesp
 
     name: how the one-line messages name the command (default: the parser's prog).
     """
-    args = parser.parse_args(argv)
     name = name or parser.prog
+    try:
+        args = _parse(parser, argv)
+    except _UsageError as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return 2
     threads = torch.get_num_threads()  # put back afterwards: main() may be called from Python
     try:
         keep_freed_memory()  # this process's own allocator: no page faults for every fresh activation
@@ -42,11 +48,11 @@ def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namesp
             warnings.showwarning = _one_line_warning(name)
             return body(args)
     except ProbeError as error:
-        print(f"{name}: error: {error}", file=sys.stderr)
+        print(f"{name}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # a full disk, a read-only folder: what the system said, and where
         where = f" ({error.filename})" if error.filename else ""
-        print(f"{name}: error: {error.strerror or error}{where}; nothing half-written was left behind.",
+        print(f"{name}: error: {_one_line(error.strerror or error)}{where}; nothing half-written was left behind.",
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -54,6 +60,39 @@ def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namesp
         return 130
     finally:
         torch.set_num_threads(threads)
+
+
+class _UsageError(Exception):
+    """argparse's complaint about the command line, as one line."""
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, with argparse's mistakes raised as `_UsageError` (one line that
+    names the option, suggests the closest one for a misspelt option, and points at --help)
+    instead of printed as a usage block. --help still prints the help and exits 0."""
+    def error(message: str) -> None:
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            options = [o for o in parser._option_string_actions if o.startswith("--")]
+            unknown = [word.split("=")[0] for word in message.split(":", 1)[1].split() if word.startswith("-")]
+            close = [match for word in unknown for match in difflib.get_close_matches(word, options, n=1, cutoff=0.8)]
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise _UsageError(f"{_one_line(message).rstrip('.')}.{hint} ({parser.prog} --help lists the options)")
+
+    own = vars(parser).get("error")
+    parser.error = error  # argparse reports every mistake through it
+    try:
+        return parser.parse_args(argv)
+    finally:
+        if own is None:
+            del parser.error
+        else:
+            parser.error = own
+
+
+def _one_line(message: object) -> str:
+    """`message` on one line: its lines joined (a user's own exception may span several)."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
 def _one_line_warning(name: str) -> Callable[..., None]:
@@ -76,7 +115,7 @@ def run_analysis_command(name: str, about: str, groups: tuple[str, ...],
 
     def run(args: argparse.Namespace) -> int:
         config = RunConfig.from_args(args)
-        written = body(config, prepare_out_dir(args.out), not args.no_progress)
+        written = body(config, prepare_out_dir(args.out, analysis=True), not args.no_progress)
         print("wrote " + ", ".join(str(path) for path in written))
         return 0
 

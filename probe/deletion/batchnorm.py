@@ -17,6 +17,11 @@ BatchNorm layers from the set's earliest block on: those before it see the same 
 the intact network, so their recalibrated statistics are the intact model's. One calibration
 pass then refits every set's suffix, each set's statistics swapped in while its suffix runs, and
 one evaluation pass scores every set, as the fast sweep does.
+
+BatchNorm buffers made under `torch.inference_mode()` (inference tensors) can be changed in
+place only inside it, and probe runs outside it (`probe.instrument.hooks.model_preserved`):
+while recalibrating, each such buffer is swapped for a normal copy, and its values are written
+back into the user's own tensor on the way out (`_writable_statistics`).
 """
 
 from __future__ import annotations
@@ -75,8 +80,8 @@ def recalibrate_batchnorm(model: nn.Module, data: Iterable, *, blocks: Sequence[
 
     device = model_device(model)
     samples = 0
-    with model_preserved(model), torch.no_grad(), _ablated(model, blocks, mode, means), \
-            restoring(put_momenta_back):
+    with _writable_statistics(model), model_preserved(model), torch.no_grad(), \
+            _ablated(model, blocks, mode, means), restoring(put_momenta_back):
         for _, module in layers:
             module.reset_running_stats()
             module.momentum = None  # cumulative average: every batch weighs the same
@@ -98,6 +103,13 @@ def recalibrated(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Blo
     saved clone, so the model is bit-identical to before; momenta and flags are restored too.
     """
     chosen = resolve_blocks(model, list(blocks)) if blocks else []
+    with _writable_statistics(model), _recalibrated(model, data, chosen, mode, means, progress):
+        yield model
+
+
+@contextlib.contextmanager
+def _recalibrated(model: nn.Module, data: Iterable, chosen: list[Block], mode: str,
+                  means: Mapping[str, torch.Tensor] | None, progress: bool) -> Iterator[nn.Module]:
     saved = {name: {key: buffer.detach().clone() for key, buffer in module.named_buffers(recurse=False)}
              for name, module in batchnorm_layers(model)}
     modules = dict(model.named_modules())
@@ -114,6 +126,34 @@ def recalibrated(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Blo
         recalibrate_batchnorm(model, data, blocks=chosen, mode=mode, means=means, progress=progress)
         with _ablated(model, chosen, mode, means):
             yield model
+
+
+@contextlib.contextmanager
+def _writable_statistics(model: nn.Module) -> Iterator[None]:
+    """Within the body, every BatchNorm buffer that is an inference tensor is a normal copy of it;
+    on the way out, whatever happens, the copy's values go back into the user's own tensor (inside
+    inference mode, the only place that allows it) and that tensor into the module."""
+    swapped = [(module, key, tensor) for _, module in batchnorm_layers(model)
+               for key, tensor in module._buffers.items() if tensor is not None and tensor.is_inference()]
+    if not swapped:
+        yield
+        return
+
+    def put_back() -> None:
+        # Safe to run again (`restoring`): a buffer already put back is left alone.
+        for module, key, own in swapped:
+            current = module._buffers[key]
+            if current is not own:
+                with torch.inference_mode():
+                    own.copy_(current)
+                module._buffers[key] = own
+
+    with restoring(put_back):
+        with torch.inference_mode(False):  # a clone made here is a normal tensor
+            copies = [own.clone() for _, _, own in swapped]
+        for (module, key, _), copy in zip(swapped, copies):
+            module._buffers[key] = copy
+        yield
 
 
 def _ablated(model: nn.Module, blocks: Sequence[str | Block], mode: str,
@@ -150,21 +190,29 @@ def evaluate_recalibrated(model: nn.Module, data: Iterable, ablation_sets: Seque
     if mode == "mean" and means is None and involved:
         means = branch_means(model, data, blocks=involved, progress=progress)
     device = model_device(model)
-    trained = Tally(1, device, task, per_class=per_class, outcomes=outcomes)
-    _score_pass(model, data, task, trained, 0, None)
-    tally = Tally(len(sets) + 1, device, task, per_class=per_class, outcomes=outcomes)
-    if fast and involved and _fast_recalibrated(model, data, sets, calibration, task, mode, means, tally, progress):
-        baseline, *results = tally.results()
-        return Evaluation(baseline, results, trained_baseline=trained.results()[0], task=task)
-    tally = Tally(len(sets) + 1, device, task, per_class=per_class, outcomes=outcomes)  # a fresh one
-    with recalibrated(model, calibration, blocks=[], progress=False):
-        reference = _score_pass(model, data, task, tally, 0, None)
-    for row, ablation_set in enumerate(tqdm(sets, desc="sweep with BN recalibration", disable=not progress,
-                                            leave=False), start=1):
-        with recalibrated(model, calibration, blocks=ablation_set, mode=mode, means=means, progress=False):
-            _score_pass(model, data, task, tally, row, reference)
+    with _writable_statistics(model):
+        trained = Tally(1, device, task, per_class=per_class, outcomes=outcomes)
+        _score_pass(model, data, task, trained, 0, None)
+        tally = Tally(len(sets) + 1, device, task, per_class=per_class, outcomes=outcomes)
+        if fast and involved and _fast_recalibrated(model, data, sets, calibration, task, mode, means, tally,
+                                                    progress):
+            return _evaluation(tally, trained, task)
+        tally = Tally(len(sets) + 1, device, task, per_class=per_class, outcomes=outcomes)  # a fresh one
+        with recalibrated(model, calibration, blocks=[], progress=False):
+            reference = _score_pass(model, data, task, tally, 0, None)
+        for row, ablation_set in enumerate(tqdm(sets, desc="sweep with BN recalibration", disable=not progress,
+                                                leave=False), start=1):
+            with recalibrated(model, calibration, blocks=ablation_set, mode=mode, means=means, progress=False):
+                _score_pass(model, data, task, tally, row, reference)
+    return _evaluation(tally, trained, task)
+
+
+def _evaluation(tally: Tally, trained: Tally, task: Task) -> Evaluation:
+    """The call's outcomes, with one warning for non-finite outputs (the trained model's only
+    when the recalibrated states had none)."""
     baseline, *results = tally.results()
-    return Evaluation(baseline, results, trained_baseline=trained.results()[0], task=task)
+    trained_baseline = trained.results(warn=baseline.nonfinite is None)[0]
+    return Evaluation(baseline, results, trained_baseline=trained_baseline, task=task)
 
 
 def _fast_recalibrated(model: nn.Module, data: Iterable, sets: list[list[Block]], calibration: Iterable, task: Task,

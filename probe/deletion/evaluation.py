@@ -10,7 +10,11 @@ Two engines give the same `probe.scoring.results.Evaluation`:
   (`probe.deletion.fast_suffix`), a deletion reruns only the network from its earliest block on, fed from the
   baseline pass; a model fx cannot trace whose blocks lie in one stack of layers (a
   transformer) replays the layers before the deletion from the baseline pass (`probe.deletion.fast_replay`);
-  otherwise it runs the whole forward. Counts are summed on the device.
+  otherwise it runs the whole forward. Counts are summed on the device. A fast engine is used
+  only where it computes what the model's forward computes now (its hooks, its attributes): else
+  the next one runs, and `fast_path_note(model)` says which ran and why not a faster one.
+  Every forward gets a copy of the batch's inputs, never the caller's tensors (a model may write
+  into its input: `probe.batches.InputCopies`).
 - with calibration data (`calibration=`), `probe.deletion.batchnorm.evaluate_recalibrated` refits the
   BatchNorm statistics for each set before evaluating it.
 
@@ -19,7 +23,9 @@ Tables built from an evaluation record which engine ran in a boolean `bn_recalib
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -27,7 +33,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from probe.deletion.ablated import branch_replacement, check_mode
-from probe.batches import batches, class_targets, explained_misfit, input_dtype, model_device, read_again
+from probe.batches import (Batch, InputCopies, batches, class_targets, explained_misfit, input_dtype, model_device,
+                           read_again)
 from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.instrument.hooks import attached, model_preserved, replace_branches
@@ -35,11 +42,12 @@ from probe.instrument.measurement import branch_means
 from probe.deletion.batchnorm import evaluate_recalibrated
 from probe.deletion.fast_replay import layer_runner_for
 from probe.scoring.results import Evaluation
-from probe.deletion.fast_suffix import InPlaceError, runner_for
+from probe.deletion.fast_suffix import InPlaceError, forget_runners, suffix_runner
 from probe.scoring.tally import Tally
 from probe.scoring.tasks import Classification, Task, resolve_task
 
-__all__ = ["COLUMNS", "evaluate_ablations", "single_block_sweep", "sweep", "sweep_table"]
+__all__ = ["COLUMNS", "FastPathNote", "evaluate_ablations", "fast_path_note", "single_block_sweep", "sweep",
+           "sweep_table"]
 
 # The classification task's sweep columns; other tasks: see `sweep_table` and docs/api.md.
 COLUMNS = ["block", "position", "mode", "accuracy", "loss", "accuracy_drop", "loss_increase",
@@ -141,6 +149,8 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     check_mode(mode)
     task = resolve_task(task)
     if calibration is not None:
+        _notes[model] = FastPathNote("recalibrated", "with calibration data, probe.deletion.batchnorm runs its own "
+                                     "passes")
         return evaluate_recalibrated(model, data, ablation_sets, calibration, mode=mode, means=means, fast=fast,
                                      per_class=per_class, outcomes=outcomes, task=task, progress=progress)
     named = {b.name: b for b in resolve_blocks(model, [b for s in ablation_sets for b in s], data=data,
@@ -161,50 +171,135 @@ def evaluate_ablations(model: nn.Module, data: Iterable, ablation_sets: Sequence
     # network of that set rather than from the intact one.
     contained = [i + 1 < len(sets) and bool(names[i]) and names[i] <= names[i + 1] for i in range(len(sets))]
     tally = Tally(len(sets) + 1, device, task, per_class=per_class, outcomes=outcomes)
+    copies = InputCopies()  # the model may write into its input: never into the caller's tensors
     with model_preserved(model), attached() as handles, torch.no_grad():
-        # Set to this call's replacement only while the model is held: runners are shared.
-        runner = None
-        if fast and involved:  # a traced graph's suffixes, else replayed layers, else full forwards
-            runner = runner_for(model, involved, replacement) or layer_runner_for(model, involved)
+        # Chosen (and set to this call's replacement) only while the model is held: runners are shared.
+        engine = _Engine(model, involved, replacement, copies, fast)
         replace_branches(model, involved, rows, handles, active=lambda block: block.name in active)
-        stacking = stack > 1 and hasattr(runner, "stacked_suffix")
-        for batch in batches(data, device, dtype=input_dtype(model), progress=progress,
-                             desc=f"sweep ({len(sets)} ablations)"):
-            outputs = None
-            with explained_misfit(batch):
-                if runner is not None:
-                    try:
-                        outputs, cache = runner.baseline(batch.inputs)
-                    except InPlaceError:
-                        runner = None  # the cache cannot be trusted: full forwards from here on
-                if runner is None:
-                    outputs = batch.run(model)
-            labels = class_targets(batch) if tally.per_class else None
-            reference = task.score(outputs, batch)
-            tally.add(0, reference, None, labels)
-            intact = outputs if task.needs_reference else None
-            if stacking and runner is not None:
-                stacking = _score_stacked(runner, rows, sets, stack, cache, outputs, batch, task, tally, reference,
-                                          labels, active)
-                if stacking:
-                    continue
-            previous = None  # the last set's (names, outputs, cache), when the next set contains it
-            for row, ablation_set in enumerate(sets, start=1):
-                active.clear()
-                active.update(block.name for block in ablation_set)
-                ablated_outputs = None
-                if runner is not None and ablation_set:
-                    try:
-                        ablated_outputs, previous = _set_outputs(runner, ablation_set, cache, previous,
-                                                                 keep=contained[row - 1])
-                    except InPlaceError:
-                        runner = None  # as above: full forwards from here on
-                if ablated_outputs is None:
-                    ablated_outputs = batch.run(model)
-                active.clear()
-                tally.add(row, task.score(ablated_outputs, batch, intact), reference, labels)
+        stacking = stack > 1 and hasattr(engine.runner, "stacked_suffix")
+        try:
+            for batch in batches(data, device, dtype=input_dtype(model), progress=progress,
+                                 desc=f"sweep ({len(sets)} ablations)"):
+                with explained_misfit(batch):
+                    outputs, cache = engine.intact(batch)
+                labels = class_targets(batch) if tally.per_class else None
+                reference = task.score(outputs, batch)
+                tally.add(0, reference, None, labels)
+                intact = outputs if task.needs_reference else None
+                if stacking and hasattr(engine.runner, "stacked_suffix"):
+                    stacking = _score_stacked(engine.runner, rows, sets, stack, cache, outputs, batch, task, tally,
+                                              reference, labels, active)
+                    if stacking:
+                        continue
+                previous = None  # the last set's (names, outputs, cache), when the next set contains it
+                for row, ablation_set in enumerate(sets, start=1):
+                    active.clear()
+                    active.update(block.name for block in ablation_set)
+                    ablated_outputs = None
+                    if engine.runner is not None and ablation_set:
+                        try:
+                            ablated_outputs, previous = _set_outputs(engine.runner, ablation_set, cache, previous,
+                                                                     keep=contained[row - 1])
+                        except InPlaceError as error:
+                            engine.give_up(f"{error} (batch {batch.number})")  # whole forwards from here on
+                    if ablated_outputs is None:
+                        ablated_outputs = copies.run(model, batch)
+                    active.clear()
+                    tally.add(row, task.score(ablated_outputs, batch, intact), reference, labels)
+        finally:
+            _notes[model] = engine.note()
     baseline, *results = tally.results()
     return Evaluation(baseline, results, task=task)
+
+
+@dataclass(frozen=True)
+class FastPathNote:
+    """How the last `evaluate_ablations` (or `sweep`) call on a model evaluated its sets: for the
+    run record, and for a user wondering why a sweep was slower than expected.
+
+    engine: "suffix" (compiled suffixes of a trace, `probe.deletion.fast_suffix`), "replay" (the
+            layers before a deletion answered from the baseline pass, `probe.deletion.fast_replay`),
+            "full" (one whole forward of the model per set), or "recalibrated" (BatchNorm
+            recalibration: `probe.deletion.batchnorm` chooses its own passes).
+    reason: why not a faster engine (e.g. "the model itself carries forward hooks, which a traced
+            copy of its forward does not run"); None when the fastest one ran. An engine given
+            up part-way (a cached value written in place) leaves "full" and the reason, with the
+            batch it happened in; the batches before were evaluated by the engine given up, to the
+            same numbers.
+    inputs_copied: the model wrote into its own input, so each forward got a fresh copy of
+            the batch (the caller's data is never given to the model).
+    """
+
+    engine: str
+    reason: str | None = None
+    inputs_copied: bool = False
+
+
+_notes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fast_path_note(model: nn.Module) -> FastPathNote | None:
+    """The `FastPathNote` of the last `evaluate_ablations` call on `model` (None before any)."""
+    return _notes.get(model)
+
+
+class _Engine:
+    """The fast runner of one `evaluate_ablations` call (None: whole forwards) and what its note
+    will say. The runner is used only while it computes what the model's forward computes."""
+
+    def __init__(self, model: nn.Module, involved: list[Block], replacement: Callable, copies: InputCopies,
+                 fast: bool) -> None:
+        self.model, self.involved, self.replacement, self.copies = model, involved, replacement, copies
+        self.runner, self.verify, self.name, self.reason = None, False, "full", None
+        if not fast:
+            self.reason = "fast=False was asked for"
+        elif not involved:
+            self.reason = "no set deletes a block"
+        else:
+            self._choose()
+
+    def _choose(self) -> None:
+        choice = suffix_runner(self.model, self.involved, self.replacement)
+        self.runner, self.verify, self.reason = choice.runner, choice.verify, choice.reason
+        self.name = "suffix"
+        if self.runner is None:
+            self.runner = layer_runner_for(self.model, self.involved)
+            self.name = "replay" if self.runner is not None else "full"
+            if self.runner is None:
+                self.reason += "; and the blocks are not all in one stack of layers, which could be replayed"
+
+    def intact(self, batch: Batch) -> tuple[object, tuple | None]:
+        """The intact model's outputs on `batch`, and the runner's cache (None without one)."""
+        if self.runner is not None:
+            try:
+                outputs, cache = self.runner.baseline(self.copies.inputs(batch))
+                if not self.verify:
+                    return outputs, cache
+                self.verify = False
+                whole = self.copies.run(self.model, batch)
+                if _same_outputs(outputs, whole):
+                    return outputs, cache
+                # Something the trace read but its record of the model could not see has changed
+                # (an object without a __dict__): trace the model as it is now.
+                forget_runners(self.model)
+                self._choose()
+                if self.name == "suffix":
+                    self.reason = "traced again: the cached trace no longer gave the model's outputs"
+                if self.runner is None:
+                    return whole, None
+                return self.runner.baseline(self.copies.inputs(batch))
+            except InPlaceError as error:
+                self.give_up(f"{error} (batch {batch.number})")
+        return self.copies.run(self.model, batch), None
+
+    def give_up(self, why: str) -> None:
+        """Whole forwards from now on: the runner's cache cannot be trusted."""
+        given_up = f"the {self.name} engine was given up for whole forwards: {why}"
+        self.runner, self.name = None, "full"
+        self.reason = f"{self.reason}; {given_up}" if self.reason else given_up
+
+    def note(self) -> FastPathNote:
+        return FastPathNote(self.name, self.reason, self.copies.written)
 
 
 class _Rows:

@@ -12,15 +12,22 @@ those of full forwards.
     outputs, cache = runner.baseline(inputs)
     runner.suffix(runner.first(ablation_set), cache)
 
+What is cached is what each layer's `forward` returned, before the layer's own forward hooks:
+a replayed call still goes through `nn.Module.__call__`, so the hooks on the layer (a steering
+vector added to its output), and the global ones, run on the cached value as they ran on the
+computed one: once. Hooks inside a layer ran while the cached value was computed, and do not run
+again. Nothing is kept between calls: the model's own code runs each time, with its hooks and
+attributes as they are now.
+
 The cache holds one batch's layer outputs (memory: layers x batch x sequence x width), never
 more: memory stays flat in the number of batches. A cached output modified in place after it was
-made (the next layer writing into its input) raises `InPlaceError`; a layer called other than once
-per forward gives no runner.
+made (the next layer, or a hook, writing into it), or inputs the model wrote into, raise
+`InPlaceError`; a layer called other than once per forward gives no runner.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from probe.batches import call_model
 from probe.discovery.find import Block
-from probe.instrument.hooks import attached, restoring
+from probe.instrument.hooks import restoring
 from probe.instrument.intercept import replaying
 from probe.discovery.layers import layer_of, layer_stack
 from probe.deletion.fast_suffix import InPlaceError
@@ -44,16 +51,28 @@ class LayerRunner:
         self._model, self._layers, self._index = model, layers, index
 
     def baseline(self, inputs: object) -> tuple[object, tuple]:
-        outputs_of: list[list[object]] = [[] for _ in self._layers]
-        with attached() as handles:
-            for position, layer in enumerate(self._layers):
-                handles.append(layer.register_forward_hook(
-                    lambda _m, _args, output, kept=outputs_of[position]: kept.append(output)))
+        # (output, its versions when made) of each layer's forward, before its forward hooks
+        outputs_of: list[list[tuple[object, list[int]]]] = [[] for _ in self._layers]
+        saved = [layer.__dict__.get("forward") for layer in self._layers]
+        given = _versions(inputs)
+
+        def recording(forward: Callable, kept: list) -> Callable:
+            def record(*args: object, **kwargs: object) -> object:
+                output = forward(*args, **kwargs)
+                kept.append((output, _versions(output)))
+                return output
+            return record
+
+        with restoring(lambda: _put_forwards_back(self._layers, saved)):
+            for layer, kept in zip(self._layers, outputs_of):
+                layer.forward = recording(layer.forward, kept)
             outputs = call_model(self._model, inputs)
         if any(len(kept) != 1 for kept in outputs_of):
             raise InPlaceError("a layer ran other than once in one forward: its output cannot stand for it")
-        cached = [kept[0] for kept in outputs_of]
-        return outputs, (inputs, cached, [_versions(output) for output in cached])
+        cached = [kept[0][0] for kept in outputs_of]
+        # A hook writing into a layer's output in place moved its versions: replaying it would
+        # apply that hook a second time to the value.
+        return outputs, (inputs, cached, [kept[0][1] for kept in outputs_of], given)
 
     def first(self, blocks: Sequence[Block]) -> Block:
         """The block of `blocks` in the earliest layer: where the recomputation must start."""
@@ -61,24 +80,27 @@ class LayerRunner:
 
     def suffix(self, block: Block, cache: tuple, deleted: Sequence[Block] = ()) -> object:
         """The output with the layers from `block`'s on run again (the hooks delete `deleted`)."""
-        inputs, cached, versions = cache
+        inputs, cached, versions, given = cache
         start = self._index[block.name]
+        if _versions(inputs) != given:
+            raise InPlaceError("the model wrote into its inputs: they are no longer the batch")
         if any(_versions(output) != version for output, version in zip(cached[:start], versions[:start])):
             raise InPlaceError("a cached layer output was modified in place")
         replaced = self._layers[:start]
         saved = [layer.__dict__.get("forward") for layer in replaced]
-
-        def put_forwards_back() -> None:
-            for layer, forward in zip(replaced, saved):
-                if forward is None:
-                    layer.__dict__.pop("forward", None)
-                else:
-                    layer.forward = forward
-
-        with restoring(put_forwards_back), replaying(replaced):
+        with restoring(lambda: _put_forwards_back(replaced, saved)), replaying(replaced):
             for layer, output in zip(replaced, cached):
                 layer.forward = lambda *_args, _output=output, **_kwargs: _output
             return call_model(self._model, inputs)
+
+
+def _put_forwards_back(layers: Sequence[nn.Module], saved: Sequence[Callable | None]) -> None:
+    """Each layer's `forward` as it was: its class's, or the one set on the instance before."""
+    for layer, forward in zip(layers, saved):
+        if forward is None:
+            layer.__dict__.pop("forward", None)
+        else:
+            layer.forward = forward
 
 
 def _versions(output: object) -> list[int]:

@@ -11,17 +11,32 @@ cannot be traced this way gets `None`, and the caller loops over full forwards i
 
 Tracing and compiling the suffixes costs about as much as a few dozen forwards of a small
 model, more than a whole sweep of a small data set on a GPU; `runner_for` keeps the runners of
-each model and reuses them while its module tree and blocks are the same.
+each model and reuses them while nothing a trace depends on has changed (`model_state`): the
+module tree and blocks, every module's parameters and buffers (the objects), its forward hooks,
+its Python attributes (a temperature, a flag choosing a path: fx bakes the values it read into
+the code) and the global module hooks. A value whose changes cannot be seen (an object without
+a `__dict__`) makes the caller check the first batch of each call against a whole forward.
+
+A traced copy of the forward does not run what fx traced through as it runs in the model: hooks
+on the model itself, on the containers fx inlines, global hooks. A model carrying those gets no
+runner (`suffix_runner` says why); hooks on the modules fx keeps as calls (leaf layers, blocks)
+run as usual, and a hooked block's own code is not inlined (its hooks would be skipped).
 """
 
 from __future__ import annotations
 
+import enum
+import functools
+import types
 import weakref
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules import module as _module_globals
 
 from probe.discovery.additions import is_addition
 from probe.batches import call_model
@@ -196,28 +211,70 @@ class _Replacement:
         return self.current(block, shortcut)
 
 
-# model -> {(module tree, blocks, inlined or not): runner or None}, a few per model.
+# model -> {(module tree, blocks, inlined or not): (model_state, SuffixRunner or None, reason)}
 _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# model -> its module tree when torch.fx could not trace it
+# model -> its module tree when torch.fx could not trace it (no hook made it fail: a model
+# carrying hooks that a trace would run is refused before it is traced)
 _untraceable: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _RUNNERS_PER_MODEL = 4
+# model -> why its last `build_runner` gave None
+_why_not: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class Choice(NamedTuple):
+    """`suffix_runner`'s answer. runner: None when the model cannot be cut into suffixes, and
+    then `reason` says why. verify: the runner was traced in an earlier call and the model holds
+    a value whose changes cannot be seen: check the first batch against a whole forward."""
+
+    runner: SuffixRunner | None
+    reason: str | None
+    verify: bool = False
 
 
 def runner_for(model: nn.Module, blocks: Sequence[Block],
                replacement: Callable[[Block, torch.Tensor], torch.Tensor] | None = None) -> SuffixRunner | None:
-    """`build_runner`, reused while `model`'s module tree (the same module objects) and `blocks`
-    are unchanged; set to `replacement` (see `SuffixRunner.use`)."""
+    """`suffix_runner(...).runner`, for callers that do not check a first batch: a runner that
+    would need that check is traced again instead."""
+    choice = suffix_runner(model, blocks, replacement)
+    if choice.verify:
+        forget_runners(model)
+        choice = suffix_runner(model, blocks, replacement)
+    return choice.runner
+
+
+def suffix_runner(model: nn.Module, blocks: Sequence[Block],
+                  replacement: Callable[[Block, torch.Tensor], torch.Tensor] | None = None) -> Choice:
+    """`build_runner`, reused while nothing it depends on has changed (see the module docstring),
+    set to `replacement` (see `SuffixRunner.use`); or None and the reason."""
+    refusal = _refusal(model)
+    if refusal is not None:
+        return Choice(None, refusal)
     tree = module_tree(model)
     if _untraceable.get(model) == tree:
-        return None  # tracing failed for this model before: each try can cost seconds (a large LM)
+        return Choice(None, _UNTRACEABLE)  # tried before: each try can cost seconds (a large LM)
+    state, opaque = model_state(model)
     key = (tree, tuple(blocks), replacement is not None)
     cached = _runners.setdefault(model, {})
-    if key not in cached:
+    entry = cached.get(key)
+    reused = entry is not None and entry[0] == state
+    if not reused:
+        cached.pop(key, None)
         if len(cached) >= _RUNNERS_PER_MODEL:
             del cached[next(iter(cached))]  # the oldest
-        cached[key] = build_runner(model, blocks, replacement)
-    runner = cached[key]
-    return runner.use(replacement) if runner is not None else None
+        runner = build_runner(model, blocks, replacement)
+        reason = None if runner is not None else _why_not.pop(model, "it could not be cut at its blocks")
+        if runner is None and reason == _UNTRACEABLE:
+            _untraceable[model] = tree
+        entry = cached[key] = (state, runner, reason)
+    _, runner, reason = entry
+    if runner is None:
+        return Choice(None, reason)
+    return Choice(runner.use(replacement), None, verify=reused and opaque)
+
+
+def forget_runners(model: nn.Module) -> None:
+    """Drop `model`'s cached runners: the next `suffix_runner` traces it again."""
+    _runners.pop(model, None)
 
 
 def build_runner(model: nn.Module, blocks: Sequence[Block],
@@ -228,39 +285,274 @@ def build_runner(model: nn.Module, blocks: Sequence[Block],
     of a block whose branch ends in a module starts with that block's own code inlined and its
     addition fed `replacement(shortcut)`: the deleted branch is never computed.
     """
+    runner, reason = (None, _refusal(model))
+    if reason is None:
+        runner, reason = _built(model, blocks, replacement)
+    if runner is None:
+        _why_not[model] = reason  # for `suffix_runner`
+    return runner
+
+
+def _built(model: nn.Module, blocks: Sequence[Block],
+           replacement: Callable[[Block, torch.Tensor], torch.Tensor] | None) -> tuple[SuffixRunner | None, str | None]:
     # Traced in eval mode, the mode sweeps run in: fx bakes `self.training` into the graph as a
     # constant (`F.dropout(x, p, self.training)`, `if self.training:`).
     with fx_tracing(model, eval_mode=True):
         return _build_runner(model, blocks, replacement)
 
 
-def _build_runner(model: nn.Module, blocks: Sequence[Block],
-                  replacement: Callable[[Block, torch.Tensor], torch.Tensor] | None) -> SuffixRunner | None:
+def _build_runner(model: nn.Module, blocks: Sequence[Block], replacement: Callable[[Block, torch.Tensor], torch.Tensor]
+                  | None) -> tuple[SuffixRunner | None, str | None]:
     block_modules = {block.module for block in blocks}
     if "" in block_modules:
-        return None  # the model itself performs the addition: there is nothing to cut
+        return None, "the model itself performs a residual addition: there is no block call to cut at"
+    tracer = ModulesAsLeaves(block_modules)
+    hooked = _traced_through_hooked(model, tracer)
+    if hooked is not None:
+        return None, (f"the module {hooked!r} carries forward hooks, and a traced forward runs that module's code "
+                      "inline, without them (or with them baked in)")
     try:
-        graph = traced(ModulesAsLeaves(block_modules), model)
+        graph = traced(tracer, model)
     except Exception:  # an untraceable model still sweeps (`probe.deletion.fast_replay`, or full forwards)
-        _untraceable[model] = module_tree(model)
-        return None
+        return None, _UNTRACEABLE
     if sum(n.op == "output" for n in graph.nodes) != 1:
-        return None
+        return None, "its trace has more than one output"
     nodes = list(graph.nodes)
     starts = _call_starts(nodes, blocks)
     if starts is None:
-        return None
+        return None, "a block module runs other than once per forward: it has no single place to cut at"
     hosts = [block.module for block in blocks]
     surgery = {}
     current = _Replacement(replacement) if replacement is not None else None
     for block in blocks:
         if current is None or block.strategy != "hooks" or hosts.count(block.module) != 1:
             continue
+        if not _inlinable(model.get_submodule(block.module)):
+            continue  # its hooks (or a forward set on the instance) must run: the block is called as it is
         found = _deleted_branch_graph(model, block, lambda shortcut, block=block: current(block, shortcut))
         call = nodes[starts[block.name]]
         if found is not None and not call.kwargs and len(call.args) == sum(n.op == "placeholder" for n in found.nodes):
             surgery[block.name] = found
-    return SuffixRunner(model, graph, starts, surgery, current, {block.name: block.module for block in blocks})
+    return SuffixRunner(model, graph, starts, surgery, current, {block.name: block.module for block in blocks}), None
+
+
+_UNTRACEABLE = "torch.fx cannot trace the model"
+
+
+# -- what a traced forward depends on ------------------------------------------------------------------
+
+# The global hook dicts (torch.nn.modules.module's) whose entries change what a module call
+# computes (backward hooks do nothing in a no-grad forward).
+_GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_with_kwargs",
+                 "_global_forward_hooks_always_called")
+# nn.Module's own bookkeeping, in every module's __dict__: parameters, buffers, submodules and
+# hooks are read apart; `training` is always False while a runner is built and used.
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    return any(getattr(_module_globals, name, None) for name in _GLOBAL_HOOKS)
+
+
+def _refusal(model: nn.Module) -> str | None:
+    """Why no traced copy of `model`'s forward can stand for it, whatever its blocks; or None."""
+    if _global_hooks():
+        return ("global module hooks are registered (torch.nn.modules.module.register_module_forward_hook and "
+                "the like): a traced forward would leave them out of the code it inlines, or bake them in")
+    if _hooked(model):
+        return "the model itself carries forward hooks, which a traced copy of its forward does not run"
+    if "forward" in model.__dict__:
+        return "the model's forward is set on the instance, and torch.fx traces its class's forward"
+    return None
+
+
+def _traced_through_hooked(root: nn.Module, tracer: fx.Tracer, prefix: str = "") -> str | None:
+    """The qualified name of a hooked module under `root` that `tracer` traces through (not a
+    leaf, nor inside one: its hooks would not run as the model runs them), or None."""
+    for name, child in root.named_children():
+        qualified = f"{prefix}{name}"
+        if tracer.is_leaf_module(child, qualified):
+            continue  # called as it is: its hooks, and those of everything in it, run
+        if _hooked(child):
+            return qualified
+        inner = _traced_through_hooked(child, tracer, qualified + ".")
+        if inner is not None:
+            return inner
+    return None
+
+
+def _inlinable(block_module: nn.Module) -> bool:
+    """Whether a block module's own forward, traced, runs as its call does: no hooks on it, no
+    forward set on the instance, no hooked module inside that the trace would inline."""
+    return (not _hooked(block_module) and "forward" not in block_module.__dict__
+            and _traced_through_hooked(block_module, ModulesAsLeaves(set())) is None)
+
+
+class _Same:
+    """A value compared by identity (and kept alive, so its id is not reused meanwhile)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+
+_PLAIN = frozenset({type(None), bool, int, str, bytes})
+_ATOMS = (type(None), bool, int, str, bytes, torch.dtype, torch.device, torch.layout, torch.memory_format, type,
+          enum.Enum, range)
+_FUNCTIONS_IN_C = (types.BuiltinFunctionType, types.BuiltinMethodType, types.WrapperDescriptorType,
+                   types.MethodWrapperType, types.MethodDescriptorType, np.ufunc)
+_DEPTH, _LENGTH = 4, 4096  # deeper or longer values are compared by identity (and verified)
+_GLOBALS_DEPTH = 2  # a class's method is printed at depth 1, a function it reads at 2
+
+
+class _Printer:
+    """Comparable prints of Python values: what a module's attribute holds now. `opaque` turns
+    True for a value only its identity stands for (an object without `__dict__`, or one too deep)."""
+
+    def __init__(self) -> None:
+        self.opaque = False
+        self._memo: dict[int, object] = {}
+
+    def value(self, value: object, depth: int = 0) -> object:
+        kind = type(value)
+        if kind in _PLAIN:  # the usual attributes first: sizes, flags, names
+            return kind, value
+        if kind is float:
+            return kind, value.hex()
+        if kind is tuple and all(type(item) in _PLAIN for item in value):  # kernel sizes, strides
+            return kind, value, tuple(map(type, value))
+        if isinstance(value, float):
+            return float, float(value).hex()  # NaN equals itself, -0.0 differs from 0.0
+        if isinstance(value, _ATOMS):
+            return type(value), value
+        if isinstance(value, complex):
+            return complex, repr(value)
+        if isinstance(value, torch.Tensor):  # not a parameter or buffer: fx may have read its value
+            return torch.Tensor, _Same(value), value._version
+        if isinstance(value, np.ndarray) and value.size <= _LENGTH and value.dtype != object:
+            return np.ndarray, value.dtype.str, value.shape, value.tobytes()
+        if isinstance(value, np.generic):
+            return type(value), repr(value)
+        if depth >= _DEPTH or isinstance(value, (nn.Module, types.ModuleType)):
+            return self._identity(value, opaque=not isinstance(value, (nn.Module, types.ModuleType)))
+        key = id(value)
+        if key in self._memo:  # shared (one config in every layer) or cyclic
+            return self._memo[key]
+        self._memo[key] = ("cycle", _Same(value))
+        self._memo[key] = printed = self._composite(value, depth + 1)
+        return printed
+
+    def _composite(self, value: object, depth: int) -> object:
+        if isinstance(value, (tuple, list)) and len(value) <= _LENGTH:
+            return type(value), tuple(self.value(item, depth) for item in value)
+        if isinstance(value, dict) and len(value) <= _LENGTH:
+            return type(value), tuple((self.value(k, depth), self.value(v, depth)) for k, v in value.items())
+        if isinstance(value, (set, frozenset)) and len(value) <= _LENGTH:
+            return type(value), frozenset(self.value(item, depth) for item in value)
+        if isinstance(value, types.FunctionType):
+            cells = tuple(self.value(cell.cell_contents, depth) if _filled(cell) else None
+                          for cell in value.__closure__ or ())
+            # The module globals its code reads (`SCALE` in `return x * SCALE`): in a forward,
+            # and in the functions that reads, not deeper (library code's globals are its own).
+            found = value.__globals__
+            read = tuple((name, self.value(found[name], depth)) for name in _global_names(value.__code__)
+                         if name in found) if depth <= _GLOBALS_DEPTH else ()
+            return (types.FunctionType, value.__code__, self.value(value.__defaults__, depth),
+                    self.value(value.__kwdefaults__, depth), cells, read)
+        if isinstance(value, types.MethodType):
+            return types.MethodType, self.value(value.__func__, depth), _Same(value.__self__)
+        if isinstance(value, functools.partial):
+            return (functools.partial, self.value(value.func, depth), self.value(value.args, depth),
+                    self.value(value.keywords, depth))
+        if isinstance(value, _FUNCTIONS_IN_C + (types.ModuleType,)):
+            return self._identity(value, opaque=False)  # torch.relu, math.sqrt, torch itself: not state
+        attributes = getattr(value, "__dict__", None)
+        if isinstance(attributes, dict):
+            return type(value), tuple((k, self.value(v, depth)) for k, v in attributes.items())
+        return self._identity(value, opaque=True)
+
+    def _identity(self, value: object, *, opaque: bool) -> object:
+        self.opaque = self.opaque or opaque
+        return "same", _Same(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    """The names `code` (and the code nested in it: comprehensions, lambdas) may load as globals."""
+    names = list(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names.extend(_global_names(constant))
+    return tuple(dict.fromkeys(names))
+
+
+def _class_state(klass: type, printer: _Printer) -> object:
+    """What a module's class holds that its traced code may read: every method (its code, and
+    the globals it reads) and class attribute, along the class's bases up to nn.Module. torch's
+    own classes (nn.Linear, nn.Sequential, ...): their forward, as an object."""
+    if klass.__module__.startswith("torch."):
+        return klass.forward
+    parts = []
+    for base in klass.__mro__:
+        if base is nn.Module:
+            break
+        if base.__module__.startswith("torch.") or base is object:
+            continue
+        for name, attribute in vars(base).items():
+            if name.startswith("__") and name.endswith("__"):
+                continue
+            if isinstance(attribute, (staticmethod, classmethod)):
+                attribute = attribute.__func__
+            elif isinstance(attribute, property):
+                attribute = attribute.fget
+            parts.append((base, name, printer.value(attribute)))
+    return tuple(parts)
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell: a name the function refers to before it is bound
+        return False
+    return True
+
+
+def model_state(model: nn.Module) -> tuple[tuple, bool]:
+    """(state, opaque): everything besides the module tree that a trace of `model` depends on,
+    comparable with ==, and whether part of it is only the identity of an object whose changes
+    cannot be seen. Per module: its parameters and buffers (the objects: their values are read
+    when the code runs), its forward hooks, and its Python attributes; per class of module: its
+    methods, the module globals they read, its class attributes (`_class_state`); then the
+    global module hooks. Not seen: what library code reads (torch's own flags), and globals
+    read only by functions two calls below a forward."""
+    printer = _Printer()
+    value = printer.value
+    modules, classes = [], {}
+    for module in model.modules():
+        klass = type(module)
+        if klass not in classes:
+            classes[klass] = _class_state(klass, printer)
+        parameters, buffers = module._parameters, module._buffers
+        modules.append((
+            klass, tuple(parameters), tuple(map(id, parameters.values())), tuple(buffers),
+            tuple(map(id, buffers.values())),
+            # every forward hook and pre-hook is in one of these two (the others flag some of them)
+            tuple(module._forward_pre_hooks), tuple(module._forward_hooks),
+            tuple([(name, value(attribute)) for name, attribute in module.__dict__.items()
+                   if name not in _MODULE_INTERNALS])))
+    hooks = tuple(tuple(getattr(_module_globals, name, {})) for name in _GLOBAL_HOOKS)
+    return (tuple(modules), tuple(classes.items()), hooks), printer.opaque
 
 
 def _call_starts(nodes: list[fx.Node], blocks: Sequence[Block]) -> dict[str, int] | None:

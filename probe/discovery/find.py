@@ -27,6 +27,7 @@ import operator
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -65,8 +66,10 @@ def find_blocks(model: nn.Module, *, example_input: object = None, spec: object 
     BlockSpec, dicts or Blocks).
 
     Raises ProbeError when the model has no residual addition, or cannot be traced and no
-    example input or spec was given.
+    example input or spec was given, or is a model no Python hook can instrument (TorchScript,
+    integer-quantized tensors: `refuse_uninstrumentable`).
     """
+    refuse_uninstrumentable(model)
     if spec is not None:
         return blocks_from_spec(model, spec)
     structure = module_tree(model)
@@ -74,6 +77,8 @@ def find_blocks(model: nn.Module, *, example_input: object = None, spec: object 
     if cached is not None and cached[0] == structure:  # found before, traced or from a forward
         return list(cached[1])
     recording = _recording(model, example_input)
+    # quantize_dynamic's layers keep their weights packed, not as nn.Parameters: still learned.
+    recording.learned.update(_dynamically_quantized(model))
     blocks = blocks_in(recording)
     if blocks:
         _discovered[model] = (structure, tuple(blocks))
@@ -99,6 +104,7 @@ def resolve_blocks(model: nn.Module, names: Iterable[str | Block] | str | Block 
     twice is refused (it would be measured twice), unless `unique=False` (sets of blocks that
     share blocks, flattened).
     """
+    refuse_uninstrumentable(model)
     if names is None:
         return _discover(model, example_input, data)
     if isinstance(names, (str, Block)):
@@ -131,6 +137,44 @@ def _discover(model: nn.Module, example_input: object, data: Iterable | None) ->
         if data is None or isinstance(data, Iterator):
             raise
     return find_blocks(model, example_input=first_inputs(data, model))
+
+
+def refuse_uninstrumentable(model: nn.Module) -> None:
+    """ProbeError for a model probe cannot measure or ablate, saying why and what to pass instead:
+    a TorchScript module (its forward is compiled: no Python hook runs inside it) and a model
+    converted to integer-quantized tensors (`torch.ao.quantization.convert`: probe's statistics
+    and the zeros of a deleted branch are float). A dynamically quantized model
+    (`quantize_dynamic`) keeps float activations and is measured as it is. And anything that is
+    no nn.Module at all (None, a function)."""
+    if not isinstance(model, nn.Module):
+        raise ProbeError(f"model is a {type(model).__name__}, not a torch.nn.Module: probe finds blocks among a "
+                         "module's submodules and hooks them; pass the model itself (an nn.Module).")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ProbeError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script, torch.jit.trace or torch.jit.load): its "
+            "forward is compiled code that no Python hook enters, so probe cannot find, measure or delete its blocks. "
+            "Pass the Python nn.Module it was made from (for a file saved with torch.jit.save: build the model in "
+            "Python and load its weights, e.g. --model mypkg.models:build --checkpoint weights.pt).")
+    for name, module in model.named_modules():
+        origin = type(module).__module__
+        packed = type(module).__name__.endswith("PackedParams")  # the weights inside a dynamic layer too
+        if origin.startswith(_QUANTIZED) and not packed and not any(part in origin for part in (".dynamic", ".reference")):
+            raise ProbeError(
+                f"{type(model).__name__} computes on integer-quantized tensors ({name or 'the model'!r} is "
+                f"{origin}.{type(module).__name__}, from torch.ao.quantization.convert): probe measures float "
+                "activations and deletes a branch by adding float zeros. Pass the float model (before convert), or "
+                "one quantized with torch.ao.quantization.quantize_dynamic, whose activations stay float.")
+
+
+# Where torch keeps the modules of integer-quantized models (their dynamic and reference kinds are float).
+_QUANTIZED = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized",
+              "torch.nn.intrinsic.quantized")
+
+
+def _dynamically_quantized(model: nn.Module) -> set[str]:
+    """Names of `model`'s dynamically quantized modules (`quantize_dynamic`'s Linear, LSTM, ...)."""
+    return {name for name, module in model.named_modules()
+            if type(module).__module__.startswith(_QUANTIZED) and ".dynamic" in type(module).__module__}
 
 
 class UntraceableError(ProbeError):

@@ -2,7 +2,11 @@
 
 Every probe operation runs inside `model_preserved(model)`: it puts the model in eval mode, and
 on the way out (normally, on an exception, on KeyboardInterrupt) removes every hook it added and
-restores every module's `training` flag, the thread's grad mode and torch function modes. The
+restores every module's `training` flag, the thread's grad mode and torch function modes. Inside
+`torch.inference_mode()` it leaves inference mode for the call (tensors made there have no
+version counter, which the hooks read, and no autograd record, which gradients need); weights
+made in inference mode that cannot serve then (changed in place, or differentiated) raise a
+one-line ProbeError. The
 restoring itself runs to the end through a second Ctrl-C (`restoring`), and every hook or watch
 is put in its handle list before it is attached, so an interrupt at any point leaves nothing
 behind. One probe call at a time holds a model (`held`): two calls' hooks would fire in
@@ -16,9 +20,11 @@ addition at run time (`probe.instrument.intercept`). Both give callers the same 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
 
 import torch
 from torch import nn
@@ -117,12 +123,66 @@ def model_preserved(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.
         restore_mode_stack(modes)
         torch.set_grad_enabled(grad)
 
-    with held(model), restoring(restore_flags, restore_thread_state):
+    with held(model), restoring(restore_flags, restore_thread_state), _inference_tensors_explained(model), \
+            _outside_inference_mode(grad):
         # eval() walks the whole tree through nn.Module.__setattr__: skip it when nothing
         # trains (the usual case, and a real share of a small GPU forward's time).
         if eval_mode and any(training for _module, training in flags):
             model.eval()
         yield model
+
+
+@contextlib.contextmanager
+def _outside_inference_mode(grad: bool) -> Iterator[None]:
+    """The body outside `torch.inference_mode()` when the caller is inside it, in grad mode
+    `grad`, so that the tensors it makes have version counters and autograd records."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False):
+        torch.set_grad_enabled(grad)  # inference_mode(False) turns grad mode on; its exit restores both
+        yield
+
+
+def outside_inference_mode(function: Callable) -> Callable:
+    """`function` run outside `torch.inference_mode()` when called inside it (the grad mode kept):
+    for a call that makes tensors before `model_preserved` (sums) and adds into them inside it."""
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        with _outside_inference_mode(torch.is_grad_enabled()):
+            return function(*args, **kwargs)
+
+    return call
+
+
+# What torch says when an inference tensor is changed in place outside inference mode, or saved
+# for a backward pass.
+_INFERENCE_ERRORS = {"Inplace update to inference tensor": "cannot be changed in place outside inference mode",
+                     "Inference tensors cannot be saved for backward": "keep no record for gradients"}
+
+
+@contextlib.contextmanager
+def _inference_tensors_explained(model: nn.Module) -> Iterator[None]:
+    """Torch's error for a tensor made under `torch.inference_mode()` that the call cannot use
+    outside it (weights it must differentiate or change in place) as a one-line ProbeError."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error)
+        what = next((what for phrase, what in _INFERENCE_ERRORS.items() if phrase in text), None)
+        if what is None:
+            raise
+        made = next((name for name, tensor in chain(model.named_parameters(), model.named_buffers())
+                     if tensor.is_inference()), None)
+        if made is None:
+            raise ProbeError(f"a tensor made under torch.inference_mode() was given: such tensors {what}, as this "
+                             "call needs; make the data and anything else it is given outside inference mode.") \
+                from error
+        raise ProbeError(
+            f"the model {type(model).__name__} holds tensors made under torch.inference_mode() ({made!r}); such "
+            f"tensors {what}, as this call needs. Make or load the model outside inference mode (or copy it "
+            "there: with torch.inference_mode(False): model = copy.deepcopy(model)).") from error
 
 
 @contextlib.contextmanager
@@ -178,10 +238,10 @@ def tap_pairs(model: nn.Module, blocks: Sequence[Block], callback: PairCallback,
 
         def arrive(kind: str, tensor: torch.Tensor, block: Block = block, state: _PairState = state) -> None:
             setattr(state, kind, tensor)
-            setattr(state, kind + "_version", tensor._version)
+            setattr(state, kind + "_version", _version(tensor))
             if state.branch is None or state.shortcut is None:
                 return
-            if state.branch._version != state.branch_version or state.shortcut._version != state.shortcut_version:
+            if _version(state.branch) != state.branch_version or _version(state.shortcut) != state.shortcut_version:
                 state.clear()
                 raise RuntimeError(
                     f"block {block.name!r} modified its branch or shortcut in place before the "
@@ -204,6 +264,12 @@ def tap_pairs(model: nn.Module, blocks: Sequence[Block], callback: PairCallback,
                 lambda _m, _a, out, arrive=arrive: arrive("shortcut", out)))
         handles.append(modules[block.branch].register_forward_hook(
             lambda _m, _a, out, arrive=arrive: arrive("branch", out)))
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's version counter; -2 for an inference tensor, which has none (outside inference
+    mode, where probe runs, it cannot be changed in place either)."""
+    return -2 if tensor.is_inference() else tensor._version
 
 
 def replace_branches(model: nn.Module, blocks: Sequence[Block], replacement: BranchReplacement,

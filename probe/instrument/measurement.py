@@ -7,6 +7,10 @@ does not grow with the data set. Sums are what `all_reduce` needs to combine pro
 A sample is one (F(x), s(x)) pair of a block: a block module that runs k times per forward
 (weights tied: `for _ in range(k): x = self.block(x)`) adds k samples per input, one per call,
 each a residual addition on its own input.
+
+A language model's sample is a sequence: with an `attention_mask` (keyword inputs), its norms
+and dot product are over the positions the mask keeps (padding counts for nothing, on either
+side), and a row with no real token is no sample.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from probe import distributed
-from probe.batches import Batch, batches, class_targets, explained_misfit, input_dtype, model_device
+from probe.batches import Batch, InputCopies, batches, class_targets, explained_misfit, input_dtype, model_device
 from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.instrument.graphs import Captured, capture
 from probe.instrument.hooks import attached, model_preserved, tap_pairs
+from probe.instrument.residual_stream import token_mask
 
 # Per-sample quantities, in accumulator column order after the count.
 QUANTITIES = ("branch_norm", "shortcut_norm", "ratio", "cosine")
@@ -42,13 +47,22 @@ class _Moments:
     """
 
     def __init__(self, blocks: int, device: torch.device) -> None:
-        self.sums = torch.zeros(blocks, 1, 1 + 2 * len(QUANTITIES), dtype=torch.float64, device=device)
-        self.nonfinite = torch.zeros(blocks, dtype=torch.float64, device=device)
+        # Normal tensors even inside the caller's torch.inference_mode(): they are summed into in
+        # place where probe runs, outside it (`probe.instrument.hooks.model_preserved`).
+        with torch.inference_mode(False):
+            self.sums = torch.zeros(blocks, 1, 1 + 2 * len(QUANTITIES), dtype=torch.float64, device=device)
+            self.nonfinite = torch.zeros(blocks, dtype=torch.float64, device=device)
 
-    def add(self, rows: torch.Tensor, values: torch.Tensor, classes: torch.Tensor, num_classes: int) -> None:
-        """values: (blocks seen, batch, quantities) for the blocks at indices `rows`."""
+    def add(self, rows: torch.Tensor, values: torch.Tensor, classes: torch.Tensor, num_classes: int,
+            real: torch.Tensor | None = None) -> None:
+        """values: (blocks seen, batch, quantities) for the blocks at indices `rows`; real: (batch,)
+        False for a sample that is no sample (a row of padding only), None: all are."""
         finite = torch.isfinite(values).all(dim=2)  # a sample with a NaN/Inf anywhere is counted apart
-        self.nonfinite.index_add_(0, rows, (~finite).sum(dim=1).double())
+        if real is not None:
+            self.nonfinite.index_add_(0, rows, (~finite & real).sum(dim=1).double())
+            finite &= real
+        else:
+            self.nonfinite.index_add_(0, rows, (~finite).sum(dim=1).double())
         values = torch.where(finite.unsqueeze(2), values, torch.zeros_like(values)).double()
         terms = torch.cat([finite.double().unsqueeze(2), values, values.square()], dim=2)
         if num_classes > self.sums.shape[1]:
@@ -90,9 +104,21 @@ def _check_operands(block: Block, branch: torch.Tensor, shortcut: torch.Tensor) 
                          f"its addition{hint}.")
 
 
-def _reduction_parts(branch: torch.Tensor, shortcut: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per-sample ||F||, ||s|| and F.s on flattened samples: three (batch,) float32 tensors."""
-    f, s = _flat_pair(branch, shortcut)
+def _real_tokens(branch: torch.Tensor, shortcut: torch.Tensor,
+                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both with the positions `mask` (batch, seq) leaves out set to 0 (NaN there too), where they
+    are (batch, seq, ...) like it; as they are otherwise (no mask, or not per token)."""
+    if mask is None or branch.dim() < 2 or branch.shape[:2] != mask.shape:
+        return branch, shortcut
+    dropped = ~mask.view(*mask.shape, *(1,) * (branch.dim() - 2))  # (batch, seq, 1, ...)
+    return branch.masked_fill(dropped, 0), shortcut.masked_fill(dropped, 0)
+
+
+def _reduction_parts(branch: torch.Tensor, shortcut: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Per-sample ||F||, ||s|| and F.s on flattened samples, over the positions `mask` keeps (a
+    language model's real tokens; None: all): three (batch,) float32 tensors."""
+    f, s = _flat_pair(*_real_tokens(branch, shortcut, mask))
     wide = torch.promote_types(torch.promote_types(f.dtype, s.dtype), torch.float32)
     # With an explicit dtype the norms accumulate bf16/fp16 activations in fp32 without an
     # upcast copy, and autocast leaves them alone. Wide inputs go without (a faster path on the CPU).
@@ -127,7 +153,8 @@ def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] |
     """Branch and shortcut statistics of every residual block over `data`.
 
     Returns one row per block in forward order (with `per_class=True`, one row per block and
-    class, with a `class` column; that needs integer class labels). Batches may come in any
+    class, with a `class` column; that needs integer class labels). A language model's norms are
+    over the positions its `attention_mask` keeps (see the module docstring). Batches may come in any
     form `probe.batches.split_batch` knows (targets are not needed otherwise). Columns: see `COLUMNS` and docs/api.md. A block module run k
     times per forward counts k samples per input (see the module docstring).
 
@@ -145,15 +172,18 @@ def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] |
     row_of = {block.name: row for row, block in enumerate(chosen)}
     # block row -> this batch's reductions, three (batch,) tensors per call of the block's module
     seen: dict[int, list[tuple]] = {}
+    mask: list[torch.Tensor | None] = [None]  # the batch's real tokens (batch, seq), or None: every position
+    copies = InputCopies()  # the model may write into its input: never into the caller's tensors
 
     def record(block: Block, branch: torch.Tensor, shortcut: torch.Tensor) -> None:
         _check_operands(block, branch, shortcut)
-        seen.setdefault(row_of[block.name], []).append(_reduction_parts(branch, shortcut))
+        seen.setdefault(row_of[block.name], []).append(_reduction_parts(branch, shortcut, mask[0]))
 
     def eager(batch: Batch) -> list[tuple[list[int], int, torch.Tensor]]:
         """(rows, calls, (rows, 3, calls * batch) reductions) of one forward, per calls group."""
         seen.clear()
-        batch.run(model)
+        mask[0] = token_mask(batch)  # read from the batch given: a replay's own inputs while capturing
+        copies.run(model, batch)
         # One stack per group of blocks (not one per block).
         return [(rows, calls, torch.stack([part for r in rows for part in _joined(seen[r])]).view(len(rows), 3, -1))
                 for calls, rows in _rows_by_calls(seen).items()]
@@ -168,11 +198,19 @@ def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] |
             if per_class and groups:
                 num_classes = max(num_classes, int(labels.max()) + 1)
             classes = labels if per_class else torch.zeros(batch.size, dtype=torch.long, device=device)
+            real = _real_rows(batch)
             for rows, calls, reductions in groups:  # (blocks, 3, calls * batch) -> (.., 3)
                 moments.add(torch.tensor(rows, device=device), _quantities(reductions.transpose(1, 2)),
-                            classes.repeat(calls) if calls > 1 else classes, num_classes)
+                            classes.repeat(calls) if calls > 1 else classes, num_classes,
+                            real.repeat(calls) if real is not None and calls > 1 else real)
     moments.reduce_across_processes()
     return _table(chosen, moments, per_class)
+
+
+def _real_rows(batch: Batch) -> torch.Tensor | None:
+    """(batch,) bool: the rows with at least one real token; None without an attention mask."""
+    mask = token_mask(batch)
+    return None if mask is None else mask.any(dim=1)
 
 
 def _graphs_wanted(graphs: bool | None, device: torch.device) -> bool | None:
@@ -327,11 +365,12 @@ def branch_means(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Blo
         sums[block.name] = sums[block.name] + batch_sum if block.name in sums else batch_sum
         counts[block.name] = counts.get(block.name, 0) + len(branch)
 
+    copies = InputCopies()  # the model may write into its input: never into the caller's tensors
     with model_preserved(model), attached() as handles, torch.no_grad():
         tap_pairs(model, chosen, record, handles)
         for batch in batches(data, device, dtype=input_dtype(model), progress=progress, desc="branch means"):
             with explained_misfit(batch):
-                batch.run(model)
+                copies.run(model, batch)
     names = sorted(sums)  # the same order in every process
     totals = distributed.sum_across(torch.tensor([float(counts[n]) for n in names], dtype=torch.float64, device=device))
     for name in names:

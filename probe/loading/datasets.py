@@ -29,6 +29,7 @@ from torchvision.datasets import CIFAR10, CIFAR100, MNIST, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from probe.errors import ProbeError, unknown_name
+from probe.loading.images import check_range, read_image, readable
 
 __all__ = [
     "DATASETS",
@@ -186,7 +187,7 @@ def load_dataset(
         dataset: Dataset = _LabelledTensors(images.repeat(1, info.in_channels, 1, 1),
                                             labels.clone())
     elif name == "imagefolder":
-        dataset = ImageFolder(_imagefolder_root(root), transform=_transform(info, resize=resize))
+        dataset = ImageFolder(_imagefolder_root(root), transform=_transform(info, resize=resize), loader=read_image)
         # The images differ in size (or are not square) and no size was asked for: 224 was chosen.
         dataset.mixed_sizes = resize and image_size is None
     else:
@@ -476,6 +477,15 @@ def _imagefolder_files(folder: Path) -> tuple[list[str], list[str]]:
         samples = make_dataset(folder, {c: i for i, c in enumerate(classes)},
                                extensions=IMG_EXTENSIONS)
     except FileNotFoundError as err:
+        found = {classes[target] for _, target in
+                 make_dataset(folder, {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS,
+                              allow_empty=True)}
+        if found:  # some classes hold images: name those that do not
+            empty = [c for c in classes if c not in found]
+            raise ProbeError(
+                f"imagefolder root {str(folder)!r}: class subfolder(s) {', '.join(map(repr, empty))} hold no "
+                f"images ({', '.join(IMG_EXTENSIONS)}); add their images, or move the folder(s) out of the root."
+            ) from err
         raise ProbeError(
             f"imagefolder root {str(folder)!r} has class subfolders but no images in them "
             f"({err})."
@@ -487,16 +497,14 @@ def _common_square_size(files: Sequence[str]) -> int | None:
     """The images' side when all are square and of one size, else None.
 
     Reads only each file's header: PIL decodes pixel data on first access, which never comes.
+    An image read here whose pixels have no known range is refused already (`probe.loading.images`).
     """
     first = None
     for path in files:
-        try:
+        with readable(path):
             with Image.open(path) as image:
                 size = image.size
-        except OSError as err:  # PIL's UnidentifiedImageError is one
-            raise ProbeError(
-                f"imagefolder file {path!r} is no image PIL can read ({err}); remove or replace it."
-            ) from err
+                check_range(image, path)
         if size[0] != size[1] or (first is not None and size != first):
             return None
         first = size

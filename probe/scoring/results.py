@@ -28,12 +28,15 @@ class Outcome(Mapping):
     intact model's (None for the intact model itself, the reference, and for tasks without
     predictions). loss_increase_se: standard error of the loss increase over the reference, from
     the paired per-sample differences (None for the reference). extra: further task metrics
-    ({"kl": ...} for drift on logits).
+    ({"kl": ...} for drift on logits). nonfinite: units left out of every other number because
+    their outputs were NaN or Inf (samples; tokens for `lm`); set on every outcome of an
+    evaluation where any state had some, else None.
 
     Optional, when asked for: class_accuracy (index = class; NaN for a class absent from the
-    data) and class_samples; correct, a bool tensor with one entry per sample in data order
-    (classification); sample_loss and sample_weight, per-sample loss sums and units in data
-    order (every task; for bootstrap intervals).
+    data) and class_samples (the finite samples of each class); correct, a bool tensor with one
+    entry per sample in data order (classification; False for a non-finite one); sample_loss and
+    sample_weight, per-sample loss sums and units in data order (every task; for bootstrap
+    intervals; 0 and 0 for a non-finite sample).
 
     It is also a read-only mapping of the fields that are set (`outcome["accuracy"]`,
     `dict(outcome)`, `"correct" in outcome`), which is how tables and JSON consume it.
@@ -51,6 +54,7 @@ class Outcome(Mapping):
     extra: dict[str, float] = field(default_factory=dict)
     sample_loss: torch.Tensor | None = None
     sample_weight: torch.Tensor | None = None
+    nonfinite: int | None = None
 
     def _present(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None and getattr(self, f.name) != {}]

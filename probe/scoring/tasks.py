@@ -12,6 +12,11 @@ metric is a ratio of sums over samples (which is also what `all_reduce` needs un
 A sample's weight is how many units it scores: 1 for a classified image, the number of
 predicted tokens for a sequence (so `loss` is the mean NLL per token, and perplexity its exp).
 
+A unit whose loss is not finite (NaN or Inf outputs: a NaN pixel, an overflow) is left out of
+every metric (weight 0: neither right nor wrong, no loss, no flip) and counted apart in
+`Scores.nonfinite`, which the outcome reports as `nonfinite` and the tables as
+`nonfinite_outputs` (`probe.scoring.tally` warns).
+
 - `classification`: class logits `(batch, classes)`, one integer label per sample;
   cross-entropy, accuracy, and the flip rate of the predicted class.
 - `lm`: causal language modeling on token ids `(batch, seq)`; next-token NLL over predicted
@@ -60,6 +65,8 @@ class Scores:
                 that are not scored hold -1 in both. None: no flip rate
     extra:      further per-sample values, averaged per sample in the outcome ({"kl": ...})
     classes:    how many classes the model outputs (classification), for per-class tables
+    nonfinite:  units per sample left out because their loss was not finite (NaN or Inf
+                outputs); they count in none of the above. None: the task checks none
     """
 
     loss: torch.Tensor
@@ -68,6 +75,7 @@ class Scores:
     prediction: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     classes: int | None = None
+    nonfinite: torch.Tensor | None = None
 
 
 class Task:
@@ -78,6 +86,7 @@ class Task:
     needs_reference: `score` is given the intact model's outputs on the same batch.
     needs_targets: batches must carry targets.
     per_class: outcomes can be split by class (integer class targets).
+    units: what one unit of `Scores.weight` is, for messages ("samples", "tokens").
     """
 
     name = "task"
@@ -85,6 +94,7 @@ class Task:
     needs_reference = False
     needs_targets = True
     per_class = False
+    units = "samples"
 
     def score(self, outputs: object, batch: Batch, reference: object | None = None) -> Scores:
         raise NotImplementedError
@@ -96,7 +106,7 @@ class Task:
         row = {"loss": outcome.loss}
         if outcome.accuracy is not None:
             row["accuracy"] = outcome.accuracy
-        return row | {"samples": outcome.samples}
+        return _with_nonfinite(row | {"samples": outcome.samples}, outcome)
 
     def row(self, baseline, outcome) -> dict:
         """The sweep-table columns of `outcome` (blocks deleted) against `baseline` (intact)."""
@@ -104,10 +114,24 @@ class Task:
                "loss_increase_se": outcome.loss_increase_se}
         if outcome.accuracy is not None:
             row |= {"accuracy": outcome.accuracy, "accuracy_drop": baseline.accuracy - outcome.accuracy}
-        return row
+        return _with_nonfinite(row, outcome)
 
     def describe(self) -> str:
         return self.name
+
+
+def _with_nonfinite(row: dict, outcome) -> dict:
+    """`row` with the outcome's `nonfinite` count as `nonfinite_outputs`, where the evaluation had
+    any (a column only then: for finite outputs the tables are as they always were). Not
+    `nonfinite`: that is measure's column (norms), and the per-block table holds both."""
+    return row if outcome.nonfinite is None else row | {"nonfinite_outputs": outcome.nonfinite}
+
+
+def _finite_only(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss with its non-finite values set to 0, the mask of the finite ones): what is left out
+    of every metric, and counted apart (see the module docstring)."""
+    kept = torch.isfinite(loss)
+    return torch.where(kept, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)), kept
 
 
 def _per_sample(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,17 +159,22 @@ class Classification(Task):
                 "output, task='drift' or your own task.")
         check_targets_fit(logits, targets)
         logits = logits.float()
+        # A row with a NaN or +Inf logit has a NaN or Inf loss, and an argmax that means nothing
+        # (NaN counts as the largest): left out, not counted right or wrong.
+        loss, kept = _finite_only(F.cross_entropy(logits, targets, reduction="none"))
         prediction = logits.argmax(dim=1)
-        return Scores(loss=F.cross_entropy(logits, targets, reduction="none"), correct=prediction == targets,
-                      prediction=prediction, classes=logits.shape[1])
+        return Scores(loss=loss, weight=kept, correct=(prediction == targets) & kept,
+                      prediction=torch.where(kept, prediction, -1), classes=logits.shape[1], nonfinite=~kept)
 
     def metrics(self, outcome) -> dict:
-        return {"accuracy": outcome.accuracy, "loss": outcome.loss, "samples": outcome.samples}
+        return _with_nonfinite({"accuracy": outcome.accuracy, "loss": outcome.loss, "samples": outcome.samples},
+                               outcome)
 
     def row(self, baseline, outcome) -> dict:
-        return {"accuracy": outcome.accuracy, "loss": outcome.loss,
-                "accuracy_drop": baseline.accuracy - outcome.accuracy,
-                "loss_increase": outcome.loss - baseline.loss, "flip_rate": outcome.flip_rate}
+        return _with_nonfinite({"accuracy": outcome.accuracy, "loss": outcome.loss,
+                                "accuracy_drop": baseline.accuracy - outcome.accuracy,
+                                "loss_increase": outcome.loss - baseline.loss, "flip_rate": outcome.flip_rate},
+                               outcome)
 
 
 class LanguageModeling(Task):
@@ -153,10 +182,16 @@ class LanguageModeling(Task):
 
     Token ids come from the batch's `labels` (or targets) when given, else from its inputs
     (`input_ids`, or the input tensor). A position is scored when the attention mask holds 1 at
-    both t and t + 1 and the label at t + 1 is not -100 (Hugging Face's "ignore").
+    both t and t + 1, the label at t + 1 is not -100 (Hugging Face's "ignore"), and its loss is
+    finite (else it is counted in `nonfinite`).
+
+    A batch of two integer tensors of one shape given by position (`TensorDataset(input_ids,
+    attention_mask)`) is refused unless the second is the token ids themselves (labels): it may
+    be a mask, which would be scored as the next tokens.
     """
 
     name = "lm"
+    units = "tokens"
 
     def score(self, outputs: object, batch: Batch, reference: object | None = None) -> Scores:
         logits = logits_of(outputs)
@@ -177,15 +212,20 @@ class LanguageModeling(Task):
         following = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).clamp_min(0)  # -100 -> 0, masked out
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), following.reshape(-1),
                               reduction="none").view(tokens.shape)[:, :-1]  # (batch, seq - 1)
+        # A position whose logits hold NaN or +Inf (its NLL is not finite): left out, counted apart.
+        finite = torch.isfinite(nll)
+        nonfinite = (valid & ~finite).sum(dim=1)
+        valid &= finite
         prediction = logits[:, :-1].argmax(dim=2)
         targets = tokens[:, 1:]
         weight = valid.sum(dim=1)
         return Scores(loss=_per_sample(nll.double(), valid), weight=weight,
                       correct=_per_sample((prediction == targets) & valid),
-                      prediction=torch.where(valid, prediction, -1))
+                      prediction=torch.where(valid, prediction, -1), nonfinite=nonfinite)
 
     @staticmethod
     def _tokens(batch: Batch) -> torch.Tensor:
+        _check_not_a_mask(batch)
         tokens = batch.targets
         if tokens is None:
             tokens = batch.inputs.get("input_ids") if isinstance(batch.inputs, dict) else batch.inputs
@@ -196,15 +236,36 @@ class LanguageModeling(Task):
         return tokens.long()
 
     def metrics(self, outcome) -> dict:
-        return {"loss": outcome.loss, "perplexity": _exp(outcome.loss), "token_accuracy": outcome.accuracy,
-                "tokens": outcome.units, "samples": outcome.samples}
+        return _with_nonfinite({"loss": outcome.loss, "perplexity": _exp(outcome.loss),
+                                "token_accuracy": outcome.accuracy, "tokens": outcome.units,
+                                "samples": outcome.samples}, outcome)
 
     def row(self, baseline, outcome) -> dict:
-        return {"loss": outcome.loss, "perplexity": _exp(outcome.loss), "token_accuracy": outcome.accuracy,
-                "loss_increase": outcome.loss - baseline.loss, "loss_increase_se": outcome.loss_increase_se,
-                "perplexity_ratio": _exp(outcome.loss - baseline.loss),
-                "token_accuracy_drop": baseline.accuracy - outcome.accuracy,
-                "token_flip_rate": outcome.flip_rate, "tokens": outcome.units}
+        return _with_nonfinite({"loss": outcome.loss, "perplexity": _exp(outcome.loss),
+                                "token_accuracy": outcome.accuracy, "loss_increase": outcome.loss - baseline.loss,
+                                "loss_increase_se": outcome.loss_increase_se,
+                                "perplexity_ratio": _exp(outcome.loss - baseline.loss),
+                                "token_accuracy_drop": baseline.accuracy - outcome.accuracy,
+                                "token_flip_rate": outcome.flip_rate, "tokens": outcome.units}, outcome)
+
+
+def _check_not_a_mask(batch: Batch) -> None:
+    """Refuse (inputs, targets) given by position as two integer tensors of one shape whose second
+    is not the token ids: `TensorDataset(input_ids, attention_mask)` reads like (ids, labels)."""
+    inputs, targets = batch.inputs, batch.targets
+    if not (batch.targets_by_position and isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)
+            and inputs.shape == targets.shape and inputs.dim() == 2
+            and not inputs.is_floating_point() and not targets.is_floating_point()):
+        return
+    labelled = targets != -100
+    if bool(torch.equal(targets[labelled], inputs[labelled].to(targets.dtype))):
+        return  # (input_ids, labels): the labels are the ids, -100 where nothing is predicted
+    raise ProbeError(
+        f"batch {batch.number} is two integer tensors of one shape {tuple(inputs.shape)} given by position, "
+        "and the second is not the token ids: task='lm' would score it as the next tokens, but it may be an "
+        "attention_mask. Name the parts: batches as dicts {'input_ids': ..., 'attention_mask': ...} (or "
+        "'labels'), or probe.Data(data, inputs=lambda b: {'input_ids': b[0], 'attention_mask': b[1]}, "
+        "targets=None).")
 
 
 def _exp(value: float) -> float:
@@ -230,14 +291,14 @@ class Drift(Task):
 
     def score(self, outputs: object, batch: Batch, reference: object | None = None) -> Scores:
         current = output_tensors(outputs)
-        if reference is None:  # the intact model itself: no drift
+        if reference is None:  # the intact model itself: no drift (where its outputs are finite)
             zero = torch.zeros(batch.size, dtype=torch.float64, device=current[0].device)
-            return Scores(loss=zero, extra={"kl": zero} if self._kl_logits(outputs) is not None else {})
+            kept = torch.isfinite(sum((_per_sample(t.double().square()) for t in current
+                                       if t.dim() > 0 and len(t) == batch.size), zero))
+            return Scores(loss=zero, weight=kept, nonfinite=~kept,
+                          extra={"kl": zero} if self._kl_logits(outputs) is not None else {})
         before = output_tensors(reference)
-        for tensor in (*current, *before):
-            if tensor.dim() == 0 or len(tensor) != batch.size:
-                raise ProbeError(f"the drift task needs every output tensor to hold the samples along its first "
-                                 f"dimension; one has shape {tuple(tensor.shape)} for {batch.size} samples.")
+        self._check_samples([*current, *before], batch)
         difference = sum(_per_sample((a.double() - b.double()).square()) for a, b in zip(current, before))
         size = sum(_per_sample(b.double().square()) for b in before)
         drift = difference.sqrt() / size.sqrt().clamp_min(torch.finfo(torch.float64).tiny)
@@ -248,7 +309,20 @@ class Drift(Task):
             log_q = F.log_softmax(logits.double(), dim=-1)
             kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # (batch, ...)
             extra["kl"] = kl.reshape(batch.size, -1).mean(dim=1)
-        return Scores(loss=drift, extra=extra)
+        # Non-finite outputs (here or in the intact model's): left out, counted apart.
+        drift, kept = _finite_only(drift)
+        if "kl" in extra:
+            kl, kept_kl = _finite_only(extra["kl"])
+            kept &= kept_kl
+            extra["kl"], drift = torch.where(kept, kl, 0.0), torch.where(kept, drift, 0.0)
+        return Scores(loss=drift, weight=kept, extra=extra, nonfinite=~kept)
+
+    @staticmethod
+    def _check_samples(tensors: list[torch.Tensor], batch: Batch) -> None:
+        for tensor in tensors:
+            if tensor.dim() == 0 or len(tensor) != batch.size:
+                raise ProbeError(f"the drift task needs every output tensor to hold the samples along its first "
+                                 f"dimension; one has shape {tuple(tensor.shape)} for {batch.size} samples.")
 
     def _kl_logits(self, outputs: object) -> torch.Tensor | None:
         if self.logits is False:
@@ -258,19 +332,20 @@ class Drift(Task):
         return _named_logits(outputs)
 
     def metrics(self, outcome) -> dict:
-        return {"samples": outcome.samples}
+        return _with_nonfinite({"samples": outcome.samples}, outcome)
 
     def row(self, baseline, outcome) -> dict:
         row = {"drift": outcome.loss, "drift_se": outcome.loss_increase_se}
         if "kl" in outcome.extra:
             row["kl"] = outcome.extra["kl"]
-        return row
+        return _with_nonfinite(row, outcome)
 
 
 class CustomTask(Task):
     """A user's scoring function: `function(outputs, batch)` returns per-sample losses, a
     `(batch,)` tensor, or `(losses, correct)` with `correct` a `(batch,)` bool or 0/1 tensor.
-    `batch` is the batch as the data gave it, on the model's device."""
+    `batch` is the batch as the data gave it, on the model's device. A sample whose loss is not
+    finite is left out (and counted in `nonfinite`), as with every task."""
 
     needs_targets = False
 
@@ -281,10 +356,11 @@ class CustomTask(Task):
     def score(self, outputs: object, batch: Batch, reference: object | None = None) -> Scores:
         returned = self.function(outputs, batch.raw)
         losses, correct = returned if isinstance(returned, (tuple, list)) and len(returned) == 2 else (returned, None)
-        losses = self._check(losses, batch, "losses")
+        losses, kept = _finite_only(self._check(losses, batch, "losses").double())
         if correct is None:
-            return Scores(loss=losses.double())
-        return Scores(loss=losses.double(), correct=self._check(correct, batch, "correct").double())
+            return Scores(loss=losses, weight=kept, nonfinite=~kept)
+        return Scores(loss=losses, weight=kept, correct=self._check(correct, batch, "correct").double() * kept,
+                      nonfinite=~kept)
 
     def _check(self, value: object, batch: Batch, what: str) -> torch.Tensor:
         if not isinstance(value, torch.Tensor) or value.shape != (batch.size,):

@@ -480,6 +480,7 @@ def test_lm_section_states_the_finding_and_why_the_lens_is_missing(result):
 # --- the command ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a whole run of the command
 def test_command_writes_the_tables_of_your_own_lm(tmp_path, capsys):
     from torch.utils.data import DataLoader
 

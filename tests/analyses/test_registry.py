@@ -106,9 +106,10 @@ def test_the_pipeline_and_the_report_run_a_new_analysis(new_analysis, tiny_net, 
 
 
 def test_a_new_analysis_has_its_command(new_analysis, tmp_path, capsys):
-    assert main_for("blockcount", ["--out", str(tmp_path), "--mode", "mean", "--no-progress"]) == 0
+    out = tmp_path / "out"
+    assert main_for("blockcount", ["--out", str(out), "--mode", "mean", "--no-progress"]) == 0
     assert "blocks: 0" in capsys.readouterr().out
-    assert pd.read_csv(tmp_path / "block_count.csv")["mode"].tolist() == ["mean"]
+    assert pd.read_csv(out / "block_count.csv")["mode"].tolist() == ["mean"]
 
 
 def test_a_package_without_a_declaration_is_refused(tmp_path, monkeypatch):
@@ -140,6 +141,7 @@ def test_the_names_a_command_offers_need_no_import(new_analysis):
     assert out[0].split(",") == sorted(a for a in registry.names() if a != "blockcount") and out[1] == "[]"
 
 
+@pytest.mark.slow  # the command in a subprocess
 def test_the_command_help_imports_no_analysis():
     import subprocess
     code = ("import sys, runpy, io, contextlib\nsys.argv = ['probe.ablate', '--help']\n"

@@ -20,6 +20,7 @@ def checkpoint(tmp_path):
     return path
 
 
+@pytest.mark.slow  # whole runs of the command, every analysis
 def test_cli_writes_table_and_report(tmp_path, checkpoint, capsys):
     out = tmp_path / "run"
     code = ablate.main(["--model", "resnet20", "--checkpoint", str(checkpoint), "--limit", "40",
@@ -37,6 +38,7 @@ def test_cli_writes_table_and_report(tmp_path, checkpoint, capsys):
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
+@pytest.mark.slow  # the command in a subprocess
 @pytest.mark.parametrize("argv,message", [
     (["--checkpoint", "/nonexistent/model.pt"], "/nonexistent/model.pt"),
     (["--dataset", "cifar11"], "cifar10"),
@@ -71,6 +73,7 @@ def test_list_blocks(checkpoint, capsys):
     assert "(1, 32, 8, 8)" in lines[4]  # digits are 16x16; stage 2 halves them
 
 
+@pytest.mark.slow  # whole runs of the command, every analysis
 def test_blocks_spec_limits_the_run_and_every_analysis_to_the_named_blocks(tmp_path, checkpoint, capsys):
     out = tmp_path / "run"
     code = ablate.main(["--model", "resnet20", "--checkpoint", str(checkpoint), "--limit", "16",
@@ -89,6 +92,7 @@ def test_blocks_spec_limits_the_run_and_every_analysis_to_the_named_blocks(tmp_p
     assert list(pd.read_csv(out / "pruned_export.csv")["blocks"])[0] == 2  # the original: two named blocks
 
 
+@pytest.mark.slow  # whole runs of the command, every analysis
 def test_bf16_autocast_gives_close_numbers(tmp_path, checkpoint):
     tables = {}
     for precision in ("fp32", "bf16"):

@@ -146,6 +146,7 @@ runpy.run_module("probe.ablate", run_name="__main__", alter_sys=True)
 """
 
 
+@pytest.mark.slow  # whole runs of the command, one in a subprocess
 def test_a_second_run_on_a_busy_folder_is_refused(checkpoint, tmp_path, capsys):
     """Promise: no stale or mixed numbers. Two runs never write into one --out at once."""
     import os
@@ -361,6 +362,7 @@ def test_a_partial_that_is_a_file_says_what_to_do(checkpoint, tmp_path, capsys):
     assert (out / "partial").read_text() == "mine"
 
 
+@pytest.mark.slow  # whole runs of the command
 def test_a_damaged_piece_found_by_the_cli_is_recomputed_with_one_warning_line(checkpoint, tmp_path, capsys):
     """Promise: no stale or mixed numbers. A cut-short piece is recomputed (the same table),
     and the CLI says so in one line "probe.ablate: warning: ...", not Python's two-line warning."""
@@ -378,6 +380,7 @@ def test_a_damaged_piece_found_by_the_cli_is_recomputed_with_one_warning_line(ch
     assert (out / "blocks.csv").read_text() == before
 
 
+@pytest.mark.slow  # whole runs of the command
 def test_ctrl_c_mid_run_then_rerun_gives_the_uninterrupted_table(checkpoint, tmp_path, capsys, monkeypatch):
     """Promise: no stale or mixed numbers. A run interrupted after its first piece exits 130 with
     one line and no blocks.csv; the rerun resumes and writes the table of an uninterrupted run."""

@@ -19,6 +19,8 @@ from probe.loading.models import cifar_resnet
 
 SKIP_ANALYSES = ["--skip", "degradation", "skipping", "attribution", "uncertainty", "recalibration"]
 
+pytestmark = pytest.mark.slow  # whole CLI runs, interrupted and resumed
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):

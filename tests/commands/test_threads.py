@@ -109,6 +109,7 @@ def test_a_resume_with_another_thread_count_is_not_refused(tmp_path):
         RunDirectory(tmp_path, {"model": "other", "threads": "2 of 2 usable cores"})
 
 
+@pytest.mark.slow  # trains a model twice
 def test_training_gives_the_same_weights_whatever_threads_the_caller_set():
     """Trained weights must not depend on how busy the machine was when the commands chose their
     threads: training uses its own fixed count, and puts torch's back."""

@@ -114,6 +114,7 @@ def run_cli(arguments: list[str], out: Path) -> subprocess.CompletedProcess:
                            "--skip", *ANALYSES], capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow  # the CLI end to end in a subprocess
 def test_cli_names_the_parts_of_dict_batches(tmp_path):
     """--inputs/--targets for a data set of dicts; numbers equal the pairs' in a notebook."""
     missing = run_cli(["--model", "tiny_models:classifier", "--dataset", "tiny_models:named_items"], tmp_path / "a")
@@ -128,6 +129,7 @@ def test_cli_names_the_parts_of_dict_batches(tmp_path):
     assert record["inputs"] == "pix" and record["targets"] == "lab" and record["task"] == "classification"
 
 
+@pytest.mark.slow  # the CLI end to end in a subprocess
 def test_cli_lm_on_your_own_model_and_text(tmp_path):
     from tiny_models import SEQUENCES, StackedLM, TokenWindows
 

@@ -15,6 +15,8 @@ from distributed_job import dataset, results
 
 HERE = Path(__file__).resolve().parents[1]  # tests/: the shared helpers
 
+pytestmark = pytest.mark.slow  # torchrun: two processes end to end
+
 
 def close(a, b):
     if isinstance(a, dict):

@@ -29,6 +29,8 @@ from probe.loading.huggingface import load_hf_model, load_tokenizer  # noqa: E40
 
 WINDOWS, LENGTH = 2, 64
 
+pytestmark = pytest.mark.slow  # the real pretrained 135M-parameter model
+
 
 @pytest.fixture(scope="module")
 def smollm2():

