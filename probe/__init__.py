@@ -16,7 +16,7 @@ from probe.batches import Data
 from probe.discovery.find import Block, find_blocks
 from probe.instrument.describe import describe_blocks
 from probe.errors import ProbeError
-from probe.deletion.evaluation import evaluate_ablations, sweep
+from probe.deletion.evaluation import FastPathNote, evaluate_ablations, fast_path_note, sweep
 from probe.instrument.measurement import branch_means, measure
 from probe.scoring.results import Evaluation, Outcome
 from probe.discovery.spec import BlockSpec, parse_spec
@@ -24,8 +24,9 @@ from probe.deletion.block_table import block_table, join_block_table
 from probe.scoring.tasks import Classification, CustomTask, Drift, LanguageModeling, Task
 from probe.scoring.verdict import VerdictRule
 
-__all__ = ["Block", "BlockSpec", "Classification", "CustomTask", "Data", "Drift", "Evaluation", "LanguageModeling",
+__all__ = ["Block", "BlockSpec", "Classification", "CustomTask", "Data", "Drift", "Evaluation", "FastPathNote",
+           "LanguageModeling",
            "Outcome", "ProbeError", "Task", "VerdictRule", "ablated", "block_table",
-           "branch_means", "describe_blocks", "evaluate_ablations", "find_blocks", "join_block_table", "measure",
+           "branch_means", "describe_blocks", "evaluate_ablations", "fast_path_note", "find_blocks", "join_block_table", "measure",
            "parse_spec", "sweep"]
 __version__ = "0.1.0"

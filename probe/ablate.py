@@ -38,7 +38,7 @@ from probe.commands.config import RunConfig, add_options
 from probe.loading.datasets import DatasetInfo, make_loader
 from probe.instrument.describe import describe_blocks, shortcut_kinds
 from probe.errors import ProbeError
-from probe.deletion.evaluation import evaluate_ablations, sweep_table
+from probe.deletion.evaluation import evaluate_ablations, fast_path_note, sweep_table
 from probe.files import prepare_out_dir, write_csv
 from probe.commands.inputs import (Datasets, data_fingerprint, explained_channels, load_datasets, load_model,
                            named_parts)
@@ -208,6 +208,7 @@ def run(config: RunConfig, *, progress: bool = True,
         costs: dict[str, float] = {}  # what measure and the sweep cost when computed (resumed: back then)
         stats, sweep, evaluation = _measure_and_sweep(run_dir, config, model, loader, blocks, calibration, device,
                                                       task, seconds, costs, progress)
+        engine = _engine_words(fast_path_note(model))  # before the analyses evaluate sets of their own
         classes = (record.get("data") or {}).get("num_classes")  # the data's classes: chance is theirs
         warning = unsupported_reason(evaluation, num_classes=classes)
         for line in (_more_outputs_than_classes(evaluation, classes), warning):
@@ -226,7 +227,7 @@ def run(config: RunConfig, *, progress: bool = True,
             loader = named_parts(make_loader(dataset, batch_size=config.batch_size,
                                              pin_memory=device.type == "cuda"), config)
             _write_outputs(config, model, loader, table, evaluation, record, calibration, device, out, seconds,
-                           costs, progress, blocks)
+                           costs, progress, blocks, engine)
     distributed.barrier()
     return table, baseline, out
 
@@ -328,9 +329,26 @@ def _samples(calibration) -> int | None:
         return None
 
 
+def _engine_words(note) -> str:
+    """How the sweep evaluated its deletions (`probe.deletion.evaluation.FastPathNote`), for the
+    run record: the engine, and why not a faster one."""
+    if note is None:
+        return "read back from the run folder's saved pieces"
+    names = {"suffix": "compiled suffixes (only the network after each deleted block runs)",
+             "replay": "layer replay (the layers before each deletion answer from the baseline pass)",
+             "full": "one whole forward per deletion", "recalibrated": "BatchNorm recalibration's own passes"}
+    words = names.get(note.engine, note.engine)
+    if note.reason:
+        words += f"; {note.reason}"
+    if note.inputs_copied:
+        words += "; the model writes into its input, so each forward got its own copy of the batch"
+    return words
+
+
 def _write_outputs(config, model, loader, table, evaluation, record, calibration, device, out, seconds, costs,
-                   progress, blocks) -> None:
-    """blocks.csv, the analyses' tables and figures, and report.html."""
+                   progress, blocks, engine: str = "") -> None:
+    """blocks.csv, the analyses' tables and figures, and report.html. engine: how the sweep
+    evaluated its deletions (`_engine_words`), for the run record."""
     write_csv(out / "blocks.csv", table)
     analyses = run_analyses(model, loader, table, evaluation, config=config, out=out, device=str(device),
                             calibration=calibration, sweep_seconds=costs["sweep"],
@@ -347,6 +365,7 @@ def _write_outputs(config, model, loader, table, evaluation, record, calibration
                      "shortcuts": ", ".join(f"{n} {kind}" for kind, n in Counter(record["shortcuts"].values()).items()),
                      "BN recalibration": (_recalibration_words(table, record['calibration']) if config.bn_recalibrate
                                           else "off (trained BatchNorm statistics)"),
+                     "sweep engine": engine,
                      "seconds": {name: f"{value:.1f}" for name, value in seconds.items()},
                      "threads": _threads_words(),
                      "versions": {"torch": torch.__version__, "probe": probe.__version__},

@@ -654,3 +654,24 @@ def test_measure_leaves_the_callers_data_as_it_was():
             branches.append(branch)
     assert table.set_index("block").loc["blocks.0", "ratio"] == pytest.approx(torch.cat(ratios).mean().item(), rel=1e-5)
     assert torch.allclose(means["blocks.0"], torch.cat(branches).mean(dim=0), atol=1e-6)
+
+
+def test_the_run_record_says_how_the_sweep_ran(tiny_net):
+    """The run record names the sweep's engine, and why not a faster one (the report's "sweep
+    engine" row); a run read back from its pieces says so."""
+    from probe.ablate import _engine_words
+    from tiny_models import tiny_data
+
+    probe.sweep(tiny_net, tiny_data(), progress=False)
+    note = probe.fast_path_note(tiny_net)
+    assert note.engine == "suffix" and note.reason is None and not note.inputs_copied
+    assert _engine_words(note) == "compiled suffixes (only the network after each deleted block runs)"
+    handle = tiny_net.register_forward_hook(lambda _m, _i, out: out * 2)
+    try:
+        probe.sweep(tiny_net, tiny_data(), progress=False)
+        hooked = probe.fast_path_note(tiny_net)
+    finally:
+        handle.remove()
+    assert hooked.engine != "suffix" and "hooks" in hooked.reason
+    assert _engine_words(hooked).endswith(hooked.reason)
+    assert _engine_words(None) == "read back from the run folder's saved pieces"
