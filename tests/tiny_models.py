@@ -30,6 +30,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset, TensorDataset
 
+from probe.loading.checkpoints import save_checkpoint
+from probe.loading.models import cifar_resnet
+
 # -- what a probe call must leave unchanged --------------------------------------------------------
 
 
@@ -560,3 +563,12 @@ def randomize(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0) -> 
             for norm in norms:
                 norm.momentum = 0.1
     return model.eval()
+
+
+def saved_cifar_resnet(folder, depth: int = 8, num_classes: int = 10, in_channels: int = 1):
+    """A seeded CIFAR-style ResNet-`depth` (random weights) saved as `folder/resnet<depth>.pt`, the
+    checkpoint the command-line tests run on; its path."""
+    torch.manual_seed(0)
+    path = folder / f"resnet{depth}-{num_classes}x{in_channels}.pt"
+    save_checkpoint(cifar_resnet(depth, num_classes=num_classes, in_channels=in_channels), path)
+    return path

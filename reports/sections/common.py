@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 
 from probe.scoring.cost import COSTS
-from reports import figures
 from reports.embed import data_uri, render_png
 
 __all__ = ["Figure", "PNG", "ReportContext", "Section", "TITLES", "Table", "format_cell", "is_number", "not_run_section"]
@@ -67,7 +66,7 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
 
-# The title of each analysis section, by section id (analyses.pipeline.SECTIONS).
+# The title of each analysis section, by section id (the names of analyses.registry).
 TITLES = {
     "degradation": "Does depth hurt without shortcuts? (degradation)",
     "skipping": "Removing the skipped blocks together",

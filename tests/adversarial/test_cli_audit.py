@@ -20,10 +20,9 @@ from PIL import Image
 
 import probe
 from probe import ablate
-from probe.loading.checkpoints import save_checkpoint
 from probe.loading.datasets import load_dataset
 from probe.loading.models import cifar_resnet
-from tiny_models import TinyNet, tiny_data
+from tiny_models import TinyNet, saved_cifar_resnet, tiny_data
 
 SKIP = ["--skip", "degradation", "skipping", "attribution", "uncertainty", "recalibration", "representation"]
 
@@ -69,18 +68,12 @@ def user_code(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "resnet8.pt"
-    save_checkpoint(cifar_resnet(8, num_classes=10, in_channels=1), path)
-    return path
+    return saved_cifar_resnet(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
 def rgb_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "resnet8-rgb.pt"
-    save_checkpoint(cifar_resnet(8, num_classes=2, in_channels=3), path)
-    return path
+    return saved_cifar_resnet(tmp_path_factory.mktemp("ckpt"), num_classes=2, in_channels=3)
 
 
 def argv(checkpoint, out, *extra):

@@ -25,7 +25,7 @@ import probe  # noqa: E402
 from analyses.representation import (CkaAccumulator, RepresentationResult, _Rows, block_classes, cka,  # noqa: E402
                                      linear_probes, head_lens, pool, refinement, representation, stages, summary)
 from reports.sections.representation import story  # noqa: E402
-from tiny_models import LinearBlock, TinyNet, assert_unchanged, snapshot  # noqa: E402
+from tiny_models import LinearBlock, assert_unchanged, snapshot  # noqa: E402
 from probe.loading.checkpoints import save_checkpoint  # noqa: E402
 from probe.loading.models import cifar_resnet  # noqa: E402
 from probe.scoring.results import Evaluation, Outcome  # noqa: E402

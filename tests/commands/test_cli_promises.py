@@ -13,6 +13,7 @@ import torch
 
 from probe import ablate
 from probe.loading.checkpoints import save_checkpoint
+from tiny_models import saved_cifar_resnet
 from probe.loading.models import cifar_resnet
 
 SKIP_ANALYSES = ["--skip", "degradation", "skipping", "attribution", "uncertainty", "recalibration"]
@@ -20,10 +21,7 @@ SKIP_ANALYSES = ["--skip", "degradation", "skipping", "attribution", "uncertaint
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "resnet8.pt"
-    save_checkpoint(cifar_resnet(8, num_classes=10, in_channels=1), path)
-    return path
+    return saved_cifar_resnet(tmp_path_factory.mktemp("ckpt"))
 
 
 def argv(checkpoint, out, *extra):

@@ -14,8 +14,7 @@ import torch
 
 from analyses.attribution import TRUTH
 from probe import ablate
-from probe.loading.checkpoints import save_checkpoint
-from probe.loading.models import cifar_resnet
+from tiny_models import saved_cifar_resnet
 
 SKIP_ANALYSES = ["--skip", "degradation", "skipping", "attribution", "uncertainty", "recalibration"]
 
@@ -24,10 +23,7 @@ pytestmark = pytest.mark.slow  # whole CLI runs, interrupted and resumed
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "resnet20.pt"
-    save_checkpoint(cifar_resnet(20, num_classes=10, in_channels=1), path)
-    return path
+    return saved_cifar_resnet(tmp_path_factory.mktemp("ckpt"), depth=20)
 
 
 def argv(checkpoint, out, *extra):

@@ -11,7 +11,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 import probe
