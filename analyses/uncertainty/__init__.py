@@ -222,8 +222,10 @@ def drop_intervals(table: pd.DataFrame, evaluation: Evaluation, *, rule: Verdict
     for (_, row), result, verdict in zip(table.iterrows(), results, verdicts):
         block_seed = [seed, int(row["position"])]
         if classification:
-            low, high = bootstrap_interval(baseline.correct, result.correct, resamples=resamples, level=level,
-                                           seed=block_seed)
+            # Only samples scored in both states: a non-finite output is no sample (weight 0).
+            kept = _scored_in_both(baseline, result)
+            low, high = bootstrap_interval(baseline.correct[kept], result.correct[kept], resamples=resamples,
+                                           level=level, seed=block_seed)
             point = baseline.accuracy - result.accuracy
         else:
             low, high = cost_interval(baseline.sample_loss, result.sample_loss, _weights(baseline, result),
@@ -243,6 +245,16 @@ def drop_intervals(table: pd.DataFrame, evaluation: Evaluation, *, rule: Verdict
                      "skipped": decision == "skipped", "verdict_ci": decision, "verdict": verdict,
                      "bn_recalibrated": bn_recalibrated})
     return pd.DataFrame(rows, columns=interval_columns(cost))
+
+
+def _scored_in_both(baseline: Outcome, result: Outcome) -> torch.Tensor:
+    """Which samples both states scored (weight > 0): a sample whose output was not finite in
+    either is left out of the paired bootstrap, as it is of the accuracies."""
+    kept = torch.ones(len(baseline.correct), dtype=torch.bool)
+    for weight in (baseline.sample_weight, result.sample_weight):
+        if weight is not None:
+            kept &= torch.as_tensor(weight).cpu().reshape(len(kept), -1).sum(dim=1) > 0
+    return kept
 
 
 def _weights(baseline: Outcome, result: Outcome):

@@ -354,26 +354,37 @@ def branch_means(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Blo
     """Each block's branch output averaged elementwise over `data`: {block name: (C, H, W)}.
 
     The mean is over every call of the block's module (twice per input for a module run twice).
+    A language model's branch (batch, seq, hidden) is averaged per position over the sequences
+    whose attention mask keeps that position: padding counts for nothing (a position no sequence
+    reaches averages to 0).
     """
     chosen = resolve_blocks(model, blocks, data=data)
     device = model_device(model)
     sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}  # branch outputs summed, per block
+    counts: dict[str, torch.Tensor] = {}  # how many outputs were summed, per block (per position with a mask)
+    mask: list[torch.Tensor | None] = [None]  # the batch's real tokens (batch, seq), or None: every position
 
     def record(block: Block, branch: torch.Tensor, _shortcut: torch.Tensor) -> None:
-        batch_sum = branch.double().sum(dim=0)
+        kept = mask[0]
+        if kept is not None and branch.dim() >= 2 and branch.shape[:2] == kept.shape:
+            real = kept.view(*kept.shape, *(1,) * (branch.dim() - 2))  # (batch, seq, 1, ...)
+            batch_sum = branch.double().masked_fill(~real, 0).sum(dim=0)
+            count = real.double().sum(dim=0).expand_as(batch_sum).contiguous()
+        else:
+            batch_sum = branch.double().sum(dim=0)
+            count = torch.full_like(batch_sum, float(len(branch)))
         sums[block.name] = sums[block.name] + batch_sum if block.name in sums else batch_sum
-        counts[block.name] = counts.get(block.name, 0) + len(branch)
+        counts[block.name] = counts[block.name] + count if block.name in counts else count
 
     copies = InputCopies()  # the model may write into its input: never into the caller's tensors
     with model_preserved(model), attached() as handles, torch.no_grad():
         tap_pairs(model, chosen, record, handles)
         for batch in batches(data, device, dtype=input_dtype(model), progress=progress, desc="branch means"):
+            mask[0] = token_mask(batch)
             with explained_misfit(batch):
                 copies.run(model, batch)
     names = sorted(sums)  # the same order in every process
-    totals = distributed.sum_across(torch.tensor([float(counts[n]) for n in names], dtype=torch.float64, device=device))
     for name in names:
         distributed.sum_across(sums[name])
-    count = dict(zip(names, totals))
-    return {name: (total / count[name]).float() for name, total in sums.items()}
+        distributed.sum_across(counts[name])
+    return {name: (sums[name] / counts[name].clamp(min=1)).float() for name in sums}

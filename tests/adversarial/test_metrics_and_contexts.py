@@ -395,3 +395,53 @@ def test_gradients_through_inference_weights_are_refused_in_one_line():
     with pytest.raises(ProbeError, match="inference") as info:
         refinement(model, [(TINY_X, TINY_Y)], progress=False)
     assert "\n" not in str(info.value)
+
+
+def test_bootstrap_intervals_leave_out_non_finite_samples(tiny_net):
+    """An interval is over the samples both states scored: a NaN or Inf output is no sample, as it
+    is none of the accuracy (two non-finite samples once diluted [-1, 0] to [-0.6, 0])."""
+    import warnings
+
+    from analyses.uncertainty import drop_intervals
+    from probe.deletion.block_table import join_block_table
+    from probe.deletion.evaluation import single_block_sweep
+    from tiny_models import TINY_X, TINY_Y
+
+    def intervals(x, y):
+        data = [(x, y)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sweep, evaluation = single_block_sweep(tiny_net, data, per_class=True, outcomes=True, progress=False)
+            table = join_block_table(probe.measure(tiny_net, data, progress=False), sweep)
+            return drop_intervals(table, evaluation, resamples=200)[["accuracy_drop", "drop_low", "drop_high"]]
+
+    dirty = intervals(torch.cat([TINY_X, torch.tensor([[float("nan"), 1.0], [float("inf"), 1.0]])]),
+                      torch.cat([TINY_Y, torch.tensor([0, 0])]))
+    clean = intervals(TINY_X, TINY_Y)
+    assert dirty.values.tolist() == clean.values.tolist()
+    assert clean["drop_low"].tolist() == [-1.0, -1.0] and clean["drop_high"].tolist() == [0.0, 0.0]
+
+
+def test_branch_means_of_a_language_model_leave_out_padding():
+    """mode="mean" replaces a branch by its mean over the data: for a language model, over the real
+    tokens at each position, so padding changes nothing (a position only padding reaches is 0)."""
+    from probe.instrument.measurement import branch_means
+
+    model = StackedLM()
+    pair = [SEQUENCES[0], SEQUENCES[1]]  # 6 and 3 tokens
+    means = branch_means(model, [_padded(pair, "right")], progress=False)
+    # by hand: each layer's branch f(h) at each position, averaged over the sequences that reach it
+    by_layer = [[] for _ in model.layers]
+    with torch.no_grad():
+        for tokens in pair:
+            h = model.embed.weight[torch.tensor(tokens)].double()  # (tokens, width)
+            for index, layer in enumerate(model.layers):
+                f = h @ layer.f.weight.double().T + layer.f.bias.double()
+                by_layer[index].append(f)
+                h = h + f
+    for name, outputs in zip(LAYERS, by_layer):
+        expected = torch.zeros(6, outputs[0].shape[1], dtype=torch.float64)
+        for position in range(6):
+            reaching = [f[position] for f in outputs if len(f) > position]
+            expected[position] = torch.stack(reaching).mean(dim=0)
+        assert torch.allclose(means[name].double(), expected, atol=1e-6), name
