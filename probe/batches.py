@@ -318,7 +318,7 @@ def batches(data: Iterable, device: torch.device, *, dtype: torch.dtype | None =
     except TypeError:
         total = None
     split = data.split if isinstance(data, Data) else None
-    seen = 0
+    seen = yielded = 0
     for seen, raw in enumerate(tqdm(data, total=total, desc=desc, disable=not progress, leave=False), start=1):
         raw = _to_device(raw, device, None)  # once: the inputs and targets are parts of it
         inputs, targets = split(raw) if split is not None else split_batch(raw, seen)
@@ -328,10 +328,14 @@ def batches(data: Iterable, device: torch.device, *, dtype: torch.dtype | None =
         if isinstance(inputs, list):
             inputs = tuple(inputs)
         size = _size(inputs, seen)
+        if size == 0:  # an empty batch (a last partial batch of nothing, a filtered shard) scores nothing
+            continue
+        yielded += 1
         yield Batch(inputs=_to_device(inputs, device, dtype), targets=targets, raw=raw, size=size, number=seen,
                     targets_by_position=split is None and isinstance(raw, (tuple, list)) and targets is not None)
-    if seen == 0:
-        raise ProbeError("the data is empty: it yielded no batch. Pass a DataLoader with at least one sample.")
+    if yielded == 0:
+        raise ProbeError("the data is empty: it yielded no batch with a sample in it. Pass a DataLoader with at "
+                         "least one sample.")
 
 
 def first_inputs(data: Iterable, model: nn.Module) -> object:

@@ -13,6 +13,7 @@ import math
 import warnings
 
 import pytest
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -445,3 +446,19 @@ def test_branch_means_of_a_language_model_leave_out_padding():
             reaching = [f[position] for f in outputs if len(f) > position]
             expected[position] = torch.stack(reaching).mean(dim=0)
         assert torch.allclose(means[name].double(), expected, atol=1e-6), name
+
+
+def test_an_empty_batch_among_full_ones_counts_for_nothing(tiny_net):
+    """An empty batch (a filtered shard, a last batch of nothing) scores nothing: every number is
+    the one the full batches give, where it raised a raw torch error (max() of no labels)."""
+    from tiny_models import TINY_X, TINY_Y
+
+    full = [(TINY_X, TINY_Y)]
+    with_empty = [(TINY_X[:0], TINY_Y[:0]), (TINY_X, TINY_Y), (TINY_X[:0], TINY_Y[:0])]
+    pd.testing.assert_frame_equal(probe.measure(tiny_net, with_empty, progress=False),
+                                  probe.measure(tiny_net, full, progress=False))
+    for fast in (True, False):
+        pd.testing.assert_frame_equal(probe.sweep(tiny_net, with_empty, fast=fast, progress=False),
+                                      probe.sweep(tiny_net, full, fast=fast, progress=False))
+    assert [t.tolist() for t in probe.branch_means(tiny_net, with_empty, progress=False).values()] == \
+        [t.tolist() for t in probe.branch_means(tiny_net, full, progress=False).values()]
