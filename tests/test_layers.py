@@ -237,6 +237,7 @@ def test_every_analysis_package_is_registered_and_complete():
         source = page.read_text()
         for function in ("section", "figure_files", "terminal"):
             assert f"\ndef {function}(" in source, f"reports/sections/{name}.py must define {function}()"
+        assert "\nTITLE = " in source, f"reports/sections/{name}.py must give its heading, TITLE"
 
 
 def test_no_analysis_is_wired_elsewhere():

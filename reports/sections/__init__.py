@@ -6,7 +6,8 @@ Captions are written for a reader who has never seen probe: each says what one m
 figure is, how it was measured, and what a high or low value means.
 """
 
-from reports.sections.common import Figure, Section, TITLES, Table, format_cell, is_number, not_run_section
+from reports.sections import attribution, degradation, lm, recalibration, representation, skipping, uncertainty
+from reports.sections.common import Figure, Section, Table, format_cell, is_number, not_run_section
 from reports.sections.attribution import attribution_section
 from reports.sections.degradation import degradation_section
 from reports.sections.lm import lm_section
@@ -14,5 +15,9 @@ from reports.sections.recalibration import recalibration_section
 from reports.sections.representation import representation_section
 from reports.sections.skipping import skipping_section
 from reports.sections.uncertainty import uncertainty_section
+
+# Each page's heading, by section id.
+TITLES = {page.__name__.rpartition(".")[2]: page.TITLE
+          for page in (degradation, skipping, attribution, uncertainty, representation, recalibration, lm)}
 
 __all__ = ["Figure", "Section", "TITLES", "Table", "attribution_section", "degradation_section", "format_cell", "is_number", "lm_section", "not_run_section", "recalibration_section", "representation_section", "skipping_section", "uncertainty_section"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 
 from reports import figures
-from reports.sections.common import PNG, ReportContext, Section, TITLES, _bn_note, _figure, _recalibrated, _table
+from reports.sections.common import PNG, ReportContext, Section, _bn_note, _figure, _recalibrated, _table
 
-__all__ = ["attribution_section"]
+__all__ = ["TITLE", "attribution_section", "figure_files", "section", "terminal"]
+
+TITLE = "Can a cheap signal replace deleting blocks? (attribution)"  # the section's heading, also when it did not run
 
 
 def attribution_section(result, *, cost: str | None = None) -> Section:
@@ -65,7 +67,7 @@ def attribution_section(result, *, cost: str | None = None) -> Section:
                    "Rank correlation of each signal with the measured single-block deletion cost, and its cost. "
                    "The last row is the measurement itself (every block deleted alone).")
     notes = [f"No {proxy}: {why}" for proxy, why in (getattr(result, "notes", None) or {}).items()]
-    return Section(id="attribution", title=TITLES["attribution"], lead=lead,
+    return Section(id="attribution", title=TITLE, lead=lead,
                    figures=[fig], tables=[table], notes=notes)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ import pandas as pd
 from probe.scoring.cost import COSTS
 from reports.embed import data_uri, render_png
 
-__all__ = ["Figure", "PNG", "ReportContext", "Section", "TITLES", "Table", "format_cell", "is_number", "not_run_section"]
+__all__ = ["Figure", "PNG", "ReportContext", "Section", "Table", "format_cell", "is_number", "not_run_section"]
 
 
 @dataclass(frozen=True)
@@ -64,17 +65,6 @@ class Section:
     figures: list[Figure] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-# The title of each analysis section, by section id (the names of analyses.registry).
-TITLES = {
-    "degradation": "Does depth hurt without shortcuts? (degradation)",
-    "skipping": "Removing the skipped blocks together",
-    "attribution": "Can a cheap signal replace deleting blocks? (attribution)",
-    "uncertainty": "How sure are we? (per-class effects and uncertainty)",
-    "representation": "What does each block do to the representation?",
-    "recalibration": "Does the cost survive BatchNorm recalibration?",
-}
 
 
 _MISSING = "\u2013"
@@ -176,8 +166,10 @@ def _cost_header(cost: str) -> tuple[str, str]:
 
 
 def not_run_section(id: str, reason: str) -> Section:
-    """The section of an analysis that did not run, saying why (so a reader knows it is missing)."""
-    return Section(id=id, title=TITLES.get(id, id), lead=[f"Not run: {reason}"])
-
-
-TITLES["lm"] = "Which layers can a language model lose? (layer pruning)"
+    """The section of an analysis that did not run, saying why (so a reader knows it is missing),
+    under the heading its page gives (`reports/sections/<id>.py`: TITLE; else its name)."""
+    try:
+        title = getattr(importlib.import_module(f"reports.sections.{id}"), "TITLE", id)
+    except ImportError:
+        title = id
+    return Section(id=id, title=title, lead=[f"Not run: {reason}"])

@@ -6,9 +6,11 @@ from collections.abc import Sequence
 import pandas as pd
 
 from reports import figures
-from reports.sections.common import PNG, ReportContext, Section, TITLES, _figure, _table
+from reports.sections.common import PNG, ReportContext, Section, _figure, _table
 
-__all__ = ["degradation_section", "figure_files", "section", "summary_lines", "terminal"]
+__all__ = ["TITLE", "degradation_section", "figure_files", "section", "summary_lines", "terminal"]
+
+TITLE = "Does depth hurt without shortcuts? (degradation)"  # the section's heading, also when it did not run
 
 
 def degradation_section(df: pd.DataFrame, *, lines: Sequence[str] = ()) -> Section:
@@ -27,7 +29,7 @@ def degradation_section(df: pd.DataFrame, *, lines: Sequence[str] = ()) -> Secti
                         "train_loss": ("train loss", ".4f"), "test_loss": ("test loss", ".4f"),
                         "epochs": ("epochs", "d")},
                    "Final accuracy and mean cross-entropy of each network on the whole training and test splits.")
-    return Section(id="degradation", title=TITLES["degradation"],
+    return Section(id="degradation", title=TITLE,
                    lead=["Plain and residual CIFAR-style networks of several depths were trained identically; "
                          "this shows what the shortcut connections buy. Trained networks are cached, so only the "
                          "first run trains them.", *lines],

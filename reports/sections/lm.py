@@ -5,9 +5,11 @@ from __future__ import annotations
 import pandas as pd
 
 from reports import figures
-from reports.sections.common import PNG, ReportContext, Section, TITLES, _figure, _table
+from reports.sections.common import PNG, ReportContext, Section, _figure, _table
 
-__all__ = ["figure_files", "lm_section", "section", "terminal"]
+__all__ = ["TITLE", "figure_files", "lm_section", "section", "terminal"]
+
+TITLE = "Which layers can a language model lose? (layer pruning)"  # the section's heading, also when it did not run
 
 
 _GREEDY_WORDS = {"greedy": "greedy deletion (SLEB, re-scored after each removal)",
@@ -127,7 +129,7 @@ def lm_section(result) -> Section:
         tables.append(_table(order, {"k": ("k", "d"), "removed": ("layer removed", None), "loss": ("loss", ".4f"),
                                      "perplexity": ("perplexity", ".4g")},
                              "The greedy (SLEB) deletion order: the layer removed at each step, and the model after."))
-    return Section(id="lm", title=TITLES["lm"], lead=lead, figures=shown, tables=tables,
+    return Section(id="lm", title=TITLE, lead=lead, figures=shown, tables=tables,
                    notes=[why[:1].upper() + why[1:] for why in notes.values()])
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pandas as pd
 
 from reports import figures
-from reports.sections.common import PNG, ReportContext, Section, TITLES, _COST_WORDS, _amount, _cost_header, _figure, _table, format_cell
+from reports.sections.common import PNG, ReportContext, Section, _COST_WORDS, _amount, _cost_header, _figure, _table, format_cell
 
-__all__ = ["recalibration_section"]
+__all__ = ["TITLE", "recalibration_section", "figure_files", "section", "terminal"]
+
+TITLE = "Does the cost survive BatchNorm recalibration?"  # the section's heading, also when it did not run
 
 
 def recalibration_section(df: pd.DataFrame, *, calibration_samples: int | None = None,
@@ -81,7 +83,7 @@ def recalibration_section(df: pd.DataFrame, *, calibration_samples: int | None =
         columns["recalibrated"] = (f"{short}, recalibrated{unit}", spec)
     name = "Accuracy drop" if cost == "accuracy_drop" else header[:1].upper() + header[1:]
     table = _table(shown, columns, f"{name} per block deleted alone, without and with BatchNorm recalibration.")
-    return Section(id="recalibration", title=TITLES["recalibration"], lead=lead,
+    return Section(id="recalibration", title=TITLE, lead=lead,
                    figures=[fig], tables=[table])
 
 

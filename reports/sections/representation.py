@@ -9,9 +9,11 @@ import pandas as pd
 from probe.scoring.tasks import Classification
 
 from reports import figures
-from reports.sections.common import PNG, ReportContext, Section, TITLES, _bn_note, _cost_header, _figure, _present, _recalibrated, _table
+from reports.sections.common import PNG, ReportContext, Section, _bn_note, _cost_header, _figure, _present, _recalibrated, _table
 
-__all__ = ["figure_files", "representation_section", "section", "story", "terminal"]
+__all__ = ["TITLE", "figure_files", "representation_section", "section", "story", "terminal"]
+
+TITLE = "What does each block do to the representation?"  # the section's heading, also when it did not run
 
 
 def representation_section(result, *, lines: Sequence[str] = (), cost: str | None = None) -> Section:
@@ -90,7 +92,7 @@ def representation_section(result, *, lines: Sequence[str] = (), cost: str | Non
     skipped = lens[~lens["applicable"].astype(bool)] if len(lens) else lens
     for reason, rows in skipped.groupby("reason", sort=False):
         notes.append(f"The model's head cannot be applied to {', '.join(rows['block'])}: {reason}.")
-    return Section(id="representation", title=TITLES["representation"], lead=lead,
+    return Section(id="representation", title=TITLE, lead=lead,
                    figures=[f for f in (fig_accuracy, fig_refinement, fig_cka, fig_classes) if f is not None],
                    tables=[table], notes=notes)
 

@@ -6,9 +6,11 @@ import pandas as pd
 
 from probe.scoring.verdict import per_token
 from reports import figures
-from reports.sections.common import PNG, ReportContext, Section, TITLES, _TASK_COLUMNS, _bn_note, _figure, _present, _recalibrated, _table
+from reports.sections.common import PNG, ReportContext, Section, _TASK_COLUMNS, _bn_note, _figure, _present, _recalibrated, _table
 
-__all__ = ["skipping_section"]
+__all__ = ["TITLE", "skipping_section", "figure_files", "section", "terminal"]
+
+TITLE = "Removing the skipped blocks together"  # the section's heading, also when it did not run
 
 
 def _skipping_lead(summary: pd.DataFrame, cost: str) -> str:
@@ -103,7 +105,7 @@ def skipping_section(result, *, calibration_samples: int | None = None, cost: st
                         "(load it with torch.load(path, weights_only=False)).")
     elif result.export_note:
         lead.append(f"No pruned model was exported: {result.export_note}")
-    return Section(id="skipping", title=TITLES["skipping"], lead=lead, figures=[fig],
+    return Section(id="skipping", title=TITLE, lead=lead, figures=[fig],
                    tables=tables)
 
 

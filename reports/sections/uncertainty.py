@@ -5,9 +5,11 @@ from __future__ import annotations
 
 
 from reports import figures
-from reports.sections.common import PNG, ReportContext, Section, TITLES, _COST_WORDS, _bn_note, _cost_header, _figure, _present, _recalibrated, _table
+from reports.sections.common import PNG, ReportContext, Section, _COST_WORDS, _bn_note, _cost_header, _figure, _present, _recalibrated, _table
 
-__all__ = ["uncertainty_section"]
+__all__ = ["TITLE", "uncertainty_section", "figure_files", "section", "terminal"]
+
+TITLE = "How sure are we? (per-class effects and uncertainty)"  # the section's heading, also when it did not run
 
 
 def _interval_caption(cost: str, level: str, resamples: int) -> str:
@@ -87,7 +89,7 @@ def uncertainty_section(result, *, cost: str | None = None) -> Section:
     table = _table(intervals, _present(columns, intervals),
                    f"Per block: the measured {measured} and its {level} paired bootstrap interval "
                    f"({resamples} resamples), with the decision they give and the verdict of the noise-band rule.")
-    return Section(id="uncertainty", title=TITLES["uncertainty"], lead=lead,
+    return Section(id="uncertainty", title=TITLE, lead=lead,
                    figures=shown, tables=[table], notes=notes)
 
 

@@ -52,6 +52,8 @@ ANALYSIS = Analysis(name="blockcount", summary="count the blocks", options=("abl
 PAGE = '''
 from reports.sections.common import Section
 
+TITLE = "Block count"
+
 def section(result, context):
     return Section(id="blockcount", title="Block count", lead=[f"{int(result.table.blocks[0])} blocks ({context.cost})."])
 
@@ -103,6 +105,8 @@ def test_the_pipeline_and_the_report_run_a_new_analysis(new_analysis, tiny_net, 
     assert len(mine) == 1 and mine[0].lead == [f"{len(sweep)} blocks (accuracy_drop)."]
     # every other analysis says why it did not run; the language-model one, silent unless run, does not
     assert {section.id for section in built} == set(registry.names()) - {"lm"}
+    from reports.sections.common import not_run_section
+    assert not_run_section("blockcount", "asked not to.").title == "Block count"  # the page's heading
 
 
 def test_a_new_analysis_has_its_command(new_analysis, tmp_path, capsys):
