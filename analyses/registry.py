@@ -16,16 +16,18 @@ import pkgutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
-import pandas as pd
-from torch import nn
+from typing import TYPE_CHECKING, Protocol
 
 import analyses
 from probe.commands.config import RunConfig
 from probe.errors import ProbeError
-from probe.scoring.results import Evaluation
 from probe.scoring.tasks import Task
+
+if TYPE_CHECKING:  # annotations only: listing the analyses (`--help`) does not import pandas
+    import pandas as pd
+    from torch import nn
+
+    from probe.scoring.results import Evaluation
 
 __all__ = ["Analysis", "Job", "Result", "available", "get", "names", "registered"]
 

@@ -11,22 +11,41 @@
 The layers of the code and what each may import: docs/architecture.md.
 """
 
-from probe.deletion.ablated import ablated
-from probe.batches import Data
-from probe.discovery.find import Block, find_blocks
-from probe.instrument.describe import describe_blocks
-from probe.errors import ProbeError
-from probe.deletion.evaluation import FastPathNote, evaluate_ablations, fast_path_note, sweep
-from probe.instrument.measurement import branch_means, measure
-from probe.scoring.results import Evaluation, Outcome
-from probe.discovery.spec import BlockSpec, parse_spec
-from probe.deletion.block_table import block_table, join_block_table
-from probe.scoring.tasks import Classification, CustomTask, Drift, LanguageModeling, Task
-from probe.scoring.verdict import VerdictRule
+import importlib
 
-__all__ = ["Block", "BlockSpec", "Classification", "CustomTask", "Data", "Drift", "Evaluation", "FastPathNote",
-           "LanguageModeling",
-           "Outcome", "ProbeError", "Task", "VerdictRule", "ablated", "block_table",
-           "branch_means", "describe_blocks", "evaluate_ablations", "fast_path_note", "find_blocks", "join_block_table", "measure",
-           "parse_spec", "sweep"]
+# Where each public name lives. They are imported when first used (PEP 562), so that
+# `python -m probe.ablate --help` and a command's one-line errors do not wait for the analysis
+# stack; `from probe import sweep` and `probe.sweep` work as with eager imports.
+_PUBLIC = {
+    "ablated": "probe.deletion.ablated",
+    "Data": "probe.batches",
+    "Block": "probe.discovery.find", "find_blocks": "probe.discovery.find",
+    "describe_blocks": "probe.instrument.describe",
+    "ProbeError": "probe.errors",
+    "FastPathNote": "probe.deletion.evaluation", "evaluate_ablations": "probe.deletion.evaluation",
+    "fast_path_note": "probe.deletion.evaluation", "sweep": "probe.deletion.evaluation",
+    "branch_means": "probe.instrument.measurement", "measure": "probe.instrument.measurement",
+    "Evaluation": "probe.scoring.results", "Outcome": "probe.scoring.results",
+    "BlockSpec": "probe.discovery.spec", "parse_spec": "probe.discovery.spec",
+    "block_table": "probe.deletion.block_table", "join_block_table": "probe.deletion.block_table",
+    "Classification": "probe.scoring.tasks", "CustomTask": "probe.scoring.tasks", "Drift": "probe.scoring.tasks",
+    "LanguageModeling": "probe.scoring.tasks", "Task": "probe.scoring.tasks",
+    "VerdictRule": "probe.scoring.verdict",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'probe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # found once; later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
 __version__ = "0.1.0"

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from pathlib import Path
 
-import pandas as pd
-
 from probe.errors import ProbeError
+
+if TYPE_CHECKING:  # only for annotations: a command's start does not wait for pandas
+    import pandas as pd
 
 
 def prepare_out_dir(out: str | os.PathLike, *, analysis: bool = False) -> Path:
@@ -138,3 +140,9 @@ def write_csv(path: str | os.PathLike, table: pd.DataFrame) -> Path:
 def write_tables(out: str | os.PathLike, tables: dict[str, pd.DataFrame]) -> list[Path]:
     """Each table as `out/<name>.csv`; the paths written."""
     return [write_csv(Path(out) / f"{name}.csv", table) for name, table in tables.items()]
+
+
+def cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/probe` if XDG_CACHE_HOME is set (and non-empty), else `~/.cache/probe`."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "probe"

@@ -18,11 +18,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from probe.errors import ProbeError
-from probe.loading.cache import cache_dir
+from probe.files import cache_dir
 from probe.loading.huggingface import is_hf_model
 from probe.scoring.tasks import TASKS
 from probe.loading.text import TEXT_DATASETS
-from probe.loading.training import TrainConfig
+from probe.loading.recipe import TrainConfig
 
 __all__ = ["MODES", "PRECISIONS", "RunConfig", "add_options", "check_depths"]
 

@@ -14,16 +14,11 @@ from pathlib import Path
 from torch import nn
 
 from probe.errors import ProbeError
+from probe.files import cache_dir
 from probe.loading.checkpoints import load_checkpoint, save_checkpoint
 from probe.loading.training import TrainConfig, build_for, train_model
 
 __all__ = ["cache_dir", "cache_key", "cached_model", "checkpoint_path"]
-
-
-def cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/probe` if XDG_CACHE_HOME is set (and non-empty), else `~/.cache/probe`."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "probe"
 
 
 def cache_key(config: TrainConfig) -> str:
