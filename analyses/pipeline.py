@@ -24,6 +24,7 @@ from probe.commands.config import RunConfig
 from probe.errors import ProbeError
 from probe.files import write_tables
 from probe.scoring.results import Evaluation
+from probe.deletion.store import OutcomeStore
 from probe.scoring.tasks import Task, resolve_task
 
 __all__ = ["SECTIONS", "AnalysisOutputs", "choose_sections", "run_analyses"]
@@ -78,7 +79,7 @@ def choose_sections(config: RunConfig) -> tuple[list[str], dict[str, str]]:
 def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluation: Evaluation, *,
                  config: RunConfig, out: Path, device: str, calibration: Iterable | None, sweep_seconds: float,
                  measure_seconds: float | None = None, blocks: Sequence | None = None, task: str | Task | Callable | None = None,
-                 progress: bool = True) -> AnalysisOutputs:
+                 progress: bool = True, store: OutcomeStore | None = None) -> AnalysisOutputs:
     """Run the chosen analyses on a probe.ablate run's results; write their CSVs into `out`.
 
     table: the classified per-block table; evaluation: its single-block sweep with per-class
@@ -94,6 +95,8 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
     evaluation's (`Evaluation.task`), else `config.task`. An analysis that does not apply to the
     task (`Analysis.applies`: degradation trains classifiers of its own, lm deletes decoder
     layers) is not run, with the reason.
+    store: the job's outcomes so far (`probe.deletion.store.OutcomeStore`, holding the sweep's);
+    each analysis evaluates its sets through it, counted under its name (`store.counts`).
     """
     if task is None:
         task = evaluation.task if getattr(evaluation, "task", None) is not None else config.task
@@ -102,7 +105,8 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
     outputs = AnalysisOutputs(reasons=dict(reasons))
     job = Job(model=model, data=data, table=table, evaluation=evaluation, config=config, task=task, out=out,
               device=device, calibration=calibration, blocks=blocks, sweep_seconds=sweep_seconds,
-              measure_seconds=measure_seconds, progress=progress)
+              measure_seconds=measure_seconds, progress=progress,
+              store=store if store is not None else OutcomeStore(blocks))
     for name in chosen:
         analysis = registry.get(name)
         why_not = analysis.applies(task, config)
@@ -110,6 +114,7 @@ def run_analyses(model: nn.Module, data: Iterable, table: pd.DataFrame, evaluati
             outputs.reasons[name] = why_not
             continue
         start = time.perf_counter()
+        job.store.stage = name
         try:
             result = analysis.in_job(job)
         except ProbeError as error:

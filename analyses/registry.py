@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Protocol
 import analyses
 from probe.commands.config import RunConfig
 from probe.errors import ProbeError
-from probe.scoring.tasks import Task
+from probe.scoring.scores import Task
 
 if TYPE_CHECKING:  # annotations only: listing the analyses (`--help`) does not import pandas
     import pandas as pd
     from torch import nn
 
+    from probe.deletion.store import OutcomeStore
     from probe.scoring.results import Evaluation
 
 __all__ = ["Analysis", "Job", "Result", "available", "get", "names", "registered"]
@@ -46,7 +47,9 @@ class Job:
     table: the classified per-block table; evaluation: the single-block sweep behind it, with
     per-class and per-sample outcomes; calibration: held-out training batches (None when the run
     has none); blocks: the table's blocks; sweep_seconds, measure_seconds: what the sweep and
-    measure cost (NaN when unknown); out: the run folder, for files an analysis writes itself.
+    measure cost (NaN when unknown); out: the run folder, for files an analysis writes itself;
+    store: every outcome the job has computed (`probe.deletion.store.OutcomeStore`): an analysis
+    evaluates sets through it, so that no set is evaluated twice in a job.
     """
 
     model: nn.Module
@@ -62,6 +65,7 @@ class Job:
     sweep_seconds: float
     measure_seconds: float | None
     progress: bool
+    store: OutcomeStore | None = None
 
     @property
     def recalibration_data(self) -> Iterable | None:

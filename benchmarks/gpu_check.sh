@@ -76,6 +76,8 @@ bench variants-cifar-size 90 hook_variants.py --data synthetic --samples 16384 -
 bench variants-resnet50 90 hook_variants.py --model resnet50 --data synthetic --image-size 224 --samples 1024 \
     --batch-size 128 --precision bf16 --channels-last
 bench memory 90 memory.py
+# A 1.1B-parameter Llama built from a config: fp32, bf16 and half its layers on disk (a small one on a CPU).
+if [ "$device" = cuda ]; then bench big-model 300 big_model.py --size 1b; else bench big-model 300 big_model.py; fi
 
 echo "== summary ($device)"
 grep -E "^(sweep|hooks|throughput|captum|hook variants|peak memory):|ratio|failed$|[0-9]+ failed" "$log" \

@@ -53,7 +53,7 @@ def main() -> None:
     print(f"lm sweep: SmolLM2-135M, {len(blocks)} residual additions in {len(layers)} layers, {args.windows} windows "
           f"of {args.seq_len} tokens, {args.threads} threads (model and text loaded in {loaded:.0f} s)")
     print(f"  naive loop (1 + {len(layers)} full forwards): {min(naive_s):.2f} s (fastest of {args.repeats} rounds)")
-    print(f"  fast sweep (layers before the deleted one replayed): {min(fast_s):.2f} s")
+    print(f"  fast sweep (layers before the deleted one replayed, the deleted one passed over): {min(fast_s):.2f} s")
     print(f"  ratio fast / naive: {paired_ratio(fast_s, naive_s):.3f}   (target <= 0.6; median of the rounds' ratios)")
     print(f"  largest difference between the losses: {difference:.2e} nats")
     print(f"  baseline perplexity {torch.tensor(quick.baseline.loss).exp():.2f}; peak memory of the process "

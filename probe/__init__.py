@@ -4,7 +4,7 @@
     stats  = probe.measure(model, data)      # branch vs shortcut statistics, one row per block
     result = probe.sweep(model, data)        # what deleting each block alone costs
     table  = probe.block_table(model, data)  # both, joined, with a verdict per block
-    probe.sweep(lm, text, task="lm")         # any task: "classification", "lm", "drift", your function
+    probe.sweep(lm, text, task="lm")         # any task: "classification", "lm", "drift", "detection", yours
     with probe.ablated(model, ["layer2.0"]):
         logits = model(x)                    # with that block's branch removed
 
@@ -30,6 +30,7 @@ _PUBLIC = {
     "block_table": "probe.deletion.block_table", "join_block_table": "probe.deletion.block_table",
     "Classification": "probe.scoring.tasks", "CustomTask": "probe.scoring.tasks", "Drift": "probe.scoring.tasks",
     "LanguageModeling": "probe.scoring.tasks", "Task": "probe.scoring.tasks",
+    "Detection": "probe.scoring.detection",
     "VerdictRule": "probe.scoring.verdict",
 }
 

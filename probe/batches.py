@@ -27,7 +27,13 @@ def device_for(choice: str) -> torch.device:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); ProbeError for a model without data."""
+    """The device of the model's first parameter (or buffer); ProbeError for a model without data.
+    A model dispatched over devices by accelerate (`hf_device_map`): the device its inputs go to,
+    the first accelerator of the map, else the CPU (its hooks move each layer's inputs to the
+    layer's device, and the outputs back to the inputs' device)."""
+    dispatched = dispatched_device(model)
+    if dispatched is not None:
+        return dispatched
     tensors = list(chain(model.named_parameters(), model.named_buffers()))
     meta = [name for name, tensor in tensors if tensor.is_meta]
     if meta:
@@ -37,6 +43,21 @@ def model_device(model: nn.Module) -> torch.device:
             "(model.to_empty(device='cpu'), then model.load_state_dict(...))."
         )
     return tensors[0][1].device if tensors else torch.device("cpu")
+
+
+def dispatched_device(model: nn.Module) -> torch.device | None:
+    """Where a model accelerate dispatched over devices (`dispatch_model`, `from_pretrained(device_map=...)`:
+    both set `hf_device_map`) takes its inputs: the first accelerator the map names, else the CPU
+    (layers on "disk" run on the CPU there). None for a model on one device."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not isinstance(device_map, dict) or not device_map:
+        return None
+    for place in device_map.values():
+        if isinstance(place, int) and not isinstance(place, bool):
+            return torch.device("cuda", place)
+        if isinstance(place, (str, torch.device)) and str(place) not in ("cpu", "disk", "meta"):
+            return torch.device(place)
+    return torch.device("cpu")
 
 
 def input_dtype(model: nn.Module) -> torch.dtype | None:
@@ -322,9 +343,10 @@ def batches(data: Iterable, device: torch.device, *, dtype: torch.dtype | None =
     for seen, raw in enumerate(tqdm(data, total=total, desc=desc, disable=not progress, leave=False), start=1):
         raw = _to_device(raw, device, None)  # once: the inputs and targets are parts of it
         inputs, targets = split(raw) if split is not None else split_batch(raw, seen)
-        if targets is not None and not isinstance(targets, torch.Tensor):
-            raise ProbeError(f"batch {seen} has targets of type {type(targets).__name__}; targets must be a tensor "
-                             "(or left out: name the parts with probe.Data(data, inputs=..., targets=None)).")
+        if targets is not None and not isinstance(targets, torch.Tensor) and not _per_image_dicts(targets):
+            raise ProbeError(f"batch {seen} has targets of type {type(targets).__name__}; targets must be a tensor, "
+                             "a list of dicts per image (detection ground truth: 'boxes', 'labels'), or left out "
+                             "(name the parts with probe.Data(data, inputs=..., targets=None)).")
         if isinstance(inputs, list):
             inputs = tuple(inputs)
         size = _size(inputs, seen)
@@ -336,6 +358,11 @@ def batches(data: Iterable, device: torch.device, *, dtype: torch.dtype | None =
     if yielded == 0:
         raise ProbeError("the data is empty: it yielded no batch with a sample in it. Pass a DataLoader with at "
                          "least one sample.")
+
+
+def _per_image_dicts(targets: object) -> bool:
+    """Targets given as one dict per image (a detector's ground truth: boxes and labels)."""
+    return isinstance(targets, (list, tuple)) and bool(targets) and all(isinstance(t, dict) for t in targets)
 
 
 def first_inputs(data: Iterable, model: nn.Module) -> object:

@@ -404,6 +404,9 @@ def _baseline(baseline: Mapping, cost: str, df: pd.DataFrame) -> dict:
         required, kind = ("accuracy", "loss", "samples"), "classification"
     elif cost == "drift":
         required, kind = ("samples",), "drift"
+    elif cost == "detections_lost":
+        required, kind = ("detections_kept", "detections", "reference_detections", "map50", "map50_95", "samples"), \
+            "detection"
     elif "perplexity" in baseline or per_token(df):
         required, kind = ("loss", "perplexity", "token_accuracy", "tokens", "samples"), "lm"
     else:
@@ -412,7 +415,8 @@ def _baseline(baseline: Mapping, cost: str, df: pd.DataFrame) -> dict:
     if missing:
         raise ProbeError(f"baseline needs key(s) {missing}; got {sorted(baseline)}.")
     formats = {"accuracy": _FORMATS["accuracy"], "loss": _FORMATS["loss"], "samples": _FORMATS["samples"],
-               "perplexity": ".4g", "token_accuracy": "pct", "tokens": ",.0f"}
+               "perplexity": ".4g", "token_accuracy": "pct", "tokens": ",.0f", "detections_kept": "pct",
+               "detections": ".1f", "reference_detections": ",.0f", "map50": ".3f", "map50_95": ".3f"}
     shown = {key: format_cell(baseline[key], spec) for key, spec in formats.items() if key in baseline}
     return {"kind": kind, "task": str(table_info(df).task or ""), **shown}
 

@@ -55,6 +55,10 @@ def test_job_speed_reports_each_stage_against_the_sweep():
     for stage in ("measure", "sweep", "skipping", "recalibration"):
         assert re.search(rf"  {stage} +[0-9.]+ s +[0-9.]+x the sweep", output), output
     assert ratio(output, "after the sweep \\(skipping, recalibration\\)") > 0
+    # Work per stage: sets asked for and evaluated, forward-equivalents, and the seconds per one against the sweep's.
+    for stage in ("skipping", "recalibration"):
+        assert re.search(rf"  {stage} .* sets [0-9]+ asked / [0-9]+ evaluated, [0-9.]+ forward-equivalents, "
+                         r"[0-9.]+x the sweep's seconds per forward-equivalent", output), output
     assert ratio(output, "whole warm job") > 1
     # The allocator comparison: the setting kept (the commands' own) takes fewer page faults.
     faults = re.search(r"median of 1 paired rounds: .* page faults ([0-9.]+)", output)
@@ -105,3 +109,17 @@ def test_paired_ratio_is_the_median_of_each_rounds_ratio():
     # Rounds' ratios 3, 1 and 2.5: the median is 2.5; the ratio of the minima would say 3 / 1 = 3.
     assert paired_ratio([3.0, 3.0, 10.0], [1.0, 3.0, 4.0]) == 2.5
     assert paired_ratio([1.0, 3.0], [1.0, 1.0]) == 2.0  # even count: the mean of the middle two
+
+
+@pytest.mark.slow  # three processes each load a small Llama
+def test_big_model_benchmark_loads_three_ways_with_the_same_losses():
+    output = run(sys.executable, "benchmarks/big_model.py", "--windows", "1", "--seq-len", "16", "--threads", "1")
+    for way in ("fp32", "bf16", "bf16+disk"):
+        assert re.search(rf"big model small {re.escape(way)} *: load [0-9.]+ s, [0-9]+ ms per deletion \(16, replay "
+                         r"engine\), weights in memory [0-9]+ MiB, peak RSS \+[0-9]+ MiB, baseline loss [0-9.]+",
+                         output), output
+    # bf16 weights round the losses; the layers on disk change nothing
+    assert ratio(output, "bf16: ratio weights in memory / fp32's") == pytest.approx(0.5, abs=0.01)
+    assert ratio(output, "bf16\\+disk: ratio weights in memory / fp32's") < 0.5
+    assert ratio(output, "against in memory \\(both bf16\\)") == 0.0
+    assert re.search(r"bf16: .*largest loss difference from fp32: [0-9.e-]+", output)

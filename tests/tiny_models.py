@@ -572,3 +572,14 @@ def saved_cifar_resnet(folder, depth: int = 8, num_classes: int = 10, in_channel
     path = folder / f"resnet{depth}-{num_classes}x{in_channels}.pt"
     save_checkpoint(cifar_resnet(depth, num_classes=num_classes, in_channels=in_channels), path)
     return path
+
+
+def tiny_llama(layers: int = 3) -> nn.Module:
+    """A random Llama of `layers` decoder layers (attention and MLP: two blocks each) over 50 tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+    model.config.use_cache = False
+    return model.eval()

@@ -62,6 +62,7 @@ from analyses.lm.stream import stream_pass
 from analyses.lm.units import LM, layers_of
 from probe.commands.config import RunConfig
 from probe.commands.inputs import load_inputs
+from probe.deletion.store import OutcomeStore
 from probe.discovery.decoder import final_norm, lens_parts
 from probe.discovery.find import Block
 from probe.errors import ProbeError
@@ -117,7 +118,7 @@ class LMResult:
 def lm_layers(model: nn.Module, data: Iterable, *, table: pd.DataFrame | None = None,
               blocks: Sequence[str | Block] | None = None, spans: Iterable[int] | None = None,
               greedy_steps: int | None = None, resamples: int = 1000, level: float = 0.95, seed: int = 0,
-              fit: bool = False, progress: bool = True) -> LMResult:
+              fit: bool = False, progress: bool = True, store: OutcomeStore | None = None) -> LMResult:
     """Every part of the analysis (module docstring), sharing its passes over the data.
 
     One pass with hooks gives the similarities, the span angles and the logit lens; one
@@ -132,7 +133,8 @@ def lm_layers(model: nn.Module, data: Iterable, *, table: pd.DataFrame | None = 
     layers the greedy search removes (default L // 2). resamples, level, seed: the bootstrap of
     `score_agreement`. fit: settings made for deep models (the CLI's defaults) are fitted to this
     one, with a note: span lengths longer than its layers are left out, greedy steps capped at
-    its layers - 1; without, they are refused (ProbeError).
+    its layers - 1; without, they are refused (ProbeError). store: the job's outcomes
+    (`probe.deletion.store.OutcomeStore`): sets it holds (the sweep's single blocks) are reused.
     """
     stack = layers_of(model, data, blocks)
     count = len(stack.names)
@@ -155,7 +157,7 @@ def lm_layers(model: nn.Module, data: Iterable, *, table: pd.DataFrame | None = 
         notes["lens"] = str(error)
     sums = stream_pass(model, data, stack, angles=True, lens=parts, progress=progress)
     similarity, angles = similarity_table(stack, sums), angle_table(stack, sums)
-    deletions = Deletions(model, data, stack, progress)
+    deletions = Deletions(model, data, stack, progress, store)
     # One evaluation pass for every single deletion and every span.
     deletions.outcomes([[name] for name in stack.names]
                        + ([[b.name] for b in stack.every_block] if checked is None else [])
@@ -183,7 +185,7 @@ def _in_job(job: Job) -> LMResult:
     config = job.config
     return lm_layers(job.model, job.data, table=job.table, blocks=job.blocks, spans=config.spans,
                      greedy_steps=config.greedy_steps, resamples=config.bootstrap, level=config.level,
-                     seed=config.seed, fit=True, progress=job.progress)
+                     seed=config.seed, fit=True, progress=job.progress, store=job.store)
 
 
 def _alone(config: RunConfig, out: Path, progress: bool) -> LMResult:

@@ -11,7 +11,7 @@ from torch import nn
 
 from analyses.lm.units import LM, layers_of
 from probe.deletion.block_table import check_table
-from probe.deletion.evaluation import evaluate_ablations
+from probe.deletion.store import OutcomeStore
 from probe.discovery.decoder import DecoderLayers
 from probe.discovery.find import Block
 from probe.errors import ProbeError
@@ -23,29 +23,30 @@ DELETION_COLUMNS = ["kind", "unit", "loss", "perplexity", "token_accuracy", "los
 
 class Deletions:
     """Outcomes of deleting sets of units (layers or blocks), evaluated once each: a set asked for
-    again (the single layers in the spans, the greedy search and the one-shot orders) is reused."""
+    again (the single layers in the spans, the greedy search and the one-shot orders, a block the
+    job's sweep deleted) is reused from `store` (`probe.deletion.store.OutcomeStore`)."""
 
-    def __init__(self, model: nn.Module, data: Iterable, stack: DecoderLayers, progress: bool) -> None:
+    def __init__(self, model: nn.Module, data: Iterable, stack: DecoderLayers, progress: bool,
+                 store: OutcomeStore | None = None) -> None:
         self.model, self.data, self.progress = model, data, progress
         self.units = {name: blocks for name, blocks in stack.blocks.items()}
         self.units.update({block.name: [block] for block in stack.every_block})
-        self.cache: dict[frozenset[str], Outcome] = {}
+        self.store = store if store is not None else OutcomeStore(stack.every_block)
         self.baseline: Outcome | None = None
 
-    def _key(self, units: Sequence[str]) -> frozenset[str]:
-        return frozenset(block.name for unit in units for block in self.units[unit])
+    def outcomes(self, sets: Sequence[Sequence[str]], base: Sequence[str] = ()) -> list[Outcome]:
+        """One outcome per set of units; the empty set is the intact model. base: units every
+        set deletes (a greedy step's removed layers): the sets run on from that network."""
+        ablations = [self._blocks(units) for units in sets]
+        evaluation = self.store.evaluate(self.model, self.data, [a for a in ablations if a], task=LM,
+                                         base=self._blocks(base), progress=self.progress)
+        self.baseline = evaluation.baseline
+        found = iter(evaluation.sets)
+        return [next(found) if ablation else self.baseline for ablation in ablations]
 
-    def outcomes(self, sets: Sequence[Sequence[str]]) -> list[Outcome]:
-        keys = [self._key(units) for units in sets]
-        missing = list(dict.fromkeys(k for k in keys if k and k not in self.cache))
-        if missing or self.baseline is None:
-            by_name = {block.name: block for blocks in self.units.values() for block in blocks}
-            ablations = [sorted((by_name[name] for name in key), key=lambda b: b.position) for key in missing]
-            evaluation = evaluate_ablations(self.model, self.data, ablations, task=LM, progress=self.progress)
-            if self.baseline is None:
-                self.baseline = evaluation.baseline
-            self.cache.update(zip(missing, evaluation.sets))
-        return [self.cache[k] if k else self.baseline for k in keys]
+    def _blocks(self, units: Sequence[str]) -> list[Block]:
+        return sorted({block.name: block for unit in units for block in self.units[unit]}.values(),
+                      key=lambda b: b.position)
 
     def row(self, outcome: Outcome) -> dict:
         """loss, perplexity, token_accuracy, loss_increase, loss_increase_se of one outcome."""

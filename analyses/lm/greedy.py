@@ -44,7 +44,7 @@ def greedy_table(deletions: Deletions, stack: DecoderLayers, steps: int, layers:
     add("greedy", 0, "", [], baseline)
     for k in range(1, steps + 1):
         remaining = [name for name in names if name not in removed]
-        outcomes = deletions.outcomes([[*removed, name] for name in remaining])
+        outcomes = deletions.outcomes([[*removed, name] for name in remaining], base=removed)
         best = min(range(len(remaining)), key=lambda i: (outcomes[i].loss, i))  # ties: the earlier layer
         removed.append(remaining[best])
         add("greedy", k, remaining[best], removed, outcomes[best])

@@ -86,13 +86,15 @@ def stream_pass(model: nn.Module, data: Iterable, stack: DecoderLayers, *, subla
 
     def lens_row(row: int, hidden: torch.Tensor) -> None:
         norm, unembed = lens
-        scores = LM.score(unembed(norm(hidden)), state["batch"])
+        scores = LM.score(unembed(norm(hidden)).to(device), state["batch"])
         lens_sums[row, 0] += scores.loss.sum()
         lens_sums[row, 1] += scores.weight.double().sum()
         lens_sums[row, 2] += scores.correct.double().sum()
         state["predictions"][row] = scores.prediction
 
+    # A dispatched model's layers may sit on other devices: what they give is summed on the model's.
     def enter(index: int, hidden: torch.Tensor) -> None:
+        hidden = hidden.to(device)
         rows = token_rows(hidden, state["mask"], READER)
         state["inputs"][index] = rows
         state["tokens"] = len(rows)
@@ -102,6 +104,7 @@ def stream_pass(model: nn.Module, data: Iterable, stack: DecoderLayers, *, subla
             lens_row(0, hidden)
 
     def leave(index: int, hidden: torch.Tensor) -> None:
+        hidden = hidden.to(device)
         rows = token_rows(hidden, state["mask"], READER)
         layer_sums[index] += _cos_terms(state["inputs"].pop(index), rows)
         if angles and index == count - 1:
@@ -113,7 +116,7 @@ def stream_pass(model: nn.Module, data: Iterable, stack: DecoderLayers, *, subla
         if not isinstance(branch, torch.Tensor) or not isinstance(shortcut, torch.Tensor):
             raise ProbeError(f"block {block.name!r}: its branch or shortcut is not a tensor; the lm analysis "
                              "cannot compare the stream before and after it.")
-        mask = state["mask"]
+        mask, branch, shortcut = state["mask"], branch.to(device), shortcut.to(device)
         block_sums[block.name] += _cos_terms(token_rows(shortcut, mask, READER),
                                              token_rows(shortcut.float() + branch.float(), mask, READER))
 

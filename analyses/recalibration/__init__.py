@@ -27,7 +27,8 @@ from torch import nn
 from analyses.registry import Analysis, Job
 from probe.commands.config import RunConfig
 from probe.commands.inputs import load_inputs
-from probe.deletion.evaluation import single_block_sweep
+from probe.deletion.evaluation import sweep_table
+from probe.deletion.store import OutcomeStore
 from probe.deletion.block_table import check_table
 from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
@@ -58,7 +59,8 @@ class RecalibrationResult:
 
 def recalibration(model: nn.Module, data: Iterable, *, calibration: Iterable, table: pd.DataFrame | None = None,
                   mode: str = "zero", blocks: Sequence[str | Block] | None = None,
-                  task: str | Task | Callable | None = None, progress: bool = True) -> RecalibrationResult:
+                  task: str | Task | Callable | None = None, progress: bool = True,
+                  store: OutcomeStore | None = None) -> RecalibrationResult:
     """Single-block deletions with and without BN recalibration, in one long table.
 
     Its table has two rows per block (bn_recalibrated False, then True); columns `COLUMNS`, as in
@@ -77,6 +79,8 @@ def recalibration(model: nn.Module, data: Iterable, *, calibration: Iterable, ta
     samples, baseline_loss (only for tasks with a loss increase: the intact model's loss each
     row is compared with), mode, bn_recalibrated; `probe.scoring.verdict.cost_column` names the cost
     column (the standard error columns are kept).
+    store: the job's outcomes (`probe.deletion.store.OutcomeStore`): deletions it holds (the
+    sweep's, recalibrated or not) are not evaluated again.
     """
     if not batchnorm_layers(model):
         raise ProbeError(f"{type(model).__name__} has no BatchNorm layer with running statistics: there is "
@@ -90,8 +94,14 @@ def recalibration(model: nn.Module, data: Iterable, *, calibration: Iterable, ta
         raise ProbeError(f"recalibration: the per-block table holds {cost_column(table)} (a table of another task), "
                          f"but the task {task.name!r} measures {task.cost}; pass the task the table was made "
                          "with (task=).")
-    refit, _ = single_block_sweep(model, data, mode=mode, calibration=calibration, blocks=blocks, task=task,
-                                  progress=progress)
+    store = store if store is not None else OutcomeStore(blocks)
+
+    def swept(refit_on: Iterable | None) -> pd.DataFrame:
+        evaluation = store.evaluate(model, data, [[block] for block in blocks], mode=mode, calibration=refit_on,
+                                    task=task, progress=progress)
+        return sweep_table(blocks, evaluation, mode=mode, recalibrated=refit_on is not None)
+
+    refit = swept(calibration)
     if isinstance(task, Classification):
         columns, needed = COLUMNS, _SWEEP_COLUMNS
     else:
@@ -102,7 +112,7 @@ def recalibration(model: nn.Module, data: Iterable, *, calibration: Iterable, ta
     if reusable:
         plain = check_table(table, needed, "recalibration", model, blocks=blocks).assign(bn_recalibrated=False)
     else:
-        plain, _ = single_block_sweep(model, data, mode=mode, blocks=blocks, task=task, progress=progress)
+        plain = swept(None)
     both = pd.concat([_with_baseline(plain, table if reusable else plain, columns),
                       _with_baseline(refit, refit, columns)], ignore_index=True)
     both["bn_recalibrated"] = both["bn_recalibrated"].astype(bool)
@@ -130,7 +140,7 @@ def _in_job(job: Job) -> RecalibrationResult:
                          "pool (an image folder, or --split train); give --calibration-root FOLDER, or "
                          "--bn-recalibrate to set calibration samples apart from the evaluated ones.")
     return recalibration(job.model, job.data, calibration=job.calibration, table=job.table, mode=job.config.mode,
-                         blocks=job.blocks, task=job.task, progress=job.progress)
+                         blocks=job.blocks, task=job.task, progress=job.progress, store=job.store)
 
 
 def _alone(config: RunConfig, out: Path, progress: bool) -> RecalibrationResult:

@@ -49,9 +49,9 @@ import probe
 # Each part in its module; every public name, the tables' columns included, is also importable from here.
 from analyses.registry import Analysis, Job
 from analyses.representation.classes import CLASSES_COLUMNS, block_classes
-from analyses.representation.iterative_refinement import NO_DRIFT_REFINEMENT, REFINEMENT_COLUMNS, refinement
+from analyses.representation.iterative_refinement import NO_REFINEMENT, REFINEMENT_COLUMNS, refinement
 from analyses.representation.lens import LENS_COLUMNS, head_lens
-from analyses.representation.outputs import check_reiterable, pool, stages
+from analyses.representation.outputs import check_reiterable, pool
 from analyses.representation.probes import PROBE_COLUMNS, _Rows, linear_probes
 from analyses.representation.result import SUMMARY_COLUMNS, RepresentationResult, summary
 from analyses.representation.similarity import CKA_COLUMNS, CkaAccumulator, cka
@@ -61,6 +61,7 @@ from probe.deletion.block_table import check_table, join_block_table
 from probe.deletion.evaluation import single_block_sweep
 from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
+from probe.instrument.stages import stages
 from probe.scoring.results import Evaluation
 from probe.scoring.tasks import Classification, Task, resolve_task
 from probe.scoring.verdict import VerdictRule, cost_column
@@ -149,15 +150,17 @@ def _without_labels(model: nn.Module, data: Iterable, task: Task, *, table: pd.D
     if "bn_recalibrated" in table.columns:
         recal = bool(table["bn_recalibrated"].iloc[0])
     labels = f"the task {task.name!r} has no class labels"
+    if task.cost == "detections_lost":  # a detector's classes are per box, not per image
+        labels = f"the task {task.name!r} has no class label per image (its classes are per box)"
     notes = {"probes": f"linear probes predict class labels, and {labels}.",
              "lens": f"the logit lens scores the model's head against class labels, and {labels}.",
              "classes": f"the drop per class needs class labels, and {labels}."}
     probes = pd.DataFrame(columns=PROBE_COLUMNS)
     lens = pd.DataFrame(columns=LENS_COLUMNS)
     classes = pd.DataFrame(columns=CLASSES_COLUMNS)
-    if task.cost == "drift":
+    if task.cost in NO_REFINEMENT:
         steps = pd.DataFrame(columns=REFINEMENT_COLUMNS)
-        notes["refinement"] = NO_DRIFT_REFINEMENT
+        notes["refinement"] = NO_REFINEMENT[task.cost]
     else:
         steps = refinement(model, data, blocks=chosen, task=task, progress=progress)
     similarity = cka(model, data, blocks=chosen, progress=progress)

@@ -13,17 +13,22 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from analyses.attribution import differentiable_loss
-from analyses.representation.outputs import first_tensor, ran_twice, stages
+from analyses.representation.outputs import first_tensor, ran_twice
 from probe.batches import batches, call_model, class_targets, explained_misfit, input_dtype, model_device
 from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.instrument.hooks import attached, model_preserved, outside_inference_mode, tap_pairs
+from probe.instrument.stages import sample_shape, stages
 from probe.scoring.tasks import Classification, Task, logits_of, resolve_task
 
 REFINEMENT_COLUMNS = ["block", "position", "stage", "grad_cosine", "grad_cosine_std", "step_ratio", "step_ratio_std",
                       "samples"]
 NO_DRIFT_REFINEMENT = ("refinement compares each branch with the gradient of the loss, and drift has no loss to "
                        "descend: it is 0 at the intact model and smallest there, so its gradient is 0.")
+NO_DETECTION_REFINEMENT = ("refinement compares each branch with the gradient of the loss, and the detection task "
+                           "counts the detections kept: a count changes in steps, so it has no gradient.")
+# Tasks whose cost has no gradient to compare a branch with, and why.
+NO_REFINEMENT = {"drift": NO_DRIFT_REFINEMENT, "detections_lost": NO_DETECTION_REFINEMENT}
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -38,16 +43,17 @@ def refinement(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block
     torch.autograd.grad with respect to the captured block inputs only: the parameters' `.grad`
     stay as they were. task: another task's per-sample loss takes the cross-entropy's place
     (`analyses.attribution.differentiable_loss`: the next-token NLL for `lm`, your own loss);
-    drift has no loss to descend (ProbeError, `NO_DRIFT_REFINEMENT`).
+    drift has no loss to descend, and detections kept no gradient (ProbeError, `NO_REFINEMENT`).
     """
     task = resolve_task(task)
-    if task.cost == "drift":
-        raise ProbeError(NO_DRIFT_REFINEMENT)
+    if task.cost in NO_REFINEMENT:
+        raise ProbeError(NO_REFINEMENT[task.cost])
     chosen = resolve_blocks(model, blocks)
     modules = dict(model.named_modules())
     device = model_device(model)
     inputs_of: dict[str, torch.Tensor] = {}
     branches: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}  # each block's output per sample: its stage
     # Per block: samples, samples with a cosine (F(h) and h of one shape), then sums of cosine,
     # cosine^2, ratio and ratio^2.
     sums = torch.zeros(len(chosen), 6, dtype=torch.float64, device=device)
@@ -55,6 +61,7 @@ def refinement(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block
     def record(block: Block, branch: torch.Tensor, shortcut: torch.Tensor) -> None:
         if block.name in branches:
             raise ran_twice(block)
+        shapes.setdefault(block.name, sample_shape(branch, shortcut))
         branches[block.name] = branch.detach().clone()  # torchvision adds the shortcut into F(x) in place later
         if block.shortcut is None:
             inputs_of[block.name] = shortcut
@@ -99,8 +106,9 @@ def refinement(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block
     totals = sums.cpu().numpy()
     cosine, cosine_std = _mean_std(totals[:, 1], totals[:, 2], totals[:, 3])
     ratio, ratio_std = _mean_std(totals[:, 0], totals[:, 4], totals[:, 5])
+    numbers = stages(chosen, [shapes.get(b.name) for b in chosen])
     return pd.DataFrame({"block": [b.name for b in chosen], "position": [b.position for b in chosen],
-                         "stage": stages(chosen), "grad_cosine": cosine, "grad_cosine_std": cosine_std,
+                         "stage": numbers, "grad_cosine": cosine, "grad_cosine_std": cosine_std,
                          "step_ratio": ratio, "step_ratio_std": ratio_std, "samples": totals[:, 0].astype(np.int64)},
                         columns=REFINEMENT_COLUMNS)
 

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analyses.representation.outputs import stages, walk
+from analyses.representation.outputs import walk
 from probe.batches import Batch, class_targets
 from probe.discovery.find import Block, resolve_blocks
 from probe.instrument.hooks import outside_inference_mode
+from probe.instrument.stages import stages
 from probe.scoring.tasks import logits_of
 
 LENS_COLUMNS = ["block", "position", "stage", "width", "applicable", "accuracy", "agreement", "samples", "reason"]
@@ -53,10 +54,10 @@ def head_lens(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block]
                 agree[i] += int((predicted == final).sum())
         count += len(targets)
 
-    walk(model, data, chosen, look, progress=progress, desc="logit lens")
+    shapes = walk(model, data, chosen, look, progress=progress, desc="logit lens")
     head = heads[0]
     rows = []
-    for i, (block, stage) in enumerate(zip(chosen, stages(chosen))):
+    for i, (block, stage) in enumerate(zip(chosen, stages(chosen, shapes))):
         applicable = head is not None and widths[i] == head[1].in_features
         if head is None:
             reason = "the model has no nn.Linear with one output per class (its head)"

@@ -12,6 +12,7 @@ from probe.batches import Batch, batches, explained_misfit, input_dtype, model_d
 from probe.discovery.find import Block
 from probe.errors import ProbeError
 from probe.instrument.hooks import attached, model_preserved, tap_pairs
+from probe.instrument.stages import sample_shape
 
 
 def pool(output: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,16 +34,6 @@ def pool(output: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor
     return output.mean(dim=dims, dtype=torch.float32)
 
 
-def stages(blocks: Sequence[Block]) -> list[int]:
-    """Each block's stage, from 1: a new one starts at every block whose shortcut is not the
-    identity (a projection or padding changes the shape, as between a ResNet's stages)."""
-    numbers, stage = [], 0
-    for i, block in enumerate(blocks):
-        stage += 1 if i == 0 or block.shortcut is not None else 0
-        numbers.append(stage)
-    return numbers
-
-
 def first_tensor(args: tuple) -> torch.Tensor:
     return next(value for value in args if isinstance(value, torch.Tensor))
 
@@ -62,20 +53,25 @@ Visit = Callable[[torch.Tensor, list[torch.Tensor], object, Batch], None]
 
 
 def walk(model: nn.Module, data: Iterable, blocks: Sequence[Block], visit: Visit, *, progress: bool,
-          desc: str) -> None:
+          desc: str) -> list[tuple[int, ...] | None]:
     """Run `data` through `model` (no gradients); per batch call visit(the first block's pooled
     input, each block's pooled output in block order, the model's outputs, the `Batch`). The
     model is left as found. Sequence outputs are pooled over the positions the batch's
-    `attention_mask` (keyword inputs) marks as real, when it has one."""
+    `attention_mask` (keyword inputs) marks as real, when it has one.
+
+    Returns each block's output shape per sample in the first batch (`probe.instrument.stages`:
+    what the blocks' stages are read from)."""
     modules = dict(model.named_modules())
     device = model_device(model)
     outputs: dict[str, torch.Tensor] = {}
     first_input: list[torch.Tensor] = []
     mask: list[torch.Tensor | None] = [None]  # the current batch's attention mask
+    shapes: dict[str, tuple[int, ...]] = {}
 
     def record(block: Block, branch: torch.Tensor, shortcut: torch.Tensor) -> None:
         if block.name in outputs:
             raise ran_twice(block)
+        shapes.setdefault(block.name, sample_shape(branch, shortcut))
         # mean pooling is linear: the sum is never made
         outputs[block.name] = pool(branch, mask[0]) + pool(shortcut, mask[0])
 
@@ -93,3 +89,4 @@ def walk(model: nn.Module, data: Iterable, blocks: Sequence[Block], visit: Visit
             if missing:
                 raise ProbeError(f"block(s) {missing} did not run in a forward of the model; probe the blocks it runs.")
             visit(first_input[0], [outputs[block.name] for block in blocks], model_outputs, batch)
+    return [shapes.get(block.name) for block in blocks]  # None: no batch came

@@ -13,9 +13,10 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from analyses.representation.outputs import stages, walk
+from analyses.representation.outputs import walk
 from probe.batches import Batch, class_targets
 from probe.discovery.find import Block, resolve_blocks
+from probe.instrument.stages import stages
 from probe.errors import ProbeError
 
 PROBE_COLUMNS = ["block", "position", "stage", "width", "train_accuracy", "test_accuracy", "previous_test_accuracy",
@@ -89,11 +90,11 @@ def linear_probes(model: nn.Module, data: Iterable, *, train_data: Iterable,
             correct[i] += int((fitted_probe.predict(x.cpu().numpy()) == truth).sum())
         count += len(truth)
 
-    walk(model, data, chosen, score, progress=progress, desc="probe accuracy")
+    shapes = walk(model, data, chosen, score, progress=progress, desc="probe accuracy")
     test = correct / count
     rows = [{"block": block.name, "position": block.position, "stage": stage, "width": features[i + 1].shape[1],
              "train_accuracy": fitted[i + 1].score(features[i + 1], labels), "test_accuracy": test[i + 1],
              "previous_test_accuracy": test[i], "gain": test[i + 1] - test[i], "train_samples": len(labels),
              "test_samples": count}
-            for i, (block, stage) in enumerate(zip(chosen, stages(chosen)))]
+            for i, (block, stage) in enumerate(zip(chosen, stages(chosen, shapes)))]
     return pd.DataFrame(rows, columns=PROBE_COLUMNS)

@@ -17,7 +17,8 @@ SUMMARY_COLUMNS = ["block", "position", "stage", "ratio", "accuracy_drop", "verd
 @dataclass
 class RepresentationResult:
     """Tables of `representation`; blocks in forward order, `stage` numbered from 1 (a new
-    stage starts at each block whose shortcut is not the identity).
+    stage starts at each block whose shortcut is not the identity, and at each block whose
+    output differs from the previous block's in resolution or width: `probe.instrument.stages`).
 
     probes (linear_probes.csv): one row per block: block, position, stage, width (pooled
         features), train_accuracy and test_accuracy of its linear probe (fractions),

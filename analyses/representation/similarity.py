@@ -10,8 +10,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from analyses.representation.outputs import stages, walk
+from analyses.representation.outputs import walk
 from probe.discovery.find import Block, resolve_blocks
+from probe.instrument.stages import stages
 from probe.errors import ProbeError
 
 CKA_COLUMNS = ["block_a", "position_a", "stage_a", "block_b", "position_b", "stage_b", "cka", "samples"]
@@ -82,10 +83,10 @@ def cka(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] | Non
     (see `CkaAccumulator` and `RepresentationResult.cka`)."""
     chosen = resolve_blocks(model, blocks)
     accumulator = CkaAccumulator()
-    walk(model, data, chosen, lambda _first, outputs, _model_outputs, _batch: accumulator.add(outputs),
-          progress=progress, desc="CKA")
+    shapes = walk(model, data, chosen, lambda _first, outputs, _model_outputs, _batch: accumulator.add(outputs),
+                  progress=progress, desc="CKA")
     values = accumulator.matrix()
-    numbers = stages(chosen)
+    numbers = stages(chosen, shapes)
     rows = [{"block_a": a.name, "position_a": a.position, "stage_a": numbers[i], "block_b": b.name,
              "position_b": b.position, "stage_b": numbers[j], "cka": values[i, j], "samples": accumulator.count}
             for i, a in enumerate(chosen) for j, b in enumerate(chosen)]

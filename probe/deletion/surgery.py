@@ -280,7 +280,10 @@ def prune_layers(model: nn.Module, layers: Sequence[str] | str) -> nn.Module:
     mode "zero") in pre-LayerNorm models (Llama, GPT-2), where a layer without its branches is the
     identity; in post-LayerNorm models (BERT) the ablated layer still applies its LayerNorms, the
     deleted one does not. The copy keeps `model`'s device, dtype and training flag; `model`
-    itself is never modified.
+    itself is never modified. A model accelerate dispatched over devices (`hf_device_map`) is
+    copied without its weights: the copy shares them (on the GPUs, the CPU, or on disk behind
+    accelerate's hooks), with its own renumbered `hf_device_map`; for saving (`export_pruned_lm`),
+    not for changing its weights.
 
     ProbeError (`model` untouched) when `model` is not a Hugging Face `PreTrainedModel`, is an
     encoder-decoder, has a per-layer (heterogeneous) config; when a name is not an element of one
@@ -296,7 +299,9 @@ def prune_layers(model: nn.Module, layers: Sequence[str] | str) -> nn.Module:
         return copy.deepcopy(model)
     stack_name, delete, count = _layer_plan(model, names)
     kept = [i for i in range(count) if i not in delete]
-    pruned = copy.deepcopy(model)
+    pruned = _copy_sharing_dispatched_weights(model)
+    if getattr(model, "hf_device_map", None):
+        pruned.hf_device_map = _renumbered_map(model.hf_device_map, stack_name, kept)
     stack = pruned.get_submodule(stack_name)
     for index in sorted(delete, reverse=True):
         del stack[index]  # ModuleList and Sequential renumber their keys: "0", "1", ...
@@ -311,6 +316,36 @@ def prune_layers(model: nn.Module, layers: Sequence[str] | str) -> nn.Module:
     config.num_hidden_layers = len(kept)  # through attribute_map: GPT-2's n_layer
     _check_structure(pruned, names)
     return pruned
+
+
+def _copy_sharing_dispatched_weights(model: nn.Module) -> nn.Module:
+    """A deep copy of `model`; one that accelerate dispatched shares its tensors and offloaded
+    weights with `model` (a copy of a model too big for one device would not fit)."""
+    if not getattr(model, "hf_device_map", None):
+        return copy.deepcopy(model)
+    shared: dict[int, object] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for part in (*getattr(hook, "hooks", ()), hook):  # a SequentialHook holds several
+            for name in ("weights_map", "tied_params_map"):
+                value = getattr(part, name, None)
+                if value is not None:
+                    shared[id(value)] = value
+    return copy.deepcopy(model, memo=shared)
+
+
+def _renumbered_map(device_map: dict, stack_name: str, kept: list[int]) -> dict:
+    """`device_map` for the stack holding only the layers `kept`, renumbered 0, 1, ..."""
+    position = {old: new for new, old in enumerate(kept)}
+    prefix = f"{stack_name}." if stack_name else ""
+    renumbered = {}
+    for name, place in device_map.items():
+        index, _, rest = name[len(prefix):].partition(".") if name.startswith(prefix) else ("", "", "")
+        if not index.isdigit():
+            renumbered[name] = place
+        elif int(index) in position:
+            renumbered[".".join(filter(None, [f"{prefix}{position[int(index)]}", rest]))] = place
+    return renumbered
 
 
 def export_pruned_lm(model: nn.Module, layers: Sequence[str] | str, path: str | os.PathLike, *,
@@ -336,7 +371,9 @@ def export_pruned_lm(model: nn.Module, layers: Sequence[str] | str, path: str | 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        pruned.save_pretrained(tmp)
+        with warnings.catch_warnings():  # a dispatched model's offloaded weights are read one at a time
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+            pruned.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if example_input is not None:
@@ -480,7 +517,20 @@ def _check_structure(pruned: nn.Module, names: list[str]) -> None:
 def _check_saved(pruned: nn.Module, folder: Path, example_input: object) -> None:
     """ProbeError when the model saved in `folder` computes other logits than `pruned`."""
     device = model_device(pruned)
-    loaded = load_pruned_lm(folder).to(device)
+    device_map = getattr(pruned, "hf_device_map", None)
+    if device_map:  # read back dispatched as the copy is: it need not fit one device either
+        offload = Path(tempfile.mkdtemp(prefix=f".{folder.name}.offload.", dir=folder.parent))
+        try:
+            loaded = load_pruned_lm(folder, device_map=device_map, offload_folder=str(offload),
+                                    dtype=next(pruned.parameters()).dtype)
+            _compare_saved(pruned, loaded, example_input, device)
+        finally:
+            shutil.rmtree(offload, ignore_errors=True)
+        return
+    _compare_saved(pruned, load_pruned_lm(folder).to(device), example_input, device)
+
+
+def _compare_saved(pruned: nn.Module, loaded: nn.Module, example_input: object, device: torch.device) -> None:
     if isinstance(example_input, dict):
         inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value
                   for key, value in example_input.items()}

@@ -208,6 +208,11 @@ def _learned(model: nn.Module) -> set[str]:
                     if any(True for _ in module.parameters(recurse=False))}
 
 
+# Conversions that return their input itself when there is nothing to convert (accelerate's hooks
+# call .to(device) on every input): no new value, so no node.
+_NO_OP_WHEN_SELF = frozenset({"to", "contiguous", "float", "double", "half", "bfloat16", "cpu", "cuda", "type_as"})
+
+
 class _Recorder(TorchFunctionMode):
     """Appends one graph node per torch function call that returns tensors."""
 
@@ -218,8 +223,13 @@ class _Recorder(TorchFunctionMode):
         self.calls: dict[str, int] = {}
         self.not_tensor: set[str] = set()
         self._module_names = {module: name for name, module in model.named_modules()}
+        self._modules = {name: module for module, name in self._module_names.items()}
         named_tensors = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
         self._tensor_names = {id(tensor): name for name, tensor in named_tensors}
+        # Weights that accelerate offloaded (to the CPU or disk) wait on the meta device, and a
+        # hook puts them in place for their module's forward: looked up there (`_loaded_name`).
+        self._offloaded = any(tensor.is_meta for name, tensor in chain(
+            model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)))
         self._stack: dict[str, tuple[str, type]] = {}  # running module calls, outermost first
         self._keys: list[str] = []
         # id(tensor) -> the node that last wrote it (an in-place op rebinds it). Holding every
@@ -232,12 +242,30 @@ class _Recorder(TorchFunctionMode):
         self._held.append(tensor)
 
     def _node_of(self, tensor: torch.Tensor) -> fx.Node:
+        loaded = self._loaded_name(tensor) if self._offloaded else None
+        if loaded is not None:  # made by the hook's copies, but what the model reads is the weight
+            node = self.graph.get_attr(loaded)
+            self.bind(tensor, node)
+            return node
         node = self._nodes.get(id(tensor))
         if node is None:  # a parameter, a buffer, or a constant made outside any torch function
             name = self._tensor_names.get(id(tensor), f"constant_{len(self._held)}")
             node = self.graph.get_attr(name)
             self.bind(tensor, node)
         return node
+
+    def _loaded_name(self, tensor: torch.Tensor) -> str | None:
+        """The name of a parameter or buffer a running module holds now but did not when the
+        recording began: accelerate's offload hooks put a layer's weights in place for its
+        forward only (they are on the meta device between forwards)."""
+        for name, _kind in reversed(self._stack.values()):
+            module = self._modules.get(name)
+            if module is None:
+                continue
+            for key, value in chain(module._parameters.items(), module._buffers.items()):
+                if value is tensor:
+                    return f"{name}.{key}"
+        return None
 
     def _argument(self, value: object) -> object:
         if isinstance(value, torch.Tensor):
@@ -278,6 +306,8 @@ class _Recorder(TorchFunctionMode):
         # Map the arguments before running: an in-place op reads the value its input had.
         node_args, node_kwargs = self._argument(args), self._argument(kwargs)
         output = func(*args, **kwargs)
+        if args and output is args[0] and getattr(func, "__name__", None) in _NO_OP_WHEN_SELF:
+            return output  # x.to(its own device and dtype) is x: the value keeps its node
         if isinstance(output, torch.Tensor):
             self.bind(output, self._append(func, node_args, node_kwargs))
         elif isinstance(output, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in output):

@@ -25,7 +25,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from probe import distributed
-from probe.batches import Batch, InputCopies, batches, class_targets, explained_misfit, input_dtype, model_device
+from probe.batches import (Batch, InputCopies, batches, class_targets, dispatched_device, explained_misfit, input_dtype,
+                           model_device)
 from probe.discovery.find import Block, resolve_blocks
 from probe.errors import ProbeError
 from probe.instrument.graphs import Captured, capture
@@ -177,7 +178,9 @@ def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] |
 
     def record(block: Block, branch: torch.Tensor, shortcut: torch.Tensor) -> None:
         _check_operands(block, branch, shortcut)
-        seen.setdefault(row_of[block.name], []).append(_reduction_parts(branch, shortcut, mask[0]))
+        here = mask[0] if mask[0] is None else mask[0].to(branch.device)  # a dispatched model's layers: any device
+        parts = _reduction_parts(branch, shortcut, here)
+        seen.setdefault(row_of[block.name], []).append(tuple(part.to(device) for part in parts))
 
     def eager(batch: Batch) -> list[tuple[list[int], int, torch.Tensor]]:
         """(rows, calls, (rows, 3, calls * batch) reductions) of one forward, per calls group."""
@@ -190,7 +193,9 @@ def measure(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Block] |
 
     with model_preserved(model), attached() as handles, torch.no_grad():
         tap_pairs(model, chosen, record, handles)
-        replays = _Replays(eager, _graphs_wanted(graphs, device))
+        # A dispatched model's hooks move weights and activations between devices: no capture.
+        replays = _Replays(eager, False if dispatched_device(model) is not None and not graphs
+                           else _graphs_wanted(graphs, device))
         num_classes = 1
         for batch in batches(data, device, dtype=input_dtype(model), progress=progress, desc="measure"):
             labels = class_targets(batch) if per_class else None
@@ -367,7 +372,7 @@ def branch_means(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Blo
     def record(block: Block, branch: torch.Tensor, _shortcut: torch.Tensor) -> None:
         kept = mask[0]
         if kept is not None and branch.dim() >= 2 and branch.shape[:2] == kept.shape:
-            real = kept.view(*kept.shape, *(1,) * (branch.dim() - 2))  # (batch, seq, 1, ...)
+            real = kept.to(branch.device).view(*kept.shape, *(1,) * (branch.dim() - 2))  # (batch, seq, 1, ...)
             batch_sum = branch.double().masked_fill(~real, 0).sum(dim=0)
             count = real.double().sum(dim=0).expand_as(batch_sum).contiguous()
         else:

@@ -45,9 +45,11 @@ def _one_line(error: BaseException) -> str:
 
 
 def load_checkpoint(
-    model: nn.Module, path: str | os.PathLike, *, allow_pickle: bool = False
+    model: nn.Module, path: str | os.PathLike, *, allow_pickle: bool = False, dtype: torch.dtype | None = None
 ) -> nn.Module:
-    """Load the weights in `path` into `model` (in place) and return `model`.
+    """Load the weights in `path` into `model` (in place) and return `model`. With `dtype`, the
+    model's floating-point weights are cast to it first and each checkpoint tensor is cast as it
+    is copied in (no float32 copy of the whole model beside the checkpoint).
 
     The file may hold:
 
@@ -79,6 +81,8 @@ def load_checkpoint(
     expected = target.state_dict()
     state = _strip_wrapper_prefixes(state, list(expected))
     _check_fits(target, expected, state, f"checkpoint {str(path)!r} ({holds})")
+    if dtype is not None:
+        target.to(dtype)  # floating-point tensors only; load_state_dict's copy casts each tensor read
     target.load_state_dict(state, strict=True)
     return model
 

@@ -230,7 +230,16 @@ def make_loader(
         generator=generator,
         pin_memory=pin_memory,
         num_workers=num_workers,
+        collate_fn=_collate_of(dataset),
     )
+
+
+def _collate_of(dataset: Dataset) -> Callable | None:
+    """The data set's own way to batch its items (`collate`, through any Subsets: a detection
+    image set keeps each image's boxes apart), or None for the default."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "collate", None)
 
 
 # --- samples that represent the data ----------------------------------------------------------

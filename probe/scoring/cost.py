@@ -1,8 +1,8 @@
 """The vocabulary of a block's cost: one record per cost column, read by everything that shows one.
 
 What deleting a block costs depends on the task (`probe.scoring.tasks.Task.cost`): the accuracy
-drop for classification, the loss increase for a language model or a user's loss, the drift of
-the outputs without labels. The verdict rule, the terminal summary, the figures and the HTML
+drop for classification, the loss increase for a language model or a user's loss, the share of
+a detector's detections lost, the drift of the outputs without labels. The verdict rule, the terminal summary, the figures and the HTML
 report all word, scale and format a cost from its `Cost` here, so the cost of a new task is
 described once.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ACCURACY_DROP", "COSTS", "Cost", "DRIFT", "LOSS_INCREASE", "cost_named"]
+__all__ = ["ACCURACY_DROP", "COSTS", "Cost", "DETECTIONS_LOST", "DRIFT", "LOSS_INCREASE", "cost_named"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,12 @@ LOSS_INCREASE = Cost(
     helping="raises the loss the most", header="loss increase", spec="+.4f", scale=1.0,
     axis_name="loss increase", axis_unit="the task's loss", short_unit="the task's loss",
     noise_spec="pm.4f", noise_header="noise", effect="changes the loss by {}{unit}", short="loss {}")
+DETECTIONS_LOST = Cost(
+    column="detections_lost", se_column="detections_lost_se", name="detections lost",
+    long_name="share of the reference's detections lost", helping="loses the most detections",
+    header="detections lost (%)", spec="pct", scale=100.0, axis_name="detections lost",
+    axis_unit="% of the reference's detections", short_unit="%", noise_spec="pm", noise_header="noise (%)",
+    effect="loses {}% of the detections", short="{}% of detections lost")
 DRIFT = Cost(
     column="drift", se_column="drift_se", name="drift", long_name="drift of the outputs",
     helping="moves the outputs the most", header="drift (%)", spec="pct", scale=100.0,
@@ -65,7 +71,7 @@ DRIFT = Cost(
     signed=False)
 
 # Every cost, by column, in the order a table that has several is read for one (`reports.figures.cost_of`).
-COSTS: dict[str, Cost] = {cost.column: cost for cost in (ACCURACY_DROP, LOSS_INCREASE, DRIFT)}
+COSTS: dict[str, Cost] = {cost.column: cost for cost in (ACCURACY_DROP, LOSS_INCREASE, DETECTIONS_LOST, DRIFT)}
 
 
 def cost_named(column: str) -> Cost:

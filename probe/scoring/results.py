@@ -27,8 +27,9 @@ class Outcome(Mapping):
     `lm`; samples otherwise). flip_rate: share of units whose prediction differs from the
     intact model's (None for the intact model itself, the reference, and for tasks without
     predictions). loss_increase_se: standard error of the loss increase over the reference, from
-    the paired per-sample differences (None for the reference). extra: further task metrics
-    ({"kl": ...} for drift on logits). nonfinite: units left out of every other number because
+    the paired per-sample differences (None for the reference). extra: further task metrics,
+    averages per sample ({"kl": ...} for drift on logits) and those over the whole data of a
+    task's `summarize` ({"map50": ...} for detection). nonfinite: units left out of every other number because
     their outputs were NaN or Inf (samples; tokens for `lm`); set on every outcome of an
     evaluation where any state had some, else None.
 

@@ -9,6 +9,10 @@ Units a task left out because their outputs were not finite (`Scores.nonfinite`)
 sum but their own: each row's metrics are over its finite units, a flip needs a prediction in
 the row, and the paired differences behind the standard error are over the samples finite in
 both the row and the reference. `results` warns once when there were any.
+
+A task with metrics that are no ratio of sums (mAP) defines `summarize`: each row keeps its
+batches' `Scores.details`, joined over processes, and the row's summary goes into its outcome's
+`extra`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from probe import distributed
 from probe.scoring.results import Outcome
-from probe.scoring.tasks import Scores, Task
+from probe.scoring.scores import Scores, Task
 
 __all__ = ["Tally"]
 
@@ -53,6 +57,8 @@ class Tally:
         self.has_correct = self.has_prediction = False
         self.per_sample: list[dict[str, list[torch.Tensor]]] = [
             {"correct": [], "loss": [], "weight": []} for _ in range(rows)]
+        self.summarize = getattr(task, "summarize", None)  # dataset-level metrics from details
+        self.details: list[list] = [[] for _ in range(rows)]
 
     def add(self, row: int, scores: Scores, reference: Scores | None,
             class_labels: torch.Tensor | None = None) -> None:
@@ -93,6 +99,8 @@ class Tally:
                 self.extra[name] = torch.zeros(self.rows, dtype=torch.float64, device=self.device)
             self.extra[name][row] += values.double().sum()
         self.samples[row] += len(loss)
+        if self.summarize is not None and scores.details is not None:
+            self.details[row].append(scores.details)
         if self.per_class and class_labels is not None and scores.correct is not None:
             self._add_classes(row, scores.correct, class_labels, scores.classes or 0, weight)
         if self.outcomes:
@@ -129,6 +137,8 @@ class Tally:
                 for name, parts in kept.items():
                     if parts:
                         kept[name] = [distributed.interleave(torch.cat(parts))]
+        if self.summarize is not None:
+            self.details = [distributed.gather_objects(details) for details in self.details]
 
     def results(self, *, warn: bool = True) -> list[Outcome]:
         """One outcome per row; the first (the reference itself) has no flip rate and no standard
@@ -155,7 +165,8 @@ class Tally:
                 correct=torch.cat(kept["correct"]) if kept["correct"] else None,
                 loss_increase_se=_paired_se(sums, totals[0], samples) if row else None,
                 units=int(sums[_WEIGHT]),
-                extra={name: values[row] / scored if scored else math.nan for name, values in extra.items()},
+                extra={**{name: values[row] / scored if scored else math.nan for name, values in extra.items()},
+                       **(self.summarize(self.details[row]) if self.summarize is not None else {})},
                 sample_loss=torch.cat(kept["loss"]) if kept["loss"] else None,
                 sample_weight=torch.cat(kept["weight"]) if kept["weight"] else None,
                 nonfinite=int(sums[_NONFINITE]) if any_nonfinite else None))

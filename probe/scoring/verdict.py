@@ -13,11 +13,13 @@ the drop is at most sqrt(flip_rate / n): a conservative, per-block bound that ne
 resampling and is exact enough when few predictions change (the interesting case).
 
 Other tasks (`probe.scoring.tasks`) have no accuracy to count: their cost is a continuous per-sample
-number, `loss_increase` (language models, a user's own loss) or `drift` (how far the outputs
-move; no labels), and its table carries the standard error of the paired per-sample
-differences (`loss_increase_se`, `drift_se`). Their noise band is noise_z standard errors,
-floored at what float rounding can produce (a millionth of the loss) for a loss and at the
-rule's `max_drift` for drift: an output that moves less than that is taken as unchanged.
+number, `loss_increase` (language models, a user's own loss), `detections_lost` (the share of
+the reference's detections a detector no longer makes) or `drift` (how far the outputs move;
+no labels), and its table carries the standard error of the paired per-sample differences
+(`loss_increase_se`, `detections_lost_se`, `drift_se`). Their noise band is noise_z standard
+errors, floored at what float rounding can produce (a millionth of the loss; a millionth for a
+share of detections) and at the rule's `max_drift` for drift: an output that moves less than
+that is taken as unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import pandas as pd
 from scipy import stats
 
 from probe.errors import ProbeError
-from probe.scoring.cost import DRIFT, LOSS_INCREASE
+from probe.scoring.cost import DETECTIONS_LOST, DRIFT, LOSS_INCREASE
 
 __all__ = [
     "UNSUPPORTED",
@@ -56,12 +58,13 @@ _NOISE_COLUMNS = ("flip_rate", "samples")
 _VERDICT_COLUMNS = ("block", "ratio", "accuracy_drop", "flip_rate", "samples")
 # Continuous costs, each with the column of its standard error; a table with one of these SE
 # columns is judged by that cost, any other by accuracy_drop.
-_CONTINUOUS_COSTS = {cost.column: cost.se_column for cost in (DRIFT, LOSS_INCREASE)}
+_CONTINUOUS_COSTS = {cost.column: cost.se_column for cost in (DETECTIONS_LOST, DRIFT, LOSS_INCREASE)}
 
 
 def cost_column(df: pd.DataFrame) -> str:
-    """The column that holds what deleting a block costs: `drift` or `loss_increase` when the
-    table carries its standard error (tasks other than classification), else `accuracy_drop`."""
+    """The column that holds what deleting a block costs: `detections_lost`, `drift` or
+    `loss_increase` when the table carries its standard error (tasks other than
+    classification), else `accuracy_drop`."""
     for cost, se in _CONTINUOUS_COSTS.items():
         if cost in df.columns and se in df.columns:
             return cost
@@ -129,6 +132,11 @@ class VerdictRule:
                     "paired per-sample loss difference, never less than a millionth of the loss). A block helps "
                     "when deleting it raises the loss by more than that noise; it hurts when deleting it lowers the "
                     "loss by more than that noise; any other block is neutral.")
+        if cost == "detections_lost":
+            return (small + f"deleting it changes the share of the reference's detections it keeps by no more than "
+                    f"noise ({z} {errors} of the paired per-image difference). A block helps when deleting it "
+                    "loses more detections than that noise; it hurts when deleting it matches more of the ground "
+                    "truth by more than that noise; any other block is neutral.")
         if cost == "drift":
             return (small + f"deleting it moves the outputs by no more than noise ({z} {errors} of the "
                     f"per-sample relative change, never less than {self.max_drift:g}). A block helps (carries the "
@@ -202,6 +210,8 @@ def _continuous_noise(df: pd.DataFrame, cost: str, rule: VerdictRule) -> pd.Seri
         raise ProbeError(f"{se_column} must be >= 0 for every block; got {se[se < 0].tolist()[:5]}.")
     if cost == "drift":
         floor = pd.Series(rule.max_drift, index=df.index, dtype=float)
+    elif cost == "detections_lost":  # a share: below a millionth, two float sums differ by rounding
+        floor = pd.Series(1e-6, index=df.index, dtype=float)
     else:  # a millionth of the intact model's loss: below that, two float sums differ by rounding
         base = (pd.to_numeric(df["loss"], errors="coerce") - pd.to_numeric(df[cost], errors="coerce")).abs() \
             if "loss" in df.columns else pd.Series(1.0, index=df.index)

@@ -12,6 +12,7 @@ import pkgutil
 from reports.sections.common import Figure, Section, Table, format_cell, is_number, not_run_section
 from reports.sections.attribution import attribution_section
 from reports.sections.degradation import degradation_section
+from reports.sections.detection import detection_section
 from reports.sections.lm import lm_section
 from reports.sections.recalibration import recalibration_section
 from reports.sections.representation import representation_section
@@ -22,4 +23,4 @@ from reports.sections.uncertainty import uncertainty_section
 TITLES = {info.name: importlib.import_module(f"{__name__}.{info.name}").TITLE
           for info in pkgutil.iter_modules(__path__) if info.name != "common"}
 
-__all__ = ["Figure", "Section", "TITLES", "Table", "attribution_section", "degradation_section", "format_cell", "is_number", "lm_section", "not_run_section", "recalibration_section", "representation_section", "skipping_section", "uncertainty_section"]
+__all__ = ["Figure", "Section", "TITLES", "Table", "attribution_section", "degradation_section", "detection_section", "format_cell", "is_number", "lm_section", "not_run_section", "recalibration_section", "representation_section", "skipping_section", "uncertainty_section"]

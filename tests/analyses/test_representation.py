@@ -60,7 +60,89 @@ def test_pool_averages_positions_by_layout():
 def test_stages_start_at_shortcuts_that_are_not_the_identity():
     blocks = probe.find_blocks(cifar_resnet(14, num_classes=3, in_channels=1))  # 2 blocks per stage
     assert [b.name for b in blocks] == ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1"]
-    assert stages(blocks) == [1, 1, 2, 2, 3, 3]
+    assert stages(blocks, [None] * 6) == [1, 1, 2, 2, 3, 3]  # no shapes known: the shortcuts alone
+
+
+def test_stages_start_where_the_output_shape_changes():
+    # Identity shortcuts only (as in YOLO): the shape alone starts a stage, in size or in width.
+    blocks = [probe.Block(name=f"b{i}", module=f"b{i}", branch=f"b{i}.f", shortcut=None, position=i)
+              for i in range(5)]
+    shapes = [(8, 32, 32), (8, 32, 32), (16, 32, 32), (16, 16, 16), None]
+    assert stages(blocks, shapes) == [1, 1, 2, 3, 3]  # None: unknown, no change read from it
+    with pytest.raises(probe.ProbeError, match="2 output shape"):
+        stages(blocks, shapes[:2])
+
+
+def test_resnet20_keeps_three_stages_of_three():
+    model = cifar_resnet(20, num_classes=3, in_channels=1)
+    data = [torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))]
+    table = cka(model, data, progress=False)
+    firsts = table.drop_duplicates("block_a")
+    assert firsts["stage_a"].tolist() == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+def _yolo_stages_by_hand(model: nn.Module, size: int) -> tuple[list[int], list[int]]:
+    """(resolution, stage) of each Bottleneck with a shortcut, from the model's layers alone: the
+    backbone runs its layers in order, each strided convolution divides the resolution; a stage
+    is a run of one (resolution, width)."""
+    from ultralytics.nn.modules import C2f, Conv
+    resolution, seen = size, []
+    for layer in model.model:
+        if isinstance(layer, Conv):
+            resolution //= layer.conv.stride[0]
+        elif isinstance(layer, C2f):
+            seen += [(resolution, unit.cv2.conv.out_channels) for unit in layer.m if unit.add]
+        if layer.f != -1:
+            break  # the head starts (its first Concat takes a backbone layer's output)
+    numbers, previous = [], None
+    for key in seen:
+        numbers.append((numbers[-1] if numbers else 0) + (key != previous))
+        previous = key
+    return [r for r, _ in seen], numbers
+
+
+def test_yolov8n_stages_follow_the_resolution():
+    tasks = pytest.importorskip("ultralytics.nn.tasks")
+    torch.manual_seed(0)
+    model = tasks.DetectionModel("yolov8n.yaml", verbose=False).eval()
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    blocks = probe.find_blocks(model, example_input=x)
+    resolutions, expected = _yolo_stages_by_hand(model, 128)
+    assert resolutions == [32, 16, 16, 8, 8, 4] and expected == [1, 2, 2, 3, 3, 4]
+    assert len(blocks) == 6 and all(b.shortcut is None for b in blocks)  # no shortcut tells a stage here
+    before = snapshot(model)
+    table = cka(model, [x], blocks=blocks, progress=False)
+    assert table.drop_duplicates("block_a")["stage_a"].tolist() == expected
+    assert_unchanged(model, before)
+
+
+def test_a_detectors_stage_statements_follow_the_resolution():
+    """The representation of YOLOv8n under the detection task: its summary's stages, and the
+    story's CKA "within a stage", are those of the resolution; refinement is left out (a count
+    of detections has no gradient), CKA stays."""
+    tasks = pytest.importorskip("ultralytics.nn.tasks")
+    from analyses.representation.iterative_refinement import NO_DETECTION_REFINEMENT
+    from probe.scoring.detection import Detection
+    torch.manual_seed(0)
+    model = tasks.DetectionModel("yolov8n.yaml", verbose=False).eval()
+    x = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    blocks = probe.find_blocks(model, example_input=x[:1])
+    table = pd.DataFrame({"block": [b.name for b in blocks], "position": range(6), "ratio": 0.5,
+                          "detections_lost": [0.1, 0.9, 0.0, 0.3, 0.2, 0.5], "verdict": "helps"})
+    result = representation(model, [x[:3], x[3:]], table=table, blocks=blocks, task=Detection(), progress=False)
+    assert result.summary["stage"].tolist() == [1, 2, 2, 3, 3, 4]
+    assert result.notes["refinement"] == NO_DETECTION_REFINEMENT and len(result.refinement) == 0
+    assert "class label per image" in result.notes["probes"]
+    pairs = result.cka.set_index(["block_a", "block_b"])["cka"]
+    names = [b.name for b in blocks]
+    neighbours = [pairs[(names[1], names[2])], pairs[(names[3], names[4])]]  # the only same-stage neighbours
+    within = neighbours  # each of stages 2 and 3 holds one pair; stages 1 and 4 hold one block
+    across = [pairs[(a, b)] for i, a in enumerate(names) for b in names[i + 1:]
+              if (a, b) not in ((names[1], names[2]), (names[3], names[4]))]
+    (line,) = [line for line in story(result) if line.startswith("Linear CKA between neighbouring")]
+    assert line == (f"Linear CKA between neighbouring blocks of one stage averages {np.mean(neighbours):.2f} (all "
+                    f"pairs within a stage: {np.mean(within):.2f}; pairs from different stages: "
+                    f"{np.mean(across):.2f}).")
 
 
 # --- CKA ----------------------------------------------------------------------------------------

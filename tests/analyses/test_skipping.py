@@ -173,13 +173,18 @@ def test_curve_points_thin_the_ks_and_keep_exact_values():
     assert result.export.empty
 
 
-def test_no_skipped_block_gives_an_unchanged_copy():
+def test_no_skipped_block_exports_nothing_and_says_why(tmp_path):
+    """With no block skipped the pruned model would be the model itself: nothing is saved or
+    timed, and the note says so; the summary's second row is the intact model against itself."""
     model, data, x, _ = model_and_data(8)
     table = hand_table().iloc[[0, 2, 4]].assign(block=["layer1.0", "layer2.0", "layer3.0"], position=[0, 1, 2])
-    result = skipping(model, data, table=table, random_draws=0, progress=False)
+    path = tmp_path / "pruned.pt"
+    result = skipping(model, data, table=table, random_draws=0, export_path=path, progress=False)
     assert result.summary["blocks_removed"].tolist() == [0, 0]
     assert result.summary["accuracy"].nunique() == 1
-    assert result.export.set_index("model").loc["pruned", "parameters_ratio"] == 1.0
+    assert result.summary["flip_rate"].tolist() == [0.0, 0.0] and result.summary["accuracy_drop"].tolist() == [0, 0]
+    assert result.export.empty and not path.exists()
+    assert result.export_note.startswith("no block is skipped")
     assert set(result.curves["order"]) == {"ratio", "drop"}
 
 

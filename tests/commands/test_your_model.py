@@ -202,18 +202,10 @@ def test_option_a_model_on_a_png_folder_equals_a_hand_written_forward(user, tmp_
     html = (out / "report.html").read_text()
     assert "zero-padding" in html and "32x32" in html
 
-    # The pruned export of a model whose shortcut is a lambda: saved as weights + blocks, and it
-    # loads back into the user's architecture computing what probe.ablated computes.
-    export = pd.read_csv(out / "pruned_export.csv").set_index("model")
-    assert (out / "pruned_model.pt").is_file() and export.loc["pruned", "path"] == str(out / "pruned_model.pt")
-    import user_models
-
-    pruned = load_pruned(out / "pruned_model.pt", user_models.resnet_option_a())
-    removed = pd.read_csv(out / "skipping.csv").set_index("state").loc["skipped blocks removed", "removed"]
-    removed = set(removed.split()) if isinstance(removed, str) else set()
-    with torch.no_grad():
-        expected, _ = hand_forward(model, x, deleted=removed)
-        assert torch.allclose(pruned(x), expected, atol=1e-5)
+    # At chance no block is skipped: no pruned copy is saved or timed (it would be the model
+    # itself). The export of this lambda-shortcut model: the next tests.
+    export = pd.read_csv(out / "pruned_export.csv")
+    assert export.empty and not (out / "pruned_model.pt").exists()
 
 
 def test_a_lambda_shortcut_model_exports_as_weights_and_blocks(user, tmp_path):

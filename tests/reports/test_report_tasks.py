@@ -123,7 +123,7 @@ def test_hand_tables_have_their_task_cost():
 CLASSIFICATION_SUMMARY = """\
 baseline: accuracy 98.25%, loss 0.0612 on 400 samples; 6 residual blocks
 
-blocks that help most (deleting one alone costs the most accuracy):
+blocks that help most (all 2 that help; deleting one alone costs the most accuracy):
           ratio  cosine accuracy_drop flip_rate verdict
 block                                                  
 layer1.0  1.200  -0.300     +10.0 pts     16.0%   helps
@@ -145,7 +145,7 @@ def test_lm_summary_in_nats_with_standard_errors():
     lines = text.splitlines()
     assert lines[0] == ("baseline: loss 2.5312 (perplexity 12.57), token accuracy 41.2% on 8 sequences "
                         "(1,024 tokens); 4 residual blocks")
-    assert "blocks that help most (deleting one alone raises the loss the most):" in text
+    assert "blocks that help most (the one that helps; deleting one alone raises the loss the most):" in text
     (row,) = [line for line in lines if line.startswith("l0 ")]
     assert "+0.5000 \u00b1 0.0500 nats" in row and "helps" in row
     assert "25.0%" in row  # token flip rate
@@ -160,13 +160,29 @@ def test_drift_summary_in_percent():
     lines = text.splitlines()
     assert lines[0] == ("baseline: the intact model's outputs on 12 samples (drift is measured against them); "
                         "3 residual blocks")
-    assert "blocks that help most (deleting one alone moves the outputs the most):" in text
+    assert "blocks that help most (the one that helps; deleting one alone moves the outputs the most):" in text
     (row,) = [line for line in lines if line.startswith("d0 ")]
     assert "30.0 \u00b1 1.0%" in row and "0.12" in row  # drift in %, KL as it is
     assert "skipped blocks (1): d1" in lines
     assert f"rule: {VerdictRule().describe(cost='drift')}" in lines
     assert lines[-1] == "Spearman rank correlation of ratio with drift: +1.00"  # ranks 3, 1, 2 both
     assert "accuracy" not in text and "loss" not in text
+
+
+def test_summary_says_how_many_helping_blocks_it_lists():
+    # Six blocks that all help; the answer lists the five costliest and says so.
+    drift = [0.3, 0.25, 0.2, 0.15, 0.1, 0.4]
+    names = [f"d{i}" for i in range(6)]
+    df = pd.DataFrame({"block": names, "position": range(6), "branch": [f"{b}.f" for b in names],
+                       "shortcut": "identity", "ratio": [0.9] * 6, "cosine": [0.0] * 6, "mode": "zero",
+                       "drift": drift, "drift_se": [0.001] * 6, "samples": 12})
+    df.attrs = {"baseline": {"samples": 12}, "task": "drift"}
+    df = classify(df)
+    assert list(df["verdict"]) == ["helps"] * 6
+    lines = ablate.format_summary(df).splitlines()
+    start = lines.index("blocks that help most (5 of the 6 that help; deleting one alone moves the outputs the most):")
+    listed = [line.split()[0] for line in lines[start + 3:start + 8]]  # after the header and the index line
+    assert listed == ["d5", "d0", "d1", "d2", "d3"] and lines[start + 8] == ""  # d4, the cheapest, left out
 
 
 def test_custom_summary_names_the_task():
