@@ -43,7 +43,7 @@ def import_leaving_state(name: str) -> ModuleType:
     plugin for an unreadable image) and `torch.save`, sets torch's and NumPy's print options and
     OpenCV's threads, and writes environment variables (OMP_NUM_THREADS among them). probe leaves
     the process as it found it; a library's own functions, called later, are its business."""
-    if name in sys.modules:
+    if sys.modules.get(name) is not None:
         return sys.modules[name]
     with _process_settings_kept():
         return importlib.import_module(name)

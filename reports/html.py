@@ -97,9 +97,17 @@ _FORMATS = {
     "drift": "pct",
     "drift_se": "pct",
     "kl": ".4g",
+    "detections_kept": "pct",
+    "detections_lost": "pct",
+    "detections_lost_se": "pct",
+    "detections": ".2f",
+    "map50": ".3f",
+    "map50_95": ".3f",
+    "map50_drop": "pp",
 }
-_PERCENT = {"accuracy", "flip_rate", "token_accuracy", "token_flip_rate", "drift", "drift_se"}
-_POINTS = {"accuracy_drop", "noise", "token_accuracy_drop"}
+_PERCENT = {"accuracy", "flip_rate", "token_accuracy", "token_flip_rate", "drift", "drift_se", "detections_kept",
+            "detections_lost", "detections_lost_se"}
+_POINTS = {"accuracy_drop", "noise", "token_accuracy_drop", "map50_drop"}
 # The per-block table's first columns, in this order; the others follow as the table has them.
 _FIRST = ["position", "block", "verdict", "ratio", "ratio_std", "accuracy_drop", "noise",
           "flip_rate", "accuracy", "loss", "loss_increase", "cosine", "cosine_std",
@@ -154,6 +162,13 @@ _TABLE_NOTES = {
              "their size, with its standard error (se) over the samples and the noise band the verdict uses, "
              "also in %. KL, where the outputs carry logits, is the mean divergence of the deleted model's "
              "prediction from the intact one's, in nats.",
+    "detections_lost": "One row per residual block, in forward order. Detections kept is the share of the "
+                       "reference's detections (the ground truth where the images have it, else the intact model's "
+                       "own) the model still makes with the block deleted, matched one to one at IoU 0.5 or more "
+                       "with the same class; detections lost is what the deletion loses beyond the intact model's "
+                       "own misses, with its standard error (se) over the images and the noise band the verdict "
+                       "uses; all in %. Detections are per image; mAP50 and mAP50-95 are against the same reference, "
+                       "and the mAP50 drop in points. Drift is how far the raw outputs move, in % of their size.",
 }
 
 
@@ -307,6 +322,20 @@ def _cost_captions(cost: str, z: str, df: pd.DataFrame) -> tuple[str, str]:
                 "large ones were not, the dots would rise from left to right. Spearman's \u03c1 in the title "
                 "measures how well the ratio ranks blocks by their deletion cost: 1 is the same order, 0 no "
                 "relation. The blocks that cost most are named.")
+    if cost == "detections_lost":
+        return ("Each bar is the share of the reference's detections (the ground truth where the images have it, "
+                "else the intact model's own) that the detector no longer makes when that one block's branch is "
+                "deleted (its output replaced, the shortcut left intact), beyond those the intact model misses; "
+                "detections are matched one to one at IoU 0.5 or more with the same class. Above zero: the block "
+                "carries detections; below zero (against a ground truth only): the detector finds more of it "
+                f"without the block. The grey band around zero is the noise for that block ({z} standard errors "
+                "of the paired per-image difference): a bar inside the band is indistinguishable from no change "
+                "on these images.",
+                "One dot per block: its ratio (horizontal) against the share of the reference's detections lost "
+                "when it is deleted (vertical, %). If small branches were always safe to delete and large ones "
+                "were not, the dots would rise from left to right. Spearman's \u03c1 in the title measures how "
+                "well the ratio ranks blocks by their deletion cost: 1 is the same order, 0 no relation. The "
+                "blocks that cost most are named.")
     if cost == "loss_increase":
         unit = " (mean NLL per token, in nats)" if per_token(df) else ""
         return ("Each bar is the increase of the loss" + unit + " when that one block's branch is deleted "

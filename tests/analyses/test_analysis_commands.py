@@ -54,14 +54,17 @@ def test_command_writes_tables_and_figures(name, checkpoint, tmp_path, capsys):
     tables, pngs = COMMANDS[name]
     for table in tables:
         frame = pd.read_csv(out / table)
-        assert len(frame) and "bn_recalibrated" in frame.columns, table
+        # A pruned export only where a block is skipped: this 24-sample model skips none.
+        assert (len(frame) or table == "pruned_export.csv") and "bn_recalibrated" in frame.columns, table
     for png in pngs:
         assert (out / png).read_bytes().startswith(b"\x89PNG"), png
     assert "wrote" in capsys.readouterr().out
     if name == "recalibration":
         assert sorted(pd.read_csv(out / "recalibration.csv")["bn_recalibrated"].unique()) == [False, True]
-    if name == "skipping":
-        assert (out / "pruned_model.pt").is_file()
+    if name == "skipping":  # a pruned copy exactly when a block is skipped
+        skipped = pd.read_csv(out / "skipping.csv").set_index("state").loc["skipped blocks removed", "blocks_removed"]
+        assert (out / "pruned_model.pt").is_file() == (skipped > 0)
+        assert pd.read_csv(out / "pruned_export.csv").empty == (skipped == 0)
 
 
 # The table of each command that names blocks, and its column that holds them.
@@ -107,10 +110,11 @@ def test_single_block_sweep_equals_probe_sweep():
 
 @pytest.mark.parametrize("kwargs,run,why", [
     ({}, list(SECTIONS), {}),
-    ({"checkpoint": "m.pt"}, list(SECTIONS[1:]), {"degradation": "checkpoint"}),
+    ({"checkpoint": "m.pt"}, [name for name in SECTIONS if name != "degradation"], {"degradation": "checkpoint"}),
     ({"checkpoint": "m.pt", "sections": ("degradation", "uncertainty")}, ["degradation", "uncertainty"],
      {"skipping": "--sections"}),
-    ({"skip": ("recalibration", "degradation")}, ["skipping", "attribution", "uncertainty", "representation", "lm"],
+    ({"skip": ("recalibration", "degradation")},
+     ["detection", "skipping", "attribution", "uncertainty", "representation", "lm"],
      {"recalibration": "--skip"}),
 ])
 def test_choose_sections(kwargs, run, why):

@@ -103,8 +103,9 @@ def test_the_pipeline_and_the_report_run_a_new_analysis(new_analysis, tiny_net, 
     built = _sections(outputs, ReportContext(cost="accuracy_drop"))
     mine = [section for section in built if section.id == "blockcount"]
     assert len(mine) == 1 and mine[0].lead == [f"{len(sweep)} blocks (accuracy_drop)."]
-    # every other analysis says why it did not run; the language-model one, silent unless run, does not
-    assert {section.id for section in built} == set(registry.names()) - {"lm"}
+    # every other analysis says why it did not run; the language-model and detection ones, silent
+    # unless run, do not
+    assert {section.id for section in built} == set(registry.names()) - {"lm", "detection"}
     from reports.sections.common import not_run_section
     assert not_run_section("blockcount", "asked not to.").title == "Block count"  # the page's heading
 
@@ -129,7 +130,7 @@ def test_a_package_without_a_declaration_is_refused(tmp_path, monkeypatch):
 
 
 def test_an_unknown_analysis_is_one_probe_error():
-    with pytest.raises(ProbeError, match="no analysis 'nope'; the analyses are degradation, skipping"):
+    with pytest.raises(ProbeError, match="no analysis 'nope'; the analyses are detection, degradation, skipping"):
         registry.get("nope")
     assert importlib.import_module("analyses.registry") is registry
 
@@ -154,4 +155,4 @@ def test_the_command_help_imports_no_analysis():
             "    except SystemExit:\n        pass\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'analyses' and m.count('.') == 1))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "['analyses.pipeline', 'analyses.registry']"
+    assert out == "['analyses.registry']"  # the pipeline too waits until there is work

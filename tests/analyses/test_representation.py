@@ -4,6 +4,8 @@ figures, report section and command."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib
 import math
 
@@ -71,6 +73,20 @@ def test_stages_start_where_the_output_shape_changes():
     assert stages(blocks, shapes) == [1, 1, 2, 3, 3]  # None: unknown, no change read from it
     with pytest.raises(probe.ProbeError, match="2 output shape"):
         stages(blocks, shapes[:2])
+
+
+def test_a_language_models_layers_are_one_stage():
+    # A decoder's MLP block adds the residual stream as the attention block left it: its shortcut
+    # names that block, an identity for stages; all positions keep one width.
+    from tiny_models import tiny_llama
+
+    model = tiny_llama(layers=3)
+    blocks = probe.find_blocks(model, example_input=torch.tensor([[1, 2, 3, 4]]))
+    assert [b.shortcut for b in blocks][1] == blocks[0].name  # the stream, named by its block
+    assert stages(blocks, [(4, 16)] * len(blocks)) == [1] * 6
+    # A projection (a module of its own) still starts one.
+    projected = [blocks[0], dataclasses.replace(blocks[1], shortcut="model.proj")]
+    assert stages(projected, [None, None]) == [1, 2]
 
 
 def test_resnet20_keeps_three_stages_of_three():

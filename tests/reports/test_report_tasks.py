@@ -271,6 +271,34 @@ def test_drift_report_shows_drift_and_no_accuracy(tmp_path):
     assert ">30.00<" in page  # drift in % in the per-block table
 
 
+def detection_table() -> pd.DataFrame:
+    """Three blocks of a detector against a ground truth the intact model finds 96% of: y0 helps
+    (loses 16 points of it), y1 skipped, y2 neutral (finds a little more of it without the block)."""
+    lost = [0.16, 0.0, -0.01]
+    df = pd.DataFrame({**_measured(["y0", "y1", "y2"], [0.9, 0.05, 0.8]), "mode": "zero",
+                       "detections_kept": [0.96 - v for v in lost], "detections_lost": lost,
+                       "detections_lost_se": [0.02, 0.0, 0.01], "detections": [2.5, 2.7, 2.75],
+                       "map50": [0.8, 0.96, 0.97], "map50_95": [0.6, 0.8, 0.81], "map50_drop": [0.16, 0.0, -0.01],
+                       "drift": [0.05, 0.001, 0.02], "samples": 40})
+    df.attrs = {"baseline": {"detections": 2.7, "detections_kept": 0.96, "reference_detections": 105, "map50": 0.96,
+                             "map50_95": 0.81, "samples": 40}, "task": "detection"}
+    return classify(df)
+
+
+def test_detection_report_says_nothing_of_accuracy(tmp_path):
+    df = detection_table()
+    assert list(df["verdict"]) == ["helps", "skipped", "neutral"]
+    page = render_report(df, baseline=df.attrs["baseline"], config=dict(CONFIG, task="detection"))
+    text = _text(page)
+    assert "accuracy" not in text.lower()  # neither the captions nor the table's note speak of it
+    assert "Each bar is the share of the reference's detections" in text
+    assert "Detections kept is the share of the reference's detections" in text
+    headers = _per_block_headers(page)
+    assert {"detections lost (%)", "detections lost se (%)", "noise (%)", "detections kept (%)",
+            "map50 drop (pp)", "drift (%)"} <= set(headers)
+    assert ">16.00<" in page and ">80.00<" in page  # lost and kept (96% - 16%) of y0, in %
+
+
 def test_lm_report_shows_the_loss_increase(tmp_path):
     df = lm_table()
     page = render_report(df, baseline=df.attrs["baseline"], config=CONFIG)
