@@ -71,7 +71,8 @@ def report(tmp_path_factory) -> Path:
 def test_run_writes_every_section_and_table(report):
     text = report.read_text(encoding="utf-8")
     for name in SECTIONS:
-        if name == "lm":  # a classifier's report does not mention the language-model section
+        if name in ("lm", "detection"):  # a classifier's report mentions neither the language-model
+            # nor the detection section
             assert f'<section id="{name}"' not in text and f'href="#{name}"' not in text
             continue
         assert f'<section id="{name}" class="analysis">' in text, name
@@ -80,14 +81,16 @@ def test_run_writes_every_section_and_table(report):
     assert text.count('<img src="data:image/png;base64,') == FIGURES == text.count("<img ")
     assert "BN recalibration</dt><dd>off (trained BatchNorm statistics)" in text
     assert "BatchNorm statistics: as trained" in text  # each analysis says which statistics it used
+    skipped = pd.read_csv(report.parent / "skipping.csv").set_index("state").loc["skipped blocks removed",
+                                                                                  "blocks_removed"]
     for name in CSVS:
         table = pd.read_csv(report.parent / f"{name}.csv")
-        assert len(table), name
+        assert len(table) or name == "pruned_export" and skipped == 0, name  # a pruned copy of skipped blocks
         if name not in ("blocks", *INTACT):
             assert "bn_recalibrated" in table.columns, name
     curves = pd.read_csv(report.parent / "deletion_curves.csv")
     assert set(curves["order"]) == {"ratio", "drop", "random"}
-    assert (report.parent / "pruned_model.pt").is_file()
+    assert (report.parent / "pruned_model.pt").is_file() == (skipped > 0)
     assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', text)  # nothing external
 
 
