@@ -30,6 +30,7 @@ from analyses.pipeline import AnalysisOutputs, choose_sections, run_analyses
 from probe import distributed
 from probe.batches import Batch, batches, device_for, dispatched_device, input_dtype
 from probe.discovery.find import find_blocks
+from probe.commands.batch_size import BatchSizeChoice, choose_batch_size, memory_budget
 from probe.commands.config import RunConfig, add_options
 from probe.loading.datasets import DatasetInfo, make_loader
 from probe.instrument.describe import describe_blocks, shortcut_kinds
@@ -113,8 +114,29 @@ def _info(dataset) -> dict | None:
 def _example(dataset, config: RunConfig, model, device: torch.device) -> Batch:
     """The data set's first sample as a batch of one on `device`: what discovery (for a model
     torch.fx cannot trace) and the shortcut kinds run on."""
-    loader = named_parts(make_loader(Subset(dataset, [0]), batch_size=1), config)
-    return next(iter(batches(loader, device, dtype=input_dtype(model))))
+    return next(iter(batches(_first(dataset, config, 1), device, dtype=input_dtype(model))))
+
+
+def _first(dataset, config: RunConfig, samples: int):
+    """The data set's first `samples` samples, as a loader of one batch."""
+    return named_parts(make_loader(Subset(dataset, range(samples)), batch_size=samples), config)
+
+
+def _sized_batches(config: RunConfig, model, dataset, task: Task, device: torch.device,
+                   blocks: list) -> tuple[RunConfig, BatchSizeChoice | None]:
+    """`config` with `--batch-size auto` replaced by the windows per forward that fit
+    (probe.commands.batch_size), and that choice; unchanged, and None, for a number."""
+    if config.batch_size != "auto":
+        return config, None
+    with _autocast(config, device):
+        choice = choose_batch_size(model, lambda n: _first(dataset, config, n), task=task, blocks=blocks,
+                                   available=len(distributed.shard(dataset)),
+                                   budget=memory_budget(model, device, config.memory_budget))
+    # Every rank the same size (the smallest choice): the record is compared across them.
+    choice = dataclasses.replace(choice, windows=-distributed.max_across(-choice.windows))
+    if distributed.rank() == 0:
+        print(f"probe.ablate: {choice.describe()}", file=sys.stderr)
+    return dataclasses.replace(config, batch_size=choice.windows, memory_budget=None), choice  # the budget is spent
 
 
 def _more_outputs_than_classes(evaluation: Evaluation, classes: int | None) -> str | None:
@@ -191,12 +213,15 @@ def run(config: RunConfig, *, progress: bool = True,
         blocks = (find_blocks(model, spec=config.blocks_spec) if config.blocks_spec
                   else find_blocks(model, example_input=example.inputs))
         shortcuts = shortcut_kinds(model, example.inputs, blocks)
+    config, sizing = _sized_batches(config, model, dataset, task, device, blocks)
     loader = named_parts(make_loader(distributed.shard(dataset), batch_size=config.batch_size,
                                      pin_memory=device.type == "cuda"), config)
     calibration = (named_parts(make_loader(datasets.calibration, batch_size=config.batch_size), config)
                    if datasets.calibration is not None else None)
     record = _run_record(config, source, blocks, datasets, shortcuts, device=device, channels_last=channels_last,
                          model=model)
+    if sizing is not None:
+        record["batch_size_auto"] = sizing.record()
     # The folder is locked while this run writes into it: a second run on it is refused.
     with RunDirectory(out, record, writer=distributed.leader()) as run_dir:
         seconds: dict[str, float] = {}  # each stage's, filled in as they finish

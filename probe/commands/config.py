@@ -20,6 +20,7 @@ from pathlib import Path
 from probe.errors import ProbeError
 from probe.files import cache_dir
 from probe.loading.big_models import DEVICE_MAPS, read_device_map, read_max_memory
+from probe.commands.byte_sizes import parse_size
 from probe.loading.detector_names import is_detector
 from probe.loading.huggingface import is_hf_model
 from probe.scoring.scores import TASKS
@@ -61,7 +62,8 @@ class RunConfig:
     split: str = "test"
     mode: str = "zero"
     device: str = "auto"
-    batch_size: int = 256
+    batch_size: int | str = 256  # or "auto" (a language model's windows per forward: probe.commands.batch_size)
+    memory_budget: str | None = None
     limit: int | None = None
     seed: int = 0
     threads: int | None = None
@@ -103,9 +105,12 @@ class RunConfig:
             language = is_hf_model(self.model) or self.dataset in TEXT_DATASETS
             detector = is_detector(self.model) or self.dataset == "images"
             object.__setattr__(self, "task", "lm" if language else "detection" if detector else "classification")
+        _check_batch_size(self)
         for name in ("batch_size", "limit", "epochs", "save_every", "calibration_samples", "bootstrap", "image_size",
                      "seq_len", "greedy_steps", "train_batch_size"):
             value = getattr(self, name)
+            if name == "batch_size" and value == "auto":
+                continue
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ProbeError(f"--{_option(name)} must be a positive integer, got {value!r}.")
             if value is not None and value > sys.maxsize:  # Python's own limit for sizes and slices
@@ -213,6 +218,28 @@ def _check_detection(config: RunConfig) -> None:
         raise ProbeError(f"--dataset images holds images without classes, which --task {config.task} cannot score; "
                          "use --task detection (a detector: --model yolo:PATH, a torchvision detection model or your "
                          "own) or --task drift, or --dataset imagefolder for images in class sub-folders.")
+
+
+def _check_batch_size(config: RunConfig) -> None:
+    """--batch-size auto sizes a language model's batches; --memory-budget is its budget."""
+    if isinstance(config.batch_size, str) and config.batch_size != "auto":
+        raise ProbeError(f"--batch-size must be a positive integer or auto, got {config.batch_size!r}.")
+    if config.batch_size == "auto" and config.task != "lm":
+        raise ProbeError(f"--batch-size auto fits a language model's windows of text to the memory there is; the task "
+                         f"is {config.task!r}: give a number of samples per forward (e.g. --batch-size 64).")
+    if config.memory_budget is not None:
+        if config.batch_size != "auto":
+            raise ProbeError("--memory-budget is the memory --batch-size auto fills; give --batch-size auto too, or "
+                             "leave --memory-budget out.")
+        parse_size(config.memory_budget)
+
+
+def _batch_size_option(text: str) -> int | str:
+    """argparse's reading of --batch-size: a whole number or "auto" (RunConfig checks the rest)."""
+    try:
+        return "auto" if text == "auto" else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a whole number of samples per forward or auto, not {text!r}") from None
 
 
 def _check_placement(config: RunConfig) -> None:
@@ -333,7 +360,12 @@ def add_options(parser: argparse.ArgumentParser, *groups: str, sections: Sequenc
         add("--in-channels", type=int, choices=[1, 3],
             help="1 converts images to grey, 3 to RGB (default: the data set's own; imagefolder: what the model's "
                  "first convolution takes, 1 or 3)")
-        add("--batch-size", type=int, default=d.batch_size, help="samples per forward pass (default: %(default)s)")
+        add("--batch-size", type=_batch_size_option, default=d.batch_size, metavar="N|auto",
+            help="samples per forward pass (default: %(default)s); auto, for a language model: the most windows of "
+                 "text that fit the free GPU memory, or on the CPU --memory-budget")
+        add("--memory-budget", metavar="SIZE",
+            help="with --batch-size auto: the memory its batches may fill, e.g. 8GiB (default: 90%% of the free GPU "
+                 "memory; on the CPU, half of the memory available)")
     if training or "model" in groups:  # a model not in the cache is trained with these
         t = _TRAINING
         add("--train-batch-size", type=int, help=f"samples per training step (default: the trainer's, {t.batch_size})")

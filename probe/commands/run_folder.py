@@ -245,8 +245,9 @@ class RunDirectory:
 
 
 # Recorded, but no reason to refuse a resume: how many CPU threads ran (the numbers do not depend on it),
-# and what the run's stages evaluated (`RunDirectory.annotate`).
-UNCOMPARED = ("threads", "evaluations")
+# what the run's stages evaluated (`RunDirectory.annotate`), and how --batch-size auto chose (the
+# memory free then; the chosen size itself is `batch_size`, compared).
+UNCOMPARED = ("threads", "evaluations", "batch_size_auto")
 
 
 # Seconds a restarted torchrun attempt waits for the lock its previous attempt held (a network

@@ -115,6 +115,9 @@ def run_analysis_command(name: str, about: str, groups: tuple[str, ...],
 
     def run(args: argparse.Namespace) -> int:
         config = RunConfig.from_args(args)
+        if config.batch_size == "auto":
+            raise ProbeError(f"python -m analyses.{name} takes a number for --batch-size (e.g. 8); auto is "
+                             "python -m probe.ablate's, which records the size it chose in run.json.")
         written = body(config, prepare_out_dir(args.out, analysis=True), not args.no_progress)
         print("wrote " + ", ".join(str(path) for path in written))
         return 0
