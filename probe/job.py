@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import json
 import re
 import sys
 import time
@@ -117,21 +118,33 @@ def _example(dataset, config: RunConfig, model, device: torch.device) -> Batch:
     return next(iter(batches(_first(dataset, config, 1), device, dtype=input_dtype(model))))
 
 
+def _earlier_batch_size(out: Path) -> int | None:
+    """The size `--batch-size auto` chose for the run `out` holds, if one did."""
+    try:
+        record = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    size = record.get("batch_size") if isinstance(record, dict) and "batch_size_auto" in record else None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
 def _first(dataset, config: RunConfig, samples: int):
     """The data set's first `samples` samples, as a loader of one batch."""
     return named_parts(make_loader(Subset(dataset, range(samples)), batch_size=samples), config)
 
 
-def _sized_batches(config: RunConfig, model, dataset, task: Task, device: torch.device,
-                   blocks: list) -> tuple[RunConfig, BatchSizeChoice | None]:
+def _sized_batches(config: RunConfig, model, dataset, task: Task, device: torch.device, blocks: list,
+                   out: Path) -> tuple[RunConfig, BatchSizeChoice | None]:
     """`config` with `--batch-size auto` replaced by the windows per forward that fit
-    (probe.commands.batch_size), and that choice; unchanged, and None, for a number."""
+    (probe.commands.batch_size), and that choice; unchanged, and None, for a number. A size an
+    earlier auto run into `out` chose is kept while it fits, so that the folder resumes."""
     if config.batch_size != "auto":
         return config, None
     with _autocast(config, device):
         choice = choose_batch_size(model, lambda n: _first(dataset, config, n), task=task, blocks=blocks,
                                    available=len(distributed.shard(dataset)),
-                                   budget=memory_budget(model, device, config.memory_budget))
+                                   budget=memory_budget(model, device, config.memory_budget),
+                                   earlier=distributed.on_leader(lambda: _earlier_batch_size(out)))
     # Every rank the same size (the smallest choice): the record is compared across them.
     choice = dataclasses.replace(choice, windows=-distributed.max_across(-choice.windows))
     if distributed.rank() == 0:
@@ -213,7 +226,7 @@ def run(config: RunConfig, *, progress: bool = True,
         blocks = (find_blocks(model, spec=config.blocks_spec) if config.blocks_spec
                   else find_blocks(model, example_input=example.inputs))
         shortcuts = shortcut_kinds(model, example.inputs, blocks)
-    config, sizing = _sized_batches(config, model, dataset, task, device, blocks)
+    config, sizing = _sized_batches(config, model, dataset, task, device, blocks, out)
     loader = named_parts(make_loader(distributed.shard(dataset), batch_size=config.batch_size,
                                      pin_memory=device.type == "cuda"), config)
     calibration = (named_parts(make_loader(datasets.calibration, batch_size=config.batch_size), config)

@@ -1,6 +1,6 @@
 """`--batch-size auto`: the most windows of text per forward that fit the memory there is.
 
-    choice = choose_batch_size(model, batch_of, task=task, layers=layer_modules, available=64,
+    choice = choose_batch_size(model, data_of, task=task, blocks=blocks, available=64,
                                budget=memory_budget(model, device, "8GiB"))
     choice.windows, choice.describe(), choice.record()
 
@@ -9,9 +9,10 @@ then on two, under `probe.instrument.memory.TensorMemory`; the difference of the
 what a window adds, the rest is fixed. Each deletion measured is of the first block (every layer
 after it runs) and of the second on from a network without the first (the layer replay then
 keeps two networks' layer outputs, `probe.deletion.fast_replay`); one more set of layer outputs
-per window is added as a margin for the work that holds a third (a curve's chained points). The choice is the largest power of two that fits in the budget, and no more
-than the windows there are: a power of two, so that a rerun on a machine with a little more or
-less memory free makes the same choice and its run folder resumes.
+per window is added as a margin for the work that holds a third (a curve's chained points). The
+choice is the most windows that fit in the budget, at most the windows there are. A run into a
+folder whose run a `--batch-size auto` began keeps that run's size when it still fits: its pieces
+were made with it, and the folder resumes although the memory free has changed.
 
 The budget: `--memory-budget` when given; else, for a model on GPUs, 90% of the smallest free
 memory among them once the model is loaded (the rest for the allocator's rounding and cache);
@@ -50,7 +51,8 @@ class BatchSizeChoice:
     """windows: the chosen windows per forward. budget_bytes and budget (where it came from, in
     words). window_bytes: what one more window takes (forward and scoring, plus the replay's
     caches); cache_bytes: the caches' part of it; fixed_bytes: what a forward takes beyond its
-    windows. fits: windows the budget holds; available: windows in the data."""
+    windows. fits: windows the budget holds; available: windows in the data. kept: the size is
+    the one an earlier run into the same out folder chose (it still fits, and its pieces resume)."""
 
     windows: int
     budget_bytes: int
@@ -60,14 +62,15 @@ class BatchSizeChoice:
     fixed_bytes: int
     fits: int
     available: int
+    kept: bool = False
 
     def record(self) -> dict:
         return dataclasses.asdict(self)
 
     def describe(self) -> str:
-        limit = ("every window there is" if self.windows == self.available and self.windows <= self.fits
-                 else "the largest power of two that fits")
-        return (f"--batch-size auto: {self.windows} windows per forward ({limit}): each takes "
+        why = ("as the run this folder holds chose" if self.kept else
+               "every window there is" if self.windows == self.available else "the most that fit")
+        return (f"--batch-size auto: {self.windows} windows per forward ({why}): each takes "
                 f"{format_bytes(self.window_bytes)}, beyond {format_bytes(self.fixed_bytes)} fixed, of a budget of "
                 f"{format_bytes(self.budget_bytes)} ({self.budget})")
 
@@ -99,10 +102,11 @@ def _available_memory() -> int:
 
 
 def choose_batch_size(model: nn.Module, data_of: Callable[[int], Iterable], *, task: Task, blocks: Sequence[Block],
-                      available: int, budget: tuple[int, str]) -> BatchSizeChoice:
+                      available: int, budget: tuple[int, str], earlier: int | None = None) -> BatchSizeChoice:
     """The most windows per forward that fit `budget` ((bytes, words): `memory_budget`), at most
     `available`. data_of(n): the data's first n windows as one batch (a loader of one batch);
-    blocks: the model's blocks (the deletions measured are of the first two)."""
+    blocks: the model's blocks (the deletions measured are of the first two). earlier: the size
+    an earlier run into the same folder chose, kept when it still fits (its pieces resume)."""
     budget_bytes, source = budget
     if available < 1:
         raise ProbeError("--batch-size auto needs at least one window of data.")
@@ -116,10 +120,10 @@ def choose_batch_size(model: nn.Module, data_of: Callable[[int], Iterable], *, t
         raise ProbeError(f"--batch-size auto: one window needs {format_bytes(fixed + window)} and the budget is "
                          f"{format_bytes(budget_bytes)} ({source}); give a larger --memory-budget, a shorter --seq-len, "
                          "or --device-map to spread the model over more devices.")
-    power = 1 << (int(fits).bit_length() - 1)
-    return BatchSizeChoice(windows=min(power, available), budget_bytes=budget_bytes, budget=source,
-                           window_bytes=window, cache_bytes=cache, fixed_bytes=fixed, fits=int(fits),
-                           available=available)
+    kept = earlier is not None and 1 <= earlier <= min(fits, available)
+    return BatchSizeChoice(windows=earlier if kept else min(int(fits), available), budget_bytes=budget_bytes,
+                           budget=source, window_bytes=window, cache_bytes=cache, fixed_bytes=fixed, fits=int(fits),
+                           available=available, kept=kept)
 
 
 def _peak(model: nn.Module, data: Iterable, task: Task, blocks: Sequence[Block]) -> tuple[int, int]:

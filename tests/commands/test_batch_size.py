@@ -1,5 +1,5 @@
 """`--batch-size auto`: tensor memory counted exactly, the windows chosen from a budget by hand,
-the engine's real peak within the budget, and the command's record and table."""
+the engine's real peak within the budget, and the command's record, table and resume."""
 
 from __future__ import annotations
 
@@ -47,12 +47,12 @@ def llama():
     return model, ids, find_blocks(model, example_input={"input_ids": ids[:1]})
 
 
-def _choose(model, ids, blocks, budget: int, available: int = WINDOWS):
+def _choose(model, ids, blocks, budget: int, available: int = WINDOWS, earlier: int | None = None):
     return choose_batch_size(model, lambda n: [{"input_ids": ids[:n]}], task=LanguageModeling(), blocks=blocks,
-                             available=available, budget=(budget, "a test's"))
+                             available=available, budget=(budget, "a test's"), earlier=earlier)
 
 
-def test_the_choice_is_the_largest_power_of_two_the_budget_holds(llama):
+def test_the_choice_is_the_most_windows_the_budget_holds(llama):
     model, ids, blocks = llama
     before = snapshot(model)
     measured = _choose(model, ids, blocks, 10**9)
@@ -62,12 +62,15 @@ def test_the_choice_is_the_largest_power_of_two_the_budget_holds(llama):
     # A window holds at least its logits twice (the logits, their log-softmax): 8 x 50 floats each.
     assert measured.window_bytes >= 2 * LENGTH * 50 * 4 + measured.cache_bytes
     fixed, window = measured.fixed_bytes, measured.window_bytes
-    for fits, windows in ((1, 1), (2, 2), (3, 2), (5, 4), (8, 8), (15, 8)):
+    for fits in (1, 2, 3, 5, 11):
         choice = _choose(model, ids, blocks, fixed + fits * window)
-        assert (choice.fits, choice.windows) == (fits, windows)
+        assert (choice.fits, choice.windows, choice.kept) == (fits, fits, False)
         if fits > 1:
-            assert _choose(model, ids, blocks, fixed + fits * window - 1).fits == fits - 1
+            assert _choose(model, ids, blocks, fixed + fits * window - 1).windows == fits - 1
     assert _choose(model, ids, blocks, fixed + 8 * window, available=5).windows == 5  # no more than there are
+    # An earlier run's size is kept while it fits, else the most that fit now.
+    assert _choose(model, ids, blocks, fixed + 8 * window, earlier=6).windows == 6
+    assert _choose(model, ids, blocks, fixed + 5 * window, earlier=6).windows == 5
     with pytest.raises(ProbeError, match=r"one window needs .* and the budget is .*--memory-budget"):
         _choose(model, ids, blocks, fixed + window - 1)
 
@@ -119,22 +122,23 @@ def test_the_command_records_the_size_it_chose_and_gives_that_sizes_table(tmp_pa
     model.save_pretrained(tmp_path / "model")
     common = ["--model", f"hf:{tmp_path / 'model'}", "--dataset", "tiny_models:token_windows", "--task", "lm",
               "--sections", "lm", "--spans", "1", "--greedy-steps", "1", "--no-progress"]
-    # A budget for about 3 windows of the 5: the chosen size is 2.
+    # A budget for 3 windows of the 5.
     assert main([*common, "--batch-size", "auto", "--memory-budget", "1GiB", "--out", str(tmp_path / "probe")]) == 0
     probe_record = json.loads((tmp_path / "probe" / "run.json").read_text())["batch_size_auto"]
     budget = probe_record["fixed_bytes"] + 3 * probe_record["window_bytes"]
     assert main([*common, "--batch-size", "auto", "--memory-budget", str(budget), "--out", str(tmp_path / "auto")]) == 0
-    assert "--batch-size auto: 2 windows per forward (the largest power of two that fits)" in capsys.readouterr().err
+    assert "--batch-size auto: 3 windows per forward (the most that fit)" in capsys.readouterr().err
     record = json.loads((tmp_path / "auto" / "run.json").read_text())
-    assert record["batch_size"] == 2
+    assert record["batch_size"] == 3
     assert {k: record["batch_size_auto"][k] for k in ("windows", "fits", "available", "budget_bytes")} == {
-        "windows": 2, "fits": 3, "available": 5, "budget_bytes": budget}
-    assert main([*common, "--batch-size", "2", "--out", str(tmp_path / "two")]) == 0
+        "windows": 3, "fits": 3, "available": 5, "budget_bytes": budget}
+    assert main([*common, "--batch-size", "3", "--out", str(tmp_path / "three")]) == 0
     for name in ("blocks.csv", "lm_layers.csv"):
-        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "auto" / name), pd.read_csv(tmp_path / "two" / name))
-    # The same choice again resumes the folder (the budget's details are not compared): the
-    # measured and swept pieces are read, not written again.
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "auto" / name), pd.read_csv(tmp_path / "three" / name))
+    # Rerun with more memory free: the folder's size is kept (it still fits) and the run resumes,
+    # its measured and swept pieces read, not written again.
     pieces = {path: path.stat().st_mtime_ns for path in (tmp_path / "auto" / "partial").iterdir()}
-    assert main([*common, "--batch-size", "auto", "--memory-budget", str(budget + 1), "--out",
-                 str(tmp_path / "auto")]) == 0
+    more = str(budget + probe_record["window_bytes"])
+    assert main([*common, "--batch-size", "auto", "--memory-budget", more, "--out", str(tmp_path / "auto")]) == 0
+    assert "3 windows per forward (as the run this folder holds chose)" in capsys.readouterr().err
     assert pieces and {path: path.stat().st_mtime_ns for path in pieces} == pieces
