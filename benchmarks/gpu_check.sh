@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Check probe's GPU path and print the benchmarks' ratios, in one run of about 6 minutes.
+# Check probe's GPU path and print the benchmarks' ratios, in one run of about 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh [LOG_DIR]     # default LOG_DIR: $OUT, else /tmp/probe-gpu-check
 #   GPU_CHECK_ONLY="correctness hooks-default" bash benchmarks/gpu_check.sh   # some steps only
@@ -79,8 +79,11 @@ bench memory 90 memory.py
 # A 1.1B-parameter Llama built from a config: fp32, bf16 and half its layers on disk (a small one on a CPU).
 if [ "$device" = cuda ]; then bench big-model 300 big_model.py --size 1b; else bench big-model 300 big_model.py; fi
 
+# --batch-size auto: the windows chosen from the free memory, and the sweep's real peak against that budget.
+if [ "$device" = cuda ]; then bench batch-size 240 batch_size.py --size 1b; else bench batch-size 240 batch_size.py; fi
+
 echo "== summary ($device)"
-grep -E "^(sweep|hooks|throughput|captum|hook variants|peak memory):|ratio|failed$|[0-9]+ failed" "$log" \
+grep -E "^(sweep|hooks|throughput|captum|hook variants|peak memory|batch size):|ratio|of the budget|failed$|[0-9]+ failed" "$log" \
     | grep -v "^--" || true
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'failed step: %s\n' "${failed[@]}"
