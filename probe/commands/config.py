@@ -362,7 +362,7 @@ def add_options(parser: argparse.ArgumentParser, *groups: str, sections: Sequenc
                  "first convolution takes, 1 or 3)")
         add("--batch-size", type=_batch_size_option, default=d.batch_size, metavar="N|auto",
             help="samples per forward pass (default: %(default)s); auto, for a language model: the most windows of "
-                 "text that fit the free GPU memory, or on the CPU --memory-budget")
+                 "text that fit the free GPU memory, or on the CPU a memory budget (--memory-budget)")
         add("--memory-budget", metavar="SIZE",
             help="with --batch-size auto: the memory its batches may fill, e.g. 8GiB (default: 90%% of the free GPU "
                  "memory; on the CPU, half of the memory available)")

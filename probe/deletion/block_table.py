@@ -68,12 +68,14 @@ def block_table(model: nn.Module, data: Iterable, *, blocks: Sequence[str | Bloc
 def unsupported_reason(evaluation: Evaluation, rule: VerdictRule | None = None, *,
                        num_classes: int | None = None) -> str | None:
     """Why `evaluation` cannot support block verdicts (its intact model is at chance), or None.
-    Needs the per-class counts (`per_class=True`) to know the most frequent class. Only a
-    classifier has a chance level: other tasks get None. Chance is the data's: `num_classes`
-    classes (default: those with samples), not the model's outputs, which may be more."""
+    Needs the per-class counts (`per_class=True`) to know the most frequent class. A classifier
+    has a chance level; another task answers through its `no_verdict` (a detector that finds
+    too little of the ground truth). Chance is the data's: `num_classes` classes (default: those
+    with samples), not the model's outputs, which may be more."""
     baseline = evaluation.baseline
     if evaluation.task is not None and not isinstance(evaluation.task, Classification):
-        return None
+        no_verdict = getattr(evaluation.task, "no_verdict", None)  # a duck-typed task may lack it
+        return no_verdict(baseline) if no_verdict is not None else None
     counts = baseline.class_samples
     present = sum(1 for count in counts if count) if counts else 0
     classes = num_classes or (present if present >= 2 else None)  # one class alone: chance is 100%

@@ -47,6 +47,8 @@ __all__ = ["Detection", "matched_count"]
 
 # Each family's own defaults: (confidence, NMS IoU, most detections per image).
 _ULTRALYTICS = (0.25, 0.7, 300)
+# Below this share of the ground truth's boxes found by the intact model, no block verdict (`Detection.no_verdict`).
+MIN_RECALL = 0.1
 _YOLOV5 = (0.25, 0.45, 300)
 _FORMS = ("Ultralytics YOLO predictions (batch, 4 + classes [+ extra], anchors) alone or first in a tuple, "
           "end-to-end ones (batch, detections, 6 [+ extra]), YOLOv5-style (batch, anchors, 5 + classes), or "
@@ -241,6 +243,20 @@ class Detection(Task):
                 "map50_95": extra.get("map50_95"),
                 "map50_drop": baseline.extra.get("map50", math.nan) - extra.get("map50", math.nan),
                 "drift": extra.get("drift")}
+
+    def no_verdict(self, baseline) -> str | None:
+        """Why no block verdict can be drawn: the intact model finds less than `MIN_RECALL` of
+        the ground truth's boxes. A deletion then loses at most that share, so every block would
+        look harmless ("skipped") whatever it does in the trained detector the verdicts would
+        describe. Against the intact model's own detections (no ground truth) it keeps them all."""
+        kept = baseline.accuracy
+        if kept is None or not kept < MIN_RECALL:
+            return None
+        return (f"the intact model finds only {kept:.1%} of the ground truth's {baseline.units} boxes (IoU >= "
+                f"{self.match_iou:g}, same class, at {self.describe_settings()}), under {MIN_RECALL:.0%}: a deletion can "
+                "lose at most that share, so no block verdict can be drawn; check the checkpoint, the image size and "
+                "the class order the model expects, or score against the model's own detections (images without "
+                "labels).")
 
     def describe_settings(self) -> str:
         given = [f"{label} {value:g}" for label, value in (("conf", self.conf), ("NMS IoU", self.iou),

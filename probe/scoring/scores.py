@@ -91,6 +91,11 @@ class Task:
     def describe(self) -> str:
         return self.name
 
+    def no_verdict(self, baseline) -> str | None:
+        """Why the intact model's outcome cannot support block verdicts, or None (a classifier's
+        chance level is `probe.scoring.verdict.chance_warning`; other tasks may define their own)."""
+        return None
+
 
 def _with_nonfinite(row: dict, outcome) -> dict:
     """`row` with the outcome's `nonfinite` count as `nonfinite_outputs`, where the evaluation had

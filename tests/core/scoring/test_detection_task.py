@@ -246,6 +246,29 @@ def test_the_verdict_reads_detections_lost_with_its_standard_error():
     assert [c for c in COSTS if c in ("detections_lost", "drift")][0] == "detections_lost"
 
 
+def test_no_verdict_when_the_intact_model_finds_under_a_tenth_of_the_ground_truth():
+    from probe.deletion.block_table import unsupported_reason
+    from probe.scoring.results import Evaluation, Outcome
+
+    def evaluation(kept: float) -> Evaluation:
+        return Evaluation(baseline=Outcome(accuracy=kept, loss=1 - kept, samples=4, units=40), sets=[],
+                          task=Detection())
+
+    assert "finds only 7.5% of the ground truth's 40 boxes (IoU >= 0.5, same class" in unsupported_reason(
+        evaluation(3 / 40))
+    assert unsupported_reason(evaluation(4 / 40)) is None  # a tenth: verdicts
+    assert unsupported_reason(evaluation(1.0)) is None  # against its own detections it keeps them all
+    # The whole per-block table: ground truth the intact model matches none of (other places).
+    model, data = fixed_detector_data()
+    (candidates,) = data[0]
+    far = [{"boxes": torch.tensor([[200., 200, 210, 210]]), "labels": torch.tensor([0])} for _ in range(3)]
+    table = probe.block_table(model, [(candidates, far)], task="detection", blocks=BLOCK, progress=False)
+    assert table["verdict"].tolist() == ["unsupported"]
+    near = [{"boxes": torch.tensor([[0., 0, 10, 10]]), "labels": torch.tensor([0])} for _ in range(3)]
+    table = probe.block_table(model, [(candidates, near)], task="detection", blocks=BLOCK, progress=False)
+    assert table["verdict"].tolist() != ["unsupported"]
+
+
 # -- decoding ------------------------------------------------------------------------------------------
 
 
