@@ -41,7 +41,10 @@ def uninterrupted(checkpoint, tmp_path_factory):
 # `python -m probe.ablate`, paused for a minute once it has saved the second sweep piece: the test
 # interrupts it there, mid-sweep. Without the pause a fast sweep can finish before the signal lands.
 PAUSED_AFTER_SECOND_PIECE = """
-import runpy, sys, time
+import runpy, signal, sys, time
+# Ctrl-C as a terminal delivers it, also when the tests run as a background job (whose shell
+# starts its commands with SIGINT ignored, which a child would inherit).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from probe.commands.run_folder import RunDirectory
 save = RunDirectory.save
 def save_then_pause(self, name, value):
