@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from probe import find_blocks, sweep  # noqa: E402
 from probe.commands.batch_size import choose_batch_size, memory_budget  # noqa: E402
@@ -30,30 +31,25 @@ from probe.commands.byte_sizes import format_bytes  # noqa: E402
 from probe.instrument.memory import TensorMemory  # noqa: E402
 from probe.scoring.tasks import LanguageModeling  # noqa: E402
 
-SIZES = {"small": (512, 1376, 8, 8, 4, 8192), "1b": (2048, 5632, 22, 32, 4, 32000)}
-
-
 def model_for(name: str, size: str, device: torch.device) -> tuple[torch.nn.Module, int]:
-    """(the model on `device`, its vocabulary)."""
+    """(the model on `device`, its vocabulary): SmolLM2, or big_model.py's Llama config of `size`."""
     if name == "smollm2":
         from probe.loading.huggingface import load_hf_model
 
         model = load_hf_model("smollm2", device)
         return model, model.config.vocab_size
     import transformers
+    from big_model import config
 
-    hidden, intermediate, layers, heads, kv_heads, vocab = SIZES[size]
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False))
-    return model.to(device).eval(), vocab
+    model = transformers.LlamaForCausalLM(config(size))
+    return model.to(device).eval(), model.config.vocab_size
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["config", "smollm2"], default="config")
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--size", choices=["small", "1b"], default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget", help="e.g. 1GiB (default: 1GiB on the CPU, the free memory on cuda)")
     parser.add_argument("--seq-len", type=int, default=256)

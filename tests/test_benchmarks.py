@@ -123,3 +123,11 @@ def test_big_model_benchmark_loads_three_ways_with_the_same_losses():
     assert ratio(output, "bf16\\+disk: ratio weights in memory / fp32's") < 0.5
     assert ratio(output, "against in memory \\(both bf16\\)") == 0.0
     assert re.search(r"bf16: .*largest loss difference from fp32: [0-9.e-]+", output)
+
+
+def test_batch_size_benchmark_chooses_windows_whose_sweep_stays_in_the_budget():
+    output = run(sys.executable, "benchmarks/batch_size.py", "--windows", "6", "--seq-len", "16", "--blocks", "2",
+                 "--budget", "12MiB", "--threads", "1")
+    chosen = int(re.search(r"--batch-size auto: ([0-9]+) windows per forward", output).group(1))
+    assert 1 <= chosen < 6  # the budget binds: fewer than the windows there are
+    assert ratio(output, "windows in one batch: tensor memory peak [0-9.]+ [KMG]iB,") <= 1.0
